@@ -1,0 +1,130 @@
+"""RMSNorm (plain and with the residual add) and rotary embedding, forward and forward+backward: Aquila's kernels
+against the torch eager composition a model would otherwise run and torch.compile of that composition.
+
+Effective bandwidth counts the bytes an op must move at least: each input read once, each output written once.
+"""
+
+import functools
+
+import pytest
+import torch
+
+from aquila.kernels import backend, fused_add_rms_norm, rms_norm, rotary_embedding
+
+EPS = 1e-6
+
+
+def eager_rms_norm(x, weight):
+    h = x.float()
+    return (h * torch.rsqrt(h.pow(2).mean(-1, keepdim=True) + EPS) * weight).to(x.dtype)
+
+
+def eager_add_rms_norm(x, residual, weight):
+    h = x + residual
+    return eager_rms_norm(h, weight), h
+
+
+def eager_rotary(q, k, theta=10000.0):
+    """Hugging Face's composition: cos/sin from the positions, then x * cos + rotate_half(x) * sin."""
+    seq, head_dim = q.shape[1], q.shape[-1]
+    inv_freq = 1.0 / theta ** (torch.arange(0, head_dim, 2, device=q.device).float() / head_dim)
+    angles = torch.outer(torch.arange(seq, device=q.device).float(), inv_freq)
+    emb = torch.cat((angles, angles), dim=-1)
+    cos, sin = emb.cos()[:, None, :].to(q.dtype), emb.sin()[:, None, :].to(q.dtype)
+
+    def rotate(x):
+        x1, x2 = x[..., : head_dim // 2], x[..., head_dim // 2 :]
+        return x * cos + torch.cat((-x2, x1), dim=-1) * sin
+
+    return rotate(q), rotate(k)
+
+
+def aquila_rotary(q, k):
+    return rotary_embedding(q), rotary_embedding(k)
+
+
+@functools.lru_cache(maxsize=None)
+def compiled(fn):
+    return torch.compile(fn)
+
+
+def implementations(device):
+    """(name, rms_norm, add_rms_norm, rotary) for each contender on this device."""
+    native = [("aquila cpu", "cpu")] if device == "cpu" else [("aquila triton", "triton"), ("aquila cuda", "cuda")]
+    impls = [("torch eager", eager_rms_norm, eager_add_rms_norm, eager_rotary),
+             ("torch.compile", compiled(eager_rms_norm), compiled(eager_add_rms_norm), compiled(eager_rotary))]
+    for name, choice in native:
+        if choice == "cuda" and backend.cuda_extension is None:
+            continue
+        impls.append((name, functools.partial(rms_norm, backend=choice),
+                      functools.partial(fused_add_rms_norm, backend=choice),
+                      lambda q, k, choice=choice: (rotary_embedding(q, backend=choice),
+                                                   rotary_embedding(k, backend=choice))))
+    return impls
+
+
+IMPL_NAMES = ["torch eager", "torch.compile", "aquila cpu", "aquila triton", "aquila cuda"]
+
+
+def pick(device, name):
+    for impl in implementations(device):
+        if impl[0] == name:
+            return impl
+    pytest.skip(f"{name} does not run on {device}")
+
+
+def dtype_for(device):
+    return torch.bfloat16 if device == "cuda" else torch.float32
+
+
+def norm_shapes(quick):
+    return [(64, 4096)] if quick else [(8192, 4096), (2048, 11008)]
+
+
+@pytest.mark.parametrize("impl", IMPL_NAMES)
+@pytest.mark.parametrize("shape_index", [0, 1])
+@pytest.mark.parametrize("residual", [False, True], ids=["plain", "residual"])
+@pytest.mark.parametrize("backward", [False, True], ids=["fwd", "fwd+bwd"])
+def test_rms_norm(measure, device, quick, impl, shape_index, residual, backward):
+    shapes = norm_shapes(quick)
+    if shape_index >= len(shapes):
+        pytest.skip("quick mode runs one size")
+    rows, hidden = shapes[shape_index]
+    name, plain_fn, residual_fn, _ = pick(device, impl)
+    dtype = dtype_for(device)
+    x = torch.randn(rows, hidden, device=device, dtype=dtype, requires_grad=backward)
+    res = torch.randn(rows, hidden, device=device, dtype=dtype, requires_grad=backward)
+    weight = torch.randn(hidden, device=device, dtype=dtype, requires_grad=backward)
+    grad = torch.randn(rows, hidden, device=device, dtype=dtype)
+
+    def forward():
+        return residual_fn(x, res, weight) if residual else (plain_fn(x, weight),)
+
+    def step():
+        outputs = forward()
+        if backward:
+            torch.autograd.backward(outputs, [grad] * len(outputs))
+
+    # fwd: read x (+ residual), write out (+ x + residual); bwd: read grad(s) and input, write grad x.
+    tensors = (4 if residual else 2) + ((4 if residual else 3) if backward else 0)
+    label = f"rms_norm{'+residual' if residual else ''} {'fwd+bwd' if backward else 'fwd'} {rows}x{hidden}"
+    measure(label, name, step, tensors * x.numel() * x.element_size())
+
+
+@pytest.mark.parametrize("impl", IMPL_NAMES)
+@pytest.mark.parametrize("backward", [False, True], ids=["fwd", "fwd+bwd"])
+def test_rotary(measure, device, quick, impl, backward):
+    batch, seq, heads, head_dim = (1, 128, 32, 128) if quick else (4, 2048, 32, 128)
+    name, _, _, rotary_fn = pick(device, impl)
+    dtype = dtype_for(device)
+    q = torch.randn(batch, seq, heads, head_dim, device=device, dtype=dtype, requires_grad=backward)
+    k = torch.randn(batch, seq, heads, head_dim, device=device, dtype=dtype, requires_grad=backward)
+    grad = torch.randn_like(q)
+
+    def step():
+        outputs = rotary_fn(q, k)
+        if backward:
+            torch.autograd.backward(outputs, [grad, grad])
+
+    label = f"rotary q+k {'fwd+bwd' if backward else 'fwd'} {batch}x{seq}x{heads}x{head_dim}"
+    measure(label, name, step, (4 if backward else 2) * 2 * q.numel() * q.element_size())

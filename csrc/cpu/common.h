@@ -1,0 +1,74 @@
+// Shared pieces of the CPU kernels: element types, conversions to and from fp32, and runtime SIMD dispatch.
+#pragma once
+
+#include <cstdint>
+#include <cstring>
+#include <stdexcept>
+#include <string>
+
+#ifdef _OPENMP
+#include <omp.h>
+#endif
+
+#include "kernels.h"
+
+namespace aquila::cpu {
+
+// One binary runs everywhere: GCC compiles each hot function twice, for x86-64-v3 (AVX2, FMA, F16C) and for the
+// x86-64 baseline, and picks one at load time. -march=native would tie the build to the machine that built it.
+#if defined(__x86_64__) && defined(__GNUC__) && !defined(__clang__)
+#define AQUILA_SIMD_CLONES __attribute__((target_clones("arch=x86-64-v3", "default")))
+#else
+#define AQUILA_SIMD_CLONES
+#endif
+
+#define AQUILA_INLINE inline __attribute__((always_inline))
+
+struct bf16 {
+  uint16_t bits;
+};
+using f16 = _Float16;
+
+AQUILA_INLINE float to_float(float v) { return v; }
+AQUILA_INLINE float to_float(f16 v) { return static_cast<float>(v); }
+AQUILA_INLINE float to_float(bf16 v) {
+  uint32_t u = static_cast<uint32_t>(v.bits) << 16;
+  float f;
+  std::memcpy(&f, &u, sizeof f);
+  return f;
+}
+
+template <typename T>
+AQUILA_INLINE T from_float(float v);
+template <>
+AQUILA_INLINE float from_float<float>(float v) { return v; }
+template <>
+AQUILA_INLINE f16 from_float<f16>(float v) { return static_cast<f16>(v); }
+template <>
+AQUILA_INLINE bf16 from_float<bf16>(float v) {
+  uint32_t u;
+  std::memcpy(&u, &v, sizeof u);
+  uint32_t rounded = (u + 0x7FFFu + ((u >> 16) & 1u)) >> 16;  // round to nearest, ties to even
+  return bf16{static_cast<uint16_t>(v != v ? 0x7FC0u : rounded)};
+}
+
+// Calls fn with a null pointer of the element type that `dtype` names, so one template serves every dtype.
+template <typename Fn>
+void dispatch_dtype(DType dtype, Fn&& fn) {
+  switch (dtype) {
+    case DType::f32: fn(static_cast<float*>(nullptr)); return;
+    case DType::f16: fn(static_cast<f16*>(nullptr)); return;
+    case DType::bf16: fn(static_cast<bf16*>(nullptr)); return;
+  }
+  throw std::invalid_argument("aquila: unknown dtype code " + std::to_string(static_cast<int>(dtype)));
+}
+
+inline int thread_id() {
+#ifdef _OPENMP
+  return omp_get_thread_num();
+#else
+  return 0;
+#endif
+}
+
+}  // namespace aquila::cpu

@@ -1,0 +1,69 @@
+// Rotary position embedding on CPU. Each token's cos/sin are computed once, in double precision from the exact
+// angle position * theta^(-2i/d), and applied to all of its heads.
+#include <cmath>
+#include <vector>
+
+#include "cpu/common.h"
+
+namespace aquila::cpu {
+namespace {
+
+// In the interleaved layout pair i is (2i, 2i + 1); in the rotate-half layout it is (i, i + half).
+template <bool Interleaved, typename T>
+AQUILA_INLINE void rotate_head(const T* __restrict x, T* __restrict out, const float* __restrict c,
+                               const float* __restrict sn, int64_t half) {
+  constexpr int64_t pair_stride = Interleaved ? 2 : 1;
+  const int64_t partner = Interleaved ? 1 : half;
+#pragma omp simd
+  for (int64_t i = 0; i < half; ++i) {
+    const float x1 = to_float(x[i * pair_stride]);
+    const float x2 = to_float(x[i * pair_stride + partner]);
+    out[i * pair_stride] = from_float<T>(x1 * c[i] - x2 * sn[i]);
+    out[i * pair_stride + partner] = from_float<T>(x2 * c[i] + x1 * sn[i]);
+  }
+}
+
+template <typename T>
+AQUILA_SIMD_CLONES void rotary_kernel(const Rotary& a, int threads) {
+  const int64_t half = a.head_dim / 2;
+  std::vector<double> inv_freq(half);
+  for (int64_t i = 0; i < half; ++i) inv_freq[i] = std::pow(a.theta, -2.0 * i / a.head_dim);
+  const double sign = a.inverse ? -1.0 : 1.0;
+#pragma omp parallel num_threads(threads)
+  {
+    std::vector<float> cos_buf(half), sin_buf(half);
+#pragma omp for schedule(static)
+    for (int64_t token = 0; token < a.batch * a.seq; ++token) {
+      const int64_t b = token / a.seq, s = token % a.seq;
+      const int64_t pos = a.positions
+                              ? a.positions[b * a.positions_stride_batch + s * a.positions_stride_seq]
+                              : a.offset + s;
+      for (int64_t i = 0; i < half; ++i) {
+        const double angle = static_cast<double>(pos) * inv_freq[i];
+        cos_buf[i] = static_cast<float>(std::cos(angle));
+        sin_buf[i] = static_cast<float>(sign * std::sin(angle));
+      }
+      const float* c = cos_buf.data();
+      const float* sn = sin_buf.data();
+      for (int64_t h = 0; h < a.heads; ++h) {
+        const T* __restrict x =
+            static_cast<const T*>(a.x) + b * a.x_stride_batch + s * a.x_stride_seq + h * a.x_stride_head;
+        T* __restrict out =
+            static_cast<T*>(a.out) + b * a.out_stride_batch + s * a.out_stride_seq + h * a.out_stride_head;
+        if (a.interleaved) {
+          rotate_head<true>(x, out, c, sn, half);
+        } else {
+          rotate_head<false>(x, out, c, sn, half);
+        }
+      }
+    }
+  }
+}
+
+}  // namespace
+
+void rotary(const Rotary& args, int threads) {
+  dispatch_dtype(args.dtype, [&](auto* tag) { rotary_kernel<std::remove_pointer_t<decltype(tag)>>(args, threads); });
+}
+
+}  // namespace aquila::cpu

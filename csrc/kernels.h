@@ -1,0 +1,70 @@
+// The kernels' interface, shared by the CPU and CUDA backends. Python validates every tensor and passes raw
+// pointers, sizes and strides (in elements). Plain C++: both g++ and nvcc include it.
+#pragma once
+
+#include <cstdint>
+
+namespace aquila {
+
+// Element type codes; aquila/kernels/backend.py passes the same numbers.
+enum class DType : int { f32 = 0, f16 = 1, bf16 = 2 };
+
+struct RmsNormForward {
+  const void* x;
+  int64_t x_row_stride;
+  const void* residual;  // null: no residual add
+  int64_t residual_row_stride;
+  const float* weight;
+  void* out;           // rows x hidden, contiguous
+  void* residual_out;  // rows x hidden, contiguous: x + residual, written when residual is set
+  float* rstd;         // rows: 1 / rms of each normalised row, kept for the backward
+  int64_t rows, hidden;
+  double eps;
+  DType dtype;
+};
+
+struct RmsNormBackward {
+  const void* grad_out;
+  int64_t grad_out_row_stride;
+  const void* input;  // what the forward normalised: x, or x + residual
+  int64_t input_row_stride;
+  const float* weight;
+  const float* rstd;
+  const void* grad_residual;  // null: no gradient flows into the forward's residual output
+  int64_t grad_residual_row_stride;
+  void* grad_input;    // rows x hidden, contiguous
+  float* grad_weight_partials;  // partial_rows x hidden, fp32: each holds the weight gradient of a share of the rows
+  int64_t partial_rows;
+  int64_t rows, hidden;
+  DType dtype;
+};
+
+struct Rotary {
+  const void* x;
+  int64_t x_stride_batch, x_stride_seq, x_stride_head;  // the head_dim stride is 1
+  void* out;
+  int64_t out_stride_batch, out_stride_seq, out_stride_head;
+  const int64_t* positions;  // null: position = offset + index in the sequence
+  int64_t positions_stride_batch, positions_stride_seq;
+  int64_t offset;
+  int64_t batch, seq, heads, head_dim;
+  double theta;
+  bool interleaved;  // pairs (2i, 2i+1) as in Meta/FlagAI checkpoints; else (i, i + head_dim/2) as in Hugging Face
+  bool inverse;      // rotate by -angle: the backward of the forward rotation
+  DType dtype;
+};
+
+namespace cpu {
+void rms_norm_forward(const RmsNormForward& args, int threads);
+void rms_norm_backward(const RmsNormBackward& args, int threads);  // partial_rows >= threads
+void rotary(const Rotary& args, int threads);
+}  // namespace cpu
+
+// Launches on the given cudaStream_t; errors (no driver, bad launch) are thrown as std::runtime_error.
+namespace cuda {
+void rms_norm_forward(const RmsNormForward& args, uintptr_t stream);
+void rms_norm_backward(const RmsNormBackward& args, uintptr_t stream);
+void rotary(const Rotary& args, uintptr_t stream);
+}  // namespace cuda
+
+}  // namespace aquila

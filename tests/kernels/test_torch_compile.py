@@ -1,0 +1,29 @@
+"""The ops are torch.library custom ops with fake implementations inside autograd Functions: torch.compile must
+trace a block using them in one graph (fullgraph=True fails on any graph break) and give the eager results."""
+
+import pytest
+import torch
+
+from aquila.kernels import fused_add_rms_norm, rms_norm, rotary_embedding
+
+
+def block(x, residual, weight, positions):
+    normed, residual = fused_add_rms_norm(x, residual, weight, 1e-5)
+    q = rotary_embedding(normed.view(*normed.shape[:-1], 4, 16), positions, interleaved=True)
+    return rms_norm(q.flatten(-2), weight).sum() + residual.square().mean()
+
+
+@pytest.mark.parametrize("compiler", ["aot_eager", "inductor"])
+def test_compiles_in_one_graph_forward_and_backward(compiler):
+    torch._dynamo.reset()
+    inputs = [torch.randn(2, 5, 64, requires_grad=True), torch.randn(2, 5, 64, requires_grad=True),
+              torch.randn(64, requires_grad=True), torch.arange(5).repeat(2, 1)]
+    compiled = torch.compile(block, fullgraph=True, backend=compiler)
+    loss = compiled(*inputs)
+    grads = torch.autograd.grad(loss, inputs[:3])
+    eager_inputs = [t.detach().requires_grad_() if t.is_floating_point() else t for t in inputs]
+    eager_loss = block(*eager_inputs)
+    eager_grads = torch.autograd.grad(eager_loss, eager_inputs[:3])
+    torch.testing.assert_close(loss, eager_loss)
+    for grad, eager_grad in zip(grads, eager_grads):
+        torch.testing.assert_close(grad, eager_grad)
