@@ -63,6 +63,24 @@ void dispatch_dtype(DType dtype, Fn&& fn) {
   throw std::invalid_argument("aquila: unknown dtype code " + std::to_string(static_cast<int>(dtype)));
 }
 
+// Sum of term(j) for j < n. Accumulating in 32 independent fp32 lanes (four AVX2 registers) hides the latency of
+// the adds, which a single accumulator would expose, and keeps each lane's error at that of a few hundred terms; the
+// lanes and the tail are added in double.
+template <typename Term>
+AQUILA_INLINE double sum_over(int64_t n, Term term) {
+  constexpr int kLanes = 32;
+  float lanes[kLanes] = {};
+  int64_t j = 0;
+  for (; j + kLanes <= n; j += kLanes) {
+#pragma omp simd
+    for (int k = 0; k < kLanes; ++k) lanes[k] += term(j + k);
+  }
+  double total = 0.0;
+  for (; j < n; ++j) total += term(j);
+  for (int k = 0; k < kLanes; ++k) total += lanes[k];
+  return total;
+}
+
 inline int thread_id() {
 #ifdef _OPENMP
   return omp_get_thread_num();

@@ -15,30 +15,22 @@ AQUILA_SIMD_CLONES void forward_kernel(const RmsNormForward& a, int threads) {
     const T* __restrict x = static_cast<const T*>(a.x) + row * a.x_row_stride;
     T* __restrict out = static_cast<T*>(a.out) + row * hidden;
     const float* __restrict w = a.weight;
-    double sum_sq = 0.0;
     const T* input = x;
     if (a.residual) {
       // The sum is rounded to T before the statistics: the output is exactly rms_norm(x + residual) as stored.
       const T* __restrict r = static_cast<const T*>(a.residual) + row * a.residual_row_stride;
       T* __restrict h = static_cast<T*>(a.residual_out) + row * hidden;
-#pragma omp simd reduction(+ : sum_sq)
-      for (int64_t j = 0; j < hidden; ++j) {
-        const T v = from_float<T>(to_float(x[j]) + to_float(r[j]));
-        h[j] = v;
-        const double f = to_float(v);
-        sum_sq += f * f;
-      }
+#pragma omp simd
+      for (int64_t j = 0; j < hidden; ++j) h[j] = from_float<T>(to_float(x[j]) + to_float(r[j]));
       input = h;
-    } else {
-#pragma omp simd reduction(+ : sum_sq)
-      for (int64_t j = 0; j < hidden; ++j) {
-        const double f = to_float(x[j]);
-        sum_sq += f * f;
-      }
     }
+    const T* __restrict in = input;
+    const double sum_sq = sum_over(hidden, [&](int64_t j) {
+      const float v = to_float(in[j]);
+      return v * v;
+    });
     const float rstd = static_cast<float>(1.0 / std::sqrt(sum_sq / hidden + a.eps));
     a.rstd[row] = rstd;
-    const T* __restrict in = input;
 #pragma omp simd
     for (int64_t j = 0; j < hidden; ++j) out[j] = from_float<T>(to_float(in[j]) * rstd * w[j]);
   }
@@ -73,14 +65,9 @@ AQUILA_SIMD_CLONES void backward_kernel(const RmsNormBackward& a, int threads) {
       const T* grad_residual =
           a.grad_residual ? static_cast<const T*>(a.grad_residual) + row * a.grad_residual_row_stride : nullptr;
       const float rstd = a.rstd[row];
-      double dot = 0.0;
-#pragma omp simd reduction(+ : dot)
-      for (int64_t j = 0; j < hidden; ++j) {
-        const float g = to_float(dy[j]);
-        const float x_hat = to_float(x[j]) * rstd;
-        dot += static_cast<double>(x_hat) * (g * w[j]);
-        dw[j] += g * x_hat;
-      }
+#pragma omp simd
+      for (int64_t j = 0; j < hidden; ++j) dw[j] += to_float(dy[j]) * to_float(x[j]) * rstd;
+      const double dot = sum_over(hidden, [&](int64_t j) { return to_float(x[j]) * rstd * (to_float(dy[j]) * w[j]); });
       const float mean_dot = static_cast<float>(dot / hidden);
       T* dx = static_cast<T*>(a.grad_input) + row * hidden;
       if (grad_residual) {

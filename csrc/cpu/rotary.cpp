@@ -29,14 +29,19 @@ AQUILA_SIMD_CLONES void rotary_kernel(const Rotary& a, int threads) {
   std::vector<double> inv_freq(half);
   for (int64_t i = 0; i < half; ++i) inv_freq[i] = std::pow(a.theta, -2.0 * i / a.head_dim);
   const double sign = a.inverse ? -1.0 : 1.0;
+  // When every sequence of the batch has the same positions, a position's cos/sin serve all of the batch.
+  const bool same_positions = !a.positions || a.positions_stride_batch == 0 || a.batch == 1;
+  const bool share = same_positions && a.seq >= threads;
+  const int64_t work = share ? a.seq : a.batch * a.seq;
+  const int64_t batch_per_item = share ? a.batch : 1;
 #pragma omp parallel num_threads(threads)
   {
     std::vector<float> cos_buf(half), sin_buf(half);
 #pragma omp for schedule(static)
-    for (int64_t token = 0; token < a.batch * a.seq; ++token) {
-      const int64_t b = token / a.seq, s = token % a.seq;
+    for (int64_t item = 0; item < work; ++item) {
+      const int64_t first_b = share ? 0 : item / a.seq, s = item % a.seq;
       const int64_t pos = a.positions
-                              ? a.positions[b * a.positions_stride_batch + s * a.positions_stride_seq]
+                              ? a.positions[first_b * a.positions_stride_batch + s * a.positions_stride_seq]
                               : a.offset + s;
       for (int64_t i = 0; i < half; ++i) {
         const double angle = static_cast<double>(pos) * inv_freq[i];
@@ -45,15 +50,15 @@ AQUILA_SIMD_CLONES void rotary_kernel(const Rotary& a, int threads) {
       }
       const float* c = cos_buf.data();
       const float* sn = sin_buf.data();
-      for (int64_t h = 0; h < a.heads; ++h) {
-        const T* __restrict x =
-            static_cast<const T*>(a.x) + b * a.x_stride_batch + s * a.x_stride_seq + h * a.x_stride_head;
-        T* __restrict out =
-            static_cast<T*>(a.out) + b * a.out_stride_batch + s * a.out_stride_seq + h * a.out_stride_head;
-        if (a.interleaved) {
-          rotate_head<true>(x, out, c, sn, half);
-        } else {
-          rotate_head<false>(x, out, c, sn, half);
+      for (int64_t b = first_b; b < first_b + batch_per_item; ++b) {
+        for (int64_t h = 0; h < a.heads; ++h) {
+          const T* x = static_cast<const T*>(a.x) + b * a.x_stride_batch + s * a.x_stride_seq + h * a.x_stride_head;
+          T* out = static_cast<T*>(a.out) + b * a.out_stride_batch + s * a.out_stride_seq + h * a.out_stride_head;
+          if (a.interleaved) {
+            rotate_head<true>(x, out, c, sn, half);
+          } else {
+            rotate_head<false>(x, out, c, sn, half);
+          }
         }
       }
     }

@@ -1,0 +1,35 @@
+#!/usr/bin/env bash
+# The GPU check: one call on a lent GPU machine builds the CUDA extension, runs the whole test suite on the GPU
+# (Triton compiled for real, the CUDA C++ kernels, bf16), the Triton compile check, and the GPU benchmarks, and
+# leaves a log, the test report and the benchmark JSON in $OUT. Budget: 8 minutes.
+#
+# From a session with the device tool (the machine has no internet, so build tools travel as wheels):
+#   here, once:  pip download --only-binary=:all: --python-version 3.12 -d .wheels pybind11 ninja setuptools
+#   run:         command "bash scripts/gpu_check.sh", carry [".wheels"], timeout_s 560
+# then commit the JSON under benchmarks/results/.
+set -uo pipefail
+cd "$(dirname "$0")/.."
+OUT=${OUT:-benchmarks/results/gpu-check}
+mkdir -p "$OUT"
+exec > >(tee "$OUT/gpu_check.log") 2>&1
+step() { echo "=== $1 ($(date +%T), ${SECONDS}s)"; }
+
+step machine
+nvidia-smi --query-gpu=name,memory.total,driver_version,clocks.max.sm --format=csv
+python -c "import sys, torch, triton; print(sys.version.split()[0], torch.__version__, triton.__version__, torch.cuda.get_device_name())"
+
+step build
+if [ -d .wheels ]; then
+  pip install --quiet --no-index --find-links .wheels pybind11 ninja setuptools
+fi
+MAX_JOBS=$(nproc) pip install --no-build-isolation --no-deps -e . 2>&1 | tail -3
+python -c "import aquila._C, aquila._cuda; print('extensions import')" || echo "BUILD FAILED"
+
+step tests
+timeout 200 python -m pytest tests -q -p no:cacheprovider --junitxml "$OUT/tests.xml" 2>&1 | tail -40
+
+step benchmarks
+timeout 260 python -m pytest benchmarks --benchmark-only -q -p no:cacheprovider 2>&1 | grep -v "^test_\|^---\|^Name\|^$" | tail -60
+cp benchmarks/results/kernels-cuda-*.json "$OUT/" 2>/dev/null || echo "no benchmark JSON written"
+
+step done
