@@ -15,8 +15,11 @@ import platform
 import sys
 import time
 
-import pytest
-import torch
+# torch.compile's compile workers would otherwise keep running beside the first timings.
+os.environ.setdefault("TORCHINDUCTOR_COMPILE_THREADS", "1")
+
+import pytest  # noqa: E402
+import torch  # noqa: E402
 
 RESULTS = []
 SESSION = {}
@@ -84,7 +87,7 @@ def measure(benchmark, device):
             fn()
             synchronize(device)
 
-        benchmark.pedantic(timed, warmup_rounds=2, rounds=7, iterations=1)
+        benchmark.pedantic(timed, warmup_rounds=3, rounds=15, iterations=1)
         if benchmark.disabled:  # --benchmark-disable: a smoke run, timed once for the summary only
             median = median_seconds(timed, device, repeats=1)
         else:

@@ -78,11 +78,11 @@ def dtype_for(device):
 
 
 def norm_shapes(quick):
-    return [(64, 4096)] if quick else [(8192, 4096), (2048, 11008)]
+    return [(64, 4096)] if quick else [(8192, 4096), (2048, 11008), (2048, 16384)]
 
 
 @pytest.mark.parametrize("impl", IMPL_NAMES)
-@pytest.mark.parametrize("shape_index", [0, 1])
+@pytest.mark.parametrize("shape_index", [0, 1, 2])
 @pytest.mark.parametrize("residual", [False, True], ids=["plain", "residual"])
 @pytest.mark.parametrize("backward", [False, True], ids=["fwd", "fwd+bwd"])
 def test_rms_norm(measure, device, quick, impl, shape_index, residual, backward):

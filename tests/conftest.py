@@ -14,17 +14,26 @@ if not torch.cuda.is_available():
 
 from aquila.kernels import backend as _backend  # noqa: E402  (after TRITON_INTERPRET)
 
-DEVICE_BACKENDS = [("cpu", "cpu"), ("torch", "cpu")]
-if _backend.HAS_TRITON:
-    DEVICE_BACKENDS.append(("triton", "cuda" if torch.cuda.is_available() else "cpu"))
-if torch.cuda.is_available():
-    DEVICE_BACKENDS += [("torch", "cuda")] + ([("cuda", "cuda")] if _backend.cuda_extension is not None else [])
+HAS_CUDA = torch.cuda.is_available()
+# Without a GPU the Triton kernels run on CPU tensors, under the interpreter.
+DEVICE_BACKENDS = [("cpu", "cpu"), ("torch", "cpu"), ("triton", "cuda" if HAS_CUDA else "cpu"), ("cuda", "cuda"),
+                   ("torch", "cuda")]
 
 
 def backend_params():
-    """(backend, device) pairs to test, each a pytest param marked gpu when it runs on CUDA."""
-    return [pytest.param(b, d, id=f"{b}-{d}", marks=[pytest.mark.gpu] if d == "cuda" else [])
-            for b, d in DEVICE_BACKENDS]
+    """(backend, device) pairs to test. Those on CUDA are marked gpu and skipped without one (and without the
+    extension they need), so a CPU run lists what it could not check."""
+    params = []
+    for backend, device in DEVICE_BACKENDS:
+        marks = [pytest.mark.gpu] if device == "cuda" else []
+        if device == "cuda" and not HAS_CUDA:
+            marks.append(pytest.mark.skip(reason="needs a CUDA GPU (scripts/gpu_check.sh)"))
+        elif backend == "cuda" and _backend.cuda_extension is None:
+            marks.append(pytest.mark.skip(reason="aquila._cuda is not built (no nvcc at install)"))
+        elif backend == "triton" and not _backend.HAS_TRITON:
+            marks.append(pytest.mark.skip(reason="triton is not installed"))
+        params.append(pytest.param(backend, device, id=f"{backend}-{device}", marks=marks))
+    return params
 
 
 @pytest.fixture(autouse=True)

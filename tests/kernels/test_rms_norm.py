@@ -5,7 +5,8 @@ from aquila.kernels import RMSNorm, fused_add_rms_norm, reference, rms_norm
 from tests.conftest import backend_params
 from tests.tolerance import assert_matches_reference
 
-SHAPES = [(1, 1), (3, 1000), (7, 4099), (2, 3, 64), (1, 16384), (5, 4096)]
+# One row, odd and non-power-of-two widths, a 3-D batch, the widest rows, and Aquila-7B's widths (4096, 11008).
+SHAPES = [(1, 1), (3, 1000), (7, 4099), (2, 3, 64), (1, 16384), (5, 4096), (2, 11008)]
 DTYPES = [torch.float32, torch.float16, torch.bfloat16]
 
 
@@ -145,6 +146,7 @@ def test_non_contiguous_input_is_handled():
     (lambda: rms_norm(torch.ones(2, 4), torch.ones(4), eps=-1.0), ValueError, "eps must be a number >= 0"),
     (lambda: rms_norm(torch.ones(2, 4), torch.ones(4), backend="cudnn"), ValueError, "backend must be one of"),
     (lambda: rms_norm(torch.ones(2, 4), torch.ones(4), backend="cuda"), ValueError, "cuda backend needs CUDA"),
+    (lambda: rms_norm(torch.ones(2, 4), torch.ones(4, device="meta")), ValueError, "weight must be on cpu"),
     (lambda: fused_add_rms_norm(torch.ones(2, 4), torch.ones(2, 5), torch.ones(4)), ValueError,
      "residual must have shape (2, 4)"),
     (lambda: fused_add_rms_norm(torch.ones(2, 4), torch.ones(2, 4).half(), torch.ones(4)), TypeError,

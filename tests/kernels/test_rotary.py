@@ -96,6 +96,8 @@ def test_empty_and_three_dimensional_inputs(backend, device):
     (lambda: rotary_embedding(torch.randn(2, 3, 4, 8), torch.zeros(3)), TypeError, "positions must have one of"),
     (lambda: rotary_embedding(torch.randn(2, 3, 4, 8), torch.zeros(3, dtype=torch.long), offset=2), ValueError,
      "positions or offset, not both"),
+    (lambda: rotary_embedding(torch.randn(2, 3, 4, 8), torch.zeros(3, dtype=torch.long, device="meta")), ValueError,
+     "positions must be on cpu"),
     (lambda: rotary_embedding(torch.randn(2, 3, 4, 8), theta=0.0), ValueError, "theta must be a number > 0"),
     (lambda: rotary_embedding(torch.randn(2, 3, 4, 8), offset=1.5), TypeError, "offset must be an int"),
     (lambda: apply_rotary(torch.randn(2, 3, 4, 8), torch.randn(2, 3, 4, 16)), ValueError,

@@ -1,0 +1,35 @@
+"""Renders a benchmark results JSON (default: the newest under benchmarks/results/) as a Markdown table.
+
+    python benchmarks/report.py [results.json]
+"""
+
+import glob
+import json
+import os
+import sys
+
+
+def render(report):
+    lines = [f"Machine: {report['machine']} ({report['device']}); torch {report['torch']}, "
+             f"triton {report.get('triton', '-')}; {report['date']}. Copy bandwidth "
+             f"{report['copy_bandwidth_bytes_per_s'] / 1e9:.1f} GB/s (read + write).", "",
+             "| op | implementation | ms | GB/s | of copy bandwidth | vs torch eager |",
+             "| --- | --- | ---: | ---: | ---: | ---: |"]
+    for r in report["results"]:
+        fraction = f"{r['fraction_of_copy']:.0%}" if r.get("fraction_of_copy") else "-"
+        speedup = f"{r['speedup_vs_eager']:.2f}x" if r.get("speedup_vs_eager") else "-"
+        lines.append(f"| {r['op']} | {r['impl']} | {r['seconds'] * 1e3:.2f} | {r['gb_per_s']:.1f} | {fraction} | "
+                     f"{speedup} |")
+    return "\n".join(lines)
+
+
+def main():
+    here = os.path.dirname(os.path.abspath(__file__))
+    paths = sys.argv[1:] or [max(glob.glob(os.path.join(here, "results", "*.json")), key=os.path.getmtime)]
+    for path in paths:
+        with open(path) as f:
+            print(render(json.load(f)))
+
+
+if __name__ == "__main__":
+    main()
