@@ -19,7 +19,8 @@ T* as_ptr(uintptr_t address) {
 template <typename Launch>
 void bind_kernels(py::module_& m, const char* launch_name, void (*rms_norm_forward)(const RmsNormForward&, Launch),
                   void (*rms_norm_backward)(const RmsNormBackward&, Launch),
-                  void (*rotary)(const Rotary&, Launch)) {
+                  void (*rotary)(const Rotary&, Launch),
+                  void (*cross_entropy)(const CrossEntropy&, Launch)) {
   auto no_gil = py::call_guard<py::gil_scoped_release>();
 
   m.def(
@@ -68,6 +69,21 @@ void bind_kernels(py::module_& m, const char* launch_name, void (*rms_norm_forwa
       py::arg("positions"), py::arg("positions_stride_batch"), py::arg("positions_stride_seq"), py::arg("offset"),
       py::arg("batch"), py::arg("seq"), py::arg("heads"), py::arg("head_dim"), py::arg("theta"),
       py::arg("interleaved"), py::arg("inverse"), py::arg("dtype"), py::arg(launch_name));
+
+  m.def(
+      "cross_entropy",
+      [=](uintptr_t logits, int64_t logits_row_stride, uintptr_t targets, uintptr_t loss, uintptr_t lse,
+          uintptr_t grad, int64_t grad_row_stride, uintptr_t grad_scale, int64_t rows, int64_t vocab,
+          int64_t ignore_index, double label_smoothing, double z_loss, int dtype, Launch launch) {
+        cross_entropy({as_ptr(logits), logits_row_stride, as_ptr<int64_t>(targets), as_ptr<float>(loss),
+                       as_ptr<float>(lse), as_ptr(grad), grad_row_stride, as_ptr<float>(grad_scale), rows, vocab,
+                       ignore_index, label_smoothing, z_loss, DType(dtype)},
+                      launch);
+      },
+      no_gil, py::arg("logits"), py::arg("logits_row_stride"), py::arg("targets"), py::arg("loss"), py::arg("lse"),
+      py::arg("grad"), py::arg("grad_row_stride"), py::arg("grad_scale"), py::arg("rows"), py::arg("vocab"),
+      py::arg("ignore_index"), py::arg("label_smoothing"), py::arg("z_loss"), py::arg("dtype"),
+      py::arg(launch_name));
 }
 
 }  // namespace aquila

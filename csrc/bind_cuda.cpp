@@ -5,5 +5,5 @@
 PYBIND11_MODULE(_cuda, m) {
   m.doc() = "Aquila CUDA kernels. Called through aquila.kernels, which validates the tensors.";
   aquila::bind_kernels<uintptr_t>(m, "stream", aquila::cuda::rms_norm_forward, aquila::cuda::rms_norm_backward,
-                                  aquila::cuda::rotary);
+                                  aquila::cuda::rotary, aquila::cuda::cross_entropy);
 }

@@ -54,10 +54,31 @@ struct Rotary {
   DType dtype;
 };
 
+// Softmax cross-entropy of each row of logits against its target, with label smoothing eps and z-loss lambda:
+//   lse = log sum_j exp(z_j)
+//   loss = lse - (1 - eps) z_t - (eps / vocab) sum_j z_j + lambda lse^2
+//   grad_j = scale * (p_j (1 + 2 lambda lse) - eps / vocab - (1 - eps) [j == t]),   p_j = exp(z_j - lse)
+// A row whose target is ignore_index has loss 0 and gradient 0; a row whose target is out of [0, vocab) otherwise
+// has loss NaN and gradient NaN (Python rejects such targets on CPU before the call).
+struct CrossEntropy {
+  const void* logits;
+  int64_t logits_row_stride;
+  const int64_t* targets;  // rows
+  float* loss;             // rows
+  float* lse;              // rows
+  void* grad;              // null: loss only. May equal logits: the gradient is then written over them.
+  int64_t grad_row_stride;
+  const float* grad_scale;  // one fp32 value on the kernel's device: d(reduced loss)/d(row loss), e.g. 1/n
+  int64_t rows, vocab, ignore_index;
+  double label_smoothing, z_loss;
+  DType dtype;
+};
+
 namespace cpu {
 void rms_norm_forward(const RmsNormForward& args, int threads);
 void rms_norm_backward(const RmsNormBackward& args, int threads);  // partial_rows >= threads
 void rotary(const Rotary& args, int threads);
+void cross_entropy(const CrossEntropy& args, int threads);
 }  // namespace cpu
 
 // Launches on the given cudaStream_t; errors (no driver, bad launch) are thrown as std::runtime_error.
@@ -65,6 +86,7 @@ namespace cuda {
 void rms_norm_forward(const RmsNormForward& args, uintptr_t stream);
 void rms_norm_backward(const RmsNormBackward& args, uintptr_t stream);
 void rotary(const Rotary& args, uintptr_t stream);
+void cross_entropy(const CrossEntropy& args, uintptr_t stream);
 }  // namespace cuda
 
 }  // namespace aquila

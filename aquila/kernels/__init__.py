@@ -6,7 +6,9 @@ that torch.compile traces through it without a graph break.
 """
 
 from .backend import BACKENDS
+from .cross_entropy import cross_entropy, linear_cross_entropy
 from .rms_norm import RMSNorm, fused_add_rms_norm, rms_norm
 from .rotary import apply_rotary, rotary_embedding
 
-__all__ = ["BACKENDS", "RMSNorm", "apply_rotary", "fused_add_rms_norm", "rms_norm", "rotary_embedding"]
+__all__ = ["BACKENDS", "RMSNorm", "apply_rotary", "cross_entropy", "fused_add_rms_norm", "linear_cross_entropy",
+           "rms_norm", "rotary_embedding"]

@@ -47,3 +47,22 @@ def rotary(x, positions=None, offset=0, theta=10000.0, interleaved=False, invers
     rotated = (first * cos - second * sin, second * cos + first * sin)
     out = torch.stack(rotated, dim=-1).flatten(-2) if interleaved else torch.cat(rotated, dim=-1)
     return out.to(x.dtype)
+
+
+def cross_entropy(logits, targets, ignore_index=-100, label_smoothing=0.0, z_loss=0.0, reduction="mean",
+                  num_tokens=None):
+    """F.cross_entropy over the last dimension of logits, plus z_loss * logsumexp^2 per counted token; `mean` divides
+    by num_tokens when given, else by the number of targets that are not ignore_index (nan when there are none)."""
+    shape = targets.shape
+    z = logits.to(compute_dtype(logits.dtype)).reshape(-1, logits.shape[-1])
+    targets = targets.flatten()
+    counted = targets != ignore_index
+    rows = torch.nn.functional.cross_entropy(z, targets, ignore_index=ignore_index, label_smoothing=label_smoothing,
+                                             reduction="none")
+    if z_loss:
+        rows = rows + z_loss * torch.logsumexp(z, -1).pow(2) * counted
+    if reduction == "none":
+        return rows.view(shape)
+    if reduction == "sum":
+        return rows.sum()
+    return rows.sum() / (counted.sum() if num_tokens is None else num_tokens)

@@ -81,6 +81,47 @@ AQUILA_INLINE double sum_over(int64_t n, Term term) {
   return total;
 }
 
+// Largest of value(j) for j < n, over 32 independent lanes as in sum_over; -inf for n == 0.
+template <typename Value>
+AQUILA_INLINE float max_over(int64_t n, Value value) {
+  constexpr int kLanes = 32;
+  float lanes[kLanes];
+  for (int k = 0; k < kLanes; ++k) lanes[k] = -__builtin_inff();
+  int64_t j = 0;
+  for (; j + kLanes <= n; j += kLanes) {
+#pragma omp simd
+    for (int k = 0; k < kLanes; ++k) {
+      const float v = value(j + k);
+      lanes[k] = lanes[k] > v ? lanes[k] : v;
+    }
+  }
+  float best = -__builtin_inff();
+  for (; j < n; ++j) best = best > value(j) ? best : value(j);
+  for (int k = 0; k < kLanes; ++k) best = best > lanes[k] ? best : lanes[k];
+  return best;
+}
+
+// exp(x) for x <= 0 (softmax arguments), in plain float arithmetic that the compiler vectorises (std::exp stays
+// scalar without -ffast-math). exp(x) = 2^k exp(r), r = x - k ln2 in [-ln2/2, ln2/2], exp(r) by its Taylor series
+// to r^7 (truncation error < 2e-8 relative); about 2 ulps in all. Results below 2^-126 (x < -87.3) are 0.
+AQUILA_INLINE float exp_nonpositive(float x) {
+  const float clamped = x < -87.0f ? -87.0f : x;
+  const float k = __builtin_floorf(clamped * 1.44269504088896341f + 0.5f);
+  const float r = (clamped - k * 0.693359375f) + k * 2.12194440e-4f;  // ln2 in two parts: k * hi is exact
+  float p = 1.0f / 5040.0f;
+  p = p * r + 1.0f / 720.0f;
+  p = p * r + 1.0f / 120.0f;
+  p = p * r + 1.0f / 24.0f;
+  p = p * r + 1.0f / 6.0f;
+  p = p * r + 0.5f;
+  p = p * r + 1.0f;
+  p = p * r + 1.0f;
+  const int32_t bits = (static_cast<int32_t>(k) + 127) << 23;
+  float scale;
+  std::memcpy(&scale, &bits, sizeof scale);
+  return x < -87.0f ? 0.0f : p * scale;
+}
+
 inline int thread_id() {
 #ifdef _OPENMP
   return omp_get_thread_num();

@@ -8,6 +8,7 @@
 
 #include <algorithm>
 #include <climits>
+#include <cmath>
 #include <cstdint>
 #include <cstring>
 #include <stdexcept>
@@ -152,6 +153,25 @@ __device__ __forceinline__ float row_group_sum(float v, float* scratch) {
   if (lane == 0) group[threadIdx.x / 32] = v;
   __syncthreads();
   return warp_sum(lane < warps_per_row ? group[lane] : 0.0f);
+}
+
+__device__ __forceinline__ float warp_max(float v) {
+#pragma unroll
+  for (int offset = 16; offset > 0; offset /= 2) v = fmaxf(v, __shfl_xor_sync(0xffffffffu, v, offset));
+  return v;
+}
+
+// The maximum of v over the caller's row group (fmaxf: a NaN is dropped unless all values are NaN), on the same
+// terms as row_group_sum: every thread of the block calls it, scratch holds 32 floats.
+__device__ __forceinline__ float row_group_max(float v, float* scratch) {
+  v = warp_max(v);
+  const int warps_per_row = blockDim.x / 32;
+  if (warps_per_row == 1) return v;
+  const int lane = threadIdx.x % 32;
+  float* group = scratch + threadIdx.y * warps_per_row;
+  if (lane == 0) group[threadIdx.x / 32] = v;
+  __syncthreads();
+  return warp_max(lane < warps_per_row ? group[lane] : -INFINITY);
 }
 
 // ---------------------------------------------------------------------------------------------------------------

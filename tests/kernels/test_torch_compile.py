@@ -4,7 +4,7 @@ trace a block using them in one graph (fullgraph=True fails on any graph break) 
 import pytest
 import torch
 
-from aquila.kernels import fused_add_rms_norm, rms_norm, rotary_embedding
+from aquila.kernels import cross_entropy, fused_add_rms_norm, linear_cross_entropy, rms_norm, rotary_embedding
 
 
 def block(x, residual, weight, positions):
@@ -24,6 +24,27 @@ def test_compiles_in_one_graph_forward_and_backward(compiler):
     eager_inputs = [t.detach().requires_grad_() if t.is_floating_point() else t for t in inputs]
     eager_loss = block(*eager_inputs)
     eager_grads = torch.autograd.grad(eager_loss, eager_inputs[:3])
+    torch.testing.assert_close(loss, eager_loss)
+    for grad, eager_grad in zip(grads, eager_grads):
+        torch.testing.assert_close(grad, eager_grad)
+
+
+@pytest.mark.parametrize("inplace", [False, True])
+def test_cross_entropy_compiles_in_one_graph(inplace):
+    torch._dynamo.reset()
+
+    def loss_fn(hidden, weight, targets):
+        logits = hidden @ weight.T
+        return cross_entropy(logits, targets, label_smoothing=0.1, inplace_backward=inplace) + linear_cross_entropy(
+            hidden, weight, targets, z_loss=1e-4)
+
+    hidden, weight = torch.randn(6, 16, requires_grad=True), torch.randn(40, 16, requires_grad=True)
+    targets = torch.tensor([1, 5, -100, 39, 0, 7])
+    compiled = torch.compile(loss_fn, fullgraph=True, backend="aot_eager")
+    loss = compiled(hidden, weight, targets)
+    grads = torch.autograd.grad(loss, (hidden, weight))
+    eager_loss = loss_fn(hidden, weight, targets)
+    eager_grads = torch.autograd.grad(eager_loss, (hidden, weight))
     torch.testing.assert_close(loss, eager_loss)
     for grad, eager_grad in zip(grads, eager_grads):
         torch.testing.assert_close(grad, eager_grad)

@@ -10,7 +10,7 @@ import importlib
 import os
 import sys
 
-OPERATOR_MODULES = ("aquila.kernels.rms_norm", "aquila.kernels.rotary")
+OPERATOR_MODULES = ("aquila.kernels.rms_norm", "aquila.kernels.rotary", "aquila.kernels.cross_entropy")
 
 # (compute capability, shared memory one block may use, in bytes)
 TARGETS = ((80, 166912), (90, 232448))

@@ -1,0 +1,431 @@
+"""Softmax cross-entropy over large vocabularies, and fused linear cross-entropy (the lm_head and the loss in one).
+
+Per row of logits z with target t, label smoothing eps and z-loss lambda:
+    lse  = log sum_j exp(z_j)
+    loss = lse - (1 - eps) z_t - (eps / V) sum_j z_j + lambda lse^2
+    dz_j = p_j (1 + 2 lambda lse) - eps / V - (1 - eps) [j == t],      p_j = exp(z_j - lse)
+Rows whose target is ``ignore_index`` count for nothing. The kernels make one pass over a row for the loss (online
+softmax, fp32) and, when a gradient is needed, a second that writes it: in the same launch, during the forward, so
+the backward is free; with ``inplace_backward`` the gradient is written over the logits, saving a logits-sized buffer.
+The gradient is computed in fp32 up to its single rounding (so p_t - 1 of a confident prediction keeps its digits).
+
+``linear_cross_entropy(hidden, weight, targets)`` never holds all N x V logits: tokens go in chunks whose logits are
+about the size of the hidden states; each chunk's logits become its gradient in place, which is turned into the
+chunk's hidden-state gradient and added into the weight gradient (in fp32) before the next chunk.
+"""
+
+import math
+from typing import Optional
+
+import torch
+from torch import Tensor
+
+from . import backend as _backend
+from . import reference
+from .triton_compat import tl, triton
+
+REDUCTIONS = ("mean", "sum", "none")
+
+# --- Triton kernel --------------------------------------------------------------------------------------------------
+
+
+@triton.jit
+def _cross_entropy_kernel(LOGITS, logits_row_stride, TARGETS, LOSS, LSE, GRAD, grad_row_stride, GRAD_SCALE, vocab,
+                          ignore_index, label_smoothing, z_loss, COMPUTE_GRAD: tl.constexpr,
+                          SMOOTHING: tl.constexpr, BLOCK: tl.constexpr):
+    row = tl.program_id(0).to(tl.int64)
+    logits = LOGITS + row * logits_row_stride
+    # Online softmax: the running maximum rescales the running sum, one read of the row.
+    running_max = tl.full([BLOCK], float("-inf"), tl.float32)
+    running_sum = tl.zeros([BLOCK], tl.float32)
+    logit_sum = tl.zeros([BLOCK], tl.float32)
+    for start in range(0, vocab, BLOCK):
+        cols = start + tl.arange(0, BLOCK)
+        z = tl.load(logits + cols, mask=cols < vocab, other=float("-inf")).to(tl.float32)
+        running_max_before = running_max
+        running_max = tl.maximum(running_max, z)
+        # Lanes that have seen only -inf (padding past the vocabulary) subtract 0 instead: exp(-inf - -inf) is nan.
+        shift = tl.where(running_max == float("-inf"), 0.0, running_max)
+        running_sum = running_sum * tl.exp(running_max_before - shift) + tl.exp(z - shift)
+        if SMOOTHING:
+            logit_sum += tl.where(cols < vocab, z, 0.0)
+    row_max = tl.max(running_max, axis=0)
+    log_sum = tl.log(tl.sum(running_sum * tl.exp(running_max - row_max), axis=0))
+    lse = row_max + log_sum
+
+    target = tl.load(TARGETS + row)
+    ignored = target == ignore_index
+    valid = (target >= 0) & (target < vocab)
+    target_logit = tl.load(logits + target, mask=valid & (target != ignore_index), other=0.0).to(tl.float32)
+    # lse - z_t as log_sum + (max - z_t): for a confident prediction both are small and exact, where lse - z_t
+    # would cancel away the digits of a loss near 0.
+    loss = log_sum + (1.0 - label_smoothing) * (row_max - target_logit) + z_loss * lse * lse
+    if SMOOTHING:
+        loss += label_smoothing * (row_max - tl.sum(logit_sum, axis=0) / vocab)
+    loss = tl.where(ignored, 0.0, tl.where(valid, loss, float("nan")))
+    tl.store(LOSS + row, loss)
+    tl.store(LSE + row, lse)
+
+    if COMPUTE_GRAD:
+        grad = GRAD + row * grad_row_stride
+        row_scale = tl.where(ignored, 0.0, tl.where(valid, tl.load(GRAD_SCALE), float("nan")))
+        softmax_scale = row_scale * (1.0 + 2.0 * z_loss * lse)
+        uniform = label_smoothing / vocab
+        for start in range(0, vocab, BLOCK):
+            cols = start + tl.arange(0, BLOCK)
+            mask = cols < vocab
+            z = tl.load(logits + cols, mask=mask, other=0.0).to(tl.float32)
+            dz = tl.exp(z - lse) * softmax_scale - row_scale * (uniform + tl.where(cols == target,
+                                                                                   1.0 - label_smoothing, 0.0))
+            tl.store(grad + cols, dz.to(GRAD.dtype.element_ty), mask=mask)
+
+
+def _triton_config(vocab):
+    """(BLOCK, num_warps): 4k-element steps along the row."""
+    return min(triton.next_power_of_2(vocab), 4096), 8
+
+
+def triton_compile_cases():
+    """Each Triton configuration the launcher below can pick, for the ahead-of-time compile check."""
+    cases = []
+    for dtype in ("fp32", "bf16"):
+        for vocab in (50, 100008):
+            block, num_warps = _triton_config(vocab)
+            for grad, smoothing in ((False, False), (True, False), (True, True)):
+                signature = {"LOGITS": f"*{dtype}", "logits_row_stride": "i64", "TARGETS": "*i64", "LOSS": "*fp32",
+                             "LSE": "*fp32", "GRAD": f"*{dtype}", "grad_row_stride": "i64", "GRAD_SCALE": "*fp32",
+                             "vocab": "i32", "ignore_index": "i64", "label_smoothing": "fp32", "z_loss": "fp32",
+                             "COMPUTE_GRAD": "constexpr", "SMOOTHING": "constexpr", "BLOCK": "constexpr"}
+                constexprs = {"COMPUTE_GRAD": grad, "SMOOTHING": smoothing, "BLOCK": block}
+                cases.append((_cross_entropy_kernel, signature, constexprs, num_warps))
+    return cases
+
+
+# --- Dispatch -------------------------------------------------------------------------------------------------------
+
+
+def _row_losses(logits, targets, grad_scale, grad, ignore_index, label_smoothing, z_loss, backend):
+    """logits [rows, V] (unit last stride); targets int64 [rows]; grad_scale fp32 [1] on logits' device; grad: None,
+    or a [rows, V] tensor to write the gradient into (may be logits). Returns the per-row loss and lse in fp32."""
+    rows, vocab = logits.shape
+    loss = torch.empty(rows, dtype=torch.float32, device=logits.device)
+    lse = torch.empty(rows, dtype=torch.float32, device=logits.device)
+    if rows == 0:
+        return loss, lse
+    if backend == "torch":
+        z = logits.float()
+        lse.copy_(torch.logsumexp(z, -1))
+        loss.copy_(reference.cross_entropy(z, targets, ignore_index, label_smoothing, z_loss, "none"))
+        counted = (targets != ignore_index)[:, None]
+        if grad is not None:
+            one_hot = torch.zeros_like(z).scatter_(1, targets.clamp(0, vocab - 1)[:, None], 1.0 - label_smoothing)
+            dz = torch.exp(z - lse[:, None]) * (1 + 2 * z_loss * lse[:, None]) - label_smoothing / vocab - one_hot
+            grad.copy_(torch.where(counted, dz * grad_scale, 0.0))
+        return loss, lse
+    with _backend.on_device(logits):
+        if backend == "triton":
+            block, num_warps = _triton_config(vocab)
+            _cross_entropy_kernel[(rows,)](
+                logits, logits.stride(0), targets, loss, lse, grad if grad is not None else logits,
+                grad.stride(0) if grad is not None else 0, grad_scale, vocab, ignore_index, label_smoothing, z_loss,
+                COMPUTE_GRAD=grad is not None, SMOOTHING=label_smoothing != 0.0, BLOCK=block, num_warps=num_warps)
+        else:
+            extension, launch = _backend.native(backend, logits)
+            extension.cross_entropy(
+                _backend.address(logits), logits.stride(0), _backend.address(targets), _backend.address(loss),
+                _backend.address(lse), _backend.address(grad), grad.stride(0) if grad is not None else 0,
+                _backend.address(grad_scale), rows, vocab, ignore_index, label_smoothing, z_loss,
+                _backend.DTYPE_CODES[logits.dtype], launch)
+    return loss, lse
+
+
+def _reduce(row_losses, grad_scale, reduction):
+    if reduction == "none":
+        return row_losses
+    return row_losses.sum() * grad_scale[0] if reduction == "mean" else row_losses.sum()
+
+
+def _grad_scale(targets, ignore_index, reduction, num_tokens, device):
+    """d(reduced loss) / d(row loss) as a 1-element fp32 tensor, computed without a host sync: 1/n for a mean over n
+    counted tokens (inf when n is 0: no row uses it, and the mean 0 * inf is nan, as in F.cross_entropy)."""
+    if reduction != "mean":
+        return torch.ones(1, dtype=torch.float32, device=device)
+    if num_tokens is not None:
+        return torch.full((1,), 1.0 / num_tokens, dtype=torch.float32, device=device)
+    return (1.0 / (targets != ignore_index).sum().float()).reshape(1)
+
+
+def _check_targets(op, targets, vocab, ignore_index):
+    """On CPU a target out of range is an error; on GPU the check would cost a sync, so that row's loss and gradient
+    are nan instead. Runs inside the custom ops, where the values are real even under torch.compile."""
+    if targets.device.type != "cpu" or not targets.numel():
+        return
+    bad = ((targets < 0) | (targets >= vocab)) & (targets != ignore_index)
+    if bad.any():
+        index = int(bad.nonzero()[0, 0])
+        raise ValueError(f"{op}: targets must be in [0, {vocab}) or ignore_index ({ignore_index}); "
+                         f"targets[{index}] is {int(targets[index])} (position in the flattened targets)")
+
+
+# --- torch.library ops and autograd -----------------------------------------------------------------------------------
+
+
+@torch.library.custom_op("aquila::cross_entropy_forward", mutates_args=())
+def _forward_op(logits: Tensor, targets: Tensor, grad_scale: Tensor, ignore_index: int, label_smoothing: float,
+                z_loss: float, compute_grad: bool, backend: str) -> tuple[Tensor, Tensor, Tensor]:
+    _check_targets("cross_entropy", targets, logits.shape[1], ignore_index)
+    grad = torch.empty_like(logits) if compute_grad else logits.new_empty(0)
+    loss, lse = _row_losses(logits, targets, grad_scale, grad if compute_grad else None, ignore_index,
+                            label_smoothing, z_loss, backend)
+    return loss, lse, grad
+
+
+@_forward_op.register_fake
+def _(logits, targets, grad_scale, ignore_index, label_smoothing, z_loss, compute_grad, backend):
+    rows = logits.shape[0]
+    grad = torch.empty_like(logits) if compute_grad else logits.new_empty(0)
+    return logits.new_empty(rows, dtype=torch.float32), logits.new_empty(rows, dtype=torch.float32), grad
+
+
+@torch.library.custom_op("aquila::cross_entropy_forward_inplace", mutates_args=("logits",))
+def _forward_inplace_op(logits: Tensor, targets: Tensor, grad_scale: Tensor, ignore_index: int,
+                        label_smoothing: float, z_loss: float, backend: str) -> tuple[Tensor, Tensor]:
+    _check_targets("cross_entropy", targets, logits.shape[1], ignore_index)
+    return _row_losses(logits, targets, grad_scale, logits, ignore_index, label_smoothing, z_loss, backend)
+
+
+@_forward_inplace_op.register_fake
+def _(logits, targets, grad_scale, ignore_index, label_smoothing, z_loss, backend):
+    rows = logits.shape[0]
+    return logits.new_empty(rows, dtype=torch.float32), logits.new_empty(rows, dtype=torch.float32)
+
+
+@torch.library.custom_op("aquila::scale_gradient_", mutates_args=("grad",))
+def _scale_gradient_op(grad: Tensor, grad_output: Tensor) -> None:
+    """grad *= grad_output (per row for a [rows] grad_output), skipping the pass when grad_output is exactly 1, as
+    it is for a loss that is the one being differentiated."""
+    if grad_output.dim() == 0 or grad_output.numel() == 1:
+        if grad_output.item() != 1.0:
+            grad.mul_(grad_output.reshape(()).to(grad.dtype))
+    else:
+        grad.mul_(grad_output.reshape(-1, *([1] * (grad.dim() - 1))).to(grad.dtype))
+
+
+@_scale_gradient_op.register_fake
+def _(grad, grad_output):
+    return None
+
+
+class CrossEntropyFunction(torch.autograd.Function):
+    @staticmethod
+    def forward(ctx, logits, targets, grad_scale, ignore_index, label_smoothing, z_loss, reduction, inplace,
+                backend):
+        compute_grad = ctx.needs_input_grad[0]
+        if compute_grad and inplace:
+            row_losses, _ = _forward_inplace_op(logits, targets, grad_scale, ignore_index, label_smoothing, z_loss,
+                                                backend)
+            grad = logits
+            # The logits now hold their gradient: any other user of them in the graph must fail loudly.
+            torch.autograd.graph.increment_version(logits)
+        else:
+            row_losses, _, grad = _forward_op(logits, targets, grad_scale, ignore_index, label_smoothing, z_loss,
+                                              compute_grad, backend)
+        if compute_grad:
+            ctx.save_for_backward(grad)
+        return _reduce(row_losses, grad_scale, reduction)
+
+    @staticmethod
+    def backward(ctx, grad_output):
+        (grad,) = ctx.saved_tensors
+        _scale_gradient_op(grad, grad_output)
+        return grad, None, None, None, None, None, None, None, None
+
+
+# --- Fused linear cross-entropy ---------------------------------------------------------------------------------------
+
+
+def _accumulate_product(accumulator, a, b):
+    """accumulator (fp32) += a @ b for a, b in any float dtype, accumulating in fp32 without an fp32 copy of a or b
+    where the device allows it."""
+    if a.dtype == accumulator.dtype:
+        accumulator.addmm_(a, b)
+    elif a.is_cuda:
+        torch.ops.aten.addmm.dtype_out(accumulator, a, b, torch.float32, out=accumulator)
+    else:
+        accumulator.addmm_(a.float(), b.float())
+
+
+def default_chunk_size(tokens, hidden, vocab):
+    """Tokens per chunk so that a chunk's logits are about as large as the hidden states (rounded to 64)."""
+    return max(64, min(tokens, 64 * math.ceil(tokens * hidden / vocab / 64)))
+
+
+def _linear_pass(hidden, weight, bias, targets, grad_scale, row_grad_scale, ignore_index, label_smoothing, z_loss,
+                 compute_grad, chunk_size, backend):
+    """Loss rows and, if compute_grad, the gradients of sum_i scale_i loss_i (scale_i: grad_scale, times
+    row_grad_scale[i] when given) for hidden [N, H], weight [V, H], bias [V] or None."""
+    tokens = hidden.shape[0]
+    vocab = weight.shape[0]
+    row_losses = torch.empty(tokens, dtype=torch.float32, device=hidden.device)
+    grad_hidden = torch.empty_like(hidden) if compute_grad else hidden.new_empty(0)
+    weight_accumulator = torch.zeros(weight.shape, dtype=torch.float32, device=weight.device) if compute_grad else None
+    bias_accumulator = (torch.zeros(vocab, dtype=torch.float32, device=weight.device)
+                        if compute_grad and bias is not None else None)
+    for start in range(0, tokens, chunk_size):
+        h = hidden[start:start + chunk_size]
+        logits = h @ weight.T if bias is None else torch.addmm(bias, h, weight.T)
+        grad = logits if compute_grad else None  # the chunk's logits become its gradient, in place
+        row_losses[start:start + chunk_size], _ = _row_losses(logits, targets[start:start + chunk_size], grad_scale,
+                                                              grad, ignore_index, label_smoothing, z_loss, backend)
+        if not compute_grad:
+            continue
+        if row_grad_scale is not None:
+            grad.mul_(row_grad_scale[start:start + chunk_size, None].to(grad.dtype))
+        torch.mm(grad, weight, out=grad_hidden[start:start + chunk_size])
+        _accumulate_product(weight_accumulator, grad.T, h)
+        if bias_accumulator is not None:
+            bias_accumulator += grad.sum(0, dtype=torch.float32)
+    grad_weight = weight_accumulator.to(weight.dtype) if compute_grad else weight.new_empty(0)
+    grad_bias = bias_accumulator.to(bias.dtype) if bias_accumulator is not None else weight.new_empty(0)
+    return row_losses, grad_hidden, grad_weight, grad_bias
+
+
+@torch.library.custom_op("aquila::linear_cross_entropy", mutates_args=())
+def _linear_op(hidden: Tensor, weight: Tensor, bias: Optional[Tensor], targets: Tensor, grad_scale: Tensor,
+               row_grad_scale: Optional[Tensor], ignore_index: int, label_smoothing: float, z_loss: float,
+               compute_grad: bool, chunk_size: int, backend: str) -> tuple[Tensor, Tensor, Tensor, Tensor]:
+    _check_targets("linear_cross_entropy", targets, weight.shape[0], ignore_index)
+    return _linear_pass(hidden, weight, bias, targets, grad_scale, row_grad_scale, ignore_index, label_smoothing,
+                        z_loss, compute_grad, chunk_size, backend)
+
+
+@_linear_op.register_fake
+def _(hidden, weight, bias, targets, grad_scale, row_grad_scale, ignore_index, label_smoothing, z_loss, compute_grad,
+      chunk_size, backend):
+    empty = hidden.new_empty(0)
+    return (hidden.new_empty(hidden.shape[0], dtype=torch.float32),
+            torch.empty_like(hidden) if compute_grad else empty,
+            torch.empty_like(weight) if compute_grad else empty,
+            torch.empty_like(bias) if compute_grad and bias is not None else empty)
+
+
+class LinearCrossEntropyFunction(torch.autograd.Function):
+    """For mean and sum reductions the gradients are computed during the forward, where each chunk's logits exist
+    anyway; for reduction='none' they depend on a per-token grad_output, so the backward runs the chunks again."""
+
+    @staticmethod
+    def forward(ctx, hidden, weight, bias, targets, grad_scale, ignore_index, label_smoothing, z_loss, reduction,
+                chunk_size, backend):
+        compute_grad = any(ctx.needs_input_grad[:3])
+        eager_grad = compute_grad and reduction != "none"
+        row_losses, grad_hidden, grad_weight, grad_bias = _linear_op(
+            hidden, weight, bias, targets, grad_scale, None, ignore_index, label_smoothing, z_loss, eager_grad,
+            chunk_size, backend)
+        ctx.eager_grad = eager_grad
+        ctx.options = (ignore_index, label_smoothing, z_loss, chunk_size, backend)
+        ctx.has_bias = bias is not None
+        if eager_grad:
+            ctx.save_for_backward(grad_hidden, grad_weight, grad_bias)
+        elif compute_grad:
+            ctx.save_for_backward(hidden, weight, bias, targets, grad_scale)
+        return _reduce(row_losses, grad_scale, reduction)
+
+    @staticmethod
+    def backward(ctx, grad_output):
+        if ctx.eager_grad:
+            grads = ctx.saved_tensors
+            for grad in grads:
+                if grad.numel():
+                    _scale_gradient_op(grad, grad_output)
+        else:
+            hidden, weight, bias, targets, grad_scale = ctx.saved_tensors
+            _, *grads = _linear_op(hidden, weight, bias, targets, grad_scale, grad_output.float(), *ctx.options[:3],
+                                   True, *ctx.options[3:])
+        grad_hidden, grad_weight, grad_bias = grads
+        return (grad_hidden, grad_weight, grad_bias if ctx.has_bias else None) + (None,) * 8
+
+
+# --- Public API -----------------------------------------------------------------------------------------------------
+
+
+def _check_options(op, targets, device, ignore_index, label_smoothing, z_loss, reduction, num_tokens):
+    _backend.check_tensor(op, "targets", targets, dtypes=(torch.int64, torch.int32), device=device)
+    if not isinstance(ignore_index, int):
+        raise TypeError(f"{op}: ignore_index must be an int, got {type(ignore_index).__name__}")
+    if not isinstance(label_smoothing, (int, float)) or not 0.0 <= label_smoothing <= 1.0:
+        raise ValueError(f"{op}: label_smoothing must be in [0, 1], got {label_smoothing!r}")
+    if not isinstance(z_loss, (int, float)) or not z_loss >= 0.0:
+        raise ValueError(f"{op}: z_loss must be a number >= 0, got {z_loss!r}")
+    if reduction not in REDUCTIONS:
+        raise ValueError(f"{op}: reduction must be one of {', '.join(REDUCTIONS)}, got {reduction!r}")
+    if num_tokens is not None:
+        if reduction != "mean":
+            raise ValueError(f"{op}: num_tokens divides a mean: it needs reduction='mean', got {reduction!r}")
+        if isinstance(num_tokens, bool) or not isinstance(num_tokens, (int, float)) or not num_tokens > 0:
+            raise ValueError(f"{op}: num_tokens must be a number > 0, got {num_tokens!r}")
+
+
+def cross_entropy(logits: Tensor, targets: Tensor, *, ignore_index: int = -100, label_smoothing: float = 0.0,
+                  z_loss: float = 0.0, reduction: str = "mean", num_tokens: Optional[float] = None,
+                  inplace_backward: bool = False, backend: Optional[str] = None) -> Tensor:
+    """Softmax cross-entropy of logits [..., V] (fp32, fp16 or bf16) against integer targets [...]; the loss is fp32.
+
+    ignore_index: targets that count for nothing (the mean is over the others; nan if there are none, like
+        F.cross_entropy). label_smoothing: as in F.cross_entropy. z_loss: adds z_loss * logsumexp^2 per token.
+    reduction: 'mean', 'sum' or 'none' (per token, in the targets' shape).
+    num_tokens: for 'mean', divide by this count instead, e.g. the target tokens of all micro-batches of an
+        optimizer step, so that gradient accumulation gives the gradient of one big batch.
+    inplace_backward: write the gradient over the logits during the forward (saves a logits-sized buffer; the
+        logits must not be used afterwards, which autograd then enforces).
+    """
+    op = "cross_entropy"
+    _backend.check_tensor(op, "logits", logits)
+    if logits.dim() == 0 or logits.shape[-1] == 0:
+        raise ValueError(f"{op}: logits must have a non-empty last (vocabulary) dimension, got {tuple(logits.shape)}")
+    if not isinstance(targets, Tensor) or targets.shape != logits.shape[:-1]:
+        shape = tuple(targets.shape) if isinstance(targets, Tensor) else type(targets).__name__
+        raise ValueError(f"{op}: targets must have shape {tuple(logits.shape[:-1])} (logits without their last "
+                         f"dimension), got {shape}")
+    _check_options(op, targets, logits.device, ignore_index, label_smoothing, z_loss, reduction, num_tokens)
+    backend = _backend.resolve(op, logits, backend)
+    rows = _backend.as_rows(logits)
+    flat_targets = targets.reshape(-1).to(torch.int64)
+    grad_scale = _grad_scale(flat_targets, ignore_index, reduction, num_tokens, logits.device)
+    loss = CrossEntropyFunction.apply(rows, flat_targets, grad_scale, ignore_index, float(label_smoothing),
+                                      float(z_loss), reduction, bool(inplace_backward), backend)
+    return loss.view(targets.shape) if reduction == "none" else loss
+
+
+def linear_cross_entropy(hidden: Tensor, weight: Tensor, targets: Tensor, bias: Optional[Tensor] = None, *,
+                         ignore_index: int = -100, label_smoothing: float = 0.0, z_loss: float = 0.0,
+                         reduction: str = "mean", num_tokens: Optional[float] = None,
+                         chunk_size: Optional[int] = None, backend: Optional[str] = None) -> Tensor:
+    """cross_entropy(hidden @ weight.T + bias, targets) without materialising the logits: hidden [..., H],
+    weight [V, H], bias [V] or None, targets [...]. Same options as cross_entropy; chunk_size: tokens per chunk
+    (default: about hidden-sized logits per chunk). Gradients for hidden, weight and bias; weight's summed in fp32."""
+    op = "linear_cross_entropy"
+    _backend.check_tensor(op, "hidden", hidden)
+    if hidden.dim() == 0 or hidden.shape[-1] == 0:
+        raise ValueError(f"{op}: hidden must have a non-empty last dimension, got {tuple(hidden.shape)}")
+    _backend.check_tensor(op, "weight", weight, device=hidden.device, dtype=hidden.dtype)
+    if weight.dim() != 2 or weight.shape[1] != hidden.shape[-1] or weight.shape[0] == 0:
+        raise ValueError(f"{op}: weight must have shape (vocab, {hidden.shape[-1]}) with vocab >= 1, got "
+                         f"{tuple(weight.shape)}")
+    vocab = weight.shape[0]
+    if bias is not None:
+        _backend.check_tensor(op, "bias", bias, device=hidden.device, shape=(vocab,), dtype=hidden.dtype)
+    if not isinstance(targets, Tensor) or targets.shape != hidden.shape[:-1]:
+        shape = tuple(targets.shape) if isinstance(targets, Tensor) else type(targets).__name__
+        raise ValueError(f"{op}: targets must have shape {tuple(hidden.shape[:-1])} (hidden without its last "
+                         f"dimension), got {shape}")
+    _check_options(op, targets, hidden.device, ignore_index, label_smoothing, z_loss, reduction, num_tokens)
+    if chunk_size is not None and (not isinstance(chunk_size, int) or chunk_size < 1):
+        raise ValueError(f"{op}: chunk_size must be a positive int, got {chunk_size!r}")
+    backend = _backend.resolve(op, hidden, backend)
+    rows = hidden.reshape(-1, hidden.shape[-1])
+    flat_targets = targets.reshape(-1).to(torch.int64)
+    chunk_size = chunk_size or default_chunk_size(rows.shape[0], rows.shape[1], vocab)
+    grad_scale = _grad_scale(flat_targets, ignore_index, reduction, num_tokens, hidden.device)
+    loss = LinearCrossEntropyFunction.apply(rows, weight, bias, flat_targets, grad_scale, ignore_index,
+                                            float(label_smoothing), float(z_loss), reduction, chunk_size, backend)
+    return loss.view(targets.shape) if reduction == "none" else loss

@@ -1,0 +1,78 @@
+// Softmax cross-entropy on CPU (the math is in csrc/kernels.h). One read of each row from memory for the loss:
+// the row streams through L1 in chunks, each chunk's maximum rescales the running sum (online softmax) before its
+// exponentials are added. The gradient is a second pass, written in place over the logits when the caller asks.
+#include <algorithm>
+#include <cmath>
+#include <limits>
+
+#include "cpu/common.h"
+
+namespace aquila::cpu {
+namespace {
+
+constexpr int64_t kChunk = 2048;  // 8 KiB of fp32 logits: the chunk is re-read from L1
+
+template <typename T>
+AQUILA_SIMD_CLONES void cross_entropy_kernel(const CrossEntropy& a, int threads) {
+  const int64_t vocab = a.vocab;
+  const float eps = static_cast<float>(a.label_smoothing);
+  const float uniform = eps / static_cast<float>(vocab);
+  const float scale = a.grad ? *a.grad_scale : 0.0f;
+#pragma omp parallel for num_threads(threads) schedule(dynamic, 1)
+  for (int64_t row = 0; row < a.rows; ++row) {
+    // Not __restrict: grad may be the logits themselves.
+    const T* z = static_cast<const T*>(a.logits) + row * a.logits_row_stride;
+    float max = -std::numeric_limits<float>::infinity();
+    double sum_exp = 0.0, sum_z = 0.0;
+    for (int64_t start = 0; start < vocab; start += kChunk) {
+      const T* chunk = z + start;
+      const int64_t n = std::min(kChunk, vocab - start);
+      const float chunk_max = max_over(n, [&](int64_t j) { return to_float(chunk[j]); });
+      if (chunk_max > max) {
+        sum_exp *= std::exp(static_cast<double>(max) - chunk_max);
+        max = chunk_max;
+      }
+      const float m = max;
+      sum_exp += sum_over(n, [&](int64_t j) { return exp_nonpositive(to_float(chunk[j]) - m); });
+      if (eps != 0.0f) sum_z += sum_over(n, [&](int64_t j) { return to_float(chunk[j]); });
+    }
+    const double log_sum = std::log(sum_exp);
+    const double lse = max + log_sum;
+    a.lse[row] = static_cast<float>(lse);
+
+    const int64_t target = a.targets[row];
+    const bool ignored = target == a.ignore_index;
+    const bool valid = target >= 0 && target < vocab;
+    float loss = 0.0f;
+    if (!ignored) {
+      // lse - z_t as log_sum + (max - z_t): for a confident prediction both are small and exact, where lse - z_t
+      // would cancel away the digits of a loss near 0.
+      loss = valid ? static_cast<float>(log_sum + (1.0 - a.label_smoothing) * (max - to_float(z[target])) +
+                                        a.label_smoothing * (max - sum_z / vocab) + a.z_loss * lse * lse)
+                   : std::numeric_limits<float>::quiet_NaN();
+    }
+    a.loss[row] = loss;
+    if (!a.grad) continue;
+
+    T* grad = static_cast<T*>(a.grad) + row * a.grad_row_stride;
+    const float row_scale = ignored ? 0.0f : valid ? scale : std::numeric_limits<float>::quiet_NaN();
+    const float lse_f = static_cast<float>(lse);
+    const float softmax_scale = row_scale * static_cast<float>(1.0 + 2.0 * a.z_loss * lse);
+    const float target_term = 1.0f - eps;
+#pragma omp simd
+    for (int64_t j = 0; j < vocab; ++j) {
+      const float p = exp_nonpositive(to_float(z[j]) - lse_f);
+      // In fp32 to the end: p_t - 1 of a confident prediction would lose every digit in bf16.
+      grad[j] = from_float<T>(p * softmax_scale - row_scale * (uniform + (j == target ? target_term : 0.0f)));
+    }
+  }
+}
+
+}  // namespace
+
+void cross_entropy(const CrossEntropy& args, int threads) {
+  if (args.vocab < 1) throw std::invalid_argument("aquila: cross_entropy needs vocab >= 1");
+  dispatch_dtype(args.dtype, [&](auto* tag) { cross_entropy_kernel<std::remove_pointer_t<decltype(tag)>>(args, threads); });
+}
+
+}  // namespace aquila::cpu
