@@ -9,6 +9,7 @@ contender alike; the copy bandwidth is measured under the same setting.
 
 import ctypes
 import datetime
+import gc
 import json
 import os
 import platform
@@ -26,11 +27,20 @@ SESSION = {}
 REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 
 
+LIBC = ctypes.CDLL("libc.so.6") if sys.platform.startswith("linux") else None
+
+
 def _keep_freed_memory():
-    if sys.platform.startswith("linux"):
-        libc = ctypes.CDLL("libc.so.6")
-        libc.mallopt(-3, 1 << 30)  # M_MMAP_THRESHOLD: serve allocations up to 1 GiB from the heap
-        libc.mallopt(-1, 2**31 - 1)  # M_TRIM_THRESHOLD: never hand freed heap memory back
+    if LIBC:
+        LIBC.mallopt(-3, 1 << 30)  # M_MMAP_THRESHOLD: serve allocations up to 1 GiB from the heap
+        LIBC.mallopt(-1, 2**31 - 1)  # M_TRIM_THRESHOLD: never hand freed heap memory back
+
+
+def _return_freed_memory():
+    if LIBC:
+        LIBC.mallopt(-3, 128 * 1024)  # glibc's defaults: large blocks mmap'ed, and unmapped when freed
+        LIBC.mallopt(-1, 128 * 1024)
+        LIBC.malloc_trim(0)
 
 
 _keep_freed_memory()
@@ -76,24 +86,55 @@ def copy_bandwidth(device):
     return 2 * src.numel() * src.element_size() / seconds
 
 
+def _proc_status_bytes(field):
+    with open("/proc/self/status") as f:
+        return next(int(line.split()[1]) * 1024 for line in f if line.startswith(field))
+
+
+def extra_peak_bytes(fn, device):
+    """Memory fn needs beyond what exists before it: peak allocated on GPU; on CPU the peak resident set (reset
+    through /proc/self/clear_refs) with glibc returning freed memory at once, so the resident set is what is live."""
+    gc.collect()
+    if device == "cuda":
+        torch.cuda.synchronize()
+        before = torch.cuda.memory_allocated()
+        torch.cuda.reset_peak_memory_stats()
+        fn()
+        torch.cuda.synchronize()
+        return torch.cuda.max_memory_allocated() - before
+    _return_freed_memory()
+    try:
+        with open("/proc/self/clear_refs", "w") as f:
+            f.write("5")  # the peak resident set restarts from the current one
+        before = _proc_status_bytes("VmRSS")
+        fn()
+        return _proc_status_bytes("VmHWM") - before
+    finally:
+        _keep_freed_memory()
+
+
 @pytest.fixture
 def measure(benchmark, device):
-    """measure(op, impl, fn, bytes_moved): times fn with pytest-benchmark and records it for the summary."""
+    """measure(op, impl, fn, bytes_moved=None, flops=None, memory=False, rounds=15): times fn with pytest-benchmark,
+    optionally measures its extra peak memory, and records both for the summary."""
 
-    def run(op, impl, fn, bytes_moved):
+    def run(op, impl, fn, bytes_moved=None, flops=None, memory=False, rounds=15):
         benchmark.group = op
 
         def timed():
             fn()
             synchronize(device)
 
-        benchmark.pedantic(timed, warmup_rounds=3, rounds=15, iterations=1)
+        benchmark.pedantic(timed, warmup_rounds=min(3, rounds), rounds=rounds, iterations=1)
         if benchmark.disabled:  # --benchmark-disable: a smoke run, timed once for the summary only
             median = median_seconds(timed, device, repeats=1)
         else:
             median = benchmark.stats.stats.median
-        benchmark.extra_info.update(impl=impl, bytes=bytes_moved, gb_per_s=bytes_moved / median / 1e9)
-        RESULTS.append({"op": op, "impl": impl, "seconds": median, "bytes": bytes_moved, "device": device})
+        record = {"op": op, "impl": impl, "seconds": median, "bytes": bytes_moved, "flops": flops, "device": device}
+        if memory and (device == "cuda" or os.path.exists("/proc/self/clear_refs")):
+            record["peak_extra_bytes"] = extra_peak_bytes(timed, device)
+        benchmark.extra_info.update({k: v for k, v in record.items() if k not in ("op", "device")})
+        RESULTS.append(record)
 
     return run
 
@@ -110,6 +151,10 @@ def machine_description(device):
     return f"{model}, {os.cpu_count()} cores"
 
 
+def _format(value, pattern, scale=1.0):
+    return "-" if value is None else pattern.format(value * scale)
+
+
 def pytest_terminal_summary(terminalreporter, config):
     if not RESULTS:
         return
@@ -119,16 +164,18 @@ def pytest_terminal_summary(terminalreporter, config):
     lines = [f"machine: {machine_description(device)}; torch {torch.__version__}"]
     if bandwidth:
         lines.append(f"measured copy bandwidth: {bandwidth / 1e9:.1f} GB/s (read + write)")
-    lines.append(f"{'op':<44} {'impl':<16} {'ms':>9} {'GB/s':>8} {'of copy':>8} {'vs eager':>9}")
+    lines.append(f"{'op':<48} {'impl':<16} {'ms':>9} {'GB/s':>7} {'of copy':>7} {'GFLOP/s':>8} {'vs eager':>8} "
+                 f"{'peak MB':>8}")
     for r in RESULTS:
-        gbps = r["bytes"] / r["seconds"] / 1e9
-        r["gb_per_s"] = gbps
-        r["fraction_of_copy"] = r["bytes"] / r["seconds"] / bandwidth if bandwidth else None
+        r["gb_per_s"] = r["bytes"] / r["seconds"] / 1e9 if r["bytes"] else None
+        r["fraction_of_copy"] = r["bytes"] / r["seconds"] / bandwidth if bandwidth and r["bytes"] else None
+        r["gflop_per_s"] = r["flops"] / r["seconds"] / 1e9 if r["flops"] else None
         r["speedup_vs_eager"] = baselines[r["op"]] / r["seconds"] if r["op"] in baselines else None
-        fraction = f"{r['fraction_of_copy']:.0%}" if r["fraction_of_copy"] else "-"
-        speedup = f"{r['speedup_vs_eager']:.2f}x" if r["speedup_vs_eager"] else "-"
-        lines.append(f"{r['op']:<44} {r['impl']:<16} {r['seconds'] * 1e3:>9.3f} {gbps:>8.1f} {fraction:>8} "
-                     f"{speedup:>9}")
+        cells = [_format(r["gb_per_s"], "{:.1f}"), _format(r["fraction_of_copy"], "{:.0%}"),
+                 _format(r["gflop_per_s"], "{:.0f}"), _format(r["speedup_vs_eager"], "{:.2f}x"),
+                 _format(r.get("peak_extra_bytes"), "{:.0f}", 1e-6)]
+        lines.append(f"{r['op']:<48} {r['impl']:<16} {r['seconds'] * 1e3:>9.3f} {cells[0]:>7} {cells[1]:>7} "
+                     f"{cells[2]:>8} {cells[3]:>8} {cells[4]:>8}")
     terminalreporter.write_sep("=", "aquila benchmark summary")
     for line in lines:
         terminalreporter.write_line(line)

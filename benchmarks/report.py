@@ -13,14 +13,18 @@ def render(report):
     lines = [f"Machine: {report['machine']} ({report['device']}); torch {report['torch']}, "
              f"triton {report.get('triton', '-')}; {report['date']}. Copy bandwidth "
              f"{report['copy_bandwidth_bytes_per_s'] / 1e9:.1f} GB/s (read + write).", "",
-             "| op | implementation | ms | GB/s | of copy bandwidth | vs torch eager |",
-             "| --- | --- | ---: | ---: | ---: | ---: |"]
+             "| op | implementation | ms | GB/s | of copy bandwidth | GFLOP/s | vs torch eager | extra peak MB |",
+             "| --- | --- | ---: | ---: | ---: | ---: | ---: | ---: |"]
     for r in report["results"]:
-        fraction = f"{r['fraction_of_copy']:.0%}" if r.get("fraction_of_copy") else "-"
-        speedup = f"{r['speedup_vs_eager']:.2f}x" if r.get("speedup_vs_eager") else "-"
-        lines.append(f"| {r['op']} | {r['impl']} | {r['seconds'] * 1e3:.2f} | {r['gb_per_s']:.1f} | {fraction} | "
-                     f"{speedup} |")
+        cells = [cell(r.get("gb_per_s"), "{:.1f}"), cell(r.get("fraction_of_copy"), "{:.0%}"),
+                 cell(r.get("gflop_per_s"), "{:.0f}"), cell(r.get("speedup_vs_eager"), "{:.2f}x"),
+                 cell(r.get("peak_extra_bytes"), "{:.0f}", 1e-6)]
+        lines.append(f"| {r['op']} | {r['impl']} | {r['seconds'] * 1e3:.2f} | " + " | ".join(cells) + " |")
     return "\n".join(lines)
+
+
+def cell(value, pattern, scale=1.0):
+    return "-" if value is None else pattern.format(value * scale)
 
 
 def main():

@@ -106,7 +106,8 @@ AQUILA_INLINE float max_over(int64_t n, Value value) {
 // to r^7 (truncation error < 2e-8 relative); about 2 ulps in all. Results below 2^-126 (x < -87.3) are 0.
 AQUILA_INLINE float exp_nonpositive(float x) {
   const float clamped = x < -87.0f ? -87.0f : x;
-  const float k = __builtin_floorf(clamped * 1.44269504088896341f + 0.5f);
+  // Round to nearest by adding and removing 1.5 * 2^23 (no libm call, so the loop vectorises).
+  const float k = (clamped * 1.44269504088896341f + 12582912.0f) - 12582912.0f;
   const float r = (clamped - k * 0.693359375f) + k * 2.12194440e-4f;  // ln2 in two parts: k * hi is exact
   float p = 1.0f / 5040.0f;
   p = p * r + 1.0f / 720.0f;
@@ -116,9 +117,10 @@ AQUILA_INLINE float exp_nonpositive(float x) {
   p = p * r + 0.5f;
   p = p * r + 1.0f;
   p = p * r + 1.0f;
-  const int32_t bits = (static_cast<int32_t>(k) + 127) << 23;
+  // 2^k from its exponent bits, and 0 below the range.
+  const int32_t exponent_bits = (static_cast<int32_t>(k) + 127) << 23;
   float scale;
-  std::memcpy(&scale, &bits, sizeof scale);
+  std::memcpy(&scale, &exponent_bits, sizeof scale);
   return x < -87.0f ? 0.0f : p * scale;
 }
 

@@ -1,12 +1,12 @@
 // Softmax cross-entropy on CUDA, loss and gradient in one kernel: the arithmetic of kernels.h (CrossEntropy).
 // Status: compiled for sm_80/sm_90a, not yet run on a GPU (none lent so far: README, Verification).
 //
-// A row is covered by a row group of threads (see RowTiling): thread t owns the packs t, t + blockDim.x, ... of
+// A row is covered by a row group of threads (see RowTiling): thread i owns the packs i, i + blockDim.x, ... of
 // kVec elements each, 16 bytes' worth when pointers, strides and vocab allow 16-byte accesses, else 1. Pass 1 reads
 // the row once and keeps, per thread, an online maximum m and sum of exp(z - m) (rescaled whenever m grows), plus
 // the plain sum of z for label smoothing; the row group then combines them into lse. Pass 2 (only with grad) turns
-// each logit into its gradient. Rows of up to 1024 * kCached elements stay in registers between the passes; longer
-// ones are read again (mostly from L2): about 2 reads and 1 write of the row with a gradient, 1 read without.
+// each logit into its gradient. Short rows stay in registers between the passes; longer ones are read again (from
+// L2 where it still holds them): at most 2 reads and 1 write of the row with a gradient, 1 read without.
 //
 // grad may alias logits. Every element is read and written by the thread that owns it, loads before stores in that
 // thread's program order, and z_t is loaded by the thread that owns the target before its first store; so no thread
@@ -24,11 +24,18 @@ namespace aquila::cuda {
 namespace {
 
 constexpr float kLog2e = 1.4426950408889634f;
-// Elements of a row that each thread keeps in registers between the passes.
+// Block shapes. One row is in flight per row group, and its reductions stall the group, so an SM should hold
+// several rows at once: the kernels use up to 64 registers, which leaves room for 1024 threads per SM.
+// - Rows of up to kMaxCachedThreads * kCached elements stay in registers (kCached per thread) between the passes,
+//   short rows sharing a block of at least kMinBlockThreads threads.
+// - Longer rows are streamed twice by kStreamPacks packs' worth of threads, within [kMinStreamThreads, 1024]: a
+//   longer row gets more threads, so that it is in flight on fewer SMs at once and the second read finds it in L2.
+// Untuned: none of these has been measured on a GPU yet.
 constexpr int kCached = 16;
-// Short rows share a block up to this size, so that an SM is not limited by its block count.
+constexpr int kMaxCachedThreads = 512;
 constexpr int kMinBlockThreads = 256;
-
+constexpr int kStreamPacks = 16;
+constexpr int kMinStreamThreads = 256;
 // Packs a streaming thread loads before it uses the first, enough bytes in flight to cover memory latency: 4 of
 // 16 bytes, or 8 single elements.
 constexpr int kUnrollPacked = 4;
@@ -138,7 +145,8 @@ __global__ void __launch_bounds__(1024) cross_entropy_kernel(const __grid_consta
         row_group_sum(part.max == -INFINITY ? part.sum : part.sum * exp2f((part.max - row_max) * kLog2e), scratch[1]);
     const float sum_z = smoothing ? row_group_sum(part.sum_z, scratch[2]) : 0.0f;  // smoothing is uniform
     if (!live) continue;
-    const float lse = row_max + static_cast<float>(log(static_cast<double>(sum)));
+    const float log_sum = static_cast<float>(log(static_cast<double>(sum)));
+    const float lse = row_max + log_sum;
 
     // The loss. Only the thread that owns the target's pack reads or writes z_t, and it reads it here, before its
     // first store to the row.
@@ -148,11 +156,17 @@ __global__ void __launch_bounds__(1024) cross_entropy_kernel(const __grid_consta
     const bool owner = valid && (t / kVec) % static_cast<int>(blockDim.x) == static_cast<int>(threadIdx.x);
     const float eps = static_cast<float>(a.label_smoothing);
     const float z_loss = static_cast<float>(a.z_loss);
-    const float smooth = __fdiv_rn(eps, static_cast<float>(a.vocab));  // correctly rounded despite fast-math
-    float z_t = 0.0f;
+    // Correctly rounded divisions despite fast-math.
+    const float smooth = __fdiv_rn(eps, static_cast<float>(a.vocab));
+    float z_t[1] = {0.0f};
     if (owner) {
-      z_t = to_float(z[t]);
-      a.loss[row] = lse - (1.0f - eps) * z_t - smooth * sum_z + z_loss * lse * lse;
+      // Through the same word type as the row's other loads and stores, so that type-based alias analysis cannot
+      // move it past them.
+      load_as_float(z + t, z_t);
+      // lse - (1 - eps) z_t - eps mean(z) as log_sum + (1 - eps) (max - z_t) + eps (max - mean(z)): the terms of a
+      // confident prediction's small loss are then small themselves, not the difference of two large ones.
+      const float smoothing_term = smoothing ? eps * (row_max - __fdiv_rn(sum_z, static_cast<float>(a.vocab))) : 0.0f;
+      a.loss[row] = log_sum + (1.0f - eps) * (row_max - z_t[0]) + smoothing_term + z_loss * lse * lse;
     }
     if (threadIdx.x == 0) {
       a.lse[row] = lse;
@@ -184,8 +198,9 @@ __global__ void __launch_bounds__(1024) cross_entropy_kernel(const __grid_consta
     // The target's element again, with its -(1 - eps), over what this same thread stored above (from z_t: the
     // logit itself may be overwritten by now). p_t (1 + 2 lambda lse) - 1 + eps stays in fp32 until the store.
     if (owner) {
-      const float p_t = exp2f((z_t - lse) * kLog2e);
-      grad[t] = from_float<T>(scale * (p_t * coef - smooth - (1.0f - eps)));
+      const float p_t = exp2f((z_t[0] - lse) * kLog2e);
+      const float g_t[1] = {scale * (p_t * coef - smooth - (1.0f - eps))};
+      store_from_float(grad + t, g_t);
     }
   }
 }
@@ -193,13 +208,16 @@ __global__ void __launch_bounds__(1024) cross_entropy_kernel(const __grid_consta
 template <typename T, int kVec>
 void launch(const CrossEntropy& a, cudaStream_t stream) {
   constexpr int kItems = kCached / kVec;
-  const RowTiling tiling = row_tiling(a.vocab / kVec, kItems, kMinBlockThreads);
-  const dim3 block(tiling.threads_per_row, tiling.rows_per_block);
-  const unsigned grid = grid_size(ceil_div(a.rows, tiling.rows_per_block));
-  if (tiling.cached) {
+  const int64_t packs = a.vocab / kVec;
+  const RowTiling tiling = row_tiling(packs, kItems, kMinBlockThreads);
+  if (tiling.cached && tiling.threads_per_row <= kMaxCachedThreads) {
+    const dim3 block(tiling.threads_per_row, tiling.rows_per_block);
+    const unsigned grid = grid_size(ceil_div(a.rows, tiling.rows_per_block));
     cross_entropy_kernel<T, kVec, kItems><<<grid, block, 0, stream>>>(a);
   } else {
-    cross_entropy_kernel<T, kVec, 0><<<grid, block, 0, stream>>>(a);
+    const int64_t threads = ceil_div(ceil_div(packs, kStreamPacks), 32) * 32;
+    const int block = static_cast<int>(std::clamp<int64_t>(threads, kMinStreamThreads, 1024));
+    cross_entropy_kernel<T, kVec, 0><<<grid_size(a.rows), block, 0, stream>>>(a);
   }
 }
 

@@ -1,0 +1,92 @@
+"""Cross-entropy over Aquila's 100,008-token vocabulary, and the fused linear cross-entropy (lm_head + loss):
+Aquila's kernels against F.cross_entropy (eager and torch.compile) in the same run, time and extra peak memory.
+
+Effective bandwidth for cross-entropy counts the logits read once and, with the backward, their gradient written once.
+The linear cross-entropy is matmul-bound: its rate is counted in FLOP/s (three N x V x H products).
+"""
+
+import functools
+
+import pytest
+import torch
+import torch.nn.functional as F
+
+from aquila.kernels import backend, cross_entropy, linear_cross_entropy
+
+VOCAB = 100008
+
+
+def dtype_for(device):
+    return torch.bfloat16 if device == "cuda" else torch.float32
+
+
+def eager_cross_entropy(logits, targets):
+    return F.cross_entropy(logits.float(), targets)
+
+
+def eager_linear_cross_entropy(hidden, weight, targets):
+    return F.cross_entropy((hidden @ weight.T).float(), targets)
+
+
+@functools.lru_cache(maxsize=None)
+def compiled(fn):
+    return torch.compile(fn)
+
+
+def aquila_backends(device):
+    if device == "cpu":
+        return {"aquila cpu": "cpu"}
+    names = {"aquila triton": "triton"}
+    if backend.cuda_extension is not None:
+        names["aquila cuda"] = "cuda"
+    return names
+
+
+IMPLS = ["torch eager", "torch.compile", "aquila cpu", "aquila triton", "aquila cuda"]
+
+
+def pick(device, impl, eager, aquila):
+    if impl == "torch eager":
+        return eager
+    if impl == "torch.compile":
+        return compiled(eager)
+    choice = aquila_backends(device).get(impl)
+    if choice is None:
+        pytest.skip(f"{impl} does not run on {device}")
+    return functools.partial(aquila, backend=choice)
+
+
+@pytest.mark.parametrize("impl", IMPLS)
+@pytest.mark.parametrize("backward", [False, True], ids=["fwd", "fwd+bwd"])
+def test_cross_entropy(measure, device, quick, impl, backward):
+    tokens = 64 if quick else (8192 if device == "cuda" else 1024)
+    fn = pick(device, impl, eager_cross_entropy, cross_entropy)
+    logits = torch.randn(tokens, VOCAB, device=device, dtype=dtype_for(device), requires_grad=backward)
+    targets = torch.randint(0, VOCAB, (tokens,), device=device)
+
+    def step():
+        loss = fn(logits, targets)
+        if backward:
+            loss.backward()
+            logits.grad = None
+
+    moved = logits.numel() * logits.element_size() * (2 if backward else 1)
+    measure(f"cross_entropy {'fwd+bwd' if backward else 'fwd'} {tokens}x{VOCAB}", impl, step, moved, memory=True)
+
+
+@pytest.mark.parametrize("impl", IMPLS)
+def test_linear_cross_entropy(measure, device, quick, impl):
+    """The issue's shape on GPU (N=8192, H=4096, bf16); on 2 CPU cores a smaller N and H, fp32."""
+    tokens, hidden = (64, 256) if quick else ((8192, 4096) if device == "cuda" else (512, 1024))
+    fn = pick(device, impl, eager_linear_cross_entropy, linear_cross_entropy)
+    dtype = dtype_for(device)
+    h = torch.randn(tokens, hidden, device=device, dtype=dtype, requires_grad=True)
+    weight = (torch.randn(VOCAB, hidden, device=device) / hidden**0.5).to(dtype).requires_grad_()
+    targets = torch.randint(0, VOCAB, (tokens,), device=device)
+
+    def step():
+        fn(h, weight, targets).backward()
+        h.grad = weight.grad = None
+
+    measure(f"linear_cross_entropy fwd+bwd {tokens}x{hidden}x{VOCAB}", impl, step,
+            flops=3 * 2 * tokens * hidden * VOCAB, memory=True, rounds=5)
