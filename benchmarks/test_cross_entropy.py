@@ -77,7 +77,8 @@ def test_cross_entropy(measure, device, quick, impl, backward):
 
 @pytest.mark.parametrize("impl", IMPLS)
 @pytest.mark.parametrize("chunks", ["default chunks", "hidden-sized chunks"])
-def test_linear_cross_entropy(measure, device, quick, impl, chunks):
+@pytest.mark.parametrize("backward", [False, True], ids=["fwd", "fwd+bwd"])
+def test_linear_cross_entropy(measure, device, quick, impl, chunks, backward):
     """The issue's shape on GPU (N=8192, H=4096, bf16); on 2 CPU cores a smaller N and H, fp32. The Aquila op runs
     with its default chunks and with the leanest ones (chunk logits about as large as the hidden states)."""
     tokens, hidden = (64, 256) if quick else ((8192, 4096) if device == "cuda" else (512, 1024))
@@ -88,13 +89,15 @@ def test_linear_cross_entropy(measure, device, quick, impl, chunks):
         impl = f"{impl}, lean"
         fn = functools.partial(fn, chunk_size=64 * math.ceil(tokens * hidden / VOCAB / 64))
     dtype = dtype_for(device)
-    h = torch.randn(tokens, hidden, device=device, dtype=dtype, requires_grad=True)
-    weight = (torch.randn(VOCAB, hidden, device=device) / hidden**0.5).to(dtype).requires_grad_()
+    h = torch.randn(tokens, hidden, device=device, dtype=dtype, requires_grad=backward)
+    weight = (torch.randn(VOCAB, hidden, device=device) / hidden**0.5).to(dtype).requires_grad_(backward)
     targets = torch.randint(0, VOCAB, (tokens,), device=device)
 
     def step():
-        fn(h, weight, targets).backward()
-        h.grad = weight.grad = None
+        loss = fn(h, weight, targets)
+        if backward:
+            loss.backward()
+            h.grad = weight.grad = None
 
-    measure(f"linear_cross_entropy fwd+bwd {tokens}x{hidden}x{VOCAB}", impl, step,
-            flops=3 * 2 * tokens * hidden * VOCAB, memory=True, rounds=5)
+    label = f"linear_cross_entropy {'fwd+bwd' if backward else 'fwd'} {tokens}x{hidden}x{VOCAB}"
+    measure(label, impl, step, flops=(3 if backward else 1) * 2 * tokens * hidden * VOCAB, memory=True, rounds=5)
