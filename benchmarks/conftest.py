@@ -80,6 +80,15 @@ def median_seconds(fn, device, repeats=15):
 
 
 @pytest.fixture(scope="session")
+def matmul_rate(device):
+    """FLOP/s of a large matmul in the benchmarks' dtype (bf16 on GPU, fp32 on CPU): the compute ceiling."""
+    n = 8192 if device == "cuda" else 2048
+    dtype = torch.bfloat16 if device == "cuda" else torch.float32
+    a, b = (torch.randn(n, n, device=device, dtype=dtype) for _ in range(2))
+    return 2 * n**3 / median_seconds(lambda: a @ b, device, repeats=5)
+
+
+@pytest.fixture(scope="session")
 def copy_bandwidth(device):
     """Bytes read + written per second by a device-to-device copy of 256 MiB: the ceiling for memory-bound ops."""
     src = torch.randn(64 * 2**20, device=device)
@@ -118,7 +127,8 @@ def extra_peak_bytes(fn, device):
 @pytest.fixture
 def measure(benchmark, device):
     """measure(op, impl, fn, bytes_moved=None, flops=None, memory=False, rounds=15): times fn with pytest-benchmark,
-    optionally measures its extra peak memory, and records both for the summary."""
+    optionally measures its extra peak memory, and records both for the summary (the record is returned, for a
+    test to add to)."""
 
     def run(op, impl, fn, bytes_moved=None, flops=None, memory=False, rounds=15):
         benchmark.group = op
@@ -137,6 +147,7 @@ def measure(benchmark, device):
             record["peak_extra_bytes"] = extra_peak_bytes(timed, device)
         benchmark.extra_info.update({k: v for k, v in record.items() if k not in ("op", "device")})
         RESULTS.append(record)
+        return record
 
     return run
 
@@ -162,19 +173,23 @@ def pytest_terminal_summary(terminalreporter, config):
         return
     device = RESULTS[0]["device"]
     bandwidth = SESSION.get("copy_bandwidth")
-    baselines = {r["op"]: r["seconds"] for r in RESULTS if r["impl"] == "torch eager"}
+    # The baseline of each op: torch eager, or torch's SDPA for attention.
+    baselines = {r["op"]: r["seconds"] for r in RESULTS if r["impl"] in ("torch eager", "torch sdpa")}
     lines = [f"machine: {machine_description(device)}; torch {torch.__version__}"]
     if bandwidth:
-        lines.append(f"measured copy bandwidth: {bandwidth / 1e9:.1f} GB/s (read + write)")
-    lines.append(f"{'op':<48} {'impl':<16} {'ms':>9} {'GB/s':>7} {'of copy':>7} {'GFLOP/s':>8} {'vs eager':>8} "
+        lines.append(f"measured copy bandwidth: {bandwidth / 1e9:.1f} GB/s (read + write); matmul "
+                     f"{SESSION['matmul_rate'] / 1e9:.0f} GFLOP/s")
+    lines.append(f"{'op':<48} {'impl':<16} {'ms':>9} {'GB/s':>7} {'of copy':>7} {'GFLOP/s':>8} {'vs base':>8} "
                  f"{'peak MB':>8}")
     for r in RESULTS:
         r["gb_per_s"] = r["bytes"] / r["seconds"] / 1e9 if r["bytes"] else None
         r["fraction_of_copy"] = r["bytes"] / r["seconds"] / bandwidth if bandwidth and r["bytes"] else None
         r["gflop_per_s"] = r["flops"] / r["seconds"] / 1e9 if r["flops"] else None
-        r["speedup_vs_eager"] = baselines[r["op"]] / r["seconds"] if r["op"] in baselines else None
+        if r["flops"] and SESSION.get("matmul_rate"):
+            r["fraction_of_matmul"] = r["flops"] / r["seconds"] / SESSION["matmul_rate"]
+        r["speedup_vs_baseline"] = baselines[r["op"]] / r["seconds"] if r["op"] in baselines else None
         cells = [_format(r["gb_per_s"], "{:.1f}"), _format(r["fraction_of_copy"], "{:.0%}"),
-                 _format(r["gflop_per_s"], "{:.0f}"), _format(r["speedup_vs_eager"], "{:.2f}x"),
+                 _format(r["gflop_per_s"], "{:.0f}"), _format(r["speedup_vs_baseline"], "{:.2f}x"),
                  _format(r.get("peak_extra_bytes"), "{:.0f}", 1e-6)]
         lines.append(f"{r['op']:<48} {r['impl']:<16} {r['seconds'] * 1e3:>9.3f} {cells[0]:>7} {cells[1]:>7} "
                      f"{cells[2]:>8} {cells[3]:>8} {cells[4]:>8}")
@@ -185,7 +200,8 @@ def pytest_terminal_summary(terminalreporter, config):
         return
     report = {"date": datetime.datetime.now(datetime.timezone.utc).isoformat(timespec="seconds"),
               "machine": machine_description(device), "device": device, "torch": torch.__version__,
-              "python": platform.python_version(), "copy_bandwidth_bytes_per_s": bandwidth, "results": RESULTS}
+              "python": platform.python_version(), "copy_bandwidth_bytes_per_s": bandwidth,
+              "matmul_flop_per_s": SESSION.get("matmul_rate"), "results": RESULTS}
     try:
         import triton
 
@@ -202,5 +218,6 @@ def pytest_terminal_summary(terminalreporter, config):
 
 
 @pytest.fixture(scope="session", autouse=True)
-def _record_bandwidth(copy_bandwidth):
+def _record_ceilings(copy_bandwidth, matmul_rate):
     SESSION["copy_bandwidth"] = copy_bandwidth
+    SESSION["matmul_rate"] = matmul_rate

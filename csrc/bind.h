@@ -16,6 +16,50 @@ T* as_ptr(uintptr_t address) {
   return reinterpret_cast<T*>(address);
 }
 
+// Attention takes many arguments: they come as a dict whose keys are the struct fields (tensors as
+// {"data", "token_stride", "head_stride"} dicts, pointers as integers).
+inline StridedTensor strided_from(const py::dict& d) {
+  return {as_ptr(d["data"].cast<uintptr_t>()), d["token_stride"].cast<int64_t>(), d["head_stride"].cast<int64_t>()};
+}
+
+inline AttentionSequences sequences_from(const py::dict& d) {
+  return {as_ptr<const int32_t>(d["q_start"].cast<uintptr_t>()), as_ptr<const int32_t>(d["q_len"].cast<uintptr_t>()),
+          as_ptr<const int32_t>(d["k_start"].cast<uintptr_t>()), as_ptr<const int32_t>(d["k_len"].cast<uintptr_t>()),
+          d["batch"].cast<int64_t>(), d["max_q_len"].cast<int64_t>(), d["max_k_len"].cast<int64_t>()};
+}
+
+inline AttentionForward attention_forward_from(const py::dict& d) {
+  return {strided_from(d["q"]), strided_from(d["k"]), strided_from(d["v"]), strided_from(d["out"]),
+          as_ptr<float>(d["lse"].cast<uintptr_t>()), sequences_from(d["seq"]), d["heads_q"].cast<int64_t>(),
+          d["heads_k"].cast<int64_t>(), d["head_dim"].cast<int64_t>(), d["scale"].cast<double>(),
+          d["causal"].cast<bool>(), DType(d["dtype"].cast<int>()),
+          as_ptr<float>(d.contains("partial_out") ? d["partial_out"].cast<uintptr_t>() : 0),
+          as_ptr<float>(d.contains("partial_lse") ? d["partial_lse"].cast<uintptr_t>() : 0),
+          d.contains("splits") ? d["splits"].cast<int64_t>() : 0};
+}
+
+inline AttentionBackward attention_backward_from(const py::dict& d) {
+  return {strided_from(d["q"]), strided_from(d["k"]), strided_from(d["v"]), strided_from(d["out"]),
+          strided_from(d["grad_out"]), as_ptr<const float>(d["lse"].cast<uintptr_t>()), strided_from(d["grad_q"]),
+          strided_from(d["grad_k"]), strided_from(d["grad_v"]), as_ptr<float>(d["delta"].cast<uintptr_t>()),
+          sequences_from(d["seq"]), d["heads_q"].cast<int64_t>(), d["heads_k"].cast<int64_t>(),
+          d["head_dim"].cast<int64_t>(), d["scale"].cast<double>(), d["causal"].cast<bool>(),
+          DType(d["dtype"].cast<int>())};
+}
+
+template <typename Args, typename Launch>
+void bind_dict_kernel(py::module_& m, const char* name, const char* launch_name, Args (*from)(const py::dict&),
+                      void (*kernel)(const Args&, Launch)) {
+  m.def(
+      name,
+      [=](const py::dict& d, Launch launch) {
+        const Args args = from(d);  // read while holding the GIL
+        py::gil_scoped_release no_gil;
+        kernel(args, launch);
+      },
+      py::arg("args"), py::arg(launch_name));
+}
+
 template <typename Launch>
 void bind_kernels(py::module_& m, const char* launch_name, void (*rms_norm_forward)(const RmsNormForward&, Launch),
                   void (*rms_norm_backward)(const RmsNormBackward&, Launch),

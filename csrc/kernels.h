@@ -74,11 +74,61 @@ struct CrossEntropy {
   DType dtype;
 };
 
+// Scaled dot-product attention over a batch of sequences of possibly different lengths (packed "varlen" form).
+// Sequence b's queries are the q_len[b] tokens starting at token q_start[b] of q; its keys and values the k_len[b]
+// tokens starting at token k_start[b] of k and v. Element (token t, head h, i) of a tensor is at
+// t * token_stride + h * head_stride + i; head_dim is contiguous. Query head h reads key/value head
+// h / (heads_q / heads_k) (GQA/MQA). Causal masking is aligned bottom-right, as in flash-attn >= 2.1: query i of a
+// sequence sees keys j <= i + k_len - q_len. A query that sees no key gets output 0 and lse -inf.
+// lse: fp32, element (t, h) at t * heads_q + h, t the query token index (as for q).
+struct AttentionSequences {
+  const int32_t* q_start;  // batch entries each
+  const int32_t* q_len;
+  const int32_t* k_start;
+  const int32_t* k_len;
+  int64_t batch, max_q_len, max_k_len;
+};
+
+struct StridedTensor {  // a [tokens, heads, head_dim] view
+  void* data;
+  int64_t token_stride, head_stride;
+};
+
+struct AttentionForward {
+  StridedTensor q, k, v, out;
+  float* lse;  // null: not stored
+  AttentionSequences seq;
+  int64_t heads_q, heads_k, head_dim;
+  double scale;
+  bool causal;
+  DType dtype;
+  // CUDA split-K decoding only: each sequence's keys are cut into `splits` ranges whose partial outputs
+  // (fp32, splits x total_q x heads_q x head_dim elements, laid out [total_q][splits][heads_q][head_dim]) and partial
+  // lse (fp32, [total_q][splits][heads_q]) are combined. Unused when splits == 1.
+  float* partial_out;
+  float* partial_lse;
+  int64_t splits;
+};
+
+struct AttentionBackward {
+  StridedTensor q, k, v, out, grad_out;
+  const float* lse;
+  StridedTensor grad_q, grad_k, grad_v;  // written whole (zeros where nothing flows)
+  float* delta;  // workspace, [total_q, heads_q]: rowsum(grad_out * out)
+  AttentionSequences seq;
+  int64_t heads_q, heads_k, head_dim;
+  double scale;
+  bool causal;
+  DType dtype;
+};
+
 namespace cpu {
 void rms_norm_forward(const RmsNormForward& args, int threads);
 void rms_norm_backward(const RmsNormBackward& args, int threads);  // partial_rows >= threads
 void rotary(const Rotary& args, int threads);
 void cross_entropy(const CrossEntropy& args, int threads);
+void attention_forward(const AttentionForward& args, int threads);
+void attention_backward(const AttentionBackward& args, int threads);
 }  // namespace cpu
 
 // Launches on the given cudaStream_t; errors (no driver, bad launch) are thrown as std::runtime_error.
@@ -87,6 +137,8 @@ void rms_norm_forward(const RmsNormForward& args, uintptr_t stream);
 void rms_norm_backward(const RmsNormBackward& args, uintptr_t stream);
 void rotary(const Rotary& args, uintptr_t stream);
 void cross_entropy(const CrossEntropy& args, uintptr_t stream);
+// Split-K ("flash-decoding") attention for a few queries per sequence against a long KV cache.
+void decode_attention(const AttentionForward& args, uintptr_t stream);
 }  // namespace cuda
 
 }  // namespace aquila

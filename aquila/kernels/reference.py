@@ -66,3 +66,33 @@ def cross_entropy(logits, targets, ignore_index=-100, label_smoothing=0.0, z_los
     if reduction == "sum":
         return rows.sum()
     return rows.sum() / (counted.sum() if num_tokens is None else num_tokens)
+
+
+def attention(q, k, v, sequences, scale, causal=False, upcast=True):
+    """Explicit softmax(scale * Q K^T + mask) V for packed q [total_q, heads_q, d] and k, v [total_k, heads_k, d]:
+    `sequences` is a list of (q_start, q_len, k_start, k_len). Query head h reads key/value head
+    h // (heads_q // heads_k); causal masking is aligned bottom-right (query i sees key j <= i + k_len - q_len).
+    Returns (out, lse [total_q, heads_q]); a query that sees no key has out 0 and lse -inf. Quadratic memory: a
+    reference, not a kernel. upcast=False computes in q's own dtype (the low-precision baseline of the tests)."""
+    compute = compute_dtype(q.dtype) if upcast else q.dtype
+    out = torch.zeros(q.shape, dtype=compute, device=q.device)
+    lse = torch.full(q.shape[:2], float("-inf"), dtype=compute, device=q.device)
+    group = q.shape[1] // k.shape[1]
+    for q_start, q_len, k_start, k_len in sequences:
+        if q_len == 0:
+            continue
+        qs = q[q_start:q_start + q_len].to(compute).transpose(0, 1)  # [heads_q, q_len, d]
+        ks = k[k_start:k_start + k_len].to(compute).transpose(0, 1).repeat_interleave(group, 0)
+        vs = v[k_start:k_start + k_len].to(compute).transpose(0, 1).repeat_interleave(group, 0)
+        scores = scale * qs @ ks.transpose(1, 2)
+        if causal:
+            visible = (torch.arange(k_len, device=q.device)[None, :]
+                       <= torch.arange(q_len, device=q.device)[:, None] + (k_len - q_len))
+            scores = scores.masked_fill(~visible, float("-inf"))
+        row_lse = torch.logsumexp(scores, -1)  # [heads_q, q_len]
+        # A row that sees no key: all scores -inf, probabilities 0 (its gradient is not defined: test around it).
+        safe_lse = torch.where(torch.isfinite(row_lse), row_lse, torch.zeros_like(row_lse))
+        probs = torch.exp(scores - safe_lse[..., None])
+        out[q_start:q_start + q_len] = (probs @ vs).transpose(0, 1)
+        lse[q_start:q_start + q_len] = row_lse.transpose(0, 1)
+    return out.to(q.dtype), lse

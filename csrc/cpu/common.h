@@ -2,6 +2,7 @@
 #pragma once
 
 #include <cstdint>
+#include <cstdlib>
 #include <cstring>
 #include <stdexcept>
 #include <string>
@@ -23,6 +24,19 @@ namespace aquila::cpu {
 #endif
 
 #define AQUILA_INLINE inline __attribute__((always_inline))
+
+// Kernels whose register tiling depends on the vector width (target_clones compiles one body, so one tiling, for
+// every ISA) instead compile a function per ISA with these attributes and pick one with simd_level(). Everything the
+// function calls must be AQUILA_INLINE: a function that is not inlined is compiled for the baseline.
+#if defined(__x86_64__) && defined(__GNUC__) && !defined(__clang__)
+#define AQUILA_TARGET_AVX2 __attribute__((target("arch=x86-64-v3")))
+#define AQUILA_TARGET_AVX512 __attribute__((target("arch=x86-64-v4")))
+#define AQUILA_HAVE_SIMD_TARGETS 1
+#else
+#define AQUILA_TARGET_AVX2
+#define AQUILA_TARGET_AVX512
+#define AQUILA_HAVE_SIMD_TARGETS 0
+#endif
 
 struct bf16 {
   uint16_t bits;
@@ -122,6 +136,29 @@ AQUILA_INLINE float exp_nonpositive(float x) {
   float scale;
   std::memcpy(&scale, &exponent_bits, sizeof scale);
   return x < -87.0f ? 0.0f : p * scale;
+}
+
+// The widest of the x86-64 levels AQUILA_TARGET_AVX2 (x86-64-v3) and AQUILA_TARGET_AVX512 (x86-64-v4) that this CPU
+// runs. The environment variable AQUILA_CPU_ISA=avx2 or =baseline caps it, to test the narrower paths on a wider CPU.
+enum class SimdLevel : int { baseline = 0, avx2 = 1, avx512 = 2 };
+
+inline SimdLevel simd_level() {
+  static const SimdLevel level = [] {
+    SimdLevel best = SimdLevel::baseline;
+#if AQUILA_HAVE_SIMD_TARGETS
+    __builtin_cpu_init();
+    if (__builtin_cpu_supports("x86-64-v4")) {
+      best = SimdLevel::avx512;
+    } else if (__builtin_cpu_supports("x86-64-v3")) {
+      best = SimdLevel::avx2;
+    }
+#endif
+    const char* cap = std::getenv("AQUILA_CPU_ISA");
+    if (cap && std::strcmp(cap, "baseline") == 0) best = SimdLevel::baseline;
+    if (cap && std::strcmp(cap, "avx2") == 0 && best > SimdLevel::avx2) best = SimdLevel::avx2;
+    return best;
+  }();
+  return level;
 }
 
 inline int thread_id() {

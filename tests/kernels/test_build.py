@@ -34,10 +34,11 @@ def test_cuda_kernel_without_a_gpu_raises_instead_of_crashing():
 
 
 def test_triton_kernels_compile_for_sm80_and_sm90():
-    """Every Triton configuration, compiled ahead of time for both targets, within their shared memory."""
+    """Every Triton configuration, compiled ahead of time for both targets, within their shared memory, with the
+    attention forward on tensor cores (wgmma at sm_90, mma at sm_80)."""
     pytest.importorskip("triton")
     env = {k: v for k, v in os.environ.items() if k != "TRITON_INTERPRET"}
     result = subprocess.run([sys.executable, os.path.join(REPO, "tests", "kernels", "triton_compile_check.py")],
                             env=env, capture_output=True, text=True, timeout=900)
     assert result.returncode == 0, result.stdout[-3000:] + result.stderr[-3000:]
-    assert "0 over the limit" in result.stdout
+    assert "0 failed the checks" in result.stdout

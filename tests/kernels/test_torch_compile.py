@@ -4,7 +4,8 @@ trace a block using them in one graph (fullgraph=True fails on any graph break) 
 import pytest
 import torch
 
-from aquila.kernels import cross_entropy, fused_add_rms_norm, linear_cross_entropy, rms_norm, rotary_embedding
+from aquila.kernels import (attention, cross_entropy, fused_add_rms_norm, linear_cross_entropy, rms_norm,
+                            rotary_embedding)
 
 
 def block(x, residual, weight, positions):
@@ -46,5 +47,20 @@ def test_cross_entropy_compiles_in_one_graph(inplace):
     eager_loss = loss_fn(hidden, weight, targets)
     eager_grads = torch.autograd.grad(eager_loss, (hidden, weight))
     torch.testing.assert_close(loss, eager_loss)
+    for grad, eager_grad in zip(grads, eager_grads):
+        torch.testing.assert_close(grad, eager_grad)
+
+
+def test_attention_compiles_in_one_graph():
+    torch._dynamo.reset()
+
+    def block(q, k, v):
+        return attention(q, k, v, causal=True).square().sum()
+
+    q = torch.randn(2, 9, 4, 32, requires_grad=True)
+    k, v = (torch.randn(2, 9, 2, 32, requires_grad=True) for _ in range(2))
+    compiled = torch.compile(block, fullgraph=True, backend="aot_eager")
+    grads = torch.autograd.grad(compiled(q, k, v), (q, k, v))
+    eager_grads = torch.autograd.grad(block(q, k, v), (q, k, v))
     for grad, eager_grad in zip(grads, eager_grads):
         torch.testing.assert_close(grad, eager_grad)

@@ -1,0 +1,80 @@
+"""Attention: Aquila's kernels against torch's scaled_dot_product_attention in the same run (on GPU its flash
+backend), forward and forward+backward, in TFLOP/s (4 B H N^2 D, halved when causal, x2.5 for the backward) and as
+a fraction of the machine's measured matmul rate; and generation against a KV cache, in bytes of cache read per
+second as a fraction of the measured copy bandwidth.
+"""
+
+import pytest
+import torch
+import torch.nn.functional as F
+
+from aquila.kernels import attention, attention_with_kv_cache, backend
+
+
+def sdpa(q, k, v, causal, flash_only=True):
+    """torch's SDPA on the [batch, seq, heads, d] layout; on GPU restricted to its flash backend for training."""
+    q, k, v = (t.transpose(1, 2) for t in (q, k, v))
+    gqa = k.shape[1] != q.shape[1]
+    if q.is_cuda and flash_only:
+        with torch.nn.attention.sdpa_kernel(torch.nn.attention.SDPBackend.FLASH_ATTENTION):
+            return F.scaled_dot_product_attention(q, k, v, is_causal=causal, enable_gqa=gqa).transpose(1, 2)
+    return F.scaled_dot_product_attention(q, k, v, is_causal=causal, enable_gqa=gqa).transpose(1, 2)
+
+
+def implementations(device):
+    impls = {"torch sdpa": sdpa}
+    names = {"cpu": ["cpu"], "cuda": ["triton"]}[device]
+    for name in names:
+        impls[f"aquila {name}"] = lambda q, k, v, causal, name=name: attention(q, k, v, causal=causal, backend=name)
+    return impls
+
+
+IMPLS = ["torch sdpa", "aquila cpu", "aquila triton"]
+
+
+@pytest.mark.parametrize("impl", IMPLS)
+@pytest.mark.parametrize("seq", [1024, 2048])
+@pytest.mark.parametrize("causal", [False, True], ids=["full", "causal"])
+@pytest.mark.parametrize("backward", [False, True], ids=["fwd", "fwd+bwd"])
+def test_attention(measure, device, quick, impl, seq, causal, backward):
+    fn = implementations(device).get(impl)
+    if fn is None:
+        pytest.skip(f"{impl} does not run on {device}")
+    if quick and seq > 1024:
+        pytest.skip("quick mode runs one size")
+    batch, heads, head_dim = (4, 32, 128) if device == "cuda" else (1, 8, 128)
+    seq = 128 if quick else (seq * 2 if device == "cuda" else seq)  # GPU: 2048 and 4096
+    dtype = torch.bfloat16 if device == "cuda" else torch.float32
+    q, k, v = (torch.randn(batch, seq, heads, head_dim, device=device, dtype=dtype, requires_grad=backward)
+               for _ in range(3))
+    grad = torch.randn_like(q)
+
+    def step():
+        out = fn(q, k, v, causal)
+        if backward:
+            out.backward(grad)
+            q.grad = k.grad = v.grad = None
+
+    flops = 4 * batch * heads * seq * seq * head_dim * (0.5 if causal else 1.0) * (3.5 if backward else 1.0)
+    label = (f"attention {'causal' if causal else 'full'} {'fwd+bwd' if backward else 'fwd'} "
+             f"{batch}x{heads}x{seq}x{head_dim}")
+    measure(label, impl, step, flops=flops, memory=True, rounds=5)
+
+
+@pytest.mark.parametrize("impl", ["torch sdpa", "aquila"])
+def test_decode_attention(measure, device, quick, impl):
+    """One new token per sequence against a 4096-token cache, 16 sequences (GQA 4:1 on CPU to keep it short)."""
+    batch, cache, heads_q, heads_k, head_dim = (2, 256, 8, 2, 128) if quick else (
+        (16, 4096, 32, 8, 128) if device == "cuda" else (16, 4096, 8, 2, 128))
+    dtype = torch.bfloat16 if device == "cuda" else torch.float32
+    q = torch.randn(batch, 1, heads_q, head_dim, device=device, dtype=dtype)
+    k_cache, v_cache = (torch.randn(batch, cache, heads_k, head_dim, device=device, dtype=dtype) for _ in range(2))
+    lengths = torch.full((batch,), cache, dtype=torch.int32, device=device)
+    if impl == "aquila":
+        step = lambda: attention_with_kv_cache(q, k_cache, v_cache, lengths)  # noqa: E731
+        impl = "aquila " + ("cuda" if device == "cuda" and backend.cuda_extension is not None else
+                            "triton" if device == "cuda" else "cpu")
+    else:
+        step = lambda: sdpa(q, k_cache, v_cache, causal=False, flash_only=False)  # noqa: E731  (sees the whole cache)
+    moved = 2 * k_cache.numel() * k_cache.element_size()
+    measure(f"decode attention {batch}x{cache} cache, heads {heads_q}/{heads_k}", impl, step, moved, rounds=15)

@@ -1,0 +1,779 @@
+// Flash attention on CPU (the interface and the varlen layout are in csrc/kernels.h).
+//
+// Forward: a work item is a range of query blocks (BQ queries each) of the q heads of one kv head's group in one
+// sequence. Keys stream through in blocks of BK, each packed to fp32 once for all of the item's query blocks; per
+// (key block, query block) tile the scores, the online softmax (running max m and sum l per query) and the output
+// accumulator O += P V are fp32 in per-thread scratch, so memory stays linear in the sequence length and no
+// q_len x k_len matrix exists.
+//
+// Backward (recomputing P from q, k and lse, as flash-attention does): for a block of keys and a block of queries,
+//   S^T = K Q^T,  P^T = exp(S^T - lse),  dV += P^T dO,  dP^T = V dO^T,  dS^T = P^T (dP^T - delta),
+//   dK += dS^T Q,  dQ += dS K,
+// with the scale folded into Q for S and applied to dK and dQ at the end. A work item owns whole outputs, so there
+// are no atomics and the result does not depend on scheduling: one (sequence, kv head) item packs its keys and each
+// q head's queries once, sweeps the tiles and keeps dK, dV and the q head's dQ in fp32 accumulators. When there are
+// too few such items for the threads, the same tiles run as two passes instead: key-range items for dK and dV, then
+// query-range items for dQ, which recompute S and dP (7 products instead of 5). Every order used adds each
+// gradient's terms in the same sequence (dK and dV of a key block over (q head, query block), dQ of a query block
+// over key blocks, increasing), so the gradients are the same bits whatever the split and the number of threads.
+//
+// Every product is one register-tiled kernel, C[m][n] (+)= sum_k A[m][k] B[k][n], with A read one broadcast scalar at
+// a time through arbitrary strides (so a transposed A costs nothing) and B and C rows contiguous and vectorised. It is
+// compiled per ISA with GCC vector types: a tile of R rows x N vectors of C stays in registers (6 x 4 zmm for
+// AVX-512, 6 x 2 ymm for AVX2) while the k loop runs. Score tiles are kept transposed (keys x queries), so the
+// softmax statistics of the queries are lanes of vectors and K and V are used in their natural row-major layout.
+// AVX-512 matters: it doubles the peak of AVX2, and torch's SDPA (MKL) uses it where the CPU has it.
+#include <algorithm>
+#include <cmath>
+#include <cstdlib>
+#include <limits>
+#include <memory>
+#include <new>
+#include <type_traits>
+#include <vector>
+
+#include "cpu/common.h"
+
+namespace aquila::cpu {
+namespace {
+
+constexpr float kInf = std::numeric_limits<float>::infinity();
+
+AQUILA_INLINE int64_t round_up(int64_t x, int64_t m) { return (x + m - 1) / m * m; }
+
+// ------------------------------------------------------------------------------------------------------------------
+// The tiled product.
+
+// C (m rows, ldc apart; nv vectors of W floats each) = or += A B, A[r][k] at a[r * a_rs + k * a_ks] (m x depth),
+// B[k] the nv vectors at b + k * ldb.
+struct Product {
+  int64_t m, nv, depth;
+  const float* a;
+  int64_t a_rs, a_ks;
+  const float* b;
+  int64_t ldb;
+  float* c;
+  int64_t ldc;
+  bool accumulate;
+};
+
+template <int W>
+struct Lanes {
+  typedef float type __attribute__((vector_size(4 * W)));
+};
+
+// Through references, not by value: a vector argument or result would differ between the ISAs' calling conventions.
+template <typename V>
+AQUILA_INLINE void load(V& v, const float* p) {
+  std::memcpy(&v, p, sizeof v);
+}
+
+template <typename V>
+AQUILA_INLINE void store(float* p, const V& v) {
+  std::memcpy(p, &v, sizeof v);
+}
+
+// One R x N-vector tile of C.
+template <int W, int R, int N>
+AQUILA_INLINE void product_tile(int64_t depth, const float* __restrict a, int64_t a_rs, int64_t a_ks,
+                                const float* __restrict b, int64_t ldb, float* __restrict c, int64_t ldc,
+                                bool accumulate) {
+  using V = typename Lanes<W>::type;
+  V acc[R][N];
+  if (accumulate) {
+#pragma GCC unroll 32
+    for (int r = 0; r < R; ++r)
+#pragma GCC unroll 32
+      for (int n = 0; n < N; ++n) load(acc[r][n], c + r * ldc + n * W);
+  } else {
+#pragma GCC unroll 32
+    for (int r = 0; r < R; ++r)
+#pragma GCC unroll 32
+      for (int n = 0; n < N; ++n) acc[r][n] = V{};
+  }
+  for (int64_t k = 0; k < depth; ++k) {
+    const float* __restrict bk = b + k * ldb;
+    const float* __restrict ak = a + k * a_ks;
+    V bv[N];
+#pragma GCC unroll 32
+    for (int n = 0; n < N; ++n) load(bv[n], bk + n * W);
+#pragma GCC unroll 32
+    for (int r = 0; r < R; ++r) {
+      const float s = ak[r * a_rs];
+#pragma GCC unroll 32
+      for (int n = 0; n < N; ++n) acc[r][n] += s * bv[n];
+    }
+  }
+#pragma GCC unroll 32
+  for (int r = 0; r < R; ++r)
+#pragma GCC unroll 32
+    for (int n = 0; n < N; ++n) store(c + r * ldc + n * W, acc[r][n]);
+}
+
+// The last nv - n vectors (fewer than N) of R rows, as one tile of Tail vectors when that is how many are left.
+template <int W, int R, int Tail>
+AQUILA_INLINE void product_cols_tail(const Product& p, int64_t row, int64_t n) {
+  if constexpr (Tail > 0) {
+    if (p.nv - n == Tail) {
+      product_tile<W, R, Tail>(p.depth, p.a + row * p.a_rs, p.a_rs, p.a_ks, p.b + n * W, p.ldb,
+                               p.c + row * p.ldc + n * W, p.ldc, p.accumulate);
+    } else {
+      product_cols_tail<W, R, Tail - 1>(p, row, n);
+    }
+  }
+}
+
+// The vectors of R rows: tiles of N vectors, then one narrower tile for the rest.
+template <int W, int R, int N>
+AQUILA_INLINE void product_rows(const Product& p, int64_t row) {
+  const float* a = p.a + row * p.a_rs;
+  float* c = p.c + row * p.ldc;
+  int64_t n = 0;
+  for (; n + N <= p.nv; n += N)
+    product_tile<W, R, N>(p.depth, a, p.a_rs, p.a_ks, p.b + n * W, p.ldb, c + n * W, p.ldc, p.accumulate);
+  product_cols_tail<W, R, N - 1>(p, row, n);
+}
+
+template <int W, int Rows, int N>
+AQUILA_INLINE void product_tail_rows(const Product& p, int64_t row) {
+  if constexpr (Rows > 0) {
+    if (p.m - row == Rows) {
+      product_rows<W, Rows, N>(p, row);
+    } else {
+      product_tail_rows<W, Rows - 1, N>(p, row);
+    }
+  }
+}
+
+template <int W, int R, int N>
+AQUILA_INLINE void product(const Product& p) {
+  int64_t row = 0;
+  for (; row + R <= p.m; row += R) product_rows<W, R, N>(p, row);
+  product_tail_rows<W, R - 1, N>(p, row);
+}
+
+// ------------------------------------------------------------------------------------------------------------------
+// Per-ISA tiling. W floats a vector; R x N vectors of C in registers (of 16 xmm/ymm or 32 zmm); BQ queries and BK keys
+// a block. product() is compiled for the ISA once, outside the dtype templates.
+
+struct Baseline {
+  static constexpr int W = 4, R = 4, N = 2;
+  static constexpr int64_t BQ = 32, BK = 64;
+  static void product(const Product& p);
+};
+struct Avx2 {
+  static constexpr int W = 8, R = 6, N = 2;
+  static constexpr int64_t BQ = 64, BK = 64;
+  AQUILA_TARGET_AVX2 static void product(const Product& p);
+};
+struct Avx512 {
+  static constexpr int W = 16, R = 6, N = 4;
+  static constexpr int64_t BQ = 64, BK = 64;
+  AQUILA_TARGET_AVX512 static void product(const Product& p);
+};
+
+void Baseline::product(const Product& p) { cpu::product<W, R, N>(p); }
+AQUILA_TARGET_AVX2 void Avx2::product(const Product& p) { cpu::product<W, R, N>(p); }
+AQUILA_TARGET_AVX512 void Avx512::product(const Product& p) { cpu::product<W, R, N>(p); }
+
+// ------------------------------------------------------------------------------------------------------------------
+// Tiles: packing to fp32, masking, softmax.
+
+// Rows of q, k and v are a token stride (often many pages) apart, which the hardware prefetchers do not follow: the
+// packing loops ask for the row kPrefetchRows ahead of the one they copy.
+constexpr int64_t kPrefetchRows = 4;
+
+template <typename T>
+AQUILA_INLINE void prefetch_row(const T* row, int64_t d) {
+  const char* bytes = reinterpret_cast<const char*>(row);
+  for (int64_t x = 0; x < d * static_cast<int64_t>(sizeof(T)); x += 64) __builtin_prefetch(bytes + x, 0, 2);
+}
+
+// dst[r][x] = src row r (rows `stride` apart), x < d, in fp32; zeros from d to dp.
+template <typename T>
+AQUILA_INLINE void pack_rows(const T* __restrict src, int64_t stride, int64_t rows, int64_t d, int64_t dp,
+                             float* __restrict dst) {
+  for (int64_t r = 0; r < rows; ++r) {
+    const T* __restrict s = src + r * stride;
+    if (r + kPrefetchRows < rows) prefetch_row(s + kPrefetchRows * stride, d);
+    float* __restrict o = dst + r * dp;
+#pragma omp simd
+    for (int64_t x = 0; x < d; ++x) o[x] = to_float(s[x]);
+    for (int64_t x = d; x < dp; ++x) o[x] = 0.0f;
+  }
+}
+
+// dst[x][r] = scale * src row r element x (x < d, r < rows; rows ld apart in dst), zeros for r in [rows, width).
+template <typename T>
+AQUILA_INLINE void pack_transposed(const T* __restrict src, int64_t stride, int64_t rows, int64_t width, int64_t d,
+                                   int64_t ld, float scale, float* __restrict dst) {
+  for (int64_t r = 0; r < rows; ++r) {
+    const T* __restrict s = src + r * stride;
+    if (r + kPrefetchRows < rows) prefetch_row(s + kPrefetchRows * stride, d);
+    for (int64_t x = 0; x < d; ++x) dst[x * ld + r] = to_float(s[x]) * scale;
+  }
+  for (int64_t x = 0; x < d; ++x)
+    for (int64_t r = rows; r < width; ++r) dst[x * ld + r] = 0.0f;
+}
+
+// Scores s[j][i] (keys j < cols, queries i < width, rows ld apart): key j is hidden from query i when
+// i < j + first, first = (first key of the tile) - (first query of the tile) - (k_len - q_len).
+AQUILA_INLINE void causal_mask(float* s, int64_t ld, int64_t cols, int64_t width, int64_t first) {
+  for (int64_t j = 0; j < cols; ++j) {
+    const int64_t hidden = std::min(width, std::max<int64_t>(0, j + first));
+    float* row = s + j * ld;
+    for (int64_t i = 0; i < hidden; ++i) row[i] = -kInf;
+  }
+}
+
+// Online softmax over a tile of scores s[j][i] (j < cols keys, i < width queries): updates each query's running max
+// m and sum l, replaces the scores by exp(s - m), and leaves in alpha the factor exp(m_old - m_new) by which the
+// query's output accumulator must be scaled. base and sum are scratch.
+AQUILA_INLINE void online_softmax(float* __restrict s, int64_t ld, int64_t cols, int64_t width, float* __restrict m,
+                                  float* __restrict l, float* __restrict alpha, float* __restrict base,
+                                  float* __restrict sum) {
+#pragma omp simd
+  for (int64_t i = 0; i < width; ++i) base[i] = m[i];
+  for (int64_t j = 0; j < cols; ++j) {
+    const float* __restrict row = s + j * ld;
+#pragma omp simd
+    for (int64_t i = 0; i < width; ++i) base[i] = base[i] > row[i] ? base[i] : row[i];
+  }
+#pragma omp simd
+  for (int64_t i = 0; i < width; ++i) {
+    const float new_max = base[i];
+    const float b = new_max == -kInf ? 0.0f : new_max;  // a query that has seen no key yet: its exps are all 0
+    alpha[i] = exp_nonpositive(m[i] - b);
+    m[i] = new_max;
+    base[i] = b;
+    sum[i] = 0.0f;
+  }
+  for (int64_t j = 0; j < cols; ++j) {
+    float* __restrict row = s + j * ld;
+#pragma omp simd
+    for (int64_t i = 0; i < width; ++i) {
+      const float p = exp_nonpositive(row[i] - base[i]);
+      row[i] = p;
+      sum[i] += p;
+    }
+  }
+#pragma omp simd
+  for (int64_t i = 0; i < width; ++i) l[i] = l[i] * alpha[i] + sum[i];
+}
+
+// Carves per-thread scratch into 64-byte aligned fp32 arrays.
+struct Carver {
+  float* next;
+  AQUILA_INLINE float* take(int64_t n) {
+    float* p = next;
+    next += round_up(n, 16);
+    return p;
+  }
+};
+
+struct AlignedFree {
+  void operator()(float* p) const { ::operator delete[](p, std::align_val_t(64)); }
+};
+using Scratch = std::unique_ptr<float[], AlignedFree>;
+
+// One buffer of `floats` for each of `count` threads.
+inline std::vector<Scratch> allocate_each(int count, int64_t floats) {
+  std::vector<Scratch> buffers;
+  for (int t = 0; t < count; ++t)
+    buffers.emplace_back(
+        static_cast<float*>(::operator new[](static_cast<size_t>(floats) * sizeof(float), std::align_val_t(64))));
+  return buffers;
+}
+
+// ------------------------------------------------------------------------------------------------------------------
+// Forward.
+//
+// A work item is a range of query blocks of every q head of one kv head's group: each key/value block is packed once
+// for all of them, so K and V (rows a token stride apart, read at the speed of memory latency) are fetched once per
+// item rather than once per query block.
+
+template <typename I>
+int64_t forward_scratch(int64_t d, int64_t tiles) {
+  const int64_t dp = round_up(d, I::W);
+  return tiles * (d * I::BQ + I::BQ * dp + 2 * I::BQ) + 2 * round_up(I::BK * dp, 16) + I::BK * I::BQ + 3 * I::BQ;
+}
+
+// Queries [q_lo, q_hi) of sequence b (q_lo a multiple of BQ), for every q head of kv head hk.
+template <typename T, typename I>
+AQUILA_INLINE void forward_item(const AttentionForward& a, int64_t b, int64_t hk, int64_t q_lo, int64_t q_hi,
+                                float* ws) {
+  constexpr int W = I::W;
+  constexpr int64_t BQ = I::BQ, BK = I::BK;
+  const int64_t d = a.head_dim, dp = round_up(d, W), nd = dp / W;
+  const int64_t group = a.heads_q / a.heads_k;
+  const int64_t blocks = (q_hi - q_lo + BQ - 1) / BQ, tiles = group * blocks;
+  const int64_t q_len = a.seq.q_len[b], k_len = a.seq.k_len[b];
+  const int64_t shift = k_len - q_len;  // query i sees keys j <= i + shift when causal
+  const int64_t q_start = a.seq.q_start[b], k_token = a.seq.k_start[b];
+  const T* k = static_cast<const T*>(a.k.data) + k_token * a.k.token_stride + hk * a.k.head_stride;
+  const T* v = static_cast<const T*>(a.v.data) + k_token * a.v.token_stride + hk * a.v.head_stride;
+
+  Carver carve{ws};
+  float* qt = carve.take(tiles * d * BQ);  // per tile, scale * Q^T: [d][BQ]
+  float* o = carve.take(tiles * BQ * dp);  // per tile, the output accumulator: [BQ][dp]
+  float* m = carve.take(tiles * BQ);       // per tile, running max and sum of each query
+  float* l = carve.take(tiles * BQ);
+  float* kt = carve.take(BK * dp);  // the key block: [BK][dp]
+  float* vt = carve.take(BK * dp);
+  float* s = carve.take(BK * BQ);  // scores, then probabilities, transposed: [BK][BQ]
+  float* alpha = carve.take(BQ);
+  float* base = carve.take(BQ);
+  float* sum = carve.take(BQ);
+
+  for (int64_t t = 0; t < tiles; ++t) {
+    const int64_t h = hk * group + t / blocks, i0 = q_lo + t % blocks * BQ;
+    const int64_t rows = std::min(BQ, q_len - i0), width = round_up(rows, W);
+    const T* q = static_cast<const T*>(a.q.data) + (q_start + i0) * a.q.token_stride + h * a.q.head_stride;
+    pack_transposed(q, a.q.token_stride, rows, width, d, BQ, static_cast<float>(a.scale), qt + t * d * BQ);
+    std::fill(o + t * BQ * dp, o + t * BQ * dp + rows * dp, 0.0f);
+    std::fill(m + t * BQ, m + t * BQ + width, -kInf);
+    std::fill(l + t * BQ, l + t * BQ + width, 0.0f);
+  }
+
+  const int64_t k_end = a.causal ? std::clamp<int64_t>(q_hi + shift, 0, k_len) : k_len;
+  for (int64_t j0 = 0; j0 < k_end; j0 += BK) {
+    const int64_t cols = std::min(BK, k_end - j0);
+    pack_rows(k + j0 * a.k.token_stride, a.k.token_stride, cols, d, dp, kt);
+    pack_rows(v + j0 * a.v.token_stride, a.v.token_stride, cols, d, dp, vt);
+    for (int64_t t = 0; t < tiles; ++t) {
+      const int64_t i0 = q_lo + t % blocks * BQ;
+      const int64_t rows = std::min(BQ, q_len - i0), nq = (rows + W - 1) / W, width = nq * W;
+      const int64_t tile_end = a.causal ? std::clamp<int64_t>(i0 + rows + shift, 0, k_len) : k_len;
+      if (j0 >= tile_end) continue;
+      const int64_t tile_cols = std::min(cols, tile_end - j0);
+      float* tm = m + t * BQ;
+      float* to = o + t * BQ * dp;
+      I::product({tile_cols, nq, d, kt, dp, 1, qt + t * d * BQ, BQ, s, BQ, false});  // S^T = K (scale Q)^T
+      if (a.causal && j0 + tile_cols - 1 > i0 + shift) causal_mask(s, BQ, tile_cols, width, j0 - i0 - shift);
+      online_softmax(s, BQ, tile_cols, width, tm, l + t * BQ, alpha, base, sum);
+      for (int64_t i = 0; i < rows; ++i) {
+        if (alpha[i] == 1.0f) continue;
+        float* __restrict row = to + i * dp;
+        const float f = alpha[i];
+#pragma omp simd
+        for (int64_t x = 0; x < dp; ++x) row[x] *= f;
+      }
+      I::product({rows, nd, tile_cols, s, 1, BQ, vt, dp, to, dp, true});  // O += P V
+    }
+  }
+
+  for (int64_t t = 0; t < tiles; ++t) {
+    const int64_t h = hk * group + t / blocks, i0 = q_lo + t % blocks * BQ;
+    const int64_t rows = std::min(BQ, q_len - i0);
+    T* out = static_cast<T*>(a.out.data) + (q_start + i0) * a.out.token_stride + h * a.out.head_stride;
+    for (int64_t i = 0; i < rows; ++i) {
+      const float total = l[t * BQ + i];
+      const float inv = total > 0.0f ? 1.0f / total : 0.0f;
+      const float* __restrict row = o + (t * BQ + i) * dp;
+      T* __restrict dst = out + i * a.out.token_stride;
+#pragma omp simd
+      for (int64_t x = 0; x < d; ++x) dst[x] = from_float<T>(row[x] * inv);
+      if (a.lse) a.lse[(q_start + i0 + i) * a.heads_q + h] = total > 0.0f ? m[t * BQ + i] + std::log(total) : -kInf;
+    }
+  }
+}
+
+// ------------------------------------------------------------------------------------------------------------------
+// Backward.
+//
+// The unit of work is a tile: one key block (BK keys) against one query block (BQ queries) of one q head. Query data
+// are packed per block ([d][BQ] transposed for Q^T and dO^T, [BQ][dp] by rows for Q and dO), key data by rows
+// ([BK][dp]). dK and dV of a key block add their tiles over (q head of the group, query block) in that order, dQ of a
+// query block over key blocks in increasing order, whichever loops run them.
+
+// A capacity of q_rows packed queries (a multiple of BQ) and k_rows packed keys.
+struct BackwardScratch {
+  float *qt, *dot, *qr, *dor, *dq, *lse, *delta;  // qt, dot: [q_rows / BQ][d][BQ]; qr, dor, dq: [q_rows][dp]
+  float *kt, *vt, *dk, *dv;                       // [k_rows][dp]
+  float *p, *ds;                                  // [BK][BQ]: P^T, then dP^T and dS^T
+};
+
+template <typename I>
+int64_t backward_scratch(int64_t d, int64_t q_rows, int64_t k_rows) {
+  const int64_t dp = round_up(d, I::W);
+  return 2 * q_rows * d + 3 * q_rows * dp + 2 * q_rows + 4 * round_up(k_rows * dp, 16) + 2 * I::BK * I::BQ;
+}
+
+template <typename I>
+AQUILA_INLINE BackwardScratch carve_backward(float* ws, int64_t d, int64_t q_rows, int64_t k_rows) {
+  const int64_t dp = round_up(d, I::W);
+  Carver c{ws};
+  BackwardScratch s;
+  s.qt = c.take(q_rows * d);
+  s.dot = c.take(q_rows * d);
+  s.qr = c.take(q_rows * dp);
+  s.dor = c.take(q_rows * dp);
+  s.dq = c.take(q_rows * dp);
+  s.lse = c.take(q_rows);
+  s.delta = c.take(q_rows);
+  s.kt = c.take(k_rows * dp);
+  s.vt = c.take(k_rows * dp);
+  s.dk = c.take(k_rows * dp);
+  s.dv = c.take(k_rows * dp);
+  s.p = c.take(I::BK * I::BQ);
+  s.ds = c.take(I::BK * I::BQ);
+  return s;
+}
+
+// Packs queries [q_lo, q_hi) of sequence b, head h (q_lo a multiple of BQ) into block 0 onwards of s; Q and dO by rows
+// only when by_rows (dK and dV need them).
+template <typename T, typename I>
+AQUILA_INLINE void pack_queries(const AttentionBackward& a, int64_t b, int64_t h, int64_t q_lo, int64_t q_hi,
+                                const BackwardScratch& s, bool by_rows) {
+  constexpr int64_t BQ = I::BQ;
+  const int64_t d = a.head_dim, dp = round_up(d, I::W);
+  const float scale = static_cast<float>(a.scale);
+  for (int64_t i0 = q_lo; i0 < q_hi; i0 += BQ) {
+    const int64_t blk = (i0 - q_lo) / BQ;
+    const int64_t rows = std::min(BQ, q_hi - i0), width = round_up(rows, I::W);
+    const int64_t q_token = static_cast<int64_t>(a.seq.q_start[b]) + i0;
+    const T* q = static_cast<const T*>(a.q.data) + q_token * a.q.token_stride + h * a.q.head_stride;
+    const T* dout =
+        static_cast<const T*>(a.grad_out.data) + q_token * a.grad_out.token_stride + h * a.grad_out.head_stride;
+    pack_transposed(q, a.q.token_stride, rows, width, d, BQ, scale, s.qt + blk * d * BQ);
+    pack_transposed(dout, a.grad_out.token_stride, rows, width, d, BQ, 1.0f, s.dot + blk * d * BQ);
+    if (by_rows) {
+      pack_rows(q, a.q.token_stride, rows, d, dp, s.qr + blk * BQ * dp);
+      pack_rows(dout, a.grad_out.token_stride, rows, d, dp, s.dor + blk * BQ * dp);
+    }
+    for (int64_t i = 0; i < width; ++i) {
+      const bool real = i < rows;
+      const float lse = real ? a.lse[(q_token + i) * a.heads_q + h] : kInf;
+      // A query that saw no key (lse -inf) has P = 0: +inf makes exp(s - lse) 0 where s - lse would be NaN.
+      s.lse[blk * BQ + i] = lse == -kInf ? kInf : lse;
+      s.delta[blk * BQ + i] = real ? a.delta[(q_token + i) * a.heads_q + h] : 0.0f;
+    }
+  }
+}
+
+// One tile: query block `blk` of the packed queries (first query i0, rows of them) against key row `key` of the
+// packed keys (first key j0, cols of them). Adds into dk and dv (key rows) when kv is set, into dq (query rows) when
+// it is not null.
+template <typename I>
+AQUILA_INLINE void backward_tile(const AttentionBackward& a, const BackwardScratch& s, int64_t shift, int64_t blk,
+                                 int64_t i0, int64_t rows, int64_t key, int64_t j0, int64_t cols, bool kv, float* dq) {
+  constexpr int64_t BQ = I::BQ;
+  const int64_t d = a.head_dim, dp = round_up(d, I::W), nd = dp / I::W;
+  const int64_t nq = (rows + I::W - 1) / I::W, width = nq * I::W;
+  const float* kt = s.kt + key * dp;
+  const float* vt = s.vt + key * dp;
+  const float* lse = s.lse + blk * BQ;
+  const float* delta = s.delta + blk * BQ;
+  I::product({cols, nq, d, kt, dp, 1, s.qt + blk * d * BQ, BQ, s.p, BQ, false});  // S^T = K (scale Q)^T
+  if (a.causal && j0 + cols - 1 > i0 + shift) causal_mask(s.p, BQ, cols, width, j0 - i0 - shift);
+  for (int64_t j = 0; j < cols; ++j) {
+    float* __restrict row = s.p + j * BQ;
+#pragma omp simd
+    for (int64_t i = 0; i < width; ++i) row[i] = exp_nonpositive(row[i] - lse[i]);
+  }
+  if (kv) I::product({cols, nd, rows, s.p, BQ, 1, s.dor + blk * BQ * dp, dp, s.dv + key * dp, dp, true});  // dV += P^T dO
+  I::product({cols, nq, d, vt, dp, 1, s.dot + blk * d * BQ, BQ, s.ds, BQ, false});  // dP^T = V dO^T
+  for (int64_t j = 0; j < cols; ++j) {
+    const float* __restrict prow = s.p + j * BQ;
+    float* __restrict row = s.ds + j * BQ;
+#pragma omp simd
+    for (int64_t i = 0; i < width; ++i) row[i] = prow[i] * (row[i] - delta[i]);
+  }
+  if (kv) I::product({cols, nd, rows, s.ds, BQ, 1, s.qr + blk * BQ * dp, dp, s.dk + key * dp, dp, true});  // dK += dS^T Q
+  if (dq) I::product({rows, nd, cols, s.ds, 1, BQ, kt, dp, dq, dp, true});  // dQ += dS K
+}
+
+template <typename T>
+AQUILA_INLINE void store_rows(const float* src, int64_t dp, int64_t rows, int64_t d, float scale, T* dst,
+                              int64_t stride) {
+  for (int64_t r = 0; r < rows; ++r) {
+    const float* __restrict in = src + r * dp;
+    T* __restrict out = dst + r * stride;
+#pragma omp simd
+    for (int64_t x = 0; x < d; ++x) out[x] = from_float<T>(in[x] * scale);
+  }
+}
+
+// Whether key block j0 has a key that some query of the block [i0, i0 + rows) sees.
+AQUILA_INLINE bool sees(const AttentionBackward& a, int64_t j0, int64_t i0, int64_t rows, int64_t shift) {
+  return !a.causal || j0 <= i0 + rows - 1 + shift;
+}
+
+// Keys [k_lo, k_hi) of sequence b and kv head hk (k_lo a multiple of BK): their dK and dV, complete. With
+// with_dq (the item then covers all of the sequence's keys), also dQ of the group's q heads.
+template <typename T, typename I>
+AQUILA_INLINE void key_item(const AttentionBackward& a, int64_t b, int64_t hk, int64_t k_lo, int64_t k_hi,
+                            bool with_dq, float* ws, int64_t q_rows, int64_t k_rows) {
+  constexpr int64_t BQ = I::BQ, BK = I::BK;
+  // Key blocks are swept in chunks of this many, each against all query blocks: a packed query block is reused
+  // by the chunk's key blocks while it is in L2.
+  constexpr int64_t kChunk = 4;
+  const int64_t d = a.head_dim, dp = round_up(d, I::W);
+  const int64_t group = a.heads_q / a.heads_k;
+  const int64_t q_len = a.seq.q_len[b], k_len = a.seq.k_len[b], shift = k_len - q_len;
+  const int64_t q_start = a.seq.q_start[b], k_token = static_cast<int64_t>(a.seq.k_start[b]) + k_lo;
+  const BackwardScratch s = carve_backward<I>(ws, d, q_rows, k_rows);
+  const T* k = static_cast<const T*>(a.k.data) + k_token * a.k.token_stride + hk * a.k.head_stride;
+  const T* v = static_cast<const T*>(a.v.data) + k_token * a.v.token_stride + hk * a.v.head_stride;
+  const int64_t keys = k_hi - k_lo;
+  pack_rows(k, a.k.token_stride, keys, d, dp, s.kt);
+  pack_rows(v, a.v.token_stride, keys, d, dp, s.vt);
+  std::fill(s.dk, s.dk + keys * dp, 0.0f);
+  std::fill(s.dv, s.dv + keys * dp, 0.0f);
+
+  for (int64_t g = 0; g < group; ++g) {
+    const int64_t h = hk * group + g;
+    if (with_dq) {
+      pack_queries<T, I>(a, b, h, 0, q_len, s, true);
+      std::fill(s.dq, s.dq + q_len * dp, 0.0f);
+    }
+    for (int64_t c0 = k_lo; c0 < k_hi; c0 += kChunk * BK) {
+      const int64_t c1 = std::min(k_hi, c0 + kChunk * BK);
+      const int64_t first_query = a.causal ? std::max<int64_t>(0, c0 - shift) : 0;
+      for (int64_t i0 = first_query / BQ * BQ; i0 < q_len; i0 += BQ) {
+        const int64_t rows = std::min(BQ, q_len - i0);
+        int64_t blk = i0 / BQ;
+        if (!with_dq) {
+          pack_queries<T, I>(a, b, h, i0, i0 + rows, s, true);
+          blk = 0;
+        }
+        for (int64_t j0 = c0; j0 < c1 && sees(a, j0, i0, rows, shift); j0 += BK) {
+          const int64_t cols = std::min(BK, k_len - j0);
+          backward_tile<I>(a, s, shift, blk, i0, rows, j0 - k_lo, j0, cols, true,
+                           with_dq ? s.dq + i0 * dp : nullptr);
+        }
+      }
+    }
+    if (with_dq) {
+      T* gq = static_cast<T*>(a.grad_q.data) + q_start * a.grad_q.token_stride + h * a.grad_q.head_stride;
+      store_rows(s.dq, dp, q_len, d, static_cast<float>(a.scale), gq, a.grad_q.token_stride);
+    }
+  }
+  T* gk = static_cast<T*>(a.grad_k.data) + k_token * a.grad_k.token_stride + hk * a.grad_k.head_stride;
+  T* gv = static_cast<T*>(a.grad_v.data) + k_token * a.grad_v.token_stride + hk * a.grad_v.head_stride;
+  store_rows(s.dk, dp, keys, d, static_cast<float>(a.scale), gk, a.grad_k.token_stride);
+  store_rows(s.dv, dp, keys, d, 1.0f, gv, a.grad_v.token_stride);
+}
+
+// dQ of queries [q_lo, q_hi) of sequence b, q head h (q_lo a multiple of BQ).
+template <typename T, typename I>
+AQUILA_INLINE void query_item(const AttentionBackward& a, int64_t b, int64_t h, int64_t q_lo, int64_t q_hi, float* ws,
+                              int64_t q_rows, int64_t k_rows) {
+  constexpr int64_t BQ = I::BQ, BK = I::BK;
+  const int64_t d = a.head_dim, dp = round_up(d, I::W);
+  const int64_t hk = h / (a.heads_q / a.heads_k);
+  const int64_t q_len = a.seq.q_len[b], k_len = a.seq.k_len[b], shift = k_len - q_len;
+  const int64_t q_token = static_cast<int64_t>(a.seq.q_start[b]) + q_lo, k_start = a.seq.k_start[b];
+  const BackwardScratch s = carve_backward<I>(ws, d, q_rows, k_rows);
+  const T* k = static_cast<const T*>(a.k.data) + k_start * a.k.token_stride + hk * a.k.head_stride;
+  const T* v = static_cast<const T*>(a.v.data) + k_start * a.v.token_stride + hk * a.v.head_stride;
+  pack_queries<T, I>(a, b, h, q_lo, q_hi, s, false);
+  std::fill(s.dq, s.dq + (q_hi - q_lo) * dp, 0.0f);
+  const int64_t k_end = a.causal ? std::clamp<int64_t>(q_hi + shift, 0, k_len) : k_len;
+  for (int64_t j0 = 0; j0 < k_end; j0 += BK) {
+    const int64_t cols = std::min(BK, k_len - j0);  // as key_item cuts it
+    pack_rows(k + j0 * a.k.token_stride, a.k.token_stride, cols, d, dp, s.kt);
+    pack_rows(v + j0 * a.v.token_stride, a.v.token_stride, cols, d, dp, s.vt);
+    for (int64_t i0 = q_lo; i0 < q_hi; i0 += BQ) {
+      const int64_t rows = std::min(BQ, q_hi - i0);
+      if (sees(a, j0, i0, rows, shift))
+        backward_tile<I>(a, s, shift, (i0 - q_lo) / BQ, i0, rows, 0, j0, cols, false, s.dq + (i0 - q_lo) * dp);
+    }
+  }
+  T* gq = static_cast<T*>(a.grad_q.data) + q_token * a.grad_q.token_stride + h * a.grad_q.head_stride;
+  store_rows(s.dq, dp, q_hi - q_lo, d, static_cast<float>(a.scale), gq, a.grad_q.token_stride);
+}
+
+// ------------------------------------------------------------------------------------------------------------------
+// The per-ISA entry points, and the drivers that parallelise over them.
+
+template <typename T>
+struct Kernels {
+  void (*forward_item)(const AttentionForward&, int64_t, int64_t, int64_t, int64_t, float*);
+  void (*key_item)(const AttentionBackward&, int64_t, int64_t, int64_t, int64_t, bool, float*, int64_t, int64_t);
+  void (*query_item)(const AttentionBackward&, int64_t, int64_t, int64_t, int64_t, float*, int64_t, int64_t);
+  int64_t w, bq, bk;
+  int64_t (*forward_scratch)(int64_t, int64_t);
+  int64_t (*backward_scratch)(int64_t, int64_t, int64_t);
+};
+
+#define AQUILA_ATTENTION_ENTRIES(ISA, TARGET)                                                                       \
+  template <typename T>                                                                                            \
+  TARGET void forward_item_##ISA(const AttentionForward& a, int64_t b, int64_t hk, int64_t q_lo, int64_t q_hi,     \
+                                 float* ws) {                                                                      \
+    forward_item<T, ISA>(a, b, hk, q_lo, q_hi, ws);                                                                \
+  }                                                                                                                \
+  template <typename T>                                                                                            \
+  TARGET void key_item_##ISA(const AttentionBackward& a, int64_t b, int64_t hk, int64_t k_lo, int64_t k_hi,        \
+                             bool with_dq, float* ws, int64_t q_rows, int64_t k_rows) {                            \
+    key_item<T, ISA>(a, b, hk, k_lo, k_hi, with_dq, ws, q_rows, k_rows);                                           \
+  }                                                                                                                \
+  template <typename T>                                                                                            \
+  TARGET void query_item_##ISA(const AttentionBackward& a, int64_t b, int64_t h, int64_t q_lo, int64_t q_hi,       \
+                               float* ws, int64_t q_rows, int64_t k_rows) {                                        \
+    query_item<T, ISA>(a, b, h, q_lo, q_hi, ws, q_rows, k_rows);                                                   \
+  }                                                                                                                \
+  template <typename T>                                                                                            \
+  Kernels<T> kernels_##ISA() {                                                                                     \
+    return {forward_item_##ISA<T>, key_item_##ISA<T>, query_item_##ISA<T>, ISA::W, ISA::BQ, ISA::BK,               \
+            forward_scratch<ISA>, backward_scratch<ISA>};                                                          \
+  }
+
+AQUILA_ATTENTION_ENTRIES(Baseline, )
+AQUILA_ATTENTION_ENTRIES(Avx2, AQUILA_TARGET_AVX2)
+AQUILA_ATTENTION_ENTRIES(Avx512, AQUILA_TARGET_AVX512)
+#undef AQUILA_ATTENTION_ENTRIES
+
+template <typename T>
+Kernels<T> kernels() {
+  switch (simd_level()) {
+    case SimdLevel::avx512: return kernels_Avx512<T>();
+    case SimdLevel::avx2: return kernels_Avx2<T>();
+    default: return kernels_Baseline<T>();
+  }
+}
+
+struct Item {
+  int64_t b, head, lo, hi;
+};
+
+// Cuts [0, len) into ranges of `chunk` (a multiple of `block`), last range first: under a causal mask the later
+// queries see more keys, and dynamic scheduling balances best when long items go first.
+inline void add_ranges(std::vector<Item>& items, int64_t b, int64_t heads, int64_t len, int64_t chunk, bool reverse) {
+  const int64_t n = (len + chunk - 1) / chunk;
+  for (int64_t c = 0; c < n; ++c) {
+    const int64_t lo = (reverse ? n - 1 - c : c) * chunk;
+    for (int64_t h = 0; h < heads; ++h) items.push_back({b, h, lo, std::min(len, lo + chunk)});
+  }
+}
+
+// The largest multiple of block, at most `most` (and at least block), that still cuts the work into some items per
+// thread.
+inline int64_t pick_chunk(const int32_t* lengths, int64_t batch, int64_t heads, int64_t block, int64_t most,
+                          int threads) {
+  int64_t chunk = std::max(block, most / block * block);
+  while (chunk > block) {
+    int64_t items = 0;
+    for (int64_t b = 0; b < batch; ++b) items += heads * ((lengths[b] + chunk - 1) / chunk);
+    if (items >= 8 * static_cast<int64_t>(threads)) break;
+    chunk = std::max(block, chunk / 2 / block * block);
+  }
+  return chunk;
+}
+
+template <typename T>
+void forward_driver(const AttentionForward& a, int threads) {
+  const Kernels<T> kern = kernels<T>();
+  const int64_t group = a.heads_q / a.heads_k;
+  // Up to 1 MiB of query state an item (Q^T and the output accumulator, fp32: 1024 query rows of all the group's heads
+  // for head_dim 128), so that it stays in L2.
+  const int64_t row_bytes = 8 * round_up(a.head_dim, kern.w);
+  const int64_t chunk = pick_chunk(a.seq.q_len, a.seq.batch, a.heads_k, kern.bq, (1 << 20) / row_bytes / group, threads);
+  std::vector<Item> items;
+  for (int64_t b = 0; b < a.seq.batch; ++b) add_ranges(items, b, a.heads_k, a.seq.q_len[b], chunk, a.causal);
+  const int64_t n = static_cast<int64_t>(items.size());
+  if (n == 0) return;
+  const int team = static_cast<int>(std::min<int64_t>(threads, n));
+  // Allocated here, where running out of memory throws, rather than inside the parallel region, where it would abort.
+  const std::vector<Scratch> scratch = allocate_each(team, kern.forward_scratch(a.head_dim, group * (chunk / kern.bq)));
+#pragma omp parallel num_threads(team)
+  {
+    float* ws = scratch[thread_id()].get();
+#pragma omp for schedule(dynamic, 1)
+    for (int64_t it = 0; it < n; ++it) kern.forward_item(a, items[it].b, items[it].head, items[it].lo, items[it].hi, ws);
+  }
+}
+
+template <typename T>
+void backward_driver(const AttentionBackward& a, int threads) {
+  const Kernels<T> kern = kernels<T>();
+  const int64_t group = a.heads_q / a.heads_k;
+  const int64_t d = a.head_dim;
+  int64_t max_q = 0, max_k = 0;
+  for (int64_t b = 0; b < a.seq.batch; ++b) {
+    max_q = std::max<int64_t>(max_q, a.seq.q_len[b]);
+    max_k = std::max<int64_t>(max_k, a.seq.k_len[b]);
+  }
+  // (sequence, kv head) items own all their outputs. With fewer of them than a few per thread, the work is cut into
+  // key ranges (dK, dV) and query ranges (dQ) instead, which recompute S and dP; the gradients are the same bits.
+  const int64_t n_heads = a.seq.batch * a.heads_k;
+  const bool split = threads > 1 && n_heads < 4 * threads && !(a.seq.batch == 1 && n_heads % threads == 0);
+  std::vector<Item> key_items, query_items;
+  int64_t q_rows, k_rows;
+  if (split) {
+    const int64_t key_chunk = pick_chunk(a.seq.k_len, a.seq.batch, a.heads_k, kern.bk, 4 * kern.bk, threads);
+    const int64_t query_chunk = pick_chunk(a.seq.q_len, a.seq.batch, a.heads_q, kern.bq, 4 * kern.bq, threads);
+    for (int64_t b = 0; b < a.seq.batch; ++b) {
+      add_ranges(key_items, b, a.heads_k, a.seq.k_len[b], key_chunk, false);
+      add_ranges(query_items, b, a.heads_q, a.seq.q_len[b], query_chunk, a.causal);
+    }
+    q_rows = query_chunk;
+    k_rows = key_chunk;
+  } else {
+    q_rows = round_up(std::max<int64_t>(max_q, 1), kern.bq);
+    k_rows = std::max<int64_t>(max_k, 1);
+  }
+  const std::vector<Scratch> scratch = allocate_each(threads, kern.backward_scratch(d, q_rows, k_rows));
+  const int64_t n_keys = split ? static_cast<int64_t>(key_items.size()) : n_heads;
+  const int64_t n_queries = static_cast<int64_t>(query_items.size());
+
+#pragma omp parallel num_threads(threads)
+  {
+    // delta = rowsum(dO * O), fp32, for every query of every head.
+#pragma omp for schedule(dynamic, 1)
+    for (int64_t it = 0; it < n_heads; ++it) {
+      const int64_t b = it / a.heads_k, hk = it % a.heads_k;
+      const int64_t q_start = a.seq.q_start[b], q_len = a.seq.q_len[b];
+      for (int64_t i = 0; i < q_len; ++i) {
+        for (int64_t h = hk * group; h < (hk + 1) * group; ++h) {
+          const T* o = static_cast<const T*>(a.out.data) + (q_start + i) * a.out.token_stride + h * a.out.head_stride;
+          const T* g = static_cast<const T*>(a.grad_out.data) + (q_start + i) * a.grad_out.token_stride +
+                       h * a.grad_out.head_stride;
+          float total = 0.0f;
+#pragma omp simd reduction(+ : total)
+          for (int64_t x = 0; x < d; ++x) total += to_float(o[x]) * to_float(g[x]);
+          a.delta[(q_start + i) * a.heads_q + h] = total;
+        }
+      }
+    }
+    float* ws = scratch[thread_id()].get();
+#pragma omp for schedule(dynamic, 1)
+    for (int64_t it = 0; it < n_keys; ++it) {
+      if (split) {
+        const Item& item = key_items[it];
+        kern.key_item(a, item.b, item.head, item.lo, item.hi, false, ws, q_rows, k_rows);
+      } else {
+        const int64_t b = it / a.heads_k;
+        kern.key_item(a, b, it % a.heads_k, 0, a.seq.k_len[b], true, ws, q_rows, k_rows);
+      }
+    }
+#pragma omp for schedule(dynamic, 1)
+    for (int64_t it = 0; it < n_queries; ++it) {
+      const Item& item = query_items[it];
+      kern.query_item(a, item.b, item.head, item.lo, item.hi, ws, q_rows, k_rows);
+    }
+  }
+}
+
+
+void check(int64_t heads_q, int64_t heads_k, int64_t head_dim) {
+  if (heads_k < 1 || heads_q % heads_k != 0)
+    throw std::invalid_argument("aquila: attention needs heads_q to be a multiple of heads_k");
+  if (head_dim < 1) throw std::invalid_argument("aquila: attention needs head_dim >= 1");
+}
+
+}  // namespace
+
+void attention_forward(const AttentionForward& args, int threads) {
+  check(args.heads_q, args.heads_k, args.head_dim);
+  threads = std::max(threads, 1);
+  dispatch_dtype(args.dtype, [&](auto* tag) { forward_driver<std::remove_pointer_t<decltype(tag)>>(args, threads); });
+}
+
+void attention_backward(const AttentionBackward& args, int threads) {
+  check(args.heads_q, args.heads_k, args.head_dim);
+  threads = std::max(threads, 1);
+  dispatch_dtype(args.dtype, [&](auto* tag) { backward_driver<std::remove_pointer_t<decltype(tag)>>(args, threads); });
+}
+
+}  // namespace aquila::cpu

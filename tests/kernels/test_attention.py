@@ -1,0 +1,165 @@
+"""Attention against the explicit softmax(QK^T)V in float64. Criterion (flash-attn's): the kernel's error is at most
+twice the error of the same computation done by torch in the kernel's dtype, plus a floor of 64 fp32 ulps of the
+largest value (what fp32 accumulation alone may cost)."""
+
+import pytest
+import torch
+
+from aquila.kernels import attention, attention_with_kv_cache, reference
+from tests.conftest import backend_params
+
+
+def error(actual, expected):
+    return (actual.double() - expected.double()).abs().max().item()
+
+
+def assert_as_accurate_as_torch(actual, expected, torch_same_dtype, name):
+    assert torch.isfinite(actual).all(), f"{name}: non-finite values"
+    floor = 64 * torch.finfo(torch.float32).eps * max(1.0, expected.abs().max().item())
+    ours, theirs = error(actual, expected), error(torch_same_dtype, expected)
+    assert ours <= 2 * theirs + floor, f"{name}: error {ours:.3g} > 2 x torch's {theirs:.3g} + {floor:.3g}"
+
+
+def run(fn, tensors, grad_out):
+    leaves = [t.detach().clone().requires_grad_() for t in tensors]
+    out = fn(*leaves)
+    out.backward(grad_out.to(out.dtype))
+    return [out.detach()] + [leaf.grad for leaf in leaves]
+
+
+def check(q, k, v, sequences, causal, backend, api, scale=None, grads=True):
+    """Runs `api` (our op on q, k, v) and compares it, and its gradients, with float64 and with torch in q's dtype."""
+    scale = q.shape[-1] ** -0.5 if scale is None else scale
+    packed = lambda t: t.reshape(-1, *t.shape[-2:])  # noqa: E731
+
+    def explicit(upcast):
+        return lambda *t: reference.attention(*map(packed, t), sequences, scale, causal, upcast)[0].view(q.shape)
+
+    grad_out = torch.randn(q.shape, device=q.device)
+    if not grads:
+        with torch.no_grad():
+            ours = [api(q, k, v)]
+            exact = [explicit(True)(*(t.double() for t in (q, k, v)))]
+            same_dtype = [explicit(False)(q, k, v)]
+    else:
+        ours = run(api, (q, k, v), grad_out)
+        exact = run(explicit(True), [t.double() for t in (q, k, v)], grad_out.double())
+        same_dtype = run(explicit(False), (q, k, v), grad_out)
+    for name, a, e, t in zip(["out", "grad q", "grad k", "grad v"], ours, exact, same_dtype):
+        assert a.shape == e.shape and a.dtype == q.dtype, name
+        assert_as_accurate_as_torch(a, e, t, name)
+
+
+def dtypes_for(backend):
+    # Triton's interpreter gets bf16 tl.dot wrong (triton#11584): bf16 Triton runs on the GPU check only.
+    if backend == "triton" and not torch.cuda.is_available():
+        return [torch.float32, torch.float16]
+    return [torch.float32, torch.float16, torch.bfloat16]
+
+
+# (batch, seq_q, seq_k, heads_q, heads_k, head_dim): one token, odd lengths, q_len < k_len, every head dim, GQA 1/4/8.
+SHAPES = [(1, 1, 1, 1, 1, 64), (2, 17, 17, 4, 4, 80), (1, 128, 128, 8, 1, 96), (2, 17, 40, 8, 2, 128),
+          (1, 3, 33, 4, 1, 256), (1, 50, 50, 2, 2, 72)]
+
+
+@pytest.mark.parametrize("backend, device", backend_params())
+@pytest.mark.parametrize("shape", SHAPES, ids=str)
+@pytest.mark.parametrize("causal", [False, True], ids=["full", "causal"])
+@pytest.mark.parametrize("dtype_index", [0, 1, 2])
+def test_batched(backend, device, shape, causal, dtype_index):
+    dtypes = dtypes_for(backend)
+    if dtype_index >= len(dtypes):
+        pytest.skip("bf16 Triton runs on the GPU only")
+    batch, seq_q, seq_k, heads_q, heads_k, head_dim = shape
+    q = torch.randn(batch, seq_q, heads_q, head_dim, device=device).to(dtypes[dtype_index])
+    k, v = (torch.randn(batch, seq_k, heads_k, head_dim, device=device).to(dtypes[dtype_index]) for _ in range(2))
+    sequences = [(b * seq_q, seq_q, b * seq_k, seq_k) for b in range(batch)]
+    check(q, k, v, sequences, causal, backend, lambda *t: attention(*t, causal=causal, backend=backend))
+
+
+@pytest.mark.parametrize("backend, device", backend_params())
+@pytest.mark.parametrize("seq, head_dim", [(1000, 64), (2049, 128)])
+@pytest.mark.parametrize("causal", [False, True], ids=["full", "causal"])
+def test_long_sequences(backend, device, seq, head_dim, causal):
+    q, k, v = (torch.randn(1, seq, 1, head_dim, device=device) for _ in range(3))
+    check(q, k, v, [(0, seq, 0, seq)], causal, backend, lambda *t: attention(*t, causal=causal, backend=backend))
+
+
+@pytest.mark.parametrize("backend, device", backend_params())
+@pytest.mark.parametrize("causal", [False, True], ids=["full", "causal"])
+def test_packed_sequences_do_not_attend_across_documents(backend, device, causal):
+    lengths = [1, 17, 128, 4, 60]  # a length-1 document among them
+    cu = torch.tensor([0] + torch.tensor(lengths).cumsum(0).tolist(), dtype=torch.int32, device=device)
+    total = cu[-1].item()
+    q = torch.randn(total, 8, 64, device=device)
+    k, v = (torch.randn(total, 2, 64, device=device) for _ in range(2))
+    sequences = [(start, n, start, n) for start, n in zip(cu[:-1].tolist(), lengths)]
+    check(q, k, v, sequences, causal, backend,
+          lambda *t: attention(*t, causal=causal, cu_seqlens_q=cu, backend=backend))
+
+
+@pytest.mark.parametrize("backend, device", backend_params())
+@pytest.mark.parametrize("new_tokens", [1, 3])
+def test_kv_cache_with_different_lengths(backend, device, new_tokens):
+    batch, max_len, heads_q, heads_k, head_dim = 3, 300, 8, 2, 128
+    q = torch.randn(batch, new_tokens, heads_q, head_dim, device=device)
+    k_cache, v_cache = (torch.randn(batch, max_len, heads_k, head_dim, device=device) for _ in range(2))
+    lengths = torch.tensor([new_tokens, 257, 300], dtype=torch.int32, device=device)
+    sequences = [(b * new_tokens, new_tokens, b * max_len, n) for b, n in enumerate(lengths.tolist())]
+    check(q, k_cache, v_cache, sequences, True, backend,
+          lambda *t: attention_with_kv_cache(*t, lengths, backend=backend), grads=False)
+
+
+@pytest.mark.parametrize("backend, device", backend_params())
+def test_more_queries_than_keys_leaves_unseeing_rows_at_zero(backend, device):
+    """Bottom-right causal alignment with q_len > k_len: the first q_len - k_len queries see no key."""
+    q = torch.randn(1, 6, 2, 64, device=device)
+    k, v = (torch.randn(1, 4, 2, 64, device=device) for _ in range(2))
+    out = attention(q, k, v, causal=True, backend=backend)
+    assert torch.equal(out[:, :2], torch.zeros_like(out[:, :2]))
+    check(q, k, v, [(0, 6, 0, 4)], True, backend, lambda *t: attention(*t, causal=True, backend=backend),
+          grads=False)
+
+
+@pytest.mark.parametrize("backend, device", backend_params())
+def test_backward_is_deterministic(backend, device):
+    q = torch.randn(2, 70, 8, 64, device=device, requires_grad=True)
+    k, v = (torch.randn(2, 70, 2, 64, device=device, requires_grad=True) for _ in range(2))
+    grads = []
+    for _ in range(2):
+        q.grad = k.grad = v.grad = None
+        attention(q, k, v, causal=True, backend=backend).square().sum().backward()
+        grads.append([t.grad.clone() for t in (q, k, v)])
+    assert all(torch.equal(a, b) for a, b in zip(*grads))
+
+
+def test_custom_scale():
+    q, k, v = (torch.randn(1, 9, 2, 32) for _ in range(3))
+    check(q, k, v, [(0, 9, 0, 9)], False, None, lambda *t: attention(*t, scale=0.3), scale=0.3)
+
+
+@pytest.mark.parametrize("call, error, words", [
+    (lambda: attention(torch.randn(1, 4, 3, 64), torch.randn(1, 4, 2, 64), torch.randn(1, 4, 2, 64)), ValueError,
+     r"query heads \(3\) must be a multiple of the key/value heads \(2\)"),
+    (lambda: attention(*(torch.randn(1, 4, 2, 320) for _ in range(3))), ValueError, "head_dim must be between"),
+    (lambda: attention(torch.randn(1, 4, 2, 64), torch.randn(1, 4, 2, 32), torch.randn(1, 4, 2, 64)), ValueError,
+     "same head_dim"),
+    (lambda: attention(torch.randn(1, 4, 2, 64), torch.randn(1, 4, 2, 64).half(), torch.randn(1, 4, 2, 64)),
+     TypeError, "k must have dtype torch.float32"),
+    (lambda: attention(*(torch.randn(5, 2, 16) for _ in range(3)), cu_seqlens_q=torch.tensor([1, 5])), ValueError,
+     "cu_seqlens_q must start at 0, never decrease and end at the number of tokens"),
+    (lambda: attention(*(torch.randn(5, 2, 16) for _ in range(3)), cu_seqlens_q=torch.tensor([0, 4, 3, 5])),
+     ValueError, "never decrease"),
+    (lambda: attention(*(torch.randn(5, 2, 16) for _ in range(3)), cu_seqlens_q=torch.tensor([0, 4])), ValueError,
+     r"end at the number of tokens \(5\)"),
+    (lambda: attention(*(torch.randn(5, 2, 16) for _ in range(3)), cu_seqlens_q=torch.tensor([0., 5.])), TypeError,
+     "cu_seqlens_q must have one of"),
+    (lambda: attention(*(torch.randn(5, 2, 16) for _ in range(3)), cu_seqlens_q=torch.tensor([0, 2, 5]),
+                       max_seqlen_q=2), ValueError, r"max_seqlen_q must be an int >= the longest sequence \(3\)"),
+    (lambda: attention(*(torch.randn(5, 2, 16) for _ in range(3))), ValueError, "batched inputs are"),
+    (lambda: attention_with_kv_cache(torch.randn(2, 1, 2, 16), torch.randn(2, 8, 2, 16), torch.randn(2, 8, 2, 16),
+                                     torch.tensor([3, 9])), ValueError, "cache_seqlens must be between 0 and"),
+])
+def test_bad_input_gets_a_clear_error(call, error, words):
+    with pytest.raises(error, match=words):
+        call()
