@@ -99,6 +99,20 @@ def _attention_forward_kernel(Q, K, V, OUT, LSE, q_token_stride, q_head_stride, 
 
 
 @triton.jit
+def _probabilities_and_score_grads(q, k, v, grad_out, lse, delta, rows, cols, row_mask, col_mask, shift, scale,
+                                   CAUSAL: tl.constexpr, PRECISION: tl.constexpr):
+    """The backward's recomputation for a tile of queries x keys: P from the saved lse, and dS = P (dP - delta) with
+    dP = dO V^T. Rows that saw no key in the forward (lse -inf) have P = 0."""
+    visible = row_mask[:, None] & col_mask[None, :] & (lse[:, None] > float("-inf"))
+    if CAUSAL:
+        visible = visible & (cols[None, :] <= rows[:, None] + shift)
+    scores = tl.dot(q, tl.trans(k), input_precision=PRECISION) * scale
+    probs = tl.where(visible, tl.exp(scores - lse[:, None]), 0.0)
+    grad_probs = tl.dot(grad_out, tl.trans(v), input_precision=PRECISION)
+    return probs, probs * (grad_probs - delta[:, None])
+
+
+@triton.jit
 def _attention_backward_kv_kernel(Q, K, V, GRAD_OUT, LSE, DELTA, GRAD_K, GRAD_V, q_token_stride, q_head_stride,
                                   k_token_stride, k_head_stride, v_token_stride, v_head_stride, do_token_stride,
                                   do_head_stride, dk_token_stride, dk_head_stride, dv_token_stride, dv_head_stride,
@@ -138,14 +152,9 @@ def _attention_backward_kv_kernel(Q, K, V, GRAD_OUT, LSE, DELTA, GRAD_K, GRAD_V,
                                   dim_mask)
             lse = tl.load(LSE + (q_start + rows) * heads_q + head, mask=row_mask, other=0.0)
             delta = tl.load(DELTA + (q_start + rows) * heads_q + head, mask=row_mask, other=0.0)
-            visible = row_mask[:, None] & col_mask[None, :] & (lse[:, None] > float("-inf"))
-            if CAUSAL:
-                visible = visible & (cols[None, :] <= rows[:, None] + shift)
-            scores = tl.dot(q, tl.trans(k), input_precision=PRECISION) * scale
-            probs = tl.where(visible, tl.exp(scores - lse[:, None]), 0.0)
+            probs, grad_scores = _probabilities_and_score_grads(q, k, v, grad_out, lse, delta, rows, cols, row_mask,
+                                                                col_mask, shift, scale, CAUSAL, PRECISION)
             grad_v += tl.dot(tl.trans(probs.to(grad_out.dtype)), grad_out, input_precision=PRECISION)
-            grad_probs = tl.dot(grad_out, tl.trans(v), input_precision=PRECISION)
-            grad_scores = probs * (grad_probs - delta[:, None])
             grad_k += tl.dot(tl.trans(grad_scores.to(q.dtype)), q, input_precision=PRECISION)
     mask = col_mask[:, None] & dim_mask[None, :]
     dk_pointers = GRAD_K + (k_start + cols)[:, None] * dk_token_stride + kv_head.to(tl.int64) * dk_head_stride
@@ -191,13 +200,8 @@ def _attention_backward_q_kernel(Q, K, V, GRAD_OUT, LSE, DELTA, GRAD_Q, q_token_
         col_mask = cols < k_len
         k = _load_rows(K, k_start + cols, k_token_stride, kv_head * k_head_stride, dims, col_mask, dim_mask)
         v = _load_rows(V, k_start + cols, v_token_stride, kv_head * v_head_stride, dims, col_mask, dim_mask)
-        visible = row_mask[:, None] & col_mask[None, :] & (lse[:, None] > float("-inf"))
-        if CAUSAL:
-            visible = visible & (cols[None, :] <= rows[:, None] + shift)
-        scores = tl.dot(q, tl.trans(k), input_precision=PRECISION) * scale
-        probs = tl.where(visible, tl.exp(scores - lse[:, None]), 0.0)
-        grad_probs = tl.dot(grad_out, tl.trans(v), input_precision=PRECISION)
-        grad_scores = probs * (grad_probs - delta[:, None])
+        _, grad_scores = _probabilities_and_score_grads(q, k, v, grad_out, lse, delta, rows, cols, row_mask,
+                                                        col_mask, shift, scale, CAUSAL, PRECISION)
         grad_q += tl.dot(grad_scores.to(k.dtype), k, input_precision=PRECISION)
     dq_pointers = GRAD_Q + (q_start + rows)[:, None] * dq_token_stride + head64 * dq_head_stride
     tl.store(dq_pointers + dims[None, :], (grad_q * scale).to(GRAD_Q.dtype.element_ty),
