@@ -50,6 +50,10 @@ def check(q, k, v, sequences, causal, backend, api, scale=None, grads=True):
         assert_as_accurate_as_torch(a, e, t, name)
 
 
+# The cuda backend of attention is the decoding kernel only (attention_with_kv_cache).
+TRAINING_BACKENDS = [p for p in backend_params() if p.values[0] != "cuda"]
+
+
 def dtypes_for(backend):
     # Triton's interpreter gets bf16 tl.dot wrong (triton#11584): bf16 Triton runs on the GPU check only.
     if backend == "triton" and not torch.cuda.is_available():
@@ -62,7 +66,7 @@ SHAPES = [(1, 1, 1, 1, 1, 64), (2, 17, 17, 4, 4, 80), (1, 128, 128, 8, 1, 96), (
           (1, 3, 33, 4, 1, 256), (1, 50, 50, 2, 2, 72)]
 
 
-@pytest.mark.parametrize("backend, device", backend_params())
+@pytest.mark.parametrize("backend, device", TRAINING_BACKENDS)
 @pytest.mark.parametrize("shape", SHAPES, ids=str)
 @pytest.mark.parametrize("causal", [False, True], ids=["full", "causal"])
 @pytest.mark.parametrize("dtype_index", [0, 1, 2])
@@ -77,7 +81,7 @@ def test_batched(backend, device, shape, causal, dtype_index):
     check(q, k, v, sequences, causal, backend, lambda *t: attention(*t, causal=causal, backend=backend))
 
 
-@pytest.mark.parametrize("backend, device", backend_params())
+@pytest.mark.parametrize("backend, device", TRAINING_BACKENDS)
 @pytest.mark.parametrize("seq, head_dim", [(1000, 64), (2049, 128)])
 @pytest.mark.parametrize("causal", [False, True], ids=["full", "causal"])
 def test_long_sequences(backend, device, seq, head_dim, causal):
@@ -85,7 +89,7 @@ def test_long_sequences(backend, device, seq, head_dim, causal):
     check(q, k, v, [(0, seq, 0, seq)], causal, backend, lambda *t: attention(*t, causal=causal, backend=backend))
 
 
-@pytest.mark.parametrize("backend, device", backend_params())
+@pytest.mark.parametrize("backend, device", TRAINING_BACKENDS)
 @pytest.mark.parametrize("causal", [False, True], ids=["full", "causal"])
 def test_packed_sequences_do_not_attend_across_documents(backend, device, causal):
     lengths = [1, 17, 128, 4, 60]  # a length-1 document among them
@@ -110,7 +114,7 @@ def test_kv_cache_with_different_lengths(backend, device, new_tokens):
           lambda *t: attention_with_kv_cache(*t, lengths, backend=backend), grads=False)
 
 
-@pytest.mark.parametrize("backend, device", backend_params())
+@pytest.mark.parametrize("backend, device", TRAINING_BACKENDS)
 def test_more_queries_than_keys_leaves_unseeing_rows_at_zero(backend, device):
     """Bottom-right causal alignment with q_len > k_len: the first q_len - k_len queries see no key."""
     q = torch.randn(1, 6, 2, 64, device=device)
@@ -121,7 +125,7 @@ def test_more_queries_than_keys_leaves_unseeing_rows_at_zero(backend, device):
           grads=False)
 
 
-@pytest.mark.parametrize("backend, device", backend_params())
+@pytest.mark.parametrize("backend, device", TRAINING_BACKENDS)
 def test_backward_is_deterministic(backend, device):
     q = torch.randn(2, 70, 8, 64, device=device, requires_grad=True)
     k, v = (torch.randn(2, 70, 2, 64, device=device, requires_grad=True) for _ in range(2))
@@ -159,6 +163,8 @@ def test_custom_scale():
     (lambda: attention(*(torch.randn(5, 2, 16) for _ in range(3))), ValueError, "batched inputs are"),
     (lambda: attention_with_kv_cache(torch.randn(2, 1, 2, 16), torch.randn(2, 8, 2, 16), torch.randn(2, 8, 2, 16),
                                      torch.tensor([3, 9])), ValueError, "cache_seqlens must be between 0 and"),
+    (lambda: attention(*(torch.randn(1, 4, 2, 16) for _ in range(3)), backend="cuda"), ValueError,
+     "cuda backend needs CUDA tensors"),
 ])
 def test_bad_input_gets_a_clear_error(call, error, words):
     with pytest.raises(error, match=words):
