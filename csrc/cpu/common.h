@@ -15,10 +15,11 @@
 
 namespace aquila::cpu {
 
-// One binary runs everywhere: GCC compiles each hot function twice, for x86-64-v3 (AVX2, FMA, F16C) and for the
-// x86-64 baseline, and picks one at load time. -march=native would tie the build to the machine that built it.
+// One binary runs everywhere: GCC compiles each hot function three times, for x86-64-v4 (AVX-512), x86-64-v3 (AVX2,
+// FMA, F16C) and the x86-64 baseline, and picks one at load time. -march=native would tie the build to the machine
+// that built it.
 #if defined(__x86_64__) && defined(__GNUC__) && !defined(__clang__)
-#define AQUILA_SIMD_CLONES __attribute__((target_clones("arch=x86-64-v3", "default")))
+#define AQUILA_SIMD_CLONES __attribute__((target_clones("arch=x86-64-v4", "arch=x86-64-v3", "default")))
 #else
 #define AQUILA_SIMD_CLONES
 #endif

@@ -2,6 +2,10 @@
 twice the error of the same computation done by torch in the kernel's dtype, plus a floor of 64 fp32 ulps of the
 largest value (what fp32 accumulation alone may cost)."""
 
+import os
+import subprocess
+import sys
+
 import pytest
 import torch
 
@@ -169,3 +173,28 @@ def test_custom_scale():
 def test_bad_input_gets_a_clear_error(call, error, words):
     with pytest.raises(error, match=words):
         call()
+
+
+@pytest.mark.parametrize("isa", ["avx2", "baseline"])
+def test_narrower_cpu_paths(isa):
+    """The CPU attention has its own AVX2 and baseline tilings; this machine may run AVX-512, so force each one in
+    a fresh process (the choice is made once per process) and compare with the float64 reference."""
+    script = """
+import torch
+from aquila.kernels import attention, reference
+torch.manual_seed(0)
+q = torch.randn(2, 70, 4, 80, requires_grad=True)
+k, v = (torch.randn(2, 70, 2, 80, requires_grad=True) for _ in range(2))
+out = attention(q, k, v, causal=True, backend="cpu")
+out.sum().backward()
+leaves = [t.detach().double().reshape(-1, *t.shape[2:]).requires_grad_() for t in (q, k, v)]
+expected, _ = reference.attention(*leaves, [(0, 70, 0, 70), (70, 70, 70, 70)], 80 ** -0.5, True)
+expected.sum().backward()
+errors = [(a.double().reshape(b.shape) - b).abs().max().item() for a, b in
+          [(out, expected), (q.grad, leaves[0].grad), (k.grad, leaves[1].grad), (v.grad, leaves[2].grad)]]
+assert max(errors) < 1e-4, errors
+print("ok", errors)
+"""
+    result = subprocess.run([sys.executable, "-c", script], env={**os.environ, "AQUILA_CPU_ISA": isa},
+                            capture_output=True, text=True, timeout=300)
+    assert result.returncode == 0 and result.stdout.startswith("ok"), result.stdout + result.stderr
