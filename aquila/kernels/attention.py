@@ -543,7 +543,9 @@ def attention_with_kv_cache(q: Tensor, k_cache: Tensor, v_cache: Tensor, cache_s
     batch, new_tokens = q.shape[:2]
     max_len = k_cache.shape[1]
     lengths = cache_seqlens.to(torch.int32)
-    if q.device.type == "cpu" and lengths.numel() and (int(lengths.min()) < 0 or int(lengths.max()) > max_len):
+    # A length past the cache would make the kernels read another sequence's cache, or past the end: always checked
+    # (a host sync on GPU).
+    if lengths.numel() and bool(((lengths < 0) | (lengths > max_len)).any()):
         raise ValueError(f"{op}: cache_seqlens must be between 0 and the cache length {max_len}, got "
                          f"{lengths.tolist()}")
     arange = torch.arange(batch, dtype=torch.int32, device=q.device)
