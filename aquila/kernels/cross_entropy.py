@@ -249,7 +249,7 @@ def _accumulate_product(accumulator, a, b):
     where the device allows it."""
     if a.dtype == accumulator.dtype:
         accumulator.addmm_(a, b)
-    elif a.is_cuda:
+    elif a.is_cuda and "dtype_out" in torch.ops.aten.addmm.overloads():  # cuBLAS: 16-bit inputs, fp32 C (torch >= 2.8)
         torch.ops.aten.addmm.dtype_out(accumulator, a, b, torch.float32, out=accumulator)
     else:
         accumulator.addmm_(a.float(), b.float())
