@@ -179,7 +179,7 @@ def _format(value, pattern, scale=1.0):
     return "-" if value is None else pattern.format(value * scale)
 
 
-def pytest_terminal_summary(terminalreporter, config):
+def pytest_terminal_summary(terminalreporter, exitstatus, config):
     if not RESULTS:
         return
     device = RESULTS[0]["device"]
@@ -212,7 +212,9 @@ def pytest_terminal_summary(terminalreporter, config):
     report = {"date": datetime.datetime.now(datetime.timezone.utc).isoformat(timespec="seconds"),
               "machine": machine_description(device), "device": device, "torch": torch.__version__,
               "python": platform.python_version(), "copy_bandwidth_bytes_per_s": bandwidth,
-              "matmul_flop_per_s": SESSION.get("matmul_rate"), "results": RESULTS}
+              "matmul_flop_per_s": SESSION.get("matmul_rate"),
+              "interrupted": exitstatus == pytest.ExitCode.INTERRUPTED,  # e.g. the GPU check's time limit
+              "results": RESULTS}
     try:
         import triton
 
