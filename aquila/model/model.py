@@ -1,0 +1,124 @@
+"""The Aquila decoder, composed from aquila.kernels: config, blocks, forward.
+
+A pre-norm LLaMA-style decoder. Each block's two RMSNorms are fused with the residual adds in front of them, rotary
+and attention run on the fused kernels (packed documents through cu_seqlens), and training computes the loss straight
+from the last hidden states with the fused linear cross-entropy, so the N x V logits never exist. Parameter names
+follow FlagAI's layout (tok_embeddings, layers.N.attention.wq, feed_forward.w1/w2/w3, attention_norm, ffn_norm, norm,
+output).
+
+Status (issue 5): the architecture and its training forward. Checkpoint interop, the KV cache and generation, chat,
+the Hugging Face parity tests and the transformers patch are still to come.
+"""
+
+from typing import Optional
+
+import torch
+from torch import Tensor, nn
+
+from aquila.kernels import RMSNorm, apply_rotary, attention, linear_cross_entropy
+from aquila.model.config import AquilaConfig
+
+
+class Attention(nn.Module):
+    def __init__(self, config: AquilaConfig, backend: Optional[str] = None):
+        super().__init__()
+        self.config, self.backend = config, backend
+        self.wq = nn.Linear(config.dim, config.n_heads * config.head_dim, bias=False)
+        self.wk = nn.Linear(config.dim, config.kv_heads * config.head_dim, bias=False)
+        self.wv = nn.Linear(config.dim, config.kv_heads * config.head_dim, bias=False)
+        self.wo = nn.Linear(config.n_heads * config.head_dim, config.dim, bias=False)
+
+    def forward(self, x: Tensor, positions: Optional[Tensor], cu_seqlens: Optional[Tensor]) -> Tensor:
+        batch, seq, _ = x.shape
+        c = self.config
+        q = self.wq(x).view(batch, seq, c.n_heads, c.head_dim)
+        k = self.wk(x).view(batch, seq, c.kv_heads, c.head_dim)
+        v = self.wv(x).view(batch, seq, c.kv_heads, c.head_dim)
+        q, k = apply_rotary(q, k, positions, theta=c.rope_theta, interleaved=c.rope_interleaved, backend=self.backend)
+        if cu_seqlens is None:
+            out = attention(q, k, v, causal=True, backend=self.backend)
+        else:  # documents packed into the batch's rows: flatten them into one list of sequences
+            flat = [t.reshape(batch * seq, *t.shape[2:]) for t in (q, k, v)]
+            out = attention(*flat, causal=True, cu_seqlens_q=cu_seqlens, backend=self.backend)
+        return self.wo(out.reshape(batch, seq, c.n_heads * c.head_dim))
+
+
+class FeedForward(nn.Module):
+    """SwiGLU: w2(silu(w1 x) * w3 x)."""
+
+    def __init__(self, config: AquilaConfig):
+        super().__init__()
+        self.w1 = nn.Linear(config.dim, config.hidden_dim, bias=False)
+        self.w2 = nn.Linear(config.hidden_dim, config.dim, bias=False)
+        self.w3 = nn.Linear(config.dim, config.hidden_dim, bias=False)
+
+    def forward(self, x: Tensor) -> Tensor:
+        return self.w2(nn.functional.silu(self.w1(x)) * self.w3(x))
+
+
+class Block(nn.Module):
+    """Pre-norm block. Takes and returns (x, residual): the residual add in front of each norm is fused into it."""
+
+    def __init__(self, config: AquilaConfig, backend: Optional[str] = None):
+        super().__init__()
+        self.attention_norm = RMSNorm(config.dim, config.norm_eps, backend=backend)
+        self.attention = Attention(config, backend)
+        self.ffn_norm = RMSNorm(config.dim, config.norm_eps, backend=backend)
+        self.feed_forward = FeedForward(config)
+
+    def forward(self, x, residual, positions, cu_seqlens):
+        if residual is None:  # the first block: the embeddings are the residual stream
+            normed, residual = self.attention_norm(x), x
+        else:
+            normed, residual = self.attention_norm(x, residual)
+        x = self.attention(normed, positions, cu_seqlens)
+        normed, residual = self.ffn_norm(x, residual)
+        return self.feed_forward(normed), residual
+
+
+class Aquila(nn.Module):
+    def __init__(self, config: AquilaConfig, backend: Optional[str] = None, activation_checkpointing: bool = False):
+        super().__init__()
+        self.config, self.backend = config, backend
+        self.activation_checkpointing = activation_checkpointing
+        self.tok_embeddings = nn.Embedding(config.vocab_size, config.dim)
+        self.layers = nn.ModuleList(Block(config, backend) for _ in range(config.n_layers))
+        self.norm = RMSNorm(config.dim, config.norm_eps, backend=backend)
+        self.output = nn.Linear(config.dim, config.vocab_size, bias=False)
+        if config.tie_embeddings:
+            self.output.weight = self.tok_embeddings.weight
+        if not any(p.is_meta for p in self.parameters()):
+            self.init_weights()
+
+    @torch.no_grad()
+    def init_weights(self):
+        """Normal(0, initializer_range) for every matrix, ones for the norms (also after building on meta, then
+        to_empty on a real device)."""
+        for module in self.modules():
+            if isinstance(module, (nn.Linear, nn.Embedding)):
+                module.weight.normal_(0.0, self.config.initializer_range)
+            elif isinstance(module, RMSNorm):
+                module.weight.fill_(1.0)
+
+    def forward(self, tokens: Tensor, targets: Optional[Tensor] = None, *, positions: Optional[Tensor] = None,
+                cu_seqlens: Optional[Tensor] = None, ignore_index: int = -100,
+                num_tokens: Optional[float] = None) -> Tensor:
+        """tokens [batch, seq]. With targets [batch, seq], returns the mean loss over targets that are not
+        ignore_index (or their sum / num_tokens), never materialising the logits; without, the logits
+        [batch, seq, vocab]. positions (position ids, [seq] or [batch, seq]) and cu_seqlens (int32 [documents + 1]
+        over the flattened batch) describe packed documents."""
+        if tokens.dim() != 2:
+            raise ValueError(f"Aquila: tokens must be [batch, seq], got shape {tuple(tokens.shape)}")
+        x = self.tok_embeddings(tokens)
+        residual = None
+        for layer in self.layers:
+            if self.activation_checkpointing and self.training:
+                x, residual = torch.utils.checkpoint.checkpoint(layer, x, residual, positions, cu_seqlens,
+                                                                use_reentrant=False)
+            else:
+                x, residual = layer(x, residual, positions, cu_seqlens)
+        hidden, _ = self.norm(x, residual)
+        if targets is None:
+            return self.output(hidden)
+        return linear_cross_entropy(hidden, self.output.weight, targets, ignore_index=ignore_index,
+                                    num_tokens=num_tokens, backend=self.backend)
