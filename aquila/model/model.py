@@ -6,17 +6,34 @@ from the last hidden states with the fused linear cross-entropy, so the N x V lo
 follow FlagAI's layout (tok_embeddings, layers.N.attention.wq, feed_forward.w1/w2/w3, attention_norm, ffn_norm, norm,
 output).
 
-Status (issue 5): the architecture and its training forward. Checkpoint interop, the KV cache and generation, chat,
-the Hugging Face parity tests and the transformers patch are still to come.
+Status (issue 5): the architecture, its training forward and incremental decoding with a KV cache. Checkpoint
+interop, sampling and generation, chat, the Hugging Face parity tests and the transformers patch are still to come.
 """
 
-from typing import Optional
+from typing import NamedTuple, Optional
 
 import torch
 from torch import Tensor, nn
 
-from aquila.kernels import RMSNorm, apply_rotary, attention, linear_cross_entropy
+from aquila.kernels import RMSNorm, apply_rotary, attention, attention_with_kv_cache, linear_cross_entropy
 from aquila.model.config import AquilaConfig
+
+
+class KVCache:
+    """Preallocated keys and values of every layer, [n_layers, batch, max_len, kv_heads, head_dim] each, and how many
+    positions of each sequence are filled."""
+
+    def __init__(self, config: AquilaConfig, batch: int, max_len: int, device=None, dtype=torch.float32):
+        shape = (config.n_layers, batch, max_len, config.kv_heads, config.head_dim)
+        self.k = torch.zeros(shape, device=device, dtype=dtype)
+        self.v = torch.zeros(shape, device=device, dtype=dtype)
+        self.lengths = torch.zeros(batch, dtype=torch.int32, device=device)
+
+
+class LayerCache(NamedTuple):
+    k: Tensor  # [batch, max_len, kv_heads, head_dim]
+    v: Tensor
+    lengths: Tensor  # filled positions per sequence before this step
 
 
 class Attention(nn.Module):
@@ -28,14 +45,21 @@ class Attention(nn.Module):
         self.wv = nn.Linear(config.dim, config.kv_heads * config.head_dim, bias=False)
         self.wo = nn.Linear(config.n_heads * config.head_dim, config.dim, bias=False)
 
-    def forward(self, x: Tensor, positions: Optional[Tensor], cu_seqlens: Optional[Tensor]) -> Tensor:
+    def forward(self, x: Tensor, positions: Optional[Tensor], cu_seqlens: Optional[Tensor],
+                cache: Optional[LayerCache] = None) -> Tensor:
         batch, seq, _ = x.shape
         c = self.config
         q = self.wq(x).view(batch, seq, c.n_heads, c.head_dim)
         k = self.wk(x).view(batch, seq, c.kv_heads, c.head_dim)
         v = self.wv(x).view(batch, seq, c.kv_heads, c.head_dim)
         q, k = apply_rotary(q, k, positions, theta=c.rope_theta, interleaved=c.rope_interleaved, backend=self.backend)
-        if cu_seqlens is None:
+        if cache is not None:  # the new tokens go after each sequence's filled positions, then attend to all of them
+            slots = cache.lengths[:, None].long() + torch.arange(seq, device=x.device)
+            rows = torch.arange(batch, device=x.device)[:, None]
+            cache.k[rows, slots] = k.to(cache.k.dtype)
+            cache.v[rows, slots] = v.to(cache.v.dtype)
+            out = attention_with_kv_cache(q, cache.k, cache.v, cache.lengths + seq, backend=self.backend)
+        elif cu_seqlens is None:
             out = attention(q, k, v, causal=True, backend=self.backend)
         else:  # documents packed into the batch's rows: flatten them into one list of sequences
             flat = [t.reshape(batch * seq, *t.shape[2:]) for t in (q, k, v)]
@@ -66,12 +90,12 @@ class Block(nn.Module):
         self.ffn_norm = RMSNorm(config.dim, config.norm_eps, backend=backend)
         self.feed_forward = FeedForward(config)
 
-    def forward(self, x, residual, positions, cu_seqlens):
+    def forward(self, x, residual, positions, cu_seqlens, cache=None):
         if residual is None:  # the first block: the embeddings are the residual stream
             normed, residual = self.attention_norm(x), x
         else:
             normed, residual = self.attention_norm(x, residual)
-        x = self.attention(normed, positions, cu_seqlens)
+        x = self.attention(normed, positions, cu_seqlens, cache)
         normed, residual = self.ffn_norm(x, residual)
         return self.feed_forward(normed), residual
 
@@ -122,3 +146,22 @@ class Aquila(nn.Module):
             return self.output(hidden)
         return linear_cross_entropy(hidden, self.output.weight, targets, ignore_index=ignore_index,
                                     num_tokens=num_tokens, backend=self.backend)
+
+    @torch.no_grad()
+    def forward_with_cache(self, tokens: Tensor, cache: KVCache) -> Tensor:
+        """Logits [batch, new, vocab] of new tokens [batch, new] appended to each sequence in the cache (a prompt
+        for the prefill, then one token at a time), which is updated in place."""
+        if tokens.dim() != 2 or tokens.shape[0] != cache.lengths.shape[0]:
+            raise ValueError(f"Aquila: tokens must be [batch, new] with the cache's batch {cache.lengths.shape[0]}, "
+                             f"got shape {tuple(tokens.shape)}")
+        new = tokens.shape[1]
+        if int(cache.lengths.max()) + new > cache.k.shape[2]:
+            raise ValueError(f"Aquila: the cache holds {cache.k.shape[2]} positions; {new} more do not fit")
+        positions = cache.lengths[:, None].long() + torch.arange(new, device=tokens.device)
+        x = self.tok_embeddings(tokens)
+        residual = None
+        for index, layer in enumerate(self.layers):
+            x, residual = layer(x, residual, positions, None, LayerCache(cache.k[index], cache.v[index], cache.lengths))
+        hidden, _ = self.norm(x, residual)
+        cache.lengths += new
+        return self.output(hidden)

@@ -66,3 +66,42 @@ def test_activation_checkpointing_gives_the_same_gradients():
         model(tokens, tokens).backward()
     for p, q in zip(plain.parameters(), checkpointed.parameters()):
         torch.testing.assert_close(p.grad, q.grad)
+
+
+def test_decoding_with_the_kv_cache_matches_the_full_forward():
+    """A prompt through the cache, then one token at a time: the same logits as the whole sequence at once."""
+    from aquila.model.model import KVCache
+
+    torch.manual_seed(0)
+    model = Aquila(TINY).eval()
+    tokens = torch.randint(0, TINY.vocab_size, (2, 16))
+    expected = model(tokens)
+    cache = KVCache(TINY, batch=2, max_len=32)
+    steps = [model.forward_with_cache(tokens[:, :10], cache)]
+    for t in range(10, 16):
+        steps.append(model.forward_with_cache(tokens[:, t:t + 1], cache))
+    torch.testing.assert_close(torch.cat(steps, dim=1), expected, rtol=1e-4, atol=1e-5)
+    assert cache.lengths.tolist() == [16, 16]
+
+
+def test_cache_sequences_of_different_lengths():
+    """Two sequences at different lengths in one cache (prefilled apart, then merged): each decoding step gives the
+    logits of each sequence alone."""
+    from aquila.model.model import KVCache
+
+    torch.manual_seed(0)
+    model = Aquila(TINY).eval()
+    prompts = [torch.randint(0, TINY.vocab_size, (1, n)) for n in (4, 9)]
+    cache = KVCache(TINY, batch=2, max_len=16)
+    for row, prompt in enumerate(prompts):
+        alone = KVCache(TINY, batch=1, max_len=16)
+        model.forward_with_cache(prompt, alone)
+        cache.k[:, row], cache.v[:, row], cache.lengths[row] = alone.k[:, 0], alone.v[:, 0], alone.lengths[0]
+    assert cache.lengths.tolist() == [4, 9]
+    for _ in range(3):
+        following = torch.randint(0, TINY.vocab_size, (2, 1))
+        step = model.forward_with_cache(following, cache)
+        for row in range(2):
+            prompts[row] = torch.cat([prompts[row], following[row:row + 1]], dim=1)
+            torch.testing.assert_close(step[row], model(prompts[row])[0, -1:], rtol=1e-4, atol=1e-5)
+    assert cache.lengths.tolist() == [7, 12]

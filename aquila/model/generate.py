@@ -1,0 +1,122 @@
+"""Token generation with a preallocated KV cache: batched prompts of different lengths, greedy or sampled.
+
+Works on token ids; turning them into text (stop strings, streaming whole UTF-8 characters) belongs with the
+tokenizer and is still to come (issue 5).
+"""
+
+import dataclasses
+from typing import Iterator, Optional, Sequence
+
+import torch
+from torch import Tensor
+
+from aquila.model.model import Aquila, KVCache
+
+
+@dataclasses.dataclass(frozen=True)
+class Sampling:
+    """temperature 0 is greedy; top_k 0 and top_p 1 keep every token; repetition_penalty > 1 discourages tokens
+    already in the sequence (CTRL's rule: positive logits divided by it, negative ones multiplied)."""
+
+    temperature: float = 0.0
+    top_k: int = 0
+    top_p: float = 1.0
+    repetition_penalty: float = 1.0
+    max_new_tokens: int = 64
+    min_new_tokens: int = 0
+    stop_tokens: Sequence[int] = ()
+    seed: Optional[int] = None
+
+    def __post_init__(self):
+        if self.temperature < 0:
+            raise ValueError(f"Sampling: temperature must be >= 0, got {self.temperature}")
+        if self.top_k < 0:
+            raise ValueError(f"Sampling: top_k must be >= 0, got {self.top_k}")
+        if not 0 < self.top_p <= 1:
+            raise ValueError(f"Sampling: top_p must be in (0, 1], got {self.top_p}")
+        if self.repetition_penalty <= 0:
+            raise ValueError(f"Sampling: repetition_penalty must be > 0, got {self.repetition_penalty}")
+        if not 0 <= self.min_new_tokens <= self.max_new_tokens:
+            raise ValueError(f"Sampling: need 0 <= min_new_tokens <= max_new_tokens, got {self.min_new_tokens} and "
+                             f"{self.max_new_tokens}")
+
+
+def next_tokens(logits: Tensor, history: Tensor, sampling: Sampling, generator: Optional[torch.Generator],
+                allow_stop: bool) -> Tensor:
+    """One token per row from logits [batch, vocab]; history [batch, length] (-1 marks padding) feeds the
+    repetition penalty."""
+    logits = logits.float()
+    if sampling.repetition_penalty != 1.0:
+        seen = torch.zeros_like(logits, dtype=torch.bool)
+        seen.scatter_(1, history.clamp(min=0), history >= 0)
+        penalised = torch.where(logits > 0, logits / sampling.repetition_penalty,
+                                logits * sampling.repetition_penalty)
+        logits = torch.where(seen, penalised, logits)
+    if not allow_stop and sampling.stop_tokens:
+        logits[:, list(sampling.stop_tokens)] = float("-inf")
+    if sampling.temperature == 0:
+        return logits.argmax(-1)
+    logits = logits / sampling.temperature
+    if sampling.top_k:
+        kth = torch.topk(logits, min(sampling.top_k, logits.shape[-1]), dim=-1).values[:, -1:]
+        logits = logits.masked_fill(logits < kth, float("-inf"))
+    if sampling.top_p < 1.0:
+        sorted_logits, order = torch.sort(logits, dim=-1, descending=True)
+        cumulative = torch.softmax(sorted_logits, -1).cumsum(-1)
+        # Keep the smallest prefix whose mass reaches top_p: a token goes if the mass before it already does.
+        drop = cumulative - torch.softmax(sorted_logits, -1) >= sampling.top_p
+        logits = logits.scatter(1, order, sorted_logits.masked_fill(drop, float("-inf")))
+    probabilities = torch.softmax(logits, -1)
+    return torch.multinomial(probabilities, 1, generator=generator).squeeze(-1)
+
+
+@torch.no_grad()
+def generate_tokens(model: Aquila, prompts: Sequence[Sequence[int]], sampling: Sampling = Sampling()
+                    ) -> Iterator[Tensor]:
+    """Yields, step by step, the next token of each prompt ([batch] ids; -1 for a sequence that has stopped), until
+    every sequence has stopped or max_new_tokens are out. Prompts of different lengths are prefilled one by one into
+    a shared cache, then decoded together."""
+    if not prompts or any(len(p) == 0 for p in prompts):
+        raise ValueError("generate_tokens: prompts must be non-empty lists of token ids")
+    device = model.output.weight.device
+    batch = len(prompts)
+    longest = max(len(p) for p in prompts)
+    cache = KVCache(model.config, batch, longest + sampling.max_new_tokens, device, model.output.weight.dtype)
+    generator = None
+    if sampling.seed is not None:
+        generator = torch.Generator(device=device).manual_seed(sampling.seed)
+    last_logits = []
+    for row, prompt in enumerate(prompts):
+        alone = KVCache(model.config, 1, len(prompt), device, cache.k.dtype)
+        logits = model.forward_with_cache(torch.tensor([list(prompt)], device=device), alone)
+        cache.k[:, row, :len(prompt)] = alone.k[:, 0]
+        cache.v[:, row, :len(prompt)] = alone.v[:, 0]
+        cache.lengths[row] = len(prompt)
+        last_logits.append(logits[0, -1])
+    logits = torch.stack(last_logits)
+    history = torch.full((batch, longest + sampling.max_new_tokens), -1, dtype=torch.long, device=device)
+    for row, prompt in enumerate(prompts):
+        history[row, :len(prompt)] = torch.tensor(list(prompt), device=device)
+    active = torch.ones(batch, dtype=torch.bool, device=device)
+    stop = torch.tensor(list(sampling.stop_tokens), dtype=torch.long, device=device)
+    for step in range(sampling.max_new_tokens):
+        tokens = next_tokens(logits, history, sampling, generator, allow_stop=step >= sampling.min_new_tokens)
+        tokens = torch.where(active, tokens, torch.full_like(tokens, -1))
+        yield tokens
+        history[torch.arange(batch, device=device), cache.lengths.long()] = tokens
+        if stop.numel():
+            active &= ~torch.isin(tokens, stop)
+        if not bool(active.any()) or step + 1 == sampling.max_new_tokens:
+            return
+        # Stopped rows keep decoding a dummy token (their output is masked): one batched step for all.
+        logits = model.forward_with_cache(tokens.clamp(min=0)[:, None], cache)[:, -1]
+
+
+def generate(model: Aquila, prompts: Sequence[Sequence[int]], sampling: Sampling = Sampling()) -> list[list[int]]:
+    """The new tokens of each prompt (stop tokens included), as lists of ids."""
+    outputs = [[] for _ in prompts]
+    for tokens in generate_tokens(model, prompts, sampling):
+        for row, token in enumerate(tokens.tolist()):
+            if token >= 0:
+                outputs[row].append(token)
+    return outputs

@@ -1,0 +1,69 @@
+import pytest
+import torch
+
+from aquila.model.config import AquilaConfig
+from aquila.model.generate import Sampling, generate, next_tokens
+from aquila.model.model import Aquila
+
+TINY = AquilaConfig(dim=64, n_layers=2, n_heads=4, n_kv_heads=2, vocab_size=97, multiple_of=16, max_seq_len=64)
+
+
+@pytest.fixture(scope="module")
+def model():
+    torch.manual_seed(0)
+    return Aquila(TINY).eval()
+
+
+def greedy_without_cache(model, prompt, steps):
+    tokens = list(prompt)
+    for _ in range(steps):
+        tokens.append(int(model(torch.tensor([tokens]))[0, -1].argmax()))
+    return tokens[len(prompt):]
+
+
+def test_greedy_matches_recomputing_the_whole_sequence(model):
+    prompts = [[5, 17, 3], [1, 2, 3, 4, 5, 6, 7, 8]]  # different lengths in one batch
+    outputs = generate(model, prompts, Sampling(max_new_tokens=6))
+    assert outputs == [greedy_without_cache(model, p, 6) for p in prompts]
+
+
+def test_top_k_1_and_tiny_top_p_are_greedy(model):
+    prompts = [[9, 8, 7]]
+    greedy = generate(model, prompts, Sampling(max_new_tokens=5))
+    assert generate(model, prompts, Sampling(temperature=1.0, top_k=1, max_new_tokens=5, seed=1)) == greedy
+    assert generate(model, prompts, Sampling(temperature=1.0, top_p=1e-6, max_new_tokens=5, seed=1)) == greedy
+
+
+def test_seeded_sampling_is_reproducible(model):
+    sampling = Sampling(temperature=1.5, max_new_tokens=12, seed=123)
+    first = generate(model, [[1, 2], [3]], sampling)
+    assert generate(model, [[1, 2], [3]], sampling) == first
+    others = [generate(model, [[1, 2], [3]], Sampling(temperature=1.5, max_new_tokens=12, seed=s)) for s in range(5)]
+    assert any(o != first for o in others)
+
+
+def test_stop_tokens_and_min_new_tokens(model):
+    prompt = [[4, 4, 4]]
+    greedy = generate(model, prompt, Sampling(max_new_tokens=8))[0]
+    stop = greedy[2]
+    stopped = generate(model, prompt, Sampling(max_new_tokens=8, stop_tokens=(stop,)))[0]
+    assert stopped == greedy[:greedy.index(stop) + 1]  # up to and including the stop token
+    delayed = generate(model, prompt, Sampling(max_new_tokens=8, stop_tokens=(stop,), min_new_tokens=8))
+    assert len(delayed[0]) == 8 and stop not in delayed[0]
+
+
+def test_repetition_penalty_discourages_seen_tokens():
+    logits = torch.tensor([[0.0, 1.0, 5.0, 4.0]])
+    history = torch.tensor([[2, -1]])
+    assert next_tokens(logits, history, Sampling(), None, True).item() == 2
+    assert next_tokens(logits, history, Sampling(repetition_penalty=2.0), None, True).item() == 3
+
+
+@pytest.mark.parametrize("values, words", [
+    (dict(temperature=-1.0), "temperature must be >= 0"),
+    (dict(top_p=0.0), r"top_p must be in \(0, 1\]"),
+    (dict(min_new_tokens=5, max_new_tokens=2), "min_new_tokens <= max_new_tokens"),
+])
+def test_bad_sampling_options(values, words):
+    with pytest.raises(ValueError, match=words):
+        Sampling(**values)
