@@ -524,6 +524,8 @@ def attention(q: Tensor, k: Tensor, v: Tensor, *, causal: bool = False, scale: O
                          "with backend='triton'")
     if backend == "torch":  # the reference, through torch's own autograd
         return reference.attention(*packed, seq.as_list(), scale, causal)[0].view(q.shape)
+    if _backend.direct_call(q, k, v):
+        return _forward(*packed, seq, scale, bool(causal), backend)[0].view(q.shape)
     return AttentionFunction.apply(*packed, seq, scale, bool(causal), backend).view(q.shape)
 
 
@@ -559,5 +561,8 @@ def attention_with_kv_cache(q: Tensor, k_cache: Tensor, v_cache: Tensor, cache_s
     if backend == "torch":
         return reference.attention(*packed, seq.as_list(), scale, causal)[0].view(q.shape)
     with torch.no_grad():
-        out, _ = _forward_op(*packed, *seq, scale, bool(causal), backend)
+        if _backend.direct_call():
+            out, _ = _forward(*packed, seq, scale, bool(causal), backend)
+        else:
+            out, _ = _forward_op(*packed, *seq, scale, bool(causal), backend)
     return out.view(q.shape)

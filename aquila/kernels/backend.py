@@ -79,6 +79,15 @@ def _default_backend(tensor):
     return "torch"
 
 
+def direct_call(*tensors):
+    """True when an op may call its kernels straight away: nothing needs a gradient and torch.compile is not
+    tracing. The custom-op and autograd layers cost tens of microseconds a call, which is most of a decoding step's
+    time for a small model; they are only needed for gradients and for torch.compile."""
+    if torch.compiler.is_compiling():
+        return False
+    return not (torch.is_grad_enabled() and any(t is not None and t.requires_grad for t in tensors))
+
+
 def check_tensor(op, name, tensor, *, dtypes=FLOAT_DTYPES, device=None, shape=None, dtype=None):
     """Raises a clear error if `tensor` is not a tensor of one of `dtypes`, on `device`, of `shape`."""
     if not isinstance(tensor, torch.Tensor):

@@ -232,7 +232,10 @@ def _apply(op, x, residual, weight, eps, backend):
                          "use backend='cuda' or 'torch'")
     rows = _backend.as_rows(x)
     residual_rows = None if residual is None else _backend.as_rows(residual)
-    out, residual_out = RMSNormFunction.apply(rows, residual_rows, weight, float(eps), backend)
+    if _backend.direct_call(x, residual, weight):
+        out, residual_out, _ = _forward(rows, residual_rows, weight, float(eps), backend)
+    else:
+        out, residual_out = RMSNormFunction.apply(rows, residual_rows, weight, float(eps), backend)
     return out.view(x.shape), residual_out.view(x.shape) if residual is not None else None
 
 

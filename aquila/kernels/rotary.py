@@ -205,7 +205,10 @@ def rotary_embedding(x: Tensor, positions: Optional[Tensor] = None, *, offset: i
                              f"got {tuple(positions.shape)}")
         positions = positions.to(torch.int64)
     backend = _backend.resolve(op, x, backend)
-    out = RotaryFunction.apply(x4, positions, offset, float(theta), bool(interleaved), backend)
+    if _backend.direct_call(x):
+        out = _rotate(x4, positions, offset, float(theta), bool(interleaved), False, backend)
+    else:
+        out = RotaryFunction.apply(x4, positions, offset, float(theta), bool(interleaved), backend)
     return out.squeeze(0) if squeeze else out
 
 
