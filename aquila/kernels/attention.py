@@ -43,6 +43,24 @@ def _load_rows(BASE, tokens, token_stride, head_offset, dims, token_mask, dim_ma
 
 
 @triton.jit
+def _query_block(Q_START, K_START, K_LEN, sequence, head, group, block_m, q_len, head_dim, CAUSAL: tl.constexpr,
+                 BLOCK_M: tl.constexpr, BLOCK_D: tl.constexpr):
+    """Where a program's block of queries and its sequence's keys are, and how far into the keys it must look (the
+    causal mask, bottom-right aligned, hides the keys after the block's last query)."""
+    k_len = tl.load(K_LEN + sequence)
+    q_start = tl.load(Q_START + sequence).to(tl.int64)
+    k_start = tl.load(K_START + sequence).to(tl.int64)
+    kv_head = (head // group).to(tl.int64)
+    rows = block_m * BLOCK_M + tl.arange(0, BLOCK_M)
+    dims = tl.arange(0, BLOCK_D)
+    shift = k_len - q_len  # query i sees keys j <= i + shift
+    end = k_len
+    if CAUSAL:
+        end = tl.minimum(k_len, (block_m + 1) * BLOCK_M + shift)
+    return k_len, q_start, k_start, kv_head, rows, dims, rows < q_len, dims < head_dim, shift, end
+
+
+@triton.jit
 def _attention_forward_kernel(Q, K, V, OUT, LSE, q_token_stride, q_head_stride, k_token_stride, k_head_stride,
                               v_token_stride, v_head_stride, out_token_stride, out_head_stride, Q_START, Q_LEN,
                               K_START, K_LEN, heads_q, group, head_dim, scale_log2,
@@ -54,24 +72,14 @@ def _attention_forward_kernel(Q, K, V, OUT, LSE, q_token_stride, q_head_stride, 
     q_len = tl.load(Q_LEN + sequence)
     if block_m * BLOCK_M >= q_len:
         return
-    k_len = tl.load(K_LEN + sequence)
-    q_start = tl.load(Q_START + sequence).to(tl.int64)
-    k_start = tl.load(K_START + sequence).to(tl.int64)
-    kv_head = (head // group).to(tl.int64)
-    rows = block_m * BLOCK_M + tl.arange(0, BLOCK_M)
-    dims = tl.arange(0, BLOCK_D)
-    row_mask = rows < q_len
-    dim_mask = dims < head_dim
+    k_len, q_start, k_start, kv_head, rows, dims, row_mask, dim_mask, shift, end = _query_block(
+        Q_START, K_START, K_LEN, sequence, head, group, block_m, q_len, head_dim, CAUSAL, BLOCK_M, BLOCK_D)
     q = _load_rows(Q, q_start + rows, q_token_stride, head.to(tl.int64) * q_head_stride, dims, row_mask, dim_mask)
 
     # Online softmax in base 2: scores are scaled by scale * log2(e) so that exp2 does the work.
     row_max = tl.full([BLOCK_M], float("-inf"), tl.float32)
     row_sum = tl.zeros([BLOCK_M], tl.float32)
     acc = tl.zeros([BLOCK_M, BLOCK_D], tl.float32)
-    shift = k_len - q_len  # bottom-right causal alignment: query i sees keys j <= i + shift
-    end = k_len
-    if CAUSAL:
-        end = tl.minimum(k_len, (block_m + 1) * BLOCK_M + shift)
     for start in range(0, end, BLOCK_N):
         cols = start + tl.arange(0, BLOCK_N)
         col_mask = cols < k_len
@@ -176,14 +184,8 @@ def _attention_backward_q_kernel(Q, K, V, GRAD_OUT, LSE, DELTA, GRAD_Q, q_token_
     q_len = tl.load(Q_LEN + sequence)
     if block_m * BLOCK_M >= q_len:
         return
-    k_len = tl.load(K_LEN + sequence)
-    q_start = tl.load(Q_START + sequence).to(tl.int64)
-    k_start = tl.load(K_START + sequence).to(tl.int64)
-    kv_head = (head // group).to(tl.int64)
-    rows = block_m * BLOCK_M + tl.arange(0, BLOCK_M)
-    dims = tl.arange(0, BLOCK_D)
-    row_mask = rows < q_len
-    dim_mask = dims < head_dim
+    k_len, q_start, k_start, kv_head, rows, dims, row_mask, dim_mask, shift, end = _query_block(
+        Q_START, K_START, K_LEN, sequence, head, group, block_m, q_len, head_dim, CAUSAL, BLOCK_M, BLOCK_D)
     head64 = head.to(tl.int64)
     q = _load_rows(Q, q_start + rows, q_token_stride, head64 * q_head_stride, dims, row_mask, dim_mask)
     grad_out = _load_rows(GRAD_OUT, q_start + rows, do_token_stride, head64 * do_head_stride, dims, row_mask,
@@ -191,10 +193,6 @@ def _attention_backward_q_kernel(Q, K, V, GRAD_OUT, LSE, DELTA, GRAD_Q, q_token_
     lse = tl.load(LSE + (q_start + rows) * heads_q + head, mask=row_mask, other=0.0)
     delta = tl.load(DELTA + (q_start + rows) * heads_q + head, mask=row_mask, other=0.0)
     grad_q = tl.zeros([BLOCK_M, BLOCK_D], tl.float32)
-    shift = k_len - q_len
-    end = k_len
-    if CAUSAL:
-        end = tl.minimum(k_len, (block_m + 1) * BLOCK_M + shift)
     for start in range(0, end, BLOCK_N):
         cols = start + tl.arange(0, BLOCK_N)
         col_mask = cols < k_len
