@@ -1,12 +1,15 @@
 """The `aquila` command. Only parses arguments and calls the library.
 
-    aquila convert SOURCE DEST [--dtype bf16]   a FlagAI or Hugging Face checkpoint -> the Hugging Face layout
-
-(pretrain, sft, generate, chat, tokenizer, data and plot arrive with the issues that build them.)
+    aquila generate --checkpoint DIR "prompt"     continue a text (tokens/s on stderr)
+    aquila chat --checkpoint DIR                  talk to a chat model (streaming, with history)
+    aquila tokenizer train [FILES] --out DIR      train the byte-level BPE tokenizer (default: the demo corpus)
+    aquila convert SOURCE DEST [--dtype bf16]     a FlagAI or Hugging Face checkpoint -> the Hugging Face layout
 """
 
 import argparse
+import os
 import sys
+import time
 
 import torch
 
@@ -22,9 +25,142 @@ def convert(args):
           f"{sum(p.numel() for p in model.parameters()):,} parameters)")
 
 
-def main(argv=None):
+def load_for_inference(args):
+    """The model and tokenizer of a checkpoint directory (the tokenizer beside the weights unless --tokenizer)."""
+    from aquila.data.tokenizer import Tokenizer
+    from aquila.model.checkpoint import load
+
+    device = args.device or ("cuda" if torch.cuda.is_available() else "cpu")
+    tokenizer = Tokenizer.load(args.tokenizer or args.checkpoint)
+    model = load(args.checkpoint, dtype=DTYPES[args.dtype], device=device).eval()
+    if tokenizer.vocab_size > model.config.vocab_size:
+        raise ValueError(f"the tokenizer has {tokenizer.vocab_size} tokens but the model only "
+                         f"{model.config.vocab_size}: they do not belong together")
+    return model, tokenizer
+
+
+def sampling_from(args, tokenizer):
+    from aquila.model.generate import Sampling
+
+    return Sampling(temperature=args.temperature, top_k=args.top_k, top_p=args.top_p,
+                    repetition_penalty=args.repetition_penalty, max_new_tokens=args.max_new_tokens,
+                    min_new_tokens=args.min_new_tokens, stop_tokens=(tokenizer.eos_id,), seed=args.seed)
+
+
+def stream_to_stdout(model, tokenizer, prompt_ids, sampling, stop_strings) -> tuple[str, int, float]:
+    """Prints the continuation as it is generated; returns it, the number of new tokens and the seconds taken."""
+    from aquila.model.generate import stream_text
+
+    text, steps = "", -1  # the last yield only flushes
+    start = time.perf_counter()
+    for pieces in stream_text(model, tokenizer, [prompt_ids], sampling, stop_strings):
+        steps += 1
+        print(pieces[0], end="", flush=True)
+        text += pieces[0]
+    return text, steps, time.perf_counter() - start
+
+
+def generate(args):
+    model, tokenizer = load_for_inference(args)
+    prompt_ids = tokenizer.encode(args.prompt, bos=True)
+    if not args.no_echo:
+        print(args.prompt, end="", flush=True)
+    _, steps, seconds = stream_to_stdout(model, tokenizer, prompt_ids, sampling_from(args, tokenizer), args.stop)
+    print()
+    print(f"[{steps} tokens in {seconds:.2f} s: {steps / max(seconds, 1e-9):.1f} tokens/s, prompt "
+          f"{len(prompt_ids)} tokens, {model.output.weight.device}]", file=sys.stderr)
+
+
+def chat(args):
+    from aquila.model.chat import STOP_STRINGS, Message, clean_reply, render
+
+    model, tokenizer = load_for_inference(args)
+    sampling = sampling_from(args, tokenizer)
+    history: list[Message] = []
+    interactive = sys.stdin.isatty()
+    if interactive:
+        print("Chatting with the model; /reset forgets the history, /exit or Ctrl-D ends.", file=sys.stderr)
+    while True:
+        try:
+            line = input("You: " if interactive else "")
+        except (EOFError, KeyboardInterrupt):
+            print(file=sys.stderr)
+            return
+        if line.strip() == "/exit":
+            return
+        if line.strip() == "/reset":
+            history.clear()
+            continue
+        if not line.strip():
+            continue
+        history.append(Message("human", line))
+        while True:  # forget the oldest exchanges while the prompt leaves no room for the reply
+            prompt = render(tokenizer, history, system=args.system, generation=True).ids
+            if len(prompt) + sampling.max_new_tokens <= model.config.max_seq_len or len(history) == 1:
+                break
+            del history[:2]
+        print("Aquila:", end="", flush=True)
+        reply, steps, seconds = stream_to_stdout(model, tokenizer, prompt, sampling, STOP_STRINGS + tuple(args.stop))
+        print()
+        if interactive:
+            print(f"[{steps / max(seconds, 1e-9):.1f} tokens/s]", file=sys.stderr)
+        history.append(Message("gpt", clean_reply(reply)))
+
+
+def tokenizer_train(args):
+    from aquila.data.documents import read_documents
+    from aquila.data.tokenizer import Tokenizer
+
+    files = args.files or [demo_corpus("train")]
+    start = time.perf_counter()
+    tokenizer = Tokenizer.train(read_documents(files, args.key), vocab_size=args.vocab_size)
+    tokenizer.save(args.out)
+    print(f"{args.out}: {tokenizer.vocab_size} tokens (BOS {tokenizer.bos_id}, EOS {tokenizer.eos_id}) from "
+          f"{len(files)} file(s) in {time.perf_counter() - start:.1f} s")
+
+
+def demo_corpus(split: str) -> str:
+    return os.path.join(os.path.dirname(__file__), "data", "demo", f"{split}.jsonl.gz")
+
+
+def add_inference_arguments(command):
+    command.add_argument("--checkpoint", required=True, help="checkpoint directory (Hugging Face or FlagAI layout)")
+    command.add_argument("--tokenizer", help="tokenizer directory (default: the checkpoint's)")
+    command.add_argument("--device", help="cpu or cuda (default: cuda when present)")
+    command.add_argument("--dtype", choices=sorted(DTYPES), default="fp32")
+    command.add_argument("--max-new-tokens", type=int, default=128)
+    command.add_argument("--min-new-tokens", type=int, default=0)
+    command.add_argument("--temperature", type=float, default=0.7, help="0 is greedy")
+    command.add_argument("--top-k", type=int, default=50)
+    command.add_argument("--top-p", type=float, default=0.9)
+    command.add_argument("--repetition-penalty", type=float, default=1.1)
+    command.add_argument("--seed", type=int)
+    command.add_argument("--stop", action="append", default=[], help="stop string (repeatable)")
+
+
+def parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(prog="aquila", description=__doc__.split("\n\n")[0])
     commands = parser.add_subparsers(dest="command", required=True)
+
+    command = commands.add_parser("generate", help="continue a text prompt")
+    add_inference_arguments(command)
+    command.add_argument("prompt")
+    command.add_argument("--no-echo", action="store_true", help="print only the continuation")
+    command.set_defaults(run=generate)
+
+    command = commands.add_parser("chat", help="interactive chat with the AquilaChat template")
+    add_inference_arguments(command)
+    command.add_argument("--system", help="system message (default: AquilaChat's)")
+    command.set_defaults(run=chat)
+
+    tokenizer = commands.add_parser("tokenizer", help="tokenizer tools").add_subparsers(dest="action", required=True)
+    command = tokenizer.add_parser("train", help="train the byte-level BPE tokenizer")
+    command.add_argument("files", nargs="*", help="jsonl(.gz/.xz) or text files (default: the demo corpus)")
+    command.add_argument("--out", required=True, help="output directory (written atomically)")
+    command.add_argument("--vocab-size", type=int, default=100008, help="total, with the 8 special tokens")
+    command.add_argument("--key", default="text", help="JSON key holding the text")
+    command.set_defaults(run=tokenizer_train)
+
     command = commands.add_parser("convert", help="convert a FlagAI or Hugging Face checkpoint to the Hugging Face "
                                                   "layout (config.json + safetensors)")
     command.add_argument("source", help="checkpoint directory (FlagAI: config.json + .bin; HF: config.json + "
@@ -32,7 +168,11 @@ def main(argv=None):
     command.add_argument("dest", help="output directory (written atomically)")
     command.add_argument("--dtype", choices=sorted(DTYPES), default="fp32")
     command.set_defaults(run=convert)
-    args = parser.parse_args(argv)
+    return parser
+
+
+def main(argv=None):
+    args = parser().parse_args(argv)
     try:
         args.run(args)
     except (ValueError, FileNotFoundError) as error:

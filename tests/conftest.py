@@ -48,3 +48,21 @@ def poisoned_outputs():
 @pytest.fixture(autouse=True)
 def seeded():
     torch.manual_seed(0)
+
+
+def bilingual_sample_texts() -> list[str]:
+    """A small bilingual + code training set for test tokenizers: CPython's own sources and classical Chinese."""
+    import os
+
+    poem = "床前明月光，疑是地上霜。举头望明月，低头思故乡。白日依山尽，黄河入海流。欲穷千里目，更上一层楼。"
+    english = "The quick brown fox jumps over the lazy dog. Tokenizers split text into pieces the model can learn."
+    code_dir = os.path.dirname(os.__file__)
+    code = [open(os.path.join(code_dir, name), encoding="utf-8").read() for name in ("os.py", "json/decoder.py")]
+    return [poem, english] * 50 + code
+
+
+@pytest.fixture(scope="session")
+def small_tokenizer():
+    from aquila.data.tokenizer import Tokenizer
+
+    return Tokenizer.train(bilingual_sample_texts(), vocab_size=520, show_progress=False)

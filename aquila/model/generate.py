@@ -1,15 +1,14 @@
-"""Token generation with a preallocated KV cache: batched prompts of different lengths, greedy or sampled.
-
-Works on token ids; turning them into text (stop strings, streaming whole UTF-8 characters) belongs with the
-tokenizer and is still to come (issue 5).
+"""Generation with a preallocated KV cache: batched prompts of different lengths, greedy or sampled, as token ids
+(generate_tokens, generate) or as text streamed in whole characters with stop strings (stream_text, generate_text).
 """
 
 import dataclasses
-from typing import Iterator, Optional, Sequence
+from typing import Callable, Iterator, Optional, Sequence
 
 import torch
 from torch import Tensor
 
+from aquila.data.tokenizer import StreamDecoder
 from aquila.model.model import Aquila, KVCache
 
 
@@ -71,11 +70,12 @@ def next_tokens(logits: Tensor, history: Tensor, sampling: Sampling, generator: 
 
 
 @torch.no_grad()
-def generate_tokens(model: Aquila, prompts: Sequence[Sequence[int]], sampling: Sampling = Sampling()
-                    ) -> Iterator[Tensor]:
+def generate_tokens(model: Aquila, prompts: Sequence[Sequence[int]], sampling: Sampling = Sampling(),
+                    stop: Optional[Callable[[list[int]], list[bool]]] = None) -> Iterator[Tensor]:
     """Yields, step by step, the next token of each prompt ([batch] ids; -1 for a sequence that has stopped), until
     every sequence has stopped or max_new_tokens are out. Prompts of different lengths are prefilled one by one into
-    a shared cache, then decoded together."""
+    a shared cache, then decoded together. stop, given each step's tokens, says which sequences end there (for
+    conditions beyond stop tokens, such as stop strings)."""
     if not prompts or any(len(p) == 0 for p in prompts):
         raise ValueError("generate_tokens: prompts must be non-empty lists of token ids")
     device = model.output.weight.device
@@ -98,14 +98,16 @@ def generate_tokens(model: Aquila, prompts: Sequence[Sequence[int]], sampling: S
     for row, prompt in enumerate(prompts):
         history[row, :len(prompt)] = torch.tensor(list(prompt), device=device)
     active = torch.ones(batch, dtype=torch.bool, device=device)
-    stop = torch.tensor(list(sampling.stop_tokens), dtype=torch.long, device=device)
+    stop_tokens = torch.tensor(list(sampling.stop_tokens), dtype=torch.long, device=device)
     for step in range(sampling.max_new_tokens):
         tokens = next_tokens(logits, history, sampling, generator, allow_stop=step >= sampling.min_new_tokens)
         tokens = torch.where(active, tokens, torch.full_like(tokens, -1))
         yield tokens
         history[torch.arange(batch, device=device), cache.lengths.long()] = tokens
-        if stop.numel():
-            active &= ~torch.isin(tokens, stop)
+        if stop_tokens.numel():
+            active &= ~torch.isin(tokens, stop_tokens)
+        if stop is not None:
+            active &= ~torch.tensor(stop(tokens.tolist()), dtype=torch.bool, device=device)
         if not bool(active.any()) or step + 1 == sampling.max_new_tokens:
             return
         # Stopped rows keep decoding a dummy token (their output is masked): one batched step for all.
@@ -120,3 +122,56 @@ def generate(model: Aquila, prompts: Sequence[Sequence[int]], sampling: Sampling
             if token >= 0:
                 outputs[row].append(token)
     return outputs
+
+
+class _TextStream:
+    """One sequence's text as its tokens arrive: whole characters only, held back while the text's end could still
+    become a stop string, cut before the first stop string."""
+
+    def __init__(self, tokenizer, stop_strings: Sequence[str]):
+        self.decoder = StreamDecoder(tokenizer)
+        self.stop_strings = [s for s in stop_strings if s]
+        self.pending, self.stopped = "", False
+
+    def push(self, token: int) -> str:
+        if self.stopped or token < 0:
+            return ""
+        self.pending += self.decoder.push(token)
+        for stop in self.stop_strings:
+            if stop in self.pending:
+                self.stopped = True
+                out, self.pending = self.pending.split(stop, 1)[0], ""
+                return out
+        held = max((n for s in self.stop_strings for n in range(1, len(s)) if self.pending.endswith(s[:n])),
+                   default=0)
+        out, self.pending = self.pending[:len(self.pending) - held], self.pending[len(self.pending) - held:]
+        return out
+
+    def finish(self) -> str:
+        out = "" if self.stopped else self.pending + self.decoder.flush()
+        self.pending = ""
+        return out
+
+
+def stream_text(model: Aquila, tokenizer, prompts: Sequence[Sequence[int]], sampling: Sampling = Sampling(),
+                stop_strings: Sequence[str] = ()) -> Iterator[list[str]]:
+    """Yields, step by step, the new text of each prompt (possibly empty): whole UTF-8 characters only, so Chinese
+    never streams broken bytes, and nothing from a stop string on (the sequence ends there). Special tokens are not
+    shown; stop tokens end a sequence as in generate_tokens."""
+    streams = [_TextStream(tokenizer, stop_strings) for _ in prompts]
+
+    def stopped_by_text(tokens: list[int]) -> list[bool]:
+        return [stream.stopped for stream in streams]
+
+    for tokens in generate_tokens(model, prompts, sampling, stop=stopped_by_text if stop_strings else None):
+        yield [stream.push(token) for stream, token in zip(streams, tokens.tolist())]
+    yield [stream.finish() for stream in streams]
+
+
+def generate_text(model: Aquila, tokenizer, prompts: Sequence[Sequence[int]], sampling: Sampling = Sampling(),
+                  stop_strings: Sequence[str] = ()) -> list[str]:
+    """The new text of each prompt, up to (not including) the first stop string."""
+    texts = [""] * len(prompts)
+    for pieces in stream_text(model, tokenizer, prompts, sampling, stop_strings):
+        texts = [text + piece for text, piece in zip(texts, pieces)]
+    return texts

@@ -67,3 +67,65 @@ def test_repetition_penalty_discourages_seen_tokens():
 def test_bad_sampling_options(values, words):
     with pytest.raises(ValueError, match=words):
         Sampling(**values)
+
+
+class ScriptedModel:
+    """Stands in for Aquila in the text-level tests: 'generates' a fixed token sequence (its logits put all mass on
+    the next scripted token), so stop strings and streaming are tested on known text."""
+
+    def __init__(self, script: list[int], vocab_size: int):
+        self.script, self.vocab_size = script, vocab_size
+
+
+def scripted_tokens(monkeypatch, script, vocab_size):
+    from aquila.model import generate as module
+
+    def fake_generate_tokens(model, prompts, sampling=Sampling(), stop=None):
+        active = [True] * len(prompts)
+        for token in script[:sampling.max_new_tokens]:
+            tokens = [token if a else -1 for a in active]
+            yield torch.tensor(tokens)
+            if stop is not None:
+                active = [a and not s for a, s in zip(active, stop(tokens))]
+            if not any(active):
+                return
+
+    monkeypatch.setattr(module, "generate_tokens", fake_generate_tokens)
+
+
+def test_stream_text_holds_back_partial_characters_and_stop_strings(small_tokenizer, monkeypatch):
+    from aquila.model.generate import generate_text, stream_text
+
+    text = "床前明月光 #1 ## 疑是###地上霜"
+    ids = small_tokenizer.encode(text)
+    scripted_tokens(monkeypatch, ids, small_tokenizer.vocab_size)
+    pieces = [p[0] for p in stream_text(None, small_tokenizer, [[1]], Sampling(max_new_tokens=100), ["###"])]
+    assert "".join(pieces) == "床前明月光 #1 ## 疑是"
+    assert not any("\ufffd" in p for p in pieces)
+    assert "###" not in "".join(pieces)
+    # The stream ended at the stop string: fewer steps than tokens.
+    assert len(pieces) - 1 < len(ids)
+    assert generate_text(None, small_tokenizer, [[1]], Sampling(max_new_tokens=100)) == [text]
+    assert generate_text(None, small_tokenizer, [[1]], Sampling(max_new_tokens=100), ["地上", "明月"]) == ["床前"]
+
+
+def test_stream_text_never_emits_a_prefix_of_a_stop_string_early(small_tokenizer, monkeypatch):
+    from aquila.model.generate import stream_text
+
+    ids = [small_tokenizer.encode(c)[0] for c in "ab#c##d"]
+    scripted_tokens(monkeypatch, ids, small_tokenizer.vocab_size)
+    pieces = [p[0] for p in stream_text(None, small_tokenizer, [[1]], Sampling(max_new_tokens=50), ["###"])]
+    assert pieces == ["a", "b", "", "#c", "", "", "##d", ""]
+
+
+def test_text_generation_on_a_real_model_matches_the_token_path(small_tokenizer):
+    from aquila.model.generate import generate_text
+
+    torch.manual_seed(0)
+    model = Aquila(AquilaConfig(dim=64, n_layers=2, n_heads=4, vocab_size=small_tokenizer.vocab_size,
+                                multiple_of=16, max_seq_len=64)).eval()
+    prompts = [small_tokenizer.encode("床前", bos=True), small_tokenizer.encode("def f(x):", bos=True)]
+    sampling = Sampling(max_new_tokens=12)
+    token_outputs = generate(model, prompts, sampling)
+    assert generate_text(model, small_tokenizer, prompts, sampling) == \
+        [small_tokenizer.decode(ids) for ids in token_outputs]
