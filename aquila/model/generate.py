@@ -87,11 +87,8 @@ def generate_tokens(model: Aquila, prompts: Sequence[Sequence[int]], sampling: S
         generator = torch.Generator(device=device).manual_seed(sampling.seed)
     last_logits = []
     for row, prompt in enumerate(prompts):
-        alone = KVCache(model.config, 1, len(prompt), device, cache.k.dtype)
-        logits = model.forward_with_cache(torch.tensor([list(prompt)], device=device), alone)
-        cache.k[:, row, :len(prompt)] = alone.k[:, 0]
-        cache.v[:, row, :len(prompt)] = alone.v[:, 0]
-        cache.lengths[row] = len(prompt)
+        prompt = torch.tensor([list(prompt)], device=device)
+        logits = model.forward_with_cache(prompt, cache.sequence(row), last_only=True)
         last_logits.append(logits[0, -1])
     logits = torch.stack(last_logits)
     history = torch.full((batch, longest + sampling.max_new_tokens), -1, dtype=torch.long, device=device)
@@ -111,7 +108,7 @@ def generate_tokens(model: Aquila, prompts: Sequence[Sequence[int]], sampling: S
         if not bool(active.any()) or step + 1 == sampling.max_new_tokens:
             return
         # Stopped rows keep decoding a dummy token (their output is masked): one batched step for all.
-        logits = model.forward_with_cache(tokens.clamp(min=0)[:, None], cache)[:, -1]
+        logits = model.forward_with_cache(tokens.clamp(min=0)[:, None], cache, last_only=True)[:, -1]
 
 
 def generate(model: Aquila, prompts: Sequence[Sequence[int]], sampling: Sampling = Sampling()) -> list[list[int]]:

@@ -6,8 +6,8 @@ from the last hidden states with the fused linear cross-entropy, so the N x V lo
 follow FlagAI's layout (tok_embeddings, layers.N.attention.wq, feed_forward.w1/w2/w3, attention_norm, ffn_norm, norm,
 output).
 
-Status (issue 5): the architecture, its training forward and incremental decoding with a KV cache. Checkpoint
-interop, sampling and generation, chat, the Hugging Face parity tests and the transformers patch are still to come.
+Checkpoints live in checkpoint.py, generation in generate.py, the chat template in chat.py and the patch that puts
+these kernels into transformers' LlamaForCausalLM in patch.py.
 """
 
 from typing import NamedTuple, Optional
@@ -29,11 +29,20 @@ class KVCache:
         self.v = torch.zeros(shape, device=device, dtype=dtype)
         self.lengths = torch.zeros(batch, dtype=torch.int32, device=device)
 
+    def sequence(self, index: int) -> "KVCache":
+        """A view of one sequence's cache (batch 1), sharing storage and lengths: prompts of different lengths are
+        prefilled through it one at a time, straight into the batch's cache."""
+        view = object.__new__(KVCache)
+        view.k, view.v = self.k[:, index:index + 1], self.v[:, index:index + 1]
+        view.lengths = self.lengths[index:index + 1]
+        return view
+
 
 class LayerCache(NamedTuple):
     k: Tensor  # [batch, max_len, kv_heads, head_dim]
     v: Tensor
-    lengths: Tensor  # filled positions per sequence before this step
+    lengths: Tensor  # filled positions per sequence, this step's new tokens included
+    slots: Tensor  # where the new tokens go, as rows of the cache flattened to [batch * max_len, ...]
 
 
 class Attention(nn.Module):
@@ -54,11 +63,9 @@ class Attention(nn.Module):
         v = self.wv(x).view(batch, seq, c.kv_heads, c.head_dim)
         q, k = apply_rotary(q, k, positions, theta=c.rope_theta, interleaved=c.rope_interleaved, backend=self.backend)
         if cache is not None:  # the new tokens go after each sequence's filled positions, then attend to all of them
-            slots = cache.lengths[:, None].long() + torch.arange(seq, device=x.device)
-            rows = torch.arange(batch, device=x.device)[:, None]
-            cache.k[rows, slots] = k.to(cache.k.dtype)
-            cache.v[rows, slots] = v.to(cache.v.dtype)
-            out = attention_with_kv_cache(q, cache.k, cache.v, cache.lengths + seq, backend=self.backend)
+            for store, new in ((cache.k, k), (cache.v, v)):
+                store.view(-1, *store.shape[2:]).index_copy_(0, cache.slots, new.reshape(-1, *new.shape[2:]))
+            out = attention_with_kv_cache(q, cache.k, cache.v, cache.lengths, backend=self.backend)
         elif cu_seqlens is None:
             out = attention(q, k, v, causal=True, backend=self.backend)
         else:  # documents packed into the batch's rows: flatten them into one list of sequences
@@ -148,9 +155,11 @@ class Aquila(nn.Module):
                                     num_tokens=num_tokens, backend=self.backend)
 
     @torch.no_grad()
-    def forward_with_cache(self, tokens: Tensor, cache: KVCache) -> Tensor:
+    def forward_with_cache(self, tokens: Tensor, cache: KVCache, last_only: bool = False) -> Tensor:
         """Logits [batch, new, vocab] of new tokens [batch, new] appended to each sequence in the cache (a prompt
-        for the prefill, then one token at a time), which is updated in place."""
+        for the prefill, then one token at a time), which is updated in place. last_only: the last position's
+        logits alone ([batch, 1, vocab]), all that sampling needs (a prefill's other logits would cost a full
+        vocabulary projection per prompt token)."""
         if tokens.dim() != 2 or tokens.shape[0] != cache.lengths.shape[0]:
             raise ValueError(f"Aquila: tokens must be [batch, new] with the cache's batch {cache.lengths.shape[0]}, "
                              f"got shape {tuple(tokens.shape)}")
@@ -158,10 +167,15 @@ class Aquila(nn.Module):
         if int(cache.lengths.max()) + new > cache.k.shape[2]:
             raise ValueError(f"Aquila: the cache holds {cache.k.shape[2]} positions; {new} more do not fit")
         positions = cache.lengths[:, None].long() + torch.arange(new, device=tokens.device)
+        rows = torch.arange(tokens.shape[0], device=tokens.device)[:, None]
+        slots = (rows * cache.k.shape[2] + positions).view(-1)
+        cache.lengths += new
         x = self.tok_embeddings(tokens)
         residual = None
         for index, layer in enumerate(self.layers):
-            x, residual = layer(x, residual, positions, None, LayerCache(cache.k[index], cache.v[index], cache.lengths))
+            x, residual = layer(x, residual, positions, None,
+                                LayerCache(cache.k[index], cache.v[index], cache.lengths, slots))
+        if last_only:
+            x, residual = x[:, -1:], residual[:, -1:]
         hidden, _ = self.norm(x, residual)
-        cache.lengths += new
         return self.output(hidden)
