@@ -71,6 +71,9 @@ def write_atomically(path: str, text: str) -> None:
     try:
         with os.fdopen(handle, "w", encoding="utf-8") as out:
             out.write(text)
+        umask = os.umask(0)
+        os.umask(umask)
+        os.chmod(temporary, 0o666 & ~umask)  # mkstemp makes the file private; a saved tokenizer is not
         os.replace(temporary, path)
     except BaseException:
         os.unlink(temporary)
@@ -145,7 +148,8 @@ class Tokenizer:
             write_atomically(os.path.join(directory, name), text)
 
     def vocabulary(self) -> dict[str, int]:
-        return self.backend.get_vocab(with_added_tokens=True)
+        """Token -> id, in id order (so vocab.json is the same file every time)."""
+        return dict(sorted(self.backend.get_vocab(with_added_tokens=True).items(), key=lambda item: item[1]))
 
     def merges(self) -> list[tuple[str, str]]:
         merges = json.loads(self.backend.to_str())["model"]["merges"]
