@@ -1,5 +1,9 @@
 """The `aquila` command. Only parses arguments and calls the library.
 
+    aquila pretrain [--config FILE] [--resume] [--key value ...]   train (default: the demo run on the demo corpus)
+    aquila sft --config FILE [--resume] [--key value ...]          supervised fine-tuning on conversations
+    aquila plot RUN_DIR                           the loss curve and throughput of a run as PNG
+    aquila data preprocess FILES --out PREFIX     tokenize documents into a Megatron .bin/.idx dataset
     aquila generate --checkpoint DIR "prompt"     continue a text (tokens/s on stderr)
     aquila chat --checkpoint DIR                  talk to a chat model (streaming, with history)
     aquila tokenizer train [FILES] --out DIR      train the byte-level BPE tokenizer (default: the demo corpus)
@@ -30,9 +34,12 @@ def load_for_inference(args):
     from aquila.data.tokenizer import Tokenizer
     from aquila.model.checkpoint import load
 
+    from aquila.train.checkpoint import resolve
+
     device = args.device or ("cuda" if torch.cuda.is_available() else "cpu")
-    tokenizer = Tokenizer.load(args.tokenizer or args.checkpoint)
-    model = load(args.checkpoint, dtype=DTYPES[args.dtype], device=device).eval()
+    checkpoint = resolve(args.checkpoint)
+    tokenizer = Tokenizer.load(args.tokenizer or checkpoint)
+    model = load(checkpoint, dtype=DTYPES[args.dtype], device=device).eval()
     if tokenizer.vocab_size > model.config.vocab_size:
         raise ValueError(f"the tokenizer has {tokenizer.vocab_size} tokens but the model only "
                          f"{model.config.vocab_size}: they do not belong together")
@@ -123,6 +130,32 @@ def demo_corpus(split: str) -> str:
     return os.path.join(os.path.dirname(__file__), "data", "demo", f"{split}.jsonl.gz")
 
 
+def run_training(args, kind: str):
+    from aquila.train.config import TrainConfig
+    from aquila.train.loop import train
+
+    config = TrainConfig.load(args.config, ["--kind", kind, *args.overrides] if kind == "sft" else args.overrides)
+    if config.kind != kind:
+        raise ValueError(f"{args.config} is a {config.kind} config; run it with `aquila {config.kind}`")
+    summary = train(config, resume=args.resume)
+    if summary["interrupted"]:
+        sys.exit(f"stopped at step {summary['steps']} of {summary['total_steps']}; continue with --resume")
+
+
+def plot(args):
+    from aquila.train.metrics import plot as render
+
+    metrics = os.path.join(args.run, "metrics.jsonl") if os.path.isdir(args.run) else args.run
+    print(render(metrics, args.out or os.path.join(os.path.dirname(metrics), "loss.png")))
+
+
+def data_preprocess(args):
+    from aquila.data.preprocess import format_stats, preprocess
+
+    stats = preprocess(args.files, args.out, args.tokenizer, key=args.key, workers=args.workers)
+    print(format_stats(stats))
+
+
 def add_inference_arguments(command):
     command.add_argument("--checkpoint", required=True, help="checkpoint directory (Hugging Face or FlagAI layout)")
     command.add_argument("--tokenizer", help="tokenizer directory (default: the checkpoint's)")
@@ -141,6 +174,28 @@ def add_inference_arguments(command):
 def parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(prog="aquila", description=__doc__.split("\n\n")[0])
     commands = parser.add_subparsers(dest="command", required=True)
+
+    for kind, text in (("pretrain", "pretrain a model (default: the demo run)"),
+                       ("sft", "supervised fine-tuning on FlagAI-format conversations")):
+        command = commands.add_parser(kind, help=text, epilog="Any config key can follow as --key value, e.g. "
+                                                              "--lr 1e-4 --steps 100 --output-dir runs/x")
+        command.add_argument("--config", required=kind == "sft", help="YAML config (configs/*.yaml)")
+        command.add_argument("--resume", action="store_true", help="continue from the latest checkpoint")
+        command.set_defaults(run=lambda args, kind=kind: run_training(args, kind), overrides=[])
+
+    command = commands.add_parser("plot", help="render a run's loss curve and throughput as PNG")
+    command.add_argument("run", help="run directory (or its metrics.jsonl)")
+    command.add_argument("--out", help="PNG path (default: loss.png beside the metrics)")
+    command.set_defaults(run=plot)
+
+    data = commands.add_parser("data", help="dataset tools").add_subparsers(dest="action", required=True)
+    command = data.add_parser("preprocess", help="tokenize jsonl/text into a Megatron .bin/.idx dataset")
+    command.add_argument("files", nargs="+", help="jsonl(.gz/.xz) or text files")
+    command.add_argument("--tokenizer", required=True, help="tokenizer directory")
+    command.add_argument("--out", required=True, help="output prefix (writes PREFIX.bin and PREFIX.idx)")
+    command.add_argument("--workers", type=int, default=0, help="encoding processes (0: one per CPU)")
+    command.add_argument("--key", default="text", help="JSON key holding the text")
+    command.set_defaults(run=data_preprocess)
 
     command = commands.add_parser("generate", help="continue a text prompt")
     add_inference_arguments(command)
@@ -172,7 +227,11 @@ def parser() -> argparse.ArgumentParser:
 
 
 def main(argv=None):
-    args = parser().parse_args(argv)
+    command_line = parser()
+    args, extra = command_line.parse_known_args(argv)
+    if extra and args.command not in ("pretrain", "sft"):
+        command_line.error(f"unrecognized arguments: {' '.join(extra)}")
+    args.overrides = extra
     try:
         args.run(args)
     except (ValueError, FileNotFoundError) as error:

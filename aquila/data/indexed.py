@@ -66,6 +66,12 @@ def _little_endian(dtype: np.dtype) -> np.dtype:
     return dtype.newbyteorder("<")
 
 
+def _umask() -> int:
+    mask = os.umask(0)
+    os.umask(mask)
+    return mask
+
+
 class IndexedDatasetWriter:
     """Writes a dataset one document at a time; nothing appears under ``prefix`` until finalize succeeds.
 
@@ -159,6 +165,8 @@ class IndexedDatasetWriter:
                 index.flush()
                 os.fsync(index.fileno())
             temporary_data, temporary_index = self._temporary_files
+            for temporary in (temporary_data, temporary_index):
+                os.chmod(temporary, 0o666 & ~_umask())  # mkstemp makes files private; a dataset is not
             # The .bin first: a crash between the renames leaves a new .bin beside an old (or no) .idx, which the
             # reader's size check rejects, never an index that points into missing data.
             os.replace(temporary_data, data_file(self.prefix))

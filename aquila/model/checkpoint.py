@@ -13,7 +13,7 @@ import json
 import os
 import shutil
 import tempfile
-from typing import Iterator, Optional
+from typing import Iterable, Iterator, Optional
 
 import torch
 from torch import Tensor
@@ -165,16 +165,22 @@ def save_hf(model: Aquila, directory: str, max_shard_bytes: int = 5 * 2**30):
     """Writes config.json and safetensors shards (with an index when there are several) in the Hugging Face layout,
     into a temporary directory renamed over `directory` at the end: a crash never leaves a half-written
     checkpoint."""
+    save_hf_tensors(model.config, ((name, p.detach()) for name, p in model.named_parameters()), directory,
+                    max_shard_bytes)
+
+
+def save_hf_tensors(config: AquilaConfig, tensors: Iterable[tuple[str, Tensor]], directory: str,
+                    max_shard_bytes: int = 5 * 2**30):
+    """save_hf from (our parameter name, tensor) pairs, such as a state dict gathered from a sharded model."""
     from safetensors.torch import save_file
 
-    config = model.config
     parent = os.path.dirname(os.path.abspath(directory))
     os.makedirs(parent, exist_ok=True)
     staging = tempfile.mkdtemp(prefix=".saving-", dir=parent)
     try:
         shards, current, size = [], {}, 0
-        for name, parameter in model.named_parameters():
-            tensor = parameter.detach().cpu()
+        for name, tensor in tensors:
+            tensor = tensor.cpu()
             if config.rope_interleaved and name.endswith(("attention.wq.weight", "attention.wk.weight")):
                 heads = config.n_heads if name.endswith("wq.weight") else config.kv_heads
                 tensor = interleaved_to_rotate_half(tensor, heads)

@@ -1,0 +1,174 @@
+"""Training checkpoints that survive crashes.
+
+A checkpoint is a directory `checkpoints/step-000123/` holding:
+- the model in the Hugging Face layout (config.json + model.safetensors) and the tokenizer: `aquila generate` and
+  transformers load it as it is;
+- `train_state/`: model and optimizer state in torch.distributed.checkpoint's format, each process writing its own
+  shards (FSDP state is never gathered on one rank for this);
+- `trainer.json`: step, scheduler and loss-scaler state, the config; `rng-<rank>.json`: each process's RNG states.
+
+It is written to `.step-000123.partial/` and renamed when complete, then `latest` (a one-line file, itself replaced
+atomically) names it, and checkpoints beyond the newest keep_checkpoints are deleted. A crash mid-save leaves the
+previous checkpoint and `latest` as they were. On resume, a checkpoint that is incomplete or fails to load is reported
+and the one before it is used.
+"""
+
+import json
+import os
+import random
+import shutil
+import warnings
+from typing import Optional
+
+import numpy as np
+import torch
+import torch.distributed.checkpoint as dcp
+from torch.distributed.checkpoint.api import CheckpointException
+from torch.distributed.checkpoint.state_dict import (StateDictOptions, get_model_state_dict, get_state_dict,
+                                                     set_state_dict)
+
+from aquila.model.checkpoint import save_hf_tensors
+from aquila.train.engine import Processes, barrier
+
+REQUIRED_FILES = ("config.json", "trainer.json", os.path.join("train_state", ".metadata"))
+
+
+def _quiet_dcp(call, *args, **kwargs):
+    # DCP warns that it runs in a single process whenever no process group exists: that is the intent here.
+    with warnings.catch_warnings():
+        warnings.filterwarnings("ignore", message="torch.distributed is disabled")
+        return call(*args, **kwargs)
+
+
+def write_text_atomically(path: str, text: str) -> None:
+    temporary = f"{path}.tmp"
+    with open(temporary, "w", encoding="utf-8") as handle:
+        handle.write(text)
+        handle.flush()
+        os.fsync(handle.fileno())
+    os.replace(temporary, path)
+
+
+def rng_state() -> dict:
+    """This process's RNG states as JSON (no pickle to load back)."""
+    kind, keys, position, has_gauss, gauss = np.random.get_state()
+    version, python_state, python_gauss = random.getstate()
+    state = {"torch": torch.get_rng_state().tolist(), "numpy": [kind, keys.tolist(), position, has_gauss, gauss],
+             "python": [version, list(python_state), python_gauss]}
+    if torch.cuda.is_available():
+        state["cuda"] = torch.cuda.get_rng_state().tolist()
+    return state
+
+
+def set_rng_state(state: dict) -> None:
+    torch.set_rng_state(torch.tensor(state["torch"], dtype=torch.uint8))
+    kind, keys, position, has_gauss, gauss = state["numpy"]
+    np.random.set_state((kind, np.array(keys, dtype=np.uint32), position, has_gauss, gauss))
+    version, python_state, python_gauss = state["python"]
+    random.setstate((version, tuple(python_state), python_gauss))
+    if "cuda" in state and torch.cuda.is_available():
+        torch.cuda.set_rng_state(torch.tensor(state["cuda"], dtype=torch.uint8))
+
+
+def resolve(path: str) -> str:
+    """A checkpoint directory from a checkpoint directory or a run's output directory (its latest checkpoint)."""
+    if os.path.isfile(os.path.join(path, "config.json")):
+        return path
+    latest = Checkpoints(path, None, 1).latest()
+    if latest is None:
+        raise FileNotFoundError(f"{path} is neither a checkpoint (no config.json) nor a run directory with "
+                                "checkpoints")
+    return latest
+
+
+class Checkpoints:
+    def __init__(self, output_dir: str, processes: Processes, keep: int):
+        self.directory = os.path.join(output_dir, "checkpoints")
+        self.processes, self.keep = processes, keep
+
+    def path(self, step: int) -> str:
+        return os.path.join(self.directory, f"step-{step:06d}")
+
+    def save(self, step: int, model, optimizer, trainer_state: dict, config, tokenizer) -> str:
+        """Every process calls this: each writes its shards, the main process the rest."""
+        final = self.path(step)
+        partial = os.path.join(self.directory, f".{os.path.basename(final)}.partial")
+        main = self.processes.is_main
+        if main:
+            shutil.rmtree(partial, ignore_errors=True)
+            os.makedirs(partial)
+        barrier(self.processes)
+        model_state, optimizer_state = get_state_dict(model, optimizer)
+        _quiet_dcp(dcp.save, {"model": model_state, "optimizer": optimizer_state},
+                   checkpoint_id=os.path.join(partial, "train_state"))
+        full = get_model_state_dict(model, options=StateDictOptions(full_state_dict=True, cpu_offload=True))
+        write_text_atomically(os.path.join(partial, f"rng-{self.processes.rank}.json"), json.dumps(rng_state()))
+        if main:
+            weights = os.path.join(partial, "weights")
+            save_hf_tensors(config, full.items(), weights)
+            for name in os.listdir(weights):
+                os.replace(os.path.join(weights, name), os.path.join(partial, name))
+            os.rmdir(weights)
+            tokenizer.save(partial)
+            write_text_atomically(os.path.join(partial, "trainer.json"),
+                                  json.dumps({**trainer_state, "step": step}, indent=1))
+        barrier(self.processes)
+        if main:
+            if os.path.exists(final):
+                shutil.rmtree(final)
+            os.replace(partial, final)
+            write_text_atomically(os.path.join(self.directory, "latest"), os.path.basename(final) + "\n")
+            for old in self.completed()[:-self.keep]:
+                shutil.rmtree(os.path.join(self.directory, old))
+        barrier(self.processes)
+        return final
+
+    def completed(self) -> list[str]:
+        """Checkpoint directory names, oldest first (partial ones excluded)."""
+        if not os.path.isdir(self.directory):
+            return []
+        return sorted(name for name in os.listdir(self.directory) if name.startswith("step-"))
+
+    def latest(self) -> Optional[str]:
+        pointer = os.path.join(self.directory, "latest")
+        if os.path.isfile(pointer):
+            with open(pointer, encoding="utf-8") as handle:
+                name = handle.read().strip()
+            if os.path.isdir(os.path.join(self.directory, name)):
+                return os.path.join(self.directory, name)
+        names = self.completed()
+        return os.path.join(self.directory, names[-1]) if names else None
+
+    def load_latest(self, model, optimizer, log) -> Optional[dict]:
+        """Restores the newest loadable checkpoint into model and optimizer; returns its trainer state, or None when
+        there is no checkpoint. A broken one is reported through log and skipped."""
+        newest = self.latest()
+        candidates = [os.path.join(self.directory, n) for n in reversed(self.completed())]
+        if newest in candidates:
+            candidates.remove(newest)
+            candidates.insert(0, newest)
+        for path in candidates:
+            try:
+                return self._load(path, model, optimizer)
+            except (Exception, CheckpointException) as error:  # DCP's CheckpointException is a BaseException
+                log(f"checkpoint {path} cannot be loaded ({type(error).__name__}: {error}); trying the one before")
+        if candidates:
+            raise ValueError(f"no loadable checkpoint in {self.directory}")
+        return None
+
+    def _load(self, path: str, model, optimizer) -> dict:
+        missing = [f for f in REQUIRED_FILES if not os.path.isfile(os.path.join(path, f))]
+        if missing:
+            raise ValueError(f"incomplete checkpoint, missing {missing}")
+        with open(os.path.join(path, "trainer.json"), encoding="utf-8") as handle:
+            trainer_state = json.load(handle)
+        model_state, optimizer_state = get_state_dict(model, optimizer)
+        state = {"model": model_state, "optimizer": optimizer_state}
+        _quiet_dcp(dcp.load, state, checkpoint_id=os.path.join(path, "train_state"))
+        set_state_dict(model, optimizer, model_state_dict=state["model"], optim_state_dict=state["optimizer"])
+        rng_file = os.path.join(path, f"rng-{self.processes.rank}.json")
+        if os.path.isfile(rng_file):
+            with open(rng_file, encoding="utf-8") as handle:
+                set_rng_state(json.load(handle))
+        trainer_state["path"] = path
+        return trainer_state

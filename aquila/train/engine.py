@@ -1,0 +1,102 @@
+"""Distributed engines: how the model is spread over processes, and what that changes for the loop.
+
+- single: one process.
+- ddp: DistributedDataParallel, every process holding the whole model and optimizer.
+- fsdp: PyTorch FSDP2 `fully_shard` on every decoder block and on the root. zero_stage 3 frees each block's gathered
+  parameters after its forward (ZeRO-3); zero_stage 2 keeps them until the backward (ZeRO-2: sharded gradients and
+  optimizer state, parameters gathered once per step). On GPU the parameters are gathered in bf16 and gradients
+  reduced in fp32 (MixedPrecisionPolicy), the master weights and optimizer state staying fp32 shards.
+- bmtrain: see aquila/train/bmtrain_engine.py (CUDA + NCCL only).
+
+Launch with torchrun: `torchrun --nproc-per-node 8 -m aquila.cli pretrain --config ...`. Processes talk over nccl on
+GPU and gloo on CPU.
+"""
+
+import contextlib
+import dataclasses
+import datetime
+import os
+
+import torch
+import torch.distributed as dist
+from torch import nn
+
+
+@dataclasses.dataclass(frozen=True)
+class Processes:
+    rank: int
+    world_size: int
+    local_rank: int
+    device: torch.device
+
+    @property
+    def is_main(self) -> bool:
+        return self.rank == 0
+
+
+def init_processes() -> Processes:
+    """This process's place among those torchrun started (or a lone process), with the process group up."""
+    world_size = int(os.environ.get("WORLD_SIZE", "1"))
+    rank, local_rank = int(os.environ.get("RANK", "0")), int(os.environ.get("LOCAL_RANK", "0"))
+    cuda = torch.cuda.is_available()
+    device = torch.device("cuda", local_rank) if cuda else torch.device("cpu")
+    if cuda:
+        torch.cuda.set_device(device)
+    if world_size > 1 and not dist.is_initialized():
+        dist.init_process_group("nccl" if cuda else "gloo", timeout=datetime.timedelta(minutes=30))
+    return Processes(rank, world_size, local_rank, device)
+
+
+def resolve_engine(engine: str, processes: Processes) -> str:
+    if engine == "auto":
+        return "fsdp" if processes.world_size > 1 else "single"
+    if engine == "single" and processes.world_size > 1:
+        raise ValueError(f"engine single runs one process, but {processes.world_size} were started; use ddp or fsdp")
+    if engine == "bmtrain" and processes.device.type != "cuda":
+        raise ValueError("engine bmtrain needs CUDA GPUs and NCCL (BMTrain has no CPU path); use fsdp or ddp")
+    return engine
+
+
+def wrap(model: nn.Module, engine: str, zero_stage: int, processes: Processes, compute_dtype: torch.dtype
+         ) -> nn.Module:
+    """The model as the engine trains it (the module itself for single)."""
+    if engine == "single":
+        return model
+    if engine == "ddp":
+        ids = [processes.local_rank] if processes.device.type == "cuda" else None
+        return nn.parallel.DistributedDataParallel(model, device_ids=ids)
+    if engine == "fsdp":
+        from torch.distributed.device_mesh import init_device_mesh
+        from torch.distributed.fsdp import MixedPrecisionPolicy, fully_shard
+
+        mesh = init_device_mesh(processes.device.type, (processes.world_size,))
+        policy = MixedPrecisionPolicy(param_dtype=compute_dtype, reduce_dtype=torch.float32)
+        reshard = zero_stage == 3
+        for block in model.layers:
+            fully_shard(block, mesh=mesh, reshard_after_forward=reshard, mp_policy=policy)
+        return fully_shard(model, mesh=mesh, reshard_after_forward=reshard, mp_policy=policy)
+    raise ValueError(f"wrap: unknown engine {engine!r}")
+
+
+def no_gradient_sync(model: nn.Module, engine: str, last_micro_batch: bool):
+    """DDP reduces gradients once per optimizer step, on the last micro-batch. FSDP reduce-scatters every
+    micro-batch's gradients into the sharded accumulators, which keeps gradient memory sharded (ZeRO-2/3)."""
+    if engine == "ddp" and not last_micro_batch:
+        return model.no_sync()
+    return contextlib.nullcontext()
+
+
+def all_reduce_sum(value: torch.Tensor, processes: Processes) -> torch.Tensor:
+    if processes.world_size > 1:
+        dist.all_reduce(value)
+    return value
+
+
+def barrier(processes: Processes) -> None:
+    if processes.world_size > 1:
+        dist.barrier()
+
+
+def close(processes: Processes) -> None:
+    if processes.world_size > 1 and dist.is_initialized():
+        dist.destroy_process_group()

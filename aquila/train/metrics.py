@@ -1,0 +1,107 @@
+"""What a run reports: a jsonl file of metrics (optionally TensorBoard too), a live progress bar, MFU, and the plots.
+
+MFU counts 6 N FLOPs per token for the matrices (N: parameters outside the embedding table, which is a lookup, but
+with the output projection) plus 6 n_layers dim seq_len for causal attention (half of PaLM's 12 L d T, since a causal
+mask skips half the scores), over the peak the config names or, on CPU, the matmul rate measured at start-up.
+"""
+
+import json
+import os
+import time
+from typing import Optional
+
+import torch
+
+from aquila.model.config import AquilaConfig
+
+PEAK_TFLOPS = {"H100": 989.0, "H200": 989.0, "A100": 312.0}  # dense bf16 per GPU, vendor figures
+
+
+def flops_per_token(config: AquilaConfig, seq_len: int) -> float:
+    matrices = config.num_parameters() - config.vocab_size * config.dim * (0 if config.tie_embeddings else 1)
+    return 6.0 * matrices + 6.0 * config.n_layers * config.dim * seq_len
+
+
+def peak_flops(device: torch.device, configured_tflops: Optional[float]) -> tuple[float, str]:
+    """Peak FLOP/s per device and where the figure comes from."""
+    if configured_tflops:
+        return configured_tflops * 1e12, "configured"
+    if device.type == "cuda":
+        name = torch.cuda.get_device_name(device)
+        for key, tflops in PEAK_TFLOPS.items():
+            if key in name:
+                return tflops * 1e12, f"{key} bf16 dense"
+        return 312e12, "unknown GPU: A100 bf16 assumed"
+    a, b = torch.randn(1024, 1024), torch.randn(1024, 1024)
+    a @ b
+    start, repeats = time.perf_counter(), 8
+    for _ in range(repeats):
+        a @ b
+    return repeats * 2 * 1024 ** 3 / (time.perf_counter() - start), "measured fp32 matmul"
+
+
+class MetricsLog:
+    """Appends one JSON object per record to metrics.jsonl (main process only)."""
+
+    def __init__(self, output_dir: str, enabled: bool, tensorboard: bool):
+        self.enabled = enabled
+        self.path = os.path.join(output_dir, "metrics.jsonl")
+        self.writer = None
+        if enabled and tensorboard:
+            try:
+                from torch.utils.tensorboard import SummaryWriter
+            except ImportError as error:
+                raise ValueError(f"tensorboard: true needs the tensorboard package ({error})") from None
+            self.writer = SummaryWriter(os.path.join(output_dir, "tensorboard"))
+
+    def write(self, record: dict) -> None:
+        if not self.enabled:
+            return
+        with open(self.path, "a", encoding="utf-8") as handle:
+            handle.write(json.dumps(record) + "\n")
+        if self.writer is not None:
+            for name, value in record.items():
+                if isinstance(value, (int, float)) and name != "step":
+                    self.writer.add_scalar(f"{record.get('kind', 'train')}/{name}", value, record["step"])
+
+    def close(self) -> None:
+        if self.writer is not None:
+            self.writer.close()
+
+
+def read_metrics(path: str) -> list[dict]:
+    with open(path, encoding="utf-8") as handle:
+        return [json.loads(line) for line in handle if line.strip()]
+
+
+def plot(metrics_path: str, output: str) -> str:
+    """Loss (training and validation) and throughput against steps, as a PNG."""
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    records = read_metrics(metrics_path)
+    train = [r for r in records if r.get("kind") == "train"]
+    valid = [r for r in records if r.get("kind") == "valid"]
+    if not train:
+        raise ValueError(f"{metrics_path} has no training records to plot")
+    figure, (losses, speed) = plt.subplots(1, 2, figsize=(11, 4))
+    losses.plot([r["step"] for r in train], [r["loss"] for r in train], label="training loss")
+    if valid:
+        losses.plot([r["step"] for r in valid], [r["loss"] for r in valid], "o-", label="validation loss")
+    losses.set_xlabel("optimizer step")
+    losses.set_ylabel("cross-entropy (nats/token)")
+    losses.legend()
+    losses.grid(alpha=0.3)
+    speed.plot([r["step"] for r in train], [r["tokens_per_s"] for r in train], color="tab:green")
+    speed.set_xlabel("optimizer step")
+    speed.set_ylabel("tokens/s (all processes)")
+    speed.grid(alpha=0.3)
+    figure.suptitle(os.path.dirname(os.path.abspath(metrics_path)))
+    figure.tight_layout()
+    temporary = output + ".tmp.png"
+    figure.savefig(temporary, dpi=110)
+    plt.close(figure)
+    os.replace(temporary, output)
+    return output

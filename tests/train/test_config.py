@@ -1,0 +1,75 @@
+import dataclasses
+import os
+
+import pytest
+
+from aquila.train.config import DEFAULT_STEPS, TrainConfig
+from aquila.train.loop import learning_rate, parameter_groups, total_steps
+
+ROOT = os.path.dirname(os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
+
+
+def test_demo_yaml_spells_out_the_defaults():
+    """`aquila pretrain` with no arguments and with configs/demo.yaml are the same run."""
+    demo = TrainConfig.load(os.path.join(ROOT, "configs", "demo.yaml"))
+    assert demo.steps == DEFAULT_STEPS and dataclasses.replace(demo, steps=None) == TrainConfig()
+
+
+@pytest.mark.parametrize("name", ["demo.yaml", "chat-demo.yaml", "aquila-7b.yaml", "aquila-33b.yaml"])
+def test_shipped_configs_load(name):
+    TrainConfig.load(os.path.join(ROOT, "configs", name))
+
+
+def test_flagai_keys_and_overrides(tmp_path):
+    path = tmp_path / "run.yaml"
+    path.write_text("batch_size: 4\ngradient_accumulation_steps: 2\nlr: 2e-4\nwarm_up: 0.01\nepochs: 1\n"
+                    "adam_beta2: 0.95\nclip_grad: 1.0\nsave_interval: 1000\n")
+    config = TrainConfig.load(str(path), ["--lr", "1e-4", "--train-data", "[a, 1, b, 3]", "--epochs=2"])
+    assert (config.batch_size, config.gradient_accumulation_steps, config.lr) == (4, 2, 1e-4)
+    assert isinstance(config.lr, float) and config.epochs == 2.0 and config.train_data == ["a", 1, "b", 3]
+
+
+def test_unknown_and_bad_values_are_errors(tmp_path):
+    path = tmp_path / "run.yaml"
+    path.write_text("batch_size: 4\nlearning_rate: 1e-4\n")
+    with pytest.raises(ValueError, match=r"run.yaml: unknown keys \['learning_rate'\]"):
+        TrainConfig.load(str(path))
+    with pytest.raises(ValueError, match="override --bogus: unknown key"):
+        TrainConfig.load(None, ["--bogus", "1"])
+    with pytest.raises(ValueError, match="override --lr: missing its value"):
+        TrainConfig.load(None, ["--lr"])
+    with pytest.raises(ValueError, match="lr must be a float, got 'fast'"):
+        TrainConfig.load(None, ["--lr", "fast"])
+    with pytest.raises(ValueError, match="give one of steps, train_tokens and epochs"):
+        TrainConfig(steps=3, epochs=1)
+    with pytest.raises(ValueError, match="engine must be one of"):
+        TrainConfig(engine="deepspeed")
+    with pytest.raises(ValueError, match="zero_stage must be 2 or 3"):
+        TrainConfig(zero_stage=1)
+
+
+def test_schedule_warms_up_linearly_then_decays_by_cosine_to_a_tenth():
+    config = TrainConfig(lr=1.0, warm_up=10, min_lr_ratio=0.1)
+    rates = [learning_rate(step, 110, config) for step in range(110)]
+    assert rates[:10] == pytest.approx([(s + 1) / 10 for s in range(10)])
+    assert rates[10] == pytest.approx(1.0) and rates[-1] == pytest.approx(0.1)
+    assert all(a >= b for a, b in zip(rates[10:], rates[11:]))
+    assert learning_rate(5, 100, TrainConfig(lr=1.0, warm_up=0.1)) == pytest.approx(0.6)  # FlagAI's fraction
+
+
+def test_budgets():
+    assert total_steps(TrainConfig(), 10**6, None, 8) == 400
+    assert total_steps(TrainConfig(train_tokens=8 * 256 * 10 + 1), 10**6, None, 8) == 11
+    assert total_steps(TrainConfig(epochs=2), 8 * 256 * 5, None, 8) == 10
+    assert total_steps(TrainConfig(epochs=1), 0, 33, 8) == 5  # SFT counts packed rows
+
+
+def test_no_weight_decay_on_norms():
+    from aquila.model.config import AquilaConfig
+    from aquila.model.model import Aquila
+
+    model = Aquila(AquilaConfig(dim=32, n_layers=1, n_heads=2, vocab_size=50, multiple_of=16))
+    decayed, plain = parameter_groups(model, 0.1)
+    names = {id(p): n for n, p in model.named_parameters()}
+    assert all("norm" in names[id(p)] for p in plain["params"]) and plain["weight_decay"] == 0.0
+    assert not any("norm" in names[id(p)] for p in decayed["params"]) and decayed["weight_decay"] == 0.1

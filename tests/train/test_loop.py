@@ -1,0 +1,155 @@
+"""The trainer end to end on a tiny model and corpus: semantics, checkpoints, faults, and the CLI."""
+
+import json
+import os
+import signal
+import subprocess
+import sys
+import time
+
+import pytest
+import torch
+
+from aquila.train.config import TrainConfig
+from aquila.train.loop import NonFiniteLossError, train
+from tests.train.conftest import tiny_overrides
+
+ROOT = os.path.dirname(os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
+
+
+def run(inputs, output_dir, resume=False, **changes):
+    config = TrainConfig.load(None, tiny_overrides(inputs, output_dir, **changes))
+    return train(config, resume=resume, log=lambda message: None)
+
+
+def train_losses(output_dir):
+    with open(os.path.join(output_dir, "metrics.jsonl")) as handle:
+        records = [json.loads(line) for line in handle]
+    return [r["loss"] for r in records if r["kind"] == "train"]
+
+
+@pytest.fixture(scope="module")
+def reference_run(tiny_run_inputs, tmp_path_factory):
+    output = tmp_path_factory.mktemp("reference")
+    return output, run(tiny_run_inputs, output, steps=8)
+
+
+def test_a_run_learns_and_leaves_a_usable_checkpoint(reference_run, small_tokenizer):
+    output, summary = reference_run
+    losses = summary["losses"]
+    assert len(losses) == 8 and losses[-1] < losses[0] - 0.25  # from ln(520) = 6.25, uniform
+    assert train_losses(output) == pytest.approx(losses)  # log_interval 1: one record per step
+    records = [json.loads(line) for line in open(output / "metrics.jsonl")]
+    valid = [r for r in records if r["kind"] == "valid"]
+    assert [r["step"] for r in valid] == [3, 6, 8] and all(r["perplexity"] > 1 for r in valid)
+    train_record = records[0]
+    assert {"lr", "grad_norm", "tokens_per_s", "mfu", "memory_mb", "tokens"} <= set(train_record)
+    assert (output / "loss.png").stat().st_size > 1000
+    checkpoint = summary["checkpoint"]
+    assert open(output / "checkpoints" / "latest").read().strip() == os.path.basename(checkpoint)
+    # The checkpoint is a Hugging Face model directory with its tokenizer: our loader and transformers read it.
+    from aquila.data.tokenizer import Tokenizer
+    from aquila.model.checkpoint import load
+
+    model = load(checkpoint)
+    assert Tokenizer.load(checkpoint).encode("床前明月光") == small_tokenizer.encode("床前明月光")
+    transformers = pytest.importorskip("transformers")
+    reference = transformers.LlamaForCausalLM.from_pretrained(checkpoint).eval()
+    tokens = torch.tensor([small_tokenizer.encode("def f(x): return x", bos=True)])
+    with torch.no_grad():
+        torch.testing.assert_close(model(tokens), reference(tokens).logits, rtol=1e-4, atol=1e-4)
+
+
+def test_gradient_accumulation_equals_one_big_batch(tiny_run_inputs, reference_run, tmp_path):
+    _, summary = reference_run
+    accumulated = run(tiny_run_inputs, tmp_path, steps=8, batch_size=1, gradient_accumulation_steps=4)
+    assert accumulated["losses"] == pytest.approx(summary["losses"], rel=2e-5)
+
+
+def test_resume_continues_exactly(tiny_run_inputs, reference_run, tmp_path):
+    _, summary = reference_run
+    run(tiny_run_inputs, tmp_path, steps=8, save_interval=4)
+    checkpoints = tmp_path / "checkpoints"
+    # Crash after step 4's checkpoint: drop the final one, as if the run had died before it.
+    (checkpoints / "step-000008").rename(tmp_path / "lost")
+    (checkpoints / "latest").write_text("step-000008\n")
+    resumed = run(tiny_run_inputs, tmp_path, resume=True, steps=8, save_interval=4)
+    assert resumed["losses"] == pytest.approx(summary["losses"][4:], rel=1e-6)
+
+
+def test_a_corrupt_checkpoint_falls_back_to_the_one_before(tiny_run_inputs, tmp_path):
+    run(tiny_run_inputs, tmp_path, steps=4, save_interval=2, keep_checkpoints=3)
+    checkpoints = tmp_path / "checkpoints"
+    assert sorted(os.listdir(checkpoints)) == ["latest", "step-000002", "step-000004"]
+    for shard in (checkpoints / "step-000004" / "train_state").iterdir():
+        shard.write_bytes(b"garbage")
+    messages = []
+    config = TrainConfig.load(None, tiny_overrides(tiny_run_inputs, tmp_path, steps=5, save_interval=2))
+    summary = train(config, resume=True, log=messages.append)
+    assert any("step-000004 cannot be loaded" in m for m in messages)
+    assert any("resumed from" in m and "step-000002" in m for m in messages)
+    assert len(summary["losses"]) == 3  # steps 3, 4 and 5 again
+
+
+def test_non_finite_steps_are_skipped_then_stop_the_run(tiny_run_inputs, tmp_path, monkeypatch):
+    from aquila.model.model import Aquila
+
+    forward = Aquila.forward
+    calls = {"n": 0}
+
+    def poisoned(self, tokens, targets=None, **kw):
+        loss = forward(self, tokens, targets, **kw)
+        calls["n"] += 1
+        return loss * float("nan") if targets is not None and self.training and calls["n"] > 2 else loss
+
+    monkeypatch.setattr(Aquila, "forward", poisoned)
+    with pytest.raises(NonFiniteLossError, match="3 steps in a row had a non-finite loss"):
+        run(tiny_run_inputs, tmp_path, steps=8, max_nonfinite_steps=3)
+    skipped = [json.loads(line) for line in open(tmp_path / "metrics.jsonl") if '"skipped"' in line]
+    assert [r["step"] for r in skipped] == [2, 3, 4]
+
+
+def test_cpu_rejects_half_precision(tiny_run_inputs, tmp_path):
+    if torch.cuda.is_available():
+        pytest.skip("CPU-only behaviour")
+    with pytest.raises(ValueError, match="precision bf16 needs a GPU"):
+        run(tiny_run_inputs, tmp_path, precision="bf16")
+
+
+def cli(*args, **popen):
+    env = {**os.environ, "PYTHONPATH": ROOT, "OMP_NUM_THREADS": "1"}
+    return subprocess.Popen([sys.executable, "-m", "aquila.cli", *args], cwd=ROOT, env=env, text=True,
+                            stdout=subprocess.PIPE, stderr=subprocess.PIPE, **popen)
+
+
+def test_sigterm_saves_a_checkpoint_and_exits_cleanly(tiny_run_inputs, tmp_path):
+    process = cli("pretrain", *tiny_overrides(tiny_run_inputs, tmp_path, steps=10000, eval_interval=10000))
+    metrics = tmp_path / "metrics.jsonl"
+    deadline = time.time() + 120
+    while not (metrics.exists() and metrics.read_text().count("\n") >= 2) and time.time() < deadline:
+        time.sleep(0.2)
+    process.send_signal(signal.SIGTERM)
+    out, err = process.communicate(timeout=120)
+    assert process.returncode == 1 and "continue with --resume" in err and "Traceback" not in err
+    latest = (tmp_path / "checkpoints" / "latest").read_text().strip()
+    step = int(latest.split("-")[1])
+    assert 2 <= step < 10000
+    assert (tmp_path / "checkpoints" / latest / "model.safetensors").exists()
+
+
+def torchrun(inputs, output, processes, **changes):
+    env = {**os.environ, "PYTHONPATH": ROOT, "OMP_NUM_THREADS": "1"}
+    command = [sys.executable, "-m", "torch.distributed.run", "--standalone", f"--nproc-per-node={processes}",
+               "-m", "aquila.cli", "pretrain", *tiny_overrides(inputs, output, **changes)]
+    result = subprocess.run(command, cwd=ROOT, env=env, capture_output=True, text=True, timeout=300)
+    assert result.returncode == 0, result.stderr[-3000:]
+    return train_losses(output)
+
+
+@pytest.mark.parametrize("engine,zero_stage", [("fsdp", 2), ("fsdp", 3), ("ddp", 2)])
+def test_two_processes_match_one_with_the_same_global_batch(tiny_run_inputs, reference_run, tmp_path, engine,
+                                                             zero_stage):
+    _, summary = reference_run
+    losses = torchrun(tiny_run_inputs, tmp_path, 2, steps=8, batch_size=2, engine=engine, zero_stage=zero_stage)
+    assert losses == pytest.approx(summary["losses"], rel=2e-5)
+    assert (tmp_path / "checkpoints" / "step-000008" / "model.safetensors").exists()
