@@ -3,8 +3,8 @@
 A checkpoint is a directory `checkpoints/step-000123/` holding:
 - the model in the Hugging Face layout (config.json + model.safetensors) and the tokenizer: `aquila generate` and
   transformers load it as it is;
-- `train_state/`: model and optimizer state in torch.distributed.checkpoint's format, each process writing its own
-  shards (FSDP state is never gathered on one rank for this);
+- `train_state/`: model and optimizer state as the engine saves it: torch.distributed.checkpoint's format, each
+  process writing its own shards (FSDP state is never gathered on one rank for this), or BMTrain's;
 - `trainer.json`: step, scheduler and loss-scaler state, the config; `rng-<rank>.json`: each process's RNG states.
 
 It is written to `.step-000123.partial/` and renamed when complete, then `latest` (a one-line file, itself replaced
@@ -17,27 +17,16 @@ import json
 import os
 import random
 import shutil
-import warnings
 from typing import Optional
 
 import numpy as np
 import torch
-import torch.distributed.checkpoint as dcp
 from torch.distributed.checkpoint.api import CheckpointException
-from torch.distributed.checkpoint.state_dict import (StateDictOptions, get_model_state_dict, get_state_dict,
-                                                     set_state_dict)
 
 from aquila.model.checkpoint import save_hf_tensors
 from aquila.train.engine import Processes, barrier
 
-REQUIRED_FILES = ("config.json", "trainer.json", os.path.join("train_state", ".metadata"))
-
-
-def _quiet_dcp(call, *args, **kwargs):
-    # DCP warns that it runs in a single process whenever no process group exists: that is the intent here.
-    with warnings.catch_warnings():
-        warnings.filterwarnings("ignore", message="torch.distributed is disabled")
-        return call(*args, **kwargs)
+REQUIRED_FILES = ("config.json", "trainer.json")
 
 
 def write_text_atomically(path: str, text: str) -> None:
@@ -89,7 +78,7 @@ class Checkpoints:
     def path(self, step: int) -> str:
         return os.path.join(self.directory, f"step-{step:06d}")
 
-    def save(self, step: int, model, optimizer, trainer_state: dict, config, tokenizer) -> str:
+    def save(self, step: int, optimization, trainer_state: dict, config, tokenizer) -> str:
         """Every process calls this: each writes its shards, the main process the rest."""
         final = self.path(step)
         partial = os.path.join(self.directory, f".{os.path.basename(final)}.partial")
@@ -98,10 +87,8 @@ class Checkpoints:
             shutil.rmtree(partial, ignore_errors=True)
             os.makedirs(partial)
         barrier(self.processes)
-        model_state, optimizer_state = get_state_dict(model, optimizer)
-        _quiet_dcp(dcp.save, {"model": model_state, "optimizer": optimizer_state},
-                   checkpoint_id=os.path.join(partial, "train_state"))
-        full = get_model_state_dict(model, options=StateDictOptions(full_state_dict=True, cpu_offload=True))
+        optimization.save_sharded(os.path.join(partial, "train_state"))
+        full = optimization.full_model_state()
         write_text_atomically(os.path.join(partial, f"rng-{self.processes.rank}.json"), json.dumps(rng_state()))
         if main:
             weights = os.path.join(partial, "weights")
@@ -139,7 +126,7 @@ class Checkpoints:
         names = self.completed()
         return os.path.join(self.directory, names[-1]) if names else None
 
-    def load_latest(self, model, optimizer, log) -> Optional[dict]:
+    def load_latest(self, optimization, log) -> Optional[dict]:
         """Restores the newest loadable checkpoint into model and optimizer; returns its trainer state, or None when
         there is no checkpoint. A broken one is reported through log and skipped."""
         newest = self.latest()
@@ -149,23 +136,20 @@ class Checkpoints:
             candidates.insert(0, newest)
         for path in candidates:
             try:
-                return self._load(path, model, optimizer)
+                return self._load(path, optimization)
             except (Exception, CheckpointException) as error:  # DCP's CheckpointException is a BaseException
                 log(f"checkpoint {path} cannot be loaded ({type(error).__name__}: {error}); trying the one before")
         if candidates:
             raise ValueError(f"no loadable checkpoint in {self.directory}")
         return None
 
-    def _load(self, path: str, model, optimizer) -> dict:
+    def _load(self, path: str, optimization) -> dict:
         missing = [f for f in REQUIRED_FILES if not os.path.isfile(os.path.join(path, f))]
         if missing:
             raise ValueError(f"incomplete checkpoint, missing {missing}")
         with open(os.path.join(path, "trainer.json"), encoding="utf-8") as handle:
             trainer_state = json.load(handle)
-        model_state, optimizer_state = get_state_dict(model, optimizer)
-        state = {"model": model_state, "optimizer": optimizer_state}
-        _quiet_dcp(dcp.load, state, checkpoint_id=os.path.join(path, "train_state"))
-        set_state_dict(model, optimizer, model_state_dict=state["model"], optim_state_dict=state["optimizer"])
+        optimization.load_sharded(os.path.join(path, "train_state"))
         rng_file = os.path.join(path, f"rng-{self.processes.rank}.json")
         if os.path.isfile(rng_file):
             with open(rng_file, encoding="utf-8") as handle:

@@ -6,7 +6,7 @@
   parameters after its forward (ZeRO-3); zero_stage 2 keeps them until the backward (ZeRO-2: sharded gradients and
   optimizer state, parameters gathered once per step). On GPU the parameters are gathered in bf16 and gradients
   reduced in fp32 (MixedPrecisionPolicy), the master weights and optimizer state staying fp32 shards.
-- bmtrain: see aquila/train/bmtrain_engine.py (CUDA + NCCL only).
+- bmtrain: BMTrain's ZeRO-3 (aquila/train/bmtrain_engine.py; CUDA + NCCL only, verified only where it can run).
 
 Launch with torchrun: `torchrun --nproc-per-node 8 -m aquila.cli pretrain --config ...`. Processes talk over nccl on
 GPU and gloo on CPU.
@@ -34,15 +34,20 @@ class Processes:
         return self.rank == 0
 
 
-def init_processes() -> Processes:
-    """This process's place among those torchrun started (or a lone process), with the process group up."""
+def init_processes(engine: str = "auto", seed: int = 0) -> Processes:
+    """This process's place among those torchrun started (or a lone process), with the process group up (BMTrain
+    brings up its own, and torch's with it)."""
     world_size = int(os.environ.get("WORLD_SIZE", "1"))
     rank, local_rank = int(os.environ.get("RANK", "0")), int(os.environ.get("LOCAL_RANK", "0"))
     cuda = torch.cuda.is_available()
     device = torch.device("cuda", local_rank) if cuda else torch.device("cpu")
     if cuda:
         torch.cuda.set_device(device)
-    if world_size > 1 and not dist.is_initialized():
+    if engine == "bmtrain" and cuda:
+        from aquila.train import bmtrain_engine
+
+        bmtrain_engine.init(seed)
+    elif world_size > 1 and not dist.is_initialized():
         dist.init_process_group("nccl" if cuda else "gloo", timeout=datetime.timedelta(minutes=30))
     return Processes(rank, world_size, local_rank, device)
 
@@ -52,8 +57,12 @@ def resolve_engine(engine: str, processes: Processes) -> str:
         return "fsdp" if processes.world_size > 1 else "single"
     if engine == "single" and processes.world_size > 1:
         raise ValueError(f"engine single runs one process, but {processes.world_size} were started; use ddp or fsdp")
-    if engine == "bmtrain" and processes.device.type != "cuda":
-        raise ValueError("engine bmtrain needs CUDA GPUs and NCCL (BMTrain has no CPU path); use fsdp or ddp")
+    if engine == "bmtrain":
+        if processes.device.type != "cuda":
+            raise ValueError("engine bmtrain needs CUDA GPUs and NCCL (BMTrain has no CPU path); use fsdp or ddp")
+        from aquila.train import bmtrain_engine
+
+        bmtrain_engine.import_bmtrain()
     return engine
 
 
@@ -65,6 +74,10 @@ def wrap(model: nn.Module, engine: str, zero_stage: int, processes: Processes, c
     if engine == "ddp":
         ids = [processes.local_rank] if processes.device.type == "cuda" else None
         return nn.parallel.DistributedDataParallel(model, device_ids=ids)
+    if engine == "bmtrain":
+        from aquila.train import bmtrain_engine
+
+        return bmtrain_engine.wrap(model)
     if engine == "fsdp":
         from torch.distributed.device_mesh import init_device_mesh
         from torch.distributed.fsdp import MixedPrecisionPolicy, fully_shard
@@ -76,6 +89,15 @@ def wrap(model: nn.Module, engine: str, zero_stage: int, processes: Processes, c
             fully_shard(block, mesh=mesh, reshard_after_forward=reshard, mp_policy=policy)
         return fully_shard(model, mesh=mesh, reshard_after_forward=reshard, mp_policy=policy)
     raise ValueError(f"wrap: unknown engine {engine!r}")
+
+
+def optimization(engine: str, model: nn.Module, parameter_groups: list, config, dtype: torch.dtype,
+                 device: torch.device):
+    if engine == "bmtrain":
+        from aquila.train.bmtrain_engine import BMTrainOptimization
+
+        return BMTrainOptimization(model, parameter_groups, config, dtype)
+    return TorchOptimization(model, parameter_groups, config, dtype, device)
 
 
 def no_gradient_sync(model: nn.Module, engine: str, last_micro_batch: bool):
@@ -100,3 +122,73 @@ def barrier(processes: Processes) -> None:
 def close(processes: Processes) -> None:
     if processes.world_size > 1 and dist.is_initialized():
         dist.destroy_process_group()
+
+
+class TorchOptimization:
+    """AdamW over fp32 master weights (FSDP shards them), with dynamic loss scaling for fp16, and the training state
+    in torch.distributed.checkpoint's sharded format. The loop talks to the optimizer only through this (and the
+    BMTrain engine's counterpart)."""
+
+    def __init__(self, model: nn.Module, parameter_groups: list, config, dtype: torch.dtype, device: torch.device):
+        self.model = model
+        self.optimizer = torch.optim.AdamW(parameter_groups, lr=config.lr, betas=(config.adam_beta1, config.adam_beta2),
+                                           eps=config.eps)
+        self.scaler = torch.amp.GradScaler(device.type, enabled=dtype == torch.float16)
+        self.parameters = [p for group in parameter_groups for p in group["params"]]
+
+    def set_lr(self, lr: float) -> None:
+        for group in self.optimizer.param_groups:
+            group["lr"] = lr
+
+    def backward(self, loss: torch.Tensor) -> None:
+        self.scaler.scale(loss).backward()
+
+    def clip_gradients(self, max_norm: float) -> float:
+        """The global gradient norm before clipping (inf or nan when a gradient is not finite)."""
+        self.scaler.unscale_(self.optimizer)
+        norm = torch.nn.utils.clip_grad_norm_(self.parameters, max_norm or float("inf"))
+        return float(norm.full_tensor() if hasattr(norm, "full_tensor") else norm)
+
+    def step(self, apply: bool) -> None:
+        if apply:
+            self.scaler.step(self.optimizer)
+        self.scaler.update()
+        self.optimizer.zero_grad(set_to_none=True)
+
+    def state_dict(self) -> dict:
+        return {"scaler": self.scaler.state_dict()}
+
+    def load_state_dict(self, state: dict) -> None:
+        self.scaler.load_state_dict(state["scaler"])
+
+    def save_sharded(self, directory: str) -> None:
+        import torch.distributed.checkpoint as dcp
+        from torch.distributed.checkpoint.state_dict import get_state_dict
+
+        model_state, optimizer_state = get_state_dict(self.model, self.optimizer)
+        _quiet_dcp(dcp.save, {"model": model_state, "optimizer": optimizer_state}, checkpoint_id=directory)
+
+    def load_sharded(self, directory: str) -> None:
+        import torch.distributed.checkpoint as dcp
+        from torch.distributed.checkpoint.state_dict import get_state_dict, set_state_dict
+
+        model_state, optimizer_state = get_state_dict(self.model, self.optimizer)
+        state = {"model": model_state, "optimizer": optimizer_state}
+        _quiet_dcp(dcp.load, state, checkpoint_id=directory)
+        set_state_dict(self.model, self.optimizer, model_state_dict=state["model"],
+                       optim_state_dict=state["optimizer"])
+
+    def full_model_state(self) -> dict:
+        """Every parameter, gathered on the CPU (the main process writes them out as safetensors)."""
+        from torch.distributed.checkpoint.state_dict import StateDictOptions, get_model_state_dict
+
+        return get_model_state_dict(self.model, options=StateDictOptions(full_state_dict=True, cpu_offload=True))
+
+
+def _quiet_dcp(call, *args, **kwargs):
+    # DCP warns that it runs in a single process whenever no process group exists: that is the intent here.
+    import warnings
+
+    with warnings.catch_warnings():
+        warnings.filterwarnings("ignore", message="torch.distributed is disabled")
+        return call(*args, **kwargs)

@@ -158,7 +158,7 @@ def evaluate(model, data, processes, autocast) -> Optional[dict]:
 
 def train(config: TrainConfig, resume: bool = False, log: Callable[[str], None] = print) -> dict:
     """Runs the configured training; returns a summary (steps, losses, checkpoint path, ...)."""
-    processes = engines.init_processes()
+    processes = engines.init_processes(config.engine, config.seed)
     try:
         return _train(config, resume, processes, log if processes.is_main else (lambda message: None))
     finally:
@@ -185,18 +185,17 @@ def _train(config: TrainConfig, resume: bool, processes: engines.Processes, log)
         autocast = contextlib.nullcontext
     else:
         autocast = lambda: torch.autocast(device.type, dtype=dtype)  # noqa: E731
-    optimizer = torch.optim.AdamW(parameter_groups(wrapped, config.weight_decay), lr=config.lr,
-                                  betas=(config.adam_beta1, config.adam_beta2), eps=config.eps)
-    scaler = torch.amp.GradScaler(device.type, enabled=dtype == torch.float16)
+    optimization = engines.optimization(engine, wrapped, parameter_groups(wrapped, config.weight_decay), config,
+                                        dtype, device)
     checkpoints = Checkpoints(config.output_dir, processes, config.keep_checkpoints)
     start, skipped_in_a_row = 0, 0
     if resume:
-        state = checkpoints.load_latest(wrapped, optimizer, log)
+        state = checkpoints.load_latest(optimization, log)
         if state is None:
             log(f"no checkpoint in {checkpoints.directory}: starting from scratch")
         else:
             start, skipped_in_a_row = state["step"], state["skipped_in_a_row"]
-            scaler.load_state_dict(state["scaler"])
+            optimization.load_state_dict(state["optimization"])
             log(f"resumed from {state['path']} at step {start}")
     if processes.is_main:
         config.save(os.path.join(config.output_dir, "config.yaml"))
@@ -213,13 +212,11 @@ def _train(config: TrainConfig, resume: bool, processes: engines.Processes, log)
 
         progress = tqdm(total=steps, initial=start, unit="step", dynamic_ncols=True, mininterval=0.5)
     losses, window = [], {"loss": 0.0, "steps": 0, "tokens": 0, "start": time.perf_counter()}
-    parameters = [p for p in wrapped.parameters() if p.requires_grad]
     last_step = start
     with StopFlag() as stop:
         for step in range(start, steps):
             lr = learning_rate(step, steps, config)
-            for group in optimizer.param_groups:
-                group["lr"] = lr
+            optimization.set_lr(lr)
             micro_batches = [to_device(data.batch(step, m), device) for m in range(config.gradient_accumulation_steps)]
             local_tokens = sum(int((b["targets"] != -100).sum()) for b in micro_batches)
             global_tokens = engines.all_reduce_sum(torch.tensor(float(local_tokens), device=device), processes)
@@ -231,24 +228,19 @@ def _train(config: TrainConfig, resume: bool, processes: engines.Processes, log)
                 with engines.no_gradient_sync(wrapped, engine, last), autocast():
                     loss = wrapped(batch["tokens"], batch["targets"], positions=batch["positions"],
                                    cu_seqlens=batch["cu_seqlens"], num_tokens=share)
-                scaler.scale(loss).backward()
+                optimization.backward(loss)
                 step_loss += loss.detach().float()
-            scaler.unscale_(optimizer)
-            grad_norm = torch.nn.utils.clip_grad_norm_(parameters, config.clip_grad or float("inf"))
-            if hasattr(grad_norm, "full_tensor"):
-                grad_norm = grad_norm.full_tensor()
+            grad_norm = optimization.clip_gradients(config.clip_grad)
             step_loss = float(engines.all_reduce_sum(step_loss, processes)) / processes.world_size
-            grad_norm = float(grad_norm)
-            if math.isfinite(step_loss) and math.isfinite(grad_norm):
-                scaler.step(optimizer)
+            finite = math.isfinite(step_loss) and math.isfinite(grad_norm)
+            optimization.step(apply=finite)
+            if finite:
                 skipped_in_a_row = 0
             else:
                 skipped_in_a_row += 1
                 log(f"step {step}: non-finite loss {step_loss} or gradient norm {grad_norm}: update skipped "
                     f"({skipped_in_a_row} in a row)")
                 metrics.write({"kind": "skipped", "step": step, "loss": step_loss, "grad_norm": grad_norm})
-            scaler.update()
-            optimizer.zero_grad(set_to_none=True)
             last_step = step + 1
             losses.append(step_loss)
             if skipped_in_a_row >= config.max_nonfinite_steps:
@@ -279,17 +271,18 @@ def _train(config: TrainConfig, resume: bool, processes: engines.Processes, log)
                     metrics.write({"kind": "valid", "step": last_step, **result})
                     log(f"step {last_step}: validation loss {result['loss']:.4f}, perplexity "
                         f"{result['perplexity']:.1f}")
-            trainer_state = {"skipped_in_a_row": skipped_in_a_row, "scaler": scaler.state_dict(),
+            trainer_state = {"skipped_in_a_row": skipped_in_a_row, "optimization": optimization.state_dict(),
                              "total_steps": steps}
             if stop.requested:
                 log(f"stop requested: saving a checkpoint at step {last_step}, then exiting")
                 break
             if config.save_interval and last_step % config.save_interval == 0 and last_step < steps:
-                checkpoints.save(last_step, wrapped, optimizer, trainer_state, model.config, tokenizer)
+                checkpoints.save(last_step, optimization, trainer_state, model.config, tokenizer)
     if progress is not None:
         progress.close()
-    trainer_state = {"skipped_in_a_row": skipped_in_a_row, "scaler": scaler.state_dict(), "total_steps": steps}
-    path = checkpoints.save(last_step, wrapped, optimizer, trainer_state, model.config, tokenizer)
+    trainer_state = {"skipped_in_a_row": skipped_in_a_row, "optimization": optimization.state_dict(),
+                     "total_steps": steps}
+    path = checkpoints.save(last_step, optimization, trainer_state, model.config, tokenizer)
     metrics.close()
     summary = {"steps": last_step, "total_steps": steps, "losses": losses, "checkpoint": path,
                "metrics": metrics.path, "interrupted": last_step < steps}

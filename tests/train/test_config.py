@@ -73,3 +73,16 @@ def test_no_weight_decay_on_norms():
     names = {id(p): n for n, p in model.named_parameters()}
     assert all("norm" in names[id(p)] for p in plain["params"]) and plain["weight_decay"] == 0.0
     assert not any("norm" in names[id(p)] for p in decayed["params"]) and decayed["weight_decay"] == 0.1
+
+
+def test_bmtrain_is_refused_clearly_without_cuda(tmp_path):
+    import torch
+
+    from aquila.train.engine import Processes, resolve_engine
+
+    if torch.cuda.is_available():
+        pytest.skip("the refusal is for machines without CUDA")
+    with pytest.raises(ValueError, match="engine bmtrain needs CUDA GPUs and NCCL"):
+        resolve_engine("bmtrain", Processes(0, 1, 0, torch.device("cpu")))
+    with pytest.raises(ValueError, match="engine single runs one process"):
+        resolve_engine("single", Processes(0, 2, 0, torch.device("cpu")))

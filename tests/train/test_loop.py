@@ -153,3 +153,32 @@ def test_two_processes_match_one_with_the_same_global_batch(tiny_run_inputs, ref
     losses = torchrun(tiny_run_inputs, tmp_path, 2, steps=8, batch_size=2, engine=engine, zero_stage=zero_stage)
     assert losses == pytest.approx(summary["losses"], rel=2e-5)
     assert (tmp_path / "checkpoints" / "step-000008" / "model.safetensors").exists()
+
+
+def test_sft_fine_tunes_a_pretraining_run_then_chat_uses_it(tiny_run_inputs, reference_run, tmp_path, capsys,
+                                                            monkeypatch):
+    import io
+
+    from aquila.cli import main
+
+    pretrained, _ = reference_run
+    conversations = tmp_path / "chat.jsonl"
+    with open(conversations, "w", encoding="utf-8") as handle:
+        for i in range(24):
+            record = {"id": str(i), "conversations": [{"from": "human", "value": f"第{i}句是什么？"},
+                                                      {"from": "gpt", "value": "床前明月光，疑是地上霜。"}]}
+            if i % 3 == 0:
+                record["instruction"] = "Answer briefly."
+            handle.write(json.dumps(record, ensure_ascii=False) + "\n")
+    output = tmp_path / "sft"
+    config = TrainConfig.load(None, [*tiny_overrides(tiny_run_inputs, output, steps=10, lr=3e-3, eval_interval=5),
+                                     "--kind", "sft", "--model", str(pretrained), "--model_overrides", "{}",
+                                     "--tokenizer", "null", "--sft_data", str(conversations),
+                                     "--valid_fraction", "0.25", "--seq_len", "64"])
+    summary = train(config, log=lambda message: None)
+    assert summary["losses"][-1] < summary["losses"][0] - 1.0  # one answer to learn: it is learned fast
+    valid = [json.loads(line) for line in open(output / "metrics.jsonl") if '"valid"' in line]
+    assert len(valid) == 2 and valid[-1]["loss"] < valid[0]["loss"]
+    monkeypatch.setattr(sys, "stdin", io.StringIO("第3句是什么？\n"))
+    main(["chat", "--checkpoint", str(output), "--temperature", "0", "--max-new-tokens", "30"])
+    assert capsys.readouterr().out.startswith("Aquila:")
