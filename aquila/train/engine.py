@@ -131,8 +131,9 @@ class TorchOptimization:
 
     def __init__(self, model: nn.Module, parameter_groups: list, config, dtype: torch.dtype, device: torch.device):
         self.model = model
+        # fused: one multi-threaded kernel for every parameter; torch's default CPU path takes ~100x longer.
         self.optimizer = torch.optim.AdamW(parameter_groups, lr=config.lr, betas=(config.adam_beta1, config.adam_beta2),
-                                           eps=config.eps)
+                                           eps=config.eps, fused=True)
         self.scaler = torch.amp.GradScaler(device.type, enabled=dtype == torch.float16)
         self.parameters = [p for group in parameter_groups for p in group["params"]]
 

@@ -1,5 +1,6 @@
-// Rotary position embedding on CPU. Each token's cos/sin are computed once, in double precision from the exact
-// angle position * theta^(-2i/d), and applied to all of its heads.
+// Rotary position embedding on CPU. cos/sin are computed in double precision from the exact angle
+// position * theta^(-2i/d), once per distinct position when the positions span fewer values than there are tokens
+// (packed training batches: positions restart in every document), else once per token; each serves all heads.
 #include <cmath>
 #include <vector>
 
@@ -34,22 +35,46 @@ AQUILA_SIMD_CLONES void rotary_kernel(const Rotary& a, int threads) {
   const bool share = same_positions && a.seq >= threads;
   const int64_t work = share ? a.seq : a.batch * a.seq;
   const int64_t batch_per_item = share ? a.batch : 1;
+  auto position_of = [&](int64_t b, int64_t s) {
+    return a.positions ? a.positions[b * a.positions_stride_batch + s * a.positions_stride_seq] : a.offset + s;
+  };
+  // A table of cos/sin per distinct position, when that is less work than one per token.
+  int64_t lowest = 0, span = 0;
+  if (!share && a.positions && work > 0) {
+    int64_t highest = position_of(0, 0);
+    lowest = highest;
+    for (int64_t item = 0; item < work; ++item) {
+      const int64_t pos = position_of(item / a.seq, item % a.seq);
+      lowest = pos < lowest ? pos : lowest;
+      highest = pos > highest ? pos : highest;
+    }
+    if (highest - lowest < work) span = highest - lowest + 1;
+  }
+  std::vector<float> table_cos(span * half), table_sin(span * half);
+  auto fill = [&](int64_t pos, float* c, float* sn) {
+    for (int64_t i = 0; i < half; ++i) {
+      const double angle = static_cast<double>(pos) * inv_freq[i];
+      c[i] = static_cast<float>(std::cos(angle));
+      sn[i] = static_cast<float>(sign * std::sin(angle));
+    }
+  };
 #pragma omp parallel num_threads(threads)
   {
+#pragma omp for schedule(static)
+    for (int64_t p = 0; p < span; ++p) fill(lowest + p, &table_cos[p * half], &table_sin[p * half]);
     std::vector<float> cos_buf(half), sin_buf(half);
 #pragma omp for schedule(static)
     for (int64_t item = 0; item < work; ++item) {
       const int64_t first_b = share ? 0 : item / a.seq, s = item % a.seq;
-      const int64_t pos = a.positions
-                              ? a.positions[first_b * a.positions_stride_batch + s * a.positions_stride_seq]
-                              : a.offset + s;
-      for (int64_t i = 0; i < half; ++i) {
-        const double angle = static_cast<double>(pos) * inv_freq[i];
-        cos_buf[i] = static_cast<float>(std::cos(angle));
-        sin_buf[i] = static_cast<float>(sign * std::sin(angle));
-      }
+      const int64_t pos = position_of(first_b, s);
       const float* c = cos_buf.data();
       const float* sn = sin_buf.data();
+      if (span) {
+        c = &table_cos[(pos - lowest) * half];
+        sn = &table_sin[(pos - lowest) * half];
+      } else {
+        fill(pos, cos_buf.data(), sin_buf.data());
+      }
       for (int64_t b = first_b; b < first_b + batch_per_item; ++b) {
         for (int64_t h = 0; h < a.heads; ++h) {
           const T* x = static_cast<const T*>(a.x) + b * a.x_stride_batch + s * a.x_stride_seq + h * a.x_stride_head;
