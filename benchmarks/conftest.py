@@ -186,7 +186,7 @@ def pytest_terminal_summary(terminalreporter, exitstatus, config):
     bandwidth = SESSION.get("copy_bandwidth")
     # The baseline of each op: torch eager, torch's SDPA for attention, transformers' generate for decoding.
     baselines = {r["op"]: r["seconds"] for r in RESULTS
-                 if r["impl"] in ("torch eager", "torch sdpa", "transformers generate")}
+                 if r["impl"] in ("torch eager", "torch sdpa", "transformers generate", "transformers")}
     lines = [f"machine: {machine_description(device)}; torch {torch.__version__}"]
     if bandwidth:
         lines.append(f"measured copy bandwidth: {bandwidth / 1e9:.1f} GB/s (read + write); matmul "

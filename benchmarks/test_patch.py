@@ -1,0 +1,98 @@
+"""Training step of a transformers LlamaForCausalLM before and after apply_aquila_kernels_to_llama, in the same process
+on the same weights and batch: forward with labels, backward, AdamW step (and forward + backward alone). Time per
+step, tokens per second and extra peak memory; the patched run's record also carries its ratios to the unpatched one
+(speedup_vs_transformers, peak_memory_vs_transformers).
+
+The baseline is transformers as users get it by default: attn_implementation "sdpa" (torch's fused attention), its
+RMSNorm, rotary and loss in torch eager. use_cache=False in both, as training loops set it (otherwise transformers
+keeps a KV cache of the training batch). On CPU: hidden 512, 4 layers, 8 heads, SwiGLU 1376, vocab 32000, batch 2 x
+512 tokens, fp32 (bf16 and 8 x 2048 tokens on GPU); --quick: a tiny model, to check that the benchmark runs.
+"""
+
+import pytest
+import torch
+
+IMPLS = ["transformers", "transformers + aquila"]
+# The unpatched run's record, for the patched run's ratios (IMPLS runs in this order).
+baseline_records = {}
+
+
+def llama_sizes(quick, device):
+    if quick:
+        return dict(hidden_size=64, num_hidden_layers=2, num_attention_heads=4, intermediate_size=176,
+                    vocab_size=1000), (2, 64)
+    model = dict(hidden_size=512, num_hidden_layers=4, num_attention_heads=8, intermediate_size=1376,
+                 vocab_size=32000)
+    if device == "cuda":  # a GPU has room for a realistic batch
+        return model, (8, 2048)
+    return model, (2, 512)
+
+
+def step_flops(config, batch, seq):
+    """Model FLOPs of a training step: 6 per parameter of every matmul (lm_head included, the embedding gather not)
+    per token, plus causal attention's QK^T and PV at half of the full square, times 3 for the backward."""
+    hidden, layers, vocab = config.hidden_size, config.num_hidden_layers, config.vocab_size
+    kv = hidden // config.num_attention_heads * config.num_key_value_heads
+    per_layer = hidden * (2 * hidden + 2 * kv) + 3 * hidden * config.intermediate_size
+    matmul_parameters = layers * per_layer + vocab * hidden
+    attention = 3 * 2 * 2 * batch * layers * seq * seq * hidden / 2
+    return 6 * matmul_parameters * batch * seq + attention
+
+
+@pytest.fixture(scope="module")
+def llama(device, quick):
+    transformers = pytest.importorskip("transformers")
+    sizes, shape = llama_sizes(quick, device)
+    config = transformers.LlamaConfig(**sizes, max_position_embeddings=max(shape[1], 128), use_cache=False,
+                                      attn_implementation="sdpa")
+    torch.manual_seed(0)
+    state = transformers.LlamaForCausalLM(config).state_dict()
+    input_ids = torch.randint(0, config.vocab_size, shape, device=device)
+    labels = input_ids.clone()
+    labels[:, :8] = -100  # a prompt part that does not count, as in instruction tuning
+    return transformers, config, state, input_ids, labels
+
+
+@pytest.mark.parametrize("impl", IMPLS)
+@pytest.mark.parametrize("phase", ["training step", "forward+backward"])
+def test_llama_training(measure, benchmark, llama, device, quick, phase, impl):
+    """phase: the whole step (the number that matters), or without the optimizer, whose temporaries (foreach AdamW
+    holds several parameter-sized lists at once) can set the step's peak and hide what the model's own activations
+    and logits need."""
+    transformers, config, state, input_ids, labels = llama
+    model = transformers.LlamaForCausalLM(config)
+    model.load_state_dict(state)
+    model.to(device, torch.bfloat16 if device == "cuda" else torch.float32).train()  # the benchmarks' dtypes
+    if impl != "transformers":
+        from aquila.model.patch import apply_aquila_kernels_to_llama
+
+        apply_aquila_kernels_to_llama(model)
+    optimizer = torch.optim.AdamW(model.parameters(), lr=1e-5)
+
+    def step():
+        loss = model(input_ids=input_ids, labels=labels).loss
+        loss.backward()
+        if phase == "training step":
+            optimizer.step()
+        optimizer.zero_grad(set_to_none=True)
+        assert torch.isfinite(loss)
+
+    batch, seq = input_ids.shape
+    parameters = sum(p.numel() for p in model.parameters())
+    label = f"llama {phase} {batch}x{seq}, {parameters / 1e6:.1f}M params"
+    rounds = 3 if quick or phase != "training step" else 7
+    record = measure(label, impl, step, flops=step_flops(config, batch, seq), memory=True, rounds=rounds)
+    record["tokens_per_s"] = batch * seq / record["seconds"]
+    if not benchmark.disabled:
+        # The best round too: on a shared machine other processes stretch some rounds (even the median, at 7
+        # rounds), never shorten one.
+        record["best_seconds"] = benchmark.stats.stats.min
+    baseline = baseline_records.get(label)
+    if impl == "transformers":
+        baseline_records[label] = record
+    elif baseline is not None:
+        record["speedup_vs_transformers"] = baseline["seconds"] / record["seconds"]
+        if "best_seconds" in record and "best_seconds" in baseline:
+            record["best_speedup_vs_transformers"] = baseline["best_seconds"] / record["best_seconds"]
+        if record.get("peak_extra_bytes") and baseline.get("peak_extra_bytes"):
+            record["peak_memory_vs_transformers"] = record["peak_extra_bytes"] / baseline["peak_extra_bytes"]
