@@ -14,15 +14,15 @@ import yaml
 ENGINES = ("auto", "single", "ddp", "fsdp", "bmtrain")
 PRECISIONS = ("auto", "fp32", "bf16", "fp16")
 KINDS = ("pretrain", "sft")
-DEFAULT_STEPS = 400  # the demo run's length when no budget is given
+DEFAULT_STEPS = 600  # the demo run's length when no budget is given
 
 
 @dataclasses.dataclass
 class TrainConfig:
     # --- FlagAI's keys -----------------------------------------------------------------------------------------------
-    batch_size: int = 8  # sequences per micro-batch per process
+    batch_size: int = 16  # sequences per micro-batch per process
     gradient_accumulation_steps: int = 1
-    lr: float = 1e-3
+    lr: float = 2e-3
     warm_up: float = 0.05  # below 1: a fraction of the optimizer steps (FlagAI's meaning); from 1: a number of steps
     save_interval: int = 200  # optimizer steps between checkpoints; 0: only at the end
     log_interval: int = 10

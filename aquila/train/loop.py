@@ -265,6 +265,7 @@ def _train(config: TrainConfig, resume: bool, processes: engines.Processes, log)
                 window = {"loss": 0.0, "steps": 0, "tokens": 0, "start": time.perf_counter()}
             if progress is not None:
                 progress.update(1)
+            paused = time.perf_counter()  # evaluation and saving do not count against training throughput
             if last_step % config.eval_interval == 0 or last_step == steps:
                 result = evaluate(wrapped, data, processes, autocast)
                 if result is not None:
@@ -278,6 +279,7 @@ def _train(config: TrainConfig, resume: bool, processes: engines.Processes, log)
                 break
             if config.save_interval and last_step % config.save_interval == 0 and last_step < steps:
                 checkpoints.save(last_step, optimization, trainer_state, model.config, tokenizer)
+            window["start"] += time.perf_counter() - paused
     if progress is not None:
         progress.close()
     trainer_state = {"skipped_in_a_row": skipped_in_a_row, "optimization": optimization.state_dict(),

@@ -58,7 +58,7 @@ def test_schedule_warms_up_linearly_then_decays_by_cosine_to_a_tenth():
 
 
 def test_budgets():
-    assert total_steps(TrainConfig(), 10**6, None, 8) == 400
+    assert total_steps(TrainConfig(), 10**6, None, 8) == 600
     assert total_steps(TrainConfig(train_tokens=8 * 256 * 10 + 1), 10**6, None, 8) == 11
     assert total_steps(TrainConfig(epochs=2), 8 * 256 * 5, None, 8) == 10
     assert total_steps(TrainConfig(epochs=1), 0, 33, 8) == 5  # SFT counts packed rows
