@@ -145,7 +145,7 @@ def run_training(args, kind: str):
 def plot(args):
     from aquila.train.metrics import plot as render
 
-    metrics = os.path.join(args.run, "metrics.jsonl") if os.path.isdir(args.run) else args.run
+    metrics = os.path.join(args.directory, "metrics.jsonl") if os.path.isdir(args.directory) else args.directory
     print(render(metrics, args.out or os.path.join(os.path.dirname(metrics), "loss.png")))
 
 
@@ -184,7 +184,7 @@ def parser() -> argparse.ArgumentParser:
         command.set_defaults(run=lambda args, kind=kind: run_training(args, kind), overrides=[])
 
     command = commands.add_parser("plot", help="render a run's loss curve and throughput as PNG")
-    command.add_argument("run", help="run directory (or its metrics.jsonl)")
+    command.add_argument("directory", metavar="RUN", help="run directory (or its metrics.jsonl)")
     command.add_argument("--out", help="PNG path (default: loss.png beside the metrics)")
     command.set_defaults(run=plot)
 

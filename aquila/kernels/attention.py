@@ -324,7 +324,7 @@ def _forward(q, k, v, seq, scale, causal, backend):
                 scale * LOG2E, CAUSAL=causal, BLOCK_M=block_m, BLOCK_N=block_n, BLOCK_D=_block_dim(head_dim),
                 PRECISION=_precision(q.dtype), num_warps=num_warps, num_stages=num_stages)
         else:
-            extension, launch = _backend.native(backend, q)
+            extension, launch = _backend.native(backend, q, work=q.numel() + k.numel())
             args = {"q": _strided(q), "k": _strided(k), "v": _strided(v), "out": _strided(out),
                     "lse": lse.data_ptr(), "seq": seq.as_dict(), "heads_q": heads_q, "heads_k": heads_k,
                     "head_dim": head_dim, "scale": scale, "causal": causal, "dtype": _backend.DTYPE_CODES[q.dtype]}
@@ -374,7 +374,7 @@ def _backward(grad_out, q, k, v, out, lse, seq, scale, causal, backend):
                 *grad_out.stride()[:2], *grad_q.stride()[:2], *sequences, heads_q, heads_q // heads_k, head_dim,
                 scale, **common)
         else:
-            extension, launch = _backend.native(backend, q)
+            extension, launch = _backend.native(backend, q, work=q.numel() + k.numel())
             delta = torch.empty(q.shape[:2], dtype=torch.float32, device=q.device)  # the kernel fills it
             extension.attention_backward(
                 {"q": _strided(q), "k": _strided(k), "v": _strided(v), "out": _strided(out),

@@ -124,10 +124,17 @@ def address(tensor):
     return 0 if tensor is None else tensor.data_ptr()
 
 
-def native(backend, tensor):
-    """(extension module, launch argument) for a native backend: the thread count on CPU, the stream on CUDA."""
+# Below this many elements a CPU kernel runs on one thread: waking an OpenMP team costs more than the work (a decoding
+# step's norms and rotary on one token's features).
+PARALLEL_GRAIN = 32768
+
+
+def native(backend, tensor, work=None):
+    """(extension module, launch argument) for a native backend: the thread count on CPU (one for less than
+    PARALLEL_GRAIN elements of work, by default tensor's), the stream on CUDA."""
     if backend == "cpu":
-        return cpu_extension, torch.get_num_threads()
+        small = (tensor.numel() if work is None else work) < PARALLEL_GRAIN
+        return cpu_extension, 1 if small else torch.get_num_threads()
     return cuda_extension, torch.cuda.current_stream(tensor.device).cuda_stream
 
 

@@ -175,6 +175,8 @@ def _train(config: TrainConfig, resume: bool, processes: engines.Processes, log)
     global_batch = config.batch_size * config.gradient_accumulation_steps * processes.world_size
     steps = total_steps(config, data.tokens_per_epoch, data.samples_per_epoch, global_batch)
     data.build(steps * global_batch)
+    if getattr(data, "description", None):
+        log(data.description)
 
     model = build_model(config, tokenizer, device)
     dtype = resolve_precision(config, device)

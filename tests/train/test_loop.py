@@ -182,3 +182,29 @@ def test_sft_fine_tunes_a_pretraining_run_then_chat_uses_it(tiny_run_inputs, ref
     monkeypatch.setattr(sys, "stdin", io.StringIO("第3句是什么？\n"))
     main(["chat", "--checkpoint", str(output), "--temperature", "0", "--max-new-tokens", "30"])
     assert capsys.readouterr().out.startswith("Aquila:")
+
+
+def test_plot_and_preprocess_commands(reference_run, tiny_run_inputs, tmp_path, capsys):
+    from aquila.cli import main
+    from aquila.data.indexed import IndexedDataset
+
+    output, _ = reference_run
+    main(["plot", str(output), "--out", str(tmp_path / "curve.png")])
+    assert (tmp_path / "curve.png").stat().st_size > 1000
+    main(["data", "preprocess", str(tiny_run_inputs / "valid.jsonl"), "--tokenizer",
+          str(tiny_run_inputs / "tokenizer"), "--out", str(tmp_path / "valid"), "--workers", "1"])
+    assert "tokens" in capsys.readouterr().out
+    assert len(IndexedDataset(str(tmp_path / "valid"))) == 10
+    with pytest.raises(SystemExit, match="tokens_per_s|no training records|metrics"):
+        (tmp_path / "empty.jsonl").write_text("")
+        main(["plot", str(tmp_path / "empty.jsonl")])
+
+
+def test_tensorboard_without_the_package_is_a_clear_error(tiny_run_inputs, tmp_path):
+    try:
+        import tensorboard  # noqa: F401
+        pytest.skip("tensorboard is installed here")
+    except ImportError:
+        pass
+    with pytest.raises(ValueError, match="tensorboard: true needs the tensorboard package"):
+        run(tiny_run_inputs, tmp_path, steps=1, tensorboard=True)
