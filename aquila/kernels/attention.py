@@ -527,6 +527,34 @@ def attention(q: Tensor, k: Tensor, v: Tensor, *, causal: bool = False, scale: O
     return AttentionFunction.apply(*packed, seq, scale, bool(causal), backend).view(q.shape)
 
 
+def _kv_cache_forward(q, k_cache, v_cache, lengths, new_tokens, scale, causal, backend):
+    """q [batch * new_tokens, heads_q, d] against the caches flattened to [batch * max_len, heads_k, d]."""
+    batch = lengths.shape[0]
+    max_len = k_cache.shape[0] // max(batch, 1)
+    # A length past the cache would make the kernels read another sequence's cache, or past the end: always checked
+    # (a host sync on GPU).
+    if lengths.numel() and bool(((lengths < 0) | (lengths > max_len)).any()):
+        raise ValueError(f"attention_with_kv_cache: cache_seqlens must be between 0 and the cache length {max_len}, "
+                         f"got {lengths.tolist()}")
+    arange = torch.arange(batch, dtype=torch.int32, device=q.device)
+    seq = Sequences(arange * new_tokens, torch.full_like(arange, new_tokens), arange * max_len, lengths, new_tokens,
+                    max_len)
+    if backend == "torch":
+        return reference.attention(q, k_cache, v_cache, seq.as_list(), scale, causal)[0]
+    return _forward(q, k_cache, v_cache, seq, scale, causal, backend)[0]
+
+
+@torch.library.custom_op("aquila::attention_with_kv_cache", mutates_args=())
+def _kv_cache_op(q: Tensor, k_cache: Tensor, v_cache: Tensor, lengths: Tensor, new_tokens: int, scale: float,
+                 causal: bool, backend: str) -> Tensor:
+    return _kv_cache_forward(q, k_cache, v_cache, lengths, new_tokens, scale, causal, backend).contiguous()
+
+
+@_kv_cache_op.register_fake
+def _(q, k_cache, v_cache, lengths, new_tokens, scale, causal, backend):
+    return torch.empty_like(q, memory_format=torch.contiguous_format)
+
+
 def attention_with_kv_cache(q: Tensor, k_cache: Tensor, v_cache: Tensor, cache_seqlens: Tensor, *,
                             causal: bool = True, scale: Optional[float] = None,
                             backend: Optional[str] = None) -> Tensor:
@@ -540,27 +568,14 @@ def attention_with_kv_cache(q: Tensor, k_cache: Tensor, v_cache: Tensor, cache_s
                          f"d], got q {tuple(q.shape)}, k_cache {tuple(k_cache.shape)}, v_cache {tuple(v_cache.shape)}")
     _backend.check_tensor(op, "cache_seqlens", cache_seqlens, dtypes=(torch.int32, torch.int64), device=q.device,
                           shape=(q.shape[0],))
-    batch, new_tokens = q.shape[:2]
-    max_len = k_cache.shape[1]
     lengths = cache_seqlens.to(torch.int32)
-    # A length past the cache would make the kernels read another sequence's cache, or past the end: always checked
-    # (a host sync on GPU).
-    if lengths.numel() and bool(((lengths < 0) | (lengths > max_len)).any()):
-        raise ValueError(f"{op}: cache_seqlens must be between 0 and the cache length {max_len}, got "
-                         f"{lengths.tolist()}")
-    arange = torch.arange(batch, dtype=torch.int32, device=q.device)
-    seq = Sequences(arange * new_tokens, torch.full_like(arange, new_tokens), arange * max_len, lengths, new_tokens,
-                    max_len)
     scale = q.shape[-1] ** -0.5 if scale is None else float(scale)
     if backend is None and q.is_cuda and _backend.cuda_extension is not None:
         backend = "cuda"
     backend = _backend.resolve(op, q, backend)
     packed = [_backend.with_unit_stride(t.reshape(-1, *t.shape[2:])) for t in (q, k_cache, v_cache)]
-    if backend == "torch":
-        return reference.attention(*packed, seq.as_list(), scale, causal)[0].view(q.shape)
+    if torch.compiler.is_compiling():  # the lengths are checked inside the op, where they have values
+        return _kv_cache_op(*packed, lengths, q.shape[1], scale, bool(causal), backend).view(q.shape)
     with torch.no_grad():
-        if _backend.direct_call():
-            out, _ = _forward(*packed, seq, scale, bool(causal), backend)
-        else:
-            out, _ = _forward_op(*packed, *seq, scale, bool(causal), backend)
+        out = _kv_cache_forward(*packed, lengths, q.shape[1], scale, bool(causal), backend)
     return out.view(q.shape)
