@@ -1,0 +1,68 @@
+"""The whole training step, side by side: Aquila (fused kernels, FSDP2 ZeRO-2) against transformers'
+LlamaForCausalLM (eager attention, eager loss) under DeepSpeed ZeRO-2, the stack FlagAI's users would otherwise run,
+and against the same transformers model with SDPA under torch.compile and DDP. Same model shape, global batch,
+sequence length, number of processes and optimizer (fused AdamW, clipping at 1.0); each contender runs in its own
+torchrun launch of benchmarks/training_step.py.
+
+On CPU: 2 processes over gloo with one thread each (the machine's 2 cores), a 45M-parameter model (dim 512, 4 layers,
+8 heads, SwiGLU 1376, vocab 32000), 2 x 512 tokens per process, fp32. On GPU: one process, dim 1024, 8 layers, 8 x
+2048 tokens, bf16. The summary shows seconds per step, model FLOP/s with the fraction of the measured matmul rate
+(MFU against what this machine's matmul reaches), the ratio to DeepSpeed and the largest peak memory of any process
+(resident set on CPU, allocator peak on GPU, MB). --quick: a tiny model, two steps, to keep the benchmark working.
+"""
+
+import json
+import os
+import subprocess
+import sys
+
+import pytest
+import torch
+
+from benchmarks.test_patch import step_flops
+
+HERE = os.path.dirname(os.path.abspath(__file__))
+IMPLS = {"transformers + deepspeed zero-2": "deepspeed", "transformers sdpa + torch.compile, ddp": "compile",
+         "aquila fsdp2 zero-2": "aquila"}
+
+
+def sizes(quick, device):
+    if quick:
+        return dict(dim=64, layers=2, heads=4, ffn=176, vocab=1000, batch=2, seq=64, warmup=1, steps=2)
+    if device == "cuda":
+        return dict(dim=1024, layers=8, heads=8, ffn=2816, vocab=32000, batch=8, seq=2048, warmup=3, steps=10)
+    return dict(dim=512, layers=4, heads=8, ffn=1376, vocab=32000, batch=2, seq=512, warmup=2, steps=5)
+
+
+@pytest.mark.parametrize("impl", list(IMPLS))
+def test_training_step(benchmark, record, device, quick, impl):
+    if IMPLS[impl] == "deepspeed":
+        pytest.importorskip("deepspeed", reason="DeepSpeed is a benchmark extra: DS_BUILD_OPS=0 pip install "
+                                                "--no-build-isolation deepspeed")
+    pytest.importorskip("transformers")
+    shape = sizes(quick, device)
+    processes = 1 if device == "cuda" else 2
+    command = [sys.executable, "-m", "torch.distributed.run", "--standalone", f"--nproc-per-node={processes}",
+               os.path.join(HERE, "training_step.py"), "--impl", IMPLS[impl],
+               *[item for name, value in shape.items() for item in (f"--{name}", str(value))]]
+    env = {**os.environ, "DS_ACCELERATOR": "cuda" if device == "cuda" else "cpu",
+           "PYTHONPATH": os.path.dirname(HERE)}
+    if device == "cpu":
+        env.update(OMP_NUM_THREADS=str(max(1, (os.cpu_count() or 2) // processes)), TORCHINDUCTOR_COMPILE_THREADS="1")
+    outcome = {}
+
+    def launch():
+        result = subprocess.run(command, env=env, capture_output=True, text=True, timeout=1200)
+        assert result.returncode == 0, result.stderr[-4000:]
+        outcome.update(json.loads(next(line for line in result.stdout.splitlines() if line.startswith("{"))))
+
+    benchmark.pedantic(launch, rounds=1, iterations=1)
+    transformers = pytest.importorskip("transformers")
+    config = transformers.LlamaConfig(hidden_size=shape["dim"], num_hidden_layers=shape["layers"],
+                                      num_attention_heads=shape["heads"], intermediate_size=shape["ffn"],
+                                      vocab_size=shape["vocab"])
+    flops = step_flops(config, shape["batch"] * processes, shape["seq"])
+    params = shape["layers"] * (4 * shape["dim"] ** 2 + 3 * shape["dim"] * shape["ffn"]) + 2 * shape["vocab"] * shape["dim"]
+    record(f"training step {processes}x{shape['batch']}x{shape['seq']}, {params / 1e6:.0f}M params, {processes} proc",
+           impl, outcome["seconds_per_step"], flops=flops, tokens_per_s=outcome["tokens_per_s"],
+           peak_memory_bytes=outcome["peak_memory_bytes"], losses=outcome["losses"])

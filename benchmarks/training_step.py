@@ -1,0 +1,144 @@
+"""One contender of the whole-training-step benchmark, run by torchrun in each of its processes (benchmarks/
+test_training_step.py launches it). Every contender trains the same LLaMA-shaped model from the same seed on the same
+random batches, with the same global batch, AdamW settings and clipping, for warm-up steps then timed steps, and the
+main process prints one JSON line: seconds per step, tokens/s, the largest peak memory of any process, the loss.
+
+Contenders:
+- aquila: Aquila's model on its fused kernels (RMSNorm + residual, rotary, flash attention, linear cross-entropy),
+  FSDP2 with ZeRO-2 (reshard_after_forward=False), fused AdamW: what `aquila pretrain` runs.
+- deepspeed: transformers' LlamaForCausalLM with eager attention and its eager loss under DeepSpeed ZeRO stage 2 (on
+  CPU with DS_ACCELERATOR=cpu, over gloo), the stack FlagAI users were pointed to. Its optimizer is torch's fused
+  AdamW, the same as ours (DeepSpeed's CPU Adam needs a compiled op), so the comparison is of everything else.
+- compile: the same transformers model with SDPA attention, torch.compile'd, under DDP, fused AdamW.
+"""
+
+import argparse
+import json
+import os
+import resource
+import time
+
+import torch
+import torch.distributed as dist
+
+
+def peak_memory_bytes(device):
+    if device.type == "cuda":
+        return torch.cuda.max_memory_allocated(device)
+    return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024
+
+
+def llama_config(args, attention):
+    import transformers
+
+    return transformers.LlamaConfig(hidden_size=args.dim, num_hidden_layers=args.layers,
+                                    num_attention_heads=args.heads, num_key_value_heads=args.heads,
+                                    intermediate_size=args.ffn, vocab_size=args.vocab, rms_norm_eps=1e-5,
+                                    max_position_embeddings=args.seq, use_cache=False, tie_word_embeddings=False,
+                                    attn_implementation=attention)
+
+
+def build(args, device, world):
+    """(step function returning the loss, model) for the contender."""
+    torch.manual_seed(0)
+    if args.impl == "aquila":
+        from aquila.model.config import AquilaConfig
+        from aquila.model.model import Aquila
+        from aquila.train.engine import Processes, wrap
+
+        config = AquilaConfig(dim=args.dim, n_layers=args.layers, n_heads=args.heads, ffn_dim=args.ffn,
+                              vocab_size=args.vocab, max_seq_len=args.seq)
+        model = Aquila(config).to(device)
+        processes = Processes(dist.get_rank(), world, int(os.environ.get("LOCAL_RANK", 0)), device)
+        model = wrap(model, "fsdp", 2, processes, torch.bfloat16 if device.type == "cuda" else None)
+        optimizer = torch.optim.AdamW(model.parameters(), lr=1e-4, weight_decay=0.1, fused=True)
+
+        def step(tokens, targets):
+            loss = model(tokens, targets)
+            loss.backward()
+            torch.nn.utils.clip_grad_norm_(model.parameters(), 1.0)
+            optimizer.step()
+            optimizer.zero_grad(set_to_none=True)
+            return loss
+
+        return step
+    import transformers
+
+    if args.impl == "deepspeed":
+        import deepspeed
+
+        model = transformers.LlamaForCausalLM(llama_config(args, "eager")).to(device)
+        optimizer = torch.optim.AdamW(model.parameters(), lr=1e-4, weight_decay=0.1, fused=True)
+        engine, _, _, _ = deepspeed.initialize(model=model, optimizer=optimizer, config={
+            "train_micro_batch_size_per_gpu": args.batch, "gradient_accumulation_steps": 1,
+            "gradient_clipping": 1.0, "zero_optimization": {"stage": 2}, "zero_allow_untested_optimizer": True,
+            "bf16": {"enabled": device.type == "cuda"}, "steps_per_print": 10**9, "wall_clock_breakdown": False})
+
+        def step(tokens, targets):
+            loss = engine(input_ids=tokens, labels=targets).loss
+            engine.backward(loss)
+            engine.step()
+            return loss
+
+        return step
+    if args.impl == "compile":
+        model = transformers.LlamaForCausalLM(llama_config(args, "sdpa")).to(device)
+        model = torch.nn.parallel.DistributedDataParallel(model)
+        compiled = torch.compile(model)
+        optimizer = torch.optim.AdamW(model.parameters(), lr=1e-4, weight_decay=0.1, fused=True)
+        autocast = torch.autocast("cuda", dtype=torch.bfloat16, enabled=device.type == "cuda")
+
+        def step(tokens, targets):
+            with autocast:
+                loss = compiled(input_ids=tokens, labels=targets).loss
+            loss.backward()
+            torch.nn.utils.clip_grad_norm_(model.parameters(), 1.0)
+            optimizer.step()
+            optimizer.zero_grad(set_to_none=True)
+            return loss
+
+        return step
+    raise ValueError(f"unknown contender {args.impl!r}")
+
+
+def main():
+    parser = argparse.ArgumentParser()
+    for name, default in (("dim", 512), ("layers", 4), ("heads", 8), ("ffn", 1376), ("vocab", 32000),
+                          ("batch", 2), ("seq", 512), ("warmup", 2), ("steps", 5)):
+        parser.add_argument(f"--{name}", type=int, default=default)
+    parser.add_argument("--impl", required=True)
+    args = parser.parse_args()
+    cuda = torch.cuda.is_available()
+    device = torch.device("cuda", int(os.environ.get("LOCAL_RANK", 0))) if cuda else torch.device("cpu")
+    if cuda:
+        torch.cuda.set_device(device)
+    dist.init_process_group("nccl" if cuda else "gloo")
+    rank, world = dist.get_rank(), dist.get_world_size()
+    step = build(args, device, world)
+    generator = torch.Generator().manual_seed(1 + rank)  # each process its own share of the global batch
+    batches = [torch.randint(0, args.vocab, (args.batch, args.seq + 1), generator=generator)
+               for _ in range(args.warmup + args.steps)]
+    losses = []
+    for index, batch in enumerate(batches):
+        if index == args.warmup:
+            if cuda:
+                torch.cuda.synchronize()
+            dist.barrier()
+            start = time.perf_counter()
+        tokens, targets = batch[:, :-1].to(device), batch[:, 1:].to(device)
+        losses.append(float(step(tokens, targets)))
+    if cuda:
+        torch.cuda.synchronize()
+    dist.barrier()
+    seconds = (time.perf_counter() - start) / args.steps
+    peak = torch.tensor([float(peak_memory_bytes(device))])
+    dist.all_reduce(peak, op=dist.ReduceOp.MAX)
+    if rank == 0:
+        print(json.dumps({"impl": args.impl, "seconds_per_step": seconds, "processes": world,
+                          "tokens_per_s": world * args.batch * args.seq / seconds, "peak_memory_bytes": peak.item(),
+                          "losses": losses}))
+    dist.destroy_process_group()
+
+
+if __name__ == "__main__":
+    main()
