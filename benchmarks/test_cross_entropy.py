@@ -43,7 +43,20 @@ def aquila_backends(device):
     return names
 
 
-IMPLS = ["torch eager", "torch.compile", "aquila cpu", "aquila triton", "aquila cuda"]
+IMPLS = ["torch eager", "torch.compile", "liger", "aquila cpu", "aquila triton", "aquila cuda"]
+
+
+def liger_losses(device):
+    """Liger-Kernel's cross-entropy and fused linear cross-entropy as (logits, targets) and (hidden, weight, targets)
+    functions. GPU only (Triton on CUDA); a benchmark extra, carried to the GPU machine as a wheel. Not yet run: no GPU
+    has been lent to the project."""
+    if device != "cuda":
+        pytest.skip("Liger-Kernel runs on CUDA only")
+    pytest.importorskip("liger_kernel", reason="pip install liger-kernel (pure Python + Triton)")
+    from liger_kernel.transformers import LigerCrossEntropyLoss, LigerFusedLinearCrossEntropyLoss
+
+    fused = LigerFusedLinearCrossEntropyLoss()
+    return LigerCrossEntropyLoss(), lambda hidden, weight, targets: fused(weight, hidden, targets)
 
 
 def pick(device, impl, eager, aquila):
@@ -51,6 +64,9 @@ def pick(device, impl, eager, aquila):
         return eager
     if impl == "torch.compile":
         return compiled(eager)
+    if impl == "liger":
+        plain, fused = liger_losses(device)
+        return plain if eager is eager_cross_entropy else fused
     choice = aquila_backends(device).get(impl)
     if choice is None:
         pytest.skip(f"{impl} does not run on {device}")

@@ -4,8 +4,11 @@
 # leaves a log, the test report and the benchmark JSON in $OUT. Budget: 8 minutes.
 #
 # From a session with the device tool (the machine has no internet, so build tools travel as wheels):
-#   here, once:  pip download --only-binary=:all: --python-version 3.12 -d .wheels pybind11 ninja setuptools
+#   here, once:  pip download --only-binary=:all: --python-version 3.12 -d .wheels pybind11 ninja setuptools \
+#                    liger-kernel hjson msgpack py-cpuinfo einops
+#                DS_BUILD_OPS=0 pip wheel --no-deps --no-build-isolation -w .wheels deepspeed
 #   run:         command "bash scripts/gpu_check.sh", carry [".wheels"], timeout_s 560
+# Liger-Kernel and DeepSpeed are the benchmarks' contenders (optional: their benchmarks skip without them).
 # then commit the JSON under benchmarks/results/.
 set -uo pipefail
 cd "$(dirname "$0")/.."
@@ -21,6 +24,8 @@ python -c "import sys, torch, triton; print(sys.version.split()[0], torch.__vers
 step build
 if [ -d .wheels ]; then
   pip install --quiet --no-index --find-links .wheels pybind11 ninja setuptools
+  pip install --quiet --no-index --find-links .wheels --no-deps liger-kernel deepspeed hjson msgpack py-cpuinfo \
+    einops || echo "benchmark contenders not installed"
 fi
 MAX_JOBS=$(nproc) pip install --no-build-isolation --no-deps -e . 2>&1 | tail -3
 python -c "import aquila._C, aquila._cuda; print('extensions import')" || echo "BUILD FAILED"
