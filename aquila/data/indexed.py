@@ -331,5 +331,10 @@ class IndexedDataset:
         return int(np.count_nonzero(self._sizes == 0))
 
     @property
+    def token_array(self) -> np.ndarray:
+        """Every token of the dataset, memory-mapped (no copy), in file order."""
+        return self._data[:self.num_tokens * self._dtype.itemsize].view(_little_endian(self._dtype))
+
+    @property
     def num_tokens(self) -> int:
         return int(self._sizes.sum(dtype=np.int64))

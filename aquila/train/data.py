@@ -50,6 +50,9 @@ def _prefixes_and_weights(entries: list) -> tuple[list[str], list[float]]:
     return list(entries[0::2]), [float(w) for w in entries[1::2]]
 
 
+CHECKED_TOKENS = 2 * 10**8
+
+
 class PretrainingData:
     """Packed samples of seq_len + 1 tokens with their document boundaries, blended from one or more datasets."""
 
@@ -88,6 +91,17 @@ class PretrainingData:
         if not self.processes.is_main:
             prefix = tokenized_corpus(corpus, tokenizer, cache, False)
         return prefix
+
+    def check_vocabulary(self, vocab_size: int) -> None:
+        """A token id the model has no embedding for would fail deep inside the first forward that meets it: found
+        here instead, naming the dataset (a dataset of up to CHECKED_TOKENS tokens is read whole; larger ones are
+        trusted to their tokenizer)."""
+        for indexed in self.indexed:
+            if indexed.num_tokens and indexed.num_tokens <= CHECKED_TOKENS:
+                largest = int(np.asarray(indexed.token_array).max())
+                if largest >= vocab_size:
+                    raise ValueError(f"{indexed.prefix}: token id {largest} is outside the model's vocabulary of "
+                                     f"{vocab_size}: was it tokenized with another tokenizer?")
 
     def build(self, total_samples: int) -> None:
         config = self.config
@@ -140,6 +154,9 @@ class SFTData:
         self.samples_per_epoch = len(self.rows)
         self.tokens_per_epoch = len(self.rows) * config.seq_len
         self.valid = self.valid_set
+
+    def check_vocabulary(self, vocab_size: int) -> None:
+        """Rendered with the run's own tokenizer, whose size build_model checked against the model's."""
 
     def build(self, total_samples: int) -> None:
         epochs = -(-total_samples // len(self.rows))

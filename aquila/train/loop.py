@@ -179,6 +179,7 @@ def _train(config: TrainConfig, resume: bool, processes: engines.Processes, log)
         log(data.description)
 
     model = build_model(config, tokenizer, device)
+    data.check_vocabulary(model.config.vocab_size)
     dtype = resolve_precision(config, device)
     if dtype != torch.float32 and device.type != "cuda":
         raise ValueError(f"precision {config.precision} needs a GPU; on CPU train in fp32 (precision: fp32 or auto)")

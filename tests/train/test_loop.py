@@ -208,3 +208,26 @@ def test_tensorboard_without_the_package_is_a_clear_error(tiny_run_inputs, tmp_p
         pass
     with pytest.raises(ValueError, match="tensorboard: true needs the tensorboard package"):
         run(tiny_run_inputs, tmp_path, steps=1, tensorboard=True)
+
+
+def test_tokens_outside_the_vocabulary_are_found_before_training(tiny_run_inputs, tmp_path):
+    from aquila.data.indexed import IndexedDatasetWriter
+
+    with IndexedDatasetWriter(str(tmp_path / "bad"), "int32") as writer:
+        writer.add_document([1, 2, 3, 600])  # the model has 520 tokens
+        writer.add_document([4, 5, 6, 7])
+    with pytest.raises(ValueError, match=r"bad: token id 600 is outside the model's vocabulary of 520"):
+        run(tiny_run_inputs, tmp_path / "out", train_data=f"[{tmp_path / 'bad'}]", valid_fraction=0.5)
+
+
+@pytest.mark.gpu
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA GPU (scripts/gpu_check.sh)")
+@pytest.mark.parametrize("precision", ["bf16", "fp16"])
+def test_half_precision_training_on_gpu(tiny_run_inputs, tmp_path, precision):
+    """bf16 autocast over fp32 master weights, and fp16 with dynamic loss scaling: the loss falls and stays finite."""
+    summary = run(tiny_run_inputs, tmp_path, steps=8, precision=precision)
+    losses = summary["losses"]
+    assert all(loss == loss for loss in losses) and losses[-1] < losses[0]
+    from aquila.model.checkpoint import load
+
+    assert next(load(summary["checkpoint"]).parameters()).dtype == torch.float32  # master weights stay fp32
