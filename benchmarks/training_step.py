@@ -5,7 +5,8 @@ main process prints one JSON line: seconds per step, tokens/s, the largest peak 
 
 Contenders:
 - aquila: Aquila's model on its fused kernels (RMSNorm + residual, rotary, flash attention, linear cross-entropy),
-  FSDP2 with ZeRO-2 (reshard_after_forward=False), fused AdamW: what `aquila pretrain` runs.
+  FSDP2 with ZeRO-2 (reshard_after_forward=False), fused AdamW: what `aquila pretrain` runs; or (--engine ddp) the
+  same under DDP.
 - deepspeed: transformers' LlamaForCausalLM with eager attention and its eager loss under DeepSpeed ZeRO stage 2 (on
   CPU with DS_ACCELERATOR=cpu, over gloo), the stack FlagAI users were pointed to. Its optimizer is torch's fused
   AdamW, the same as ours (DeepSpeed's CPU Adam needs a compiled op), so the comparison is of everything else.
@@ -50,7 +51,7 @@ def build(args, device, world):
                               vocab_size=args.vocab, max_seq_len=args.seq)
         model = Aquila(config).to(device)
         processes = Processes(dist.get_rank(), world, int(os.environ.get("LOCAL_RANK", 0)), device)
-        model = wrap(model, "fsdp", 2, processes, torch.bfloat16 if device.type == "cuda" else None)
+        model = wrap(model, args.engine, 2, processes, torch.bfloat16 if device.type == "cuda" else None)
         optimizer = torch.optim.AdamW(model.parameters(), lr=1e-4, weight_decay=0.1, fused=True)
 
         def step(tokens, targets):
@@ -107,6 +108,7 @@ def main():
                           ("batch", 2), ("seq", 512), ("warmup", 2), ("steps", 5)):
         parser.add_argument(f"--{name}", type=int, default=default)
     parser.add_argument("--impl", required=True)
+    parser.add_argument("--engine", default="fsdp", choices=("fsdp", "ddp"), help="aquila's engine")
     args = parser.parse_args()
     cuda = torch.cuda.is_available()
     device = torch.device("cuda", int(os.environ.get("LOCAL_RANK", 0))) if cuda else torch.device("cpu")
