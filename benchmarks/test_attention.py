@@ -1,5 +1,6 @@
-"""Attention: Aquila's kernels against torch's scaled_dot_product_attention in the same run (on GPU its flash
-backend), forward and forward+backward, in TFLOP/s (4 B H N^2 D, halved when causal, x2.5 for the backward) and as
+"""Attention: Aquila's kernels against the torch eager composition (softmax(QK^T)V with the scores materialised, as
+transformers' "eager" attention does), torch.compile of it, and torch's scaled_dot_product_attention (on GPU its flash
+backend; the baseline of the ratios) in the same run, forward and forward+backward, in TFLOP/s (4 B H N^2 D, halved when causal, x2.5 for the backward) and as
 a fraction of the machine's measured matmul rate; and generation against a KV cache, in bytes of cache read per
 second as a fraction of the measured copy bandwidth.
 """
@@ -21,15 +22,33 @@ def sdpa(q, k, v, causal, flash_only=True):
     return F.scaled_dot_product_attention(q, k, v, is_causal=causal, enable_gqa=gqa).transpose(1, 2)
 
 
+def eager_attention(q, k, v, causal):
+    """The composition transformers' eager attention runs: key/value heads repeated for GQA, the full score matrix,
+    the causal mask, softmax in fp32."""
+    q, k, v = (t.transpose(1, 2) for t in (q, k, v))
+    groups = q.shape[1] // k.shape[1]
+    k, v = k.repeat_interleave(groups, dim=1), v.repeat_interleave(groups, dim=1)
+    scores = (q @ k.transpose(-1, -2)) * q.shape[-1] ** -0.5
+    if causal:
+        seq_q, seq_k = scores.shape[-2:]
+        mask = torch.ones(seq_q, seq_k, dtype=torch.bool, device=q.device).tril(seq_k - seq_q)
+        scores = scores.masked_fill(~mask, float("-inf"))
+    return (scores.float().softmax(-1).to(q.dtype) @ v).transpose(1, 2)
+
+
+compiled_attention = torch.compile(eager_attention)
+
+
 def implementations(device):
-    impls = {"torch sdpa": sdpa}
+    # Insertion order matters: the summary takes the last baseline recorded for an op, SDPA.
+    impls = {"torch eager": eager_attention, "torch.compile": compiled_attention, "torch sdpa": sdpa}
     names = {"cpu": ["cpu"], "cuda": ["triton"]}[device]
     for name in names:
         impls[f"aquila {name}"] = lambda q, k, v, causal, name=name: attention(q, k, v, causal=causal, backend=name)
     return impls
 
 
-IMPLS = ["torch sdpa", "aquila cpu", "aquila triton"]
+IMPLS = ["torch eager", "torch.compile", "torch sdpa", "aquila cpu", "aquila triton"]
 
 
 @pytest.mark.parametrize("impl", IMPLS)
@@ -61,7 +80,7 @@ def test_attention(measure, device, quick, impl, seq, causal, backward):
     measure(label, impl, step, flops=flops, memory=True, rounds=5)
 
 
-@pytest.mark.parametrize("impl", ["torch sdpa", "aquila"])
+@pytest.mark.parametrize("impl", ["torch eager", "torch.compile", "torch sdpa", "aquila"])
 def test_decode_attention(measure, device, quick, impl):
     """One new token per sequence against a 4096-token cache, 16 sequences (GQA 4:1 on CPU to keep it short)."""
     batch, cache, heads_q, heads_k, head_dim = (2, 256, 8, 2, 128) if quick else (
@@ -74,7 +93,10 @@ def test_decode_attention(measure, device, quick, impl):
         step = lambda: attention_with_kv_cache(q, k_cache, v_cache, lengths)  # noqa: E731
         impl = "aquila " + ("cuda" if device == "cuda" and backend.cuda_extension is not None else
                             "triton" if device == "cuda" else "cpu")
-    else:
+    elif impl == "torch sdpa":
         step = lambda: sdpa(q, k_cache, v_cache, causal=False, flash_only=False)  # noqa: E731  (sees the whole cache)
+    else:
+        fn = eager_attention if impl == "torch eager" else compiled_attention
+        step = lambda: fn(q, k_cache, v_cache, False)  # noqa: E731
     moved = 2 * k_cache.numel() * k_cache.element_size()
     measure(f"decode attention {batch}x{cache} cache, heads {heads_q}/{heads_k}", impl, step, moved, rounds=15)
