@@ -39,6 +39,21 @@ def llama_config(args, attention):
                                     attn_implementation=attention)
 
 
+def torch_step(model, loss_of):
+    """forward, backward, clipping at 1.0 and a fused AdamW step, as the trainer does."""
+    optimizer = torch.optim.AdamW(model.parameters(), lr=1e-4, weight_decay=0.1, fused=True)
+
+    def step(tokens, targets):
+        loss = loss_of(tokens, targets)
+        loss.backward()
+        torch.nn.utils.clip_grad_norm_(model.parameters(), 1.0)
+        optimizer.step()
+        optimizer.zero_grad(set_to_none=True)
+        return loss
+
+    return step
+
+
 def build(args, device, world):
     """(step function returning the loss, model) for the contender."""
     torch.manual_seed(0)
@@ -52,17 +67,7 @@ def build(args, device, world):
         model = Aquila(config).to(device)
         processes = Processes(dist.get_rank(), world, int(os.environ.get("LOCAL_RANK", 0)), device)
         model = wrap(model, args.engine, 2, processes, torch.bfloat16 if device.type == "cuda" else None)
-        optimizer = torch.optim.AdamW(model.parameters(), lr=1e-4, weight_decay=0.1, fused=True)
-
-        def step(tokens, targets):
-            loss = model(tokens, targets)
-            loss.backward()
-            torch.nn.utils.clip_grad_norm_(model.parameters(), 1.0)
-            optimizer.step()
-            optimizer.zero_grad(set_to_none=True)
-            return loss
-
-        return step
+        return torch_step(model, lambda tokens, targets: model(tokens, targets))
     import transformers
 
     if args.impl == "deepspeed":
@@ -86,19 +91,13 @@ def build(args, device, world):
         model = transformers.LlamaForCausalLM(llama_config(args, "sdpa")).to(device)
         model = torch.nn.parallel.DistributedDataParallel(model)
         compiled = torch.compile(model)
-        optimizer = torch.optim.AdamW(model.parameters(), lr=1e-4, weight_decay=0.1, fused=True)
         autocast = torch.autocast("cuda", dtype=torch.bfloat16, enabled=device.type == "cuda")
 
-        def step(tokens, targets):
+        def loss_of(tokens, targets):
             with autocast:
-                loss = compiled(input_ids=tokens, labels=targets).loss
-            loss.backward()
-            torch.nn.utils.clip_grad_norm_(model.parameters(), 1.0)
-            optimizer.step()
-            optimizer.zero_grad(set_to_none=True)
-            return loss
+                return compiled(input_ids=tokens, labels=targets).loss
 
-        return step
+        return torch_step(model, loss_of)
     raise ValueError(f"unknown contender {args.impl!r}")
 
 
