@@ -122,7 +122,42 @@ struct AttentionBackward {
   DType dtype;
 };
 
+// One decoding step of a whole Aquila model, fp32, one new token per sequence (CPU): the weights of a layer, as the
+// model holds them ([out, in] row-major), and its cache [batch, max_len, kv_heads, head_dim].
+struct DecodeLayer {
+  const float* attention_norm;
+  const float* wq;
+  const float* wk;
+  const float* wv;
+  const float* wo;
+  const float* ffn_norm;
+  const float* w1;  // gate
+  const float* w2;  // down
+  const float* w3;  // up
+  float* k_cache;
+  float* v_cache;
+};
+
+// logits[b] of the token tokens[b] placed at position lengths[b] of sequence b (its filled cache length, which the
+// caller then advances). workspace: batch * (3 dim + 2 heads head_dim + 2 kv_heads head_dim + 2 hidden_dim +
+// heads * max_len) floats.
+struct DecodeStep {
+  int64_t batch, dim, heads, kv_heads, head_dim, hidden_dim, vocab, max_len, n_layers;
+  float eps;
+  double theta;
+  bool interleaved;
+  const float* embeddings;
+  const float* final_norm;
+  const float* output;
+  const DecodeLayer* layers;
+  const int64_t* tokens;
+  const int32_t* lengths;
+  float* logits;
+  float* workspace;
+};
+
 namespace cpu {
+void decode_step(const DecodeStep& args, int threads);
 void rms_norm_forward(const RmsNormForward& args, int threads);
 void rms_norm_backward(const RmsNormBackward& args, int threads);  // partial_rows >= threads
 void rotary(const Rotary& args, int threads);

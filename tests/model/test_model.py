@@ -1,3 +1,6 @@
+import dataclasses
+
+import pytest
 import torch
 
 from aquila.model.config import AquilaConfig
@@ -104,3 +107,30 @@ def test_cache_sequences_of_different_lengths():
             prompts[row] = torch.cat([prompts[row], following[row:row + 1]], dim=1)
             torch.testing.assert_close(step[row], model(prompts[row])[0, -1:], rtol=1e-4, atol=1e-5)
     assert cache.lengths.tolist() == [7, 12]
+
+
+@pytest.mark.parametrize("config", [TINY, dataclasses.replace(TINY, n_kv_heads=None, rope_interleaved=True,
+                                                               tie_embeddings=True)], ids=["gqa", "interleaved-tied"])
+def test_native_decoding_step_matches_the_module_path(config):
+    """The one-call C++ decoding step (fp32 CPU) gives the logits and cache of the module-by-module path, for
+    sequences at different lengths."""
+    from aquila.model.model import KVCache
+
+    torch.manual_seed(0)
+    model = Aquila(config).eval()
+    prompts = torch.randint(0, config.vocab_size, (3, 6))
+    native, modules = KVCache(config, batch=3, max_len=16), KVCache(config, batch=3, max_len=16)
+    with torch.no_grad():
+        for cache in (native, modules):
+            model.forward_with_cache(prompts, cache)
+            cache.lengths[1] = 2  # a shorter sequence: its later positions are overwritten
+        for _ in range(4):
+            token = torch.randint(0, config.vocab_size, (3, 1))
+            assert model._native_decode_tensors(token, native) is not None
+            fast = model.forward_with_cache(token, native, last_only=True)
+            slow = model.forward_with_cache(token, modules)  # last_only=False: the module path
+            torch.testing.assert_close(fast, slow, rtol=1e-5, atol=1e-5)
+    torch.testing.assert_close(native.k, modules.k, rtol=1e-5, atol=1e-6)
+    torch.testing.assert_close(native.v, modules.v, rtol=1e-5, atol=1e-6)
+    assert native.lengths.tolist() == modules.lengths.tolist() == [10, 6, 10]
+    assert Aquila(config, backend="torch")._native_decode_tensors(token, native) is None  # the reference stays
