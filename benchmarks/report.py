@@ -63,10 +63,9 @@ def main():
     parser.add_argument("paths", nargs="*", help="results JSON files (default: the newest kernels-*.json)")
     parser.add_argument("--png", help="also draw the ratios to the baselines into this PNG (of the last file)")
     args = parser.parse_args()
-    # The newest by the date in the name (kernels-<device>-<date>.json), whatever the files' modification times.
-    newest = max(glob.glob(os.path.join(here, "results", "kernels-*.json")),
-                 key=lambda path: os.path.basename(path).split("-", 2)[2])
-    paths = args.paths or [newest]
+    # Default: the newest by the date in the name (kernels-<device>-<date>.json), whatever the modification times.
+    paths = args.paths or [max(glob.glob(os.path.join(here, "results", "kernels-*.json")),
+                               key=lambda path: os.path.basename(path).split("-", 2)[2])]
     for path in paths:
         with open(path) as f:
             report = json.load(f)
