@@ -14,6 +14,7 @@ import yaml
 ENGINES = ("auto", "single", "ddp", "fsdp", "bmtrain")
 PRECISIONS = ("auto", "fp32", "bf16", "fp16")
 KINDS = ("pretrain", "sft")
+BUDGETS = ("steps", "train_tokens", "epochs")
 DEFAULT_STEPS = 600  # the demo run's length when no budget is given
 
 
@@ -83,7 +84,7 @@ class TrainConfig:
         need(self.precision in PRECISIONS, f"precision must be one of {PRECISIONS}, got {self.precision!r}")
         need(self.zero_stage in (2, 3), f"zero_stage must be 2 or 3, got {self.zero_stage!r}")
         need(0 <= self.valid_fraction < 1, f"valid_fraction must be in [0, 1), got {self.valid_fraction}")
-        budgets = [name for name in ("steps", "train_tokens", "epochs") if getattr(self, name) is not None]
+        budgets = [name for name in BUDGETS if getattr(self, name) is not None]
         need(len(budgets) <= 1, f"give one of steps, train_tokens and epochs, not {budgets}")
         for name in budgets:
             need(getattr(self, name) > 0, f"{name} must be > 0, got {getattr(self, name)}")
@@ -105,7 +106,11 @@ class TrainConfig:
                 raise ValueError(f"{path}: expected a mapping of keys to values, got {type(loaded).__name__}")
             cls._check_keys(loaded, f"{path}")
             values.update(loaded)
-        values.update(cls._parse_overrides(overrides))
+        overridden = cls._parse_overrides(overrides)
+        if any(name in overridden for name in BUDGETS):  # a budget on the command line replaces the file's
+            for name in BUDGETS:
+                values.pop(name, None)
+        values.update(overridden)
         return cls(**cls._coerced(values))
 
     @classmethod

@@ -27,6 +27,9 @@ def test_flagai_keys_and_overrides(tmp_path):
     config = TrainConfig.load(str(path), ["--lr", "1e-4", "--train-data", "[a, 1, b, 3]", "--epochs=2"])
     assert (config.batch_size, config.gradient_accumulation_steps, config.lr) == (4, 2, 1e-4)
     assert isinstance(config.lr, float) and config.epochs == 2.0 and config.train_data == ["a", 1, "b", 3]
+    # A budget given on the command line replaces the file's (epochs: 1 there).
+    assert TrainConfig.load(str(path), ["--steps", "7"]).steps == 7
+    assert TrainConfig.load(str(path), ["--steps", "7"]).epochs is None
 
 
 def test_unknown_and_bad_values_are_errors(tmp_path):
