@@ -115,19 +115,16 @@ def chat(args):
 
 
 def tokenizer_train(args):
+    from aquila.data import demo_file
     from aquila.data.documents import read_documents
     from aquila.data.tokenizer import Tokenizer
 
-    files = args.files or [demo_corpus("train")]
+    files = args.files or [demo_file("train.jsonl.gz")]
     start = time.perf_counter()
     tokenizer = Tokenizer.train(read_documents(files, args.key), vocab_size=args.vocab_size)
     tokenizer.save(args.out)
     print(f"{args.out}: {tokenizer.vocab_size} tokens (BOS {tokenizer.bos_id}, EOS {tokenizer.eos_id}) from "
           f"{len(files)} file(s) in {time.perf_counter() - start:.1f} s")
-
-
-def demo_corpus(split: str) -> str:
-    return os.path.join(os.path.dirname(__file__), "data", "demo", f"{split}.jsonl.gz")
 
 
 def run_training(args, kind: str):

@@ -19,7 +19,6 @@ import subprocess
 import sys
 
 import pytest
-import torch
 
 from benchmarks.test_patch import step_flops
 

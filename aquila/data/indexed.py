@@ -30,6 +30,8 @@ from typing import Any, Dict, List, Optional
 import numpy as np
 import numpy.typing as npt
 
+from aquila.files import make_public
+
 MAGIC = b"MMIDIDX\x00\x00"
 VERSION = 1
 # magic, version, dtype code, number of sequences, number of document-index entries; "<" means no padding.
@@ -64,12 +66,6 @@ def best_dtype(vocab_size: int) -> np.dtype:
 def _little_endian(dtype: np.dtype) -> np.dtype:
     # The format is little-endian whatever the machine; on little-endian machines this is the native dtype.
     return dtype.newbyteorder("<")
-
-
-def _umask() -> int:
-    mask = os.umask(0)
-    os.umask(mask)
-    return mask
 
 
 class IndexedDatasetWriter:
@@ -166,7 +162,7 @@ class IndexedDatasetWriter:
                 os.fsync(index.fileno())
             temporary_data, temporary_index = self._temporary_files
             for temporary in (temporary_data, temporary_index):
-                os.chmod(temporary, 0o666 & ~_umask())  # mkstemp makes files private; a dataset is not
+                make_public(temporary)  # mkstemp makes files private; a dataset is not
             # The .bin first: a crash between the renames leaves a new .bin beside an old (or no) .idx, which the
             # reader's size check rejects, never an index that points into missing data.
             os.replace(temporary_data, data_file(self.prefix))

@@ -25,11 +25,12 @@ import codecs
 import json
 import os
 import re
-import tempfile
 from functools import cached_property
 from typing import Iterable, Optional, Sequence
 
 from tokenizers import AddedToken, Tokenizer as BackendTokenizer, decoders, models, pre_tokenizers, trainers
+
+from aquila.files import write_text_atomically
 
 END_OF_TEXT = "<|endoftext|>"
 SPECIAL_TOKENS = ("<|startofpiece|>", "<|endofpiece|>", "<|LDWANG|>", "[MASK]", "[gMASK]", "[sMASK]", "[CLS]", "</s>")
@@ -64,20 +65,6 @@ def _add_special_tokens(backend: BackendTokenizer) -> None:
     backend.add_special_tokens([AddedToken(token, special=True, normalized=False)
                                 for token in (END_OF_TEXT, *SPECIAL_TOKENS)])
     backend.encode_special_tokens = True  # text is literal: "</s>" typed by a user is not EOS
-
-
-def write_atomically(path: str, text: str) -> None:
-    handle, temporary = tempfile.mkstemp(prefix=f".{os.path.basename(path)}.", dir=os.path.dirname(path))
-    try:
-        with os.fdopen(handle, "w", encoding="utf-8") as out:
-            out.write(text)
-        umask = os.umask(0)
-        os.umask(umask)
-        os.chmod(temporary, 0o666 & ~umask)  # mkstemp makes the file private; a saved tokenizer is not
-        os.replace(temporary, path)
-    except BaseException:
-        os.unlink(temporary)
-        raise
 
 
 class Tokenizer:
@@ -145,7 +132,7 @@ class Tokenizer:
                     for name, content in (("tokenizer_config.json", config), ("special_tokens_map.json", specials),
                                           ("vocab.json", self.vocabulary()))}}
         for name, text in files.items():
-            write_atomically(os.path.join(directory, name), text)
+            write_text_atomically(os.path.join(directory, name), text)
 
     def vocabulary(self) -> dict[str, int]:
         """Token -> id, in id order (so vocab.json is the same file every time)."""

@@ -7,8 +7,9 @@ initializer_range; it silently dropped unknown keys, so a typo went unnoticed. H
 import dataclasses
 import json
 import math
-import os
 from typing import Optional
+
+from aquila.files import write_text_atomically
 
 
 @dataclasses.dataclass(frozen=True)
@@ -85,10 +86,7 @@ class AquilaConfig:
 
     def save(self, path):
         """Writes config.json atomically (a temporary file renamed over the target)."""
-        temporary = f"{path}.tmp"
-        with open(temporary, "w") as f:
-            json.dump(self.to_dict(), f, indent=2)
-        os.replace(temporary, path)
+        write_text_atomically(path, json.dumps(self.to_dict(), indent=2))
 
     @classmethod
     def preset(cls, name):

@@ -23,19 +23,11 @@ import numpy as np
 import torch
 from torch.distributed.checkpoint.api import CheckpointException
 
+from aquila.files import write_text_atomically
 from aquila.model.checkpoint import save_hf_tensors
 from aquila.train.engine import Processes, barrier
 
 REQUIRED_FILES = ("config.json", "trainer.json")
-
-
-def write_text_atomically(path: str, text: str) -> None:
-    temporary = f"{path}.tmp"
-    with open(temporary, "w", encoding="utf-8") as handle:
-        handle.write(text)
-        handle.flush()
-        os.fsync(handle.fileno())
-    os.replace(temporary, path)
 
 
 def rng_state() -> dict:

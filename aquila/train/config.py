@@ -5,11 +5,12 @@ keys are an error in both, naming the key and listing the known ones: FlagAI ign
 """
 
 import dataclasses
-import os
 import typing
 from typing import Any, Optional, Sequence
 
 import yaml
+
+from aquila.files import write_text_atomically
 
 ENGINES = ("auto", "single", "ddp", "fsdp", "bmtrain")
 PRECISIONS = ("auto", "fp32", "bf16", "fp16")
@@ -160,7 +161,4 @@ class TrainConfig:
         return dataclasses.asdict(self)
 
     def save(self, path: str) -> None:
-        temporary = f"{path}.tmp"
-        with open(temporary, "w", encoding="utf-8") as handle:
-            yaml.safe_dump(self.to_dict(), handle, sort_keys=False, allow_unicode=True)
-        os.replace(temporary, path)
+        write_text_atomically(path, yaml.safe_dump(self.to_dict(), sort_keys=False, allow_unicode=True))

@@ -13,14 +13,11 @@ from typing import Optional
 import numpy as np
 import torch
 
+from aquila.data import demo_file
 from aquila.data.indexed import IndexedDataset
 from aquila.data.packing import BlendedDataset, PackedDataset, collate, split_documents
 from aquila.train.config import TrainConfig
 from aquila.train.engine import Processes
-
-
-def demo_file(name: str) -> str:
-    return os.path.join(os.path.dirname(os.path.dirname(__file__)), "data", "demo", name)
 
 
 def tokenized_corpus(corpus: str, tokenizer, cache_dir: str, show_progress: bool) -> str:
@@ -39,6 +36,12 @@ def tokenized_corpus(corpus: str, tokenizer, cache_dir: str, show_progress: bool
         os.makedirs(cache_dir, exist_ok=True)
         preprocess([corpus], prefix, tokenizer, workers=1, show_progress=show_progress)
     return prefix
+
+
+def first_sample(config: TrainConfig, processes: Processes, step: int, micro_batch: int) -> int:
+    """The first of this process's batch_size samples in micro-batch micro_batch of optimizer step step."""
+    index = (step * config.gradient_accumulation_steps + micro_batch) * processes.world_size + processes.rank
+    return index * config.batch_size
 
 
 def _prefixes_and_weights(entries: list) -> tuple[list[str], list[float]]:
@@ -117,9 +120,8 @@ class PretrainingData:
 
     def batch(self, step: int, micro_batch: int) -> dict:
         """This process's share of micro-batch `micro_batch` of optimizer step `step`."""
-        c, p = self.config, self.processes
-        first = ((step * c.gradient_accumulation_steps + micro_batch) * p.world_size + p.rank) * c.batch_size
-        return collate([self.train[i] for i in range(first, first + c.batch_size)])
+        first = first_sample(self.config, self.processes, step, micro_batch)
+        return collate([self.train[i] for i in range(first, first + self.config.batch_size)])
 
     def valid_batches(self):
         c, p = self.config, self.processes
@@ -175,9 +177,8 @@ class SFTData:
                                                                          for p, o in zip(packed, offsets)])}
 
     def batch(self, step: int, micro_batch: int) -> dict:
-        c, p = self.config, self.processes
-        first = ((step * c.gradient_accumulation_steps + micro_batch) * p.world_size + p.rank) * c.batch_size
-        return self._rows(self.train_set, [self.rows[i] for i in self.order[first:first + c.batch_size]])
+        first = first_sample(self.config, self.processes, step, micro_batch)
+        return self._rows(self.train_set, [self.rows[i] for i in self.order[first:first + self.config.batch_size]])
 
     def valid_batches(self):
         c, p = self.config, self.processes

@@ -30,7 +30,8 @@ from aquila.model.model import Aquila
 from aquila.train import engine as engines
 from aquila.train.checkpoint import Checkpoints, resolve as resolve_checkpoint
 from aquila.train.config import DEFAULT_STEPS, TrainConfig
-from aquila.train.data import demo_file, make_data, to_device
+from aquila.data import demo_file
+from aquila.train.data import make_data, to_device
 from aquila.train.metrics import MetricsLog, flops_per_token, peak_flops, plot
 
 
@@ -202,6 +203,11 @@ def _train(config: TrainConfig, resume: bool, processes: engines.Processes, log)
             log(f"resumed from {state['path']} at step {start}")
     if processes.is_main:
         config.save(os.path.join(config.output_dir, "config.yaml"))
+
+    def save_checkpoint(step: int, skipped_in_a_row: int) -> str:
+        state = {"skipped_in_a_row": skipped_in_a_row, "optimization": optimization.state_dict(),
+                 "total_steps": steps}
+        return checkpoints.save(step, optimization, state, model.config, tokenizer)
     metrics = MetricsLog(config.output_dir, processes.is_main, config.tensorboard)
     flops_token = flops_per_token(model.config, config.seq_len)
     peak, peak_source = peak_flops(device, config.peak_tflops)
@@ -275,19 +281,15 @@ def _train(config: TrainConfig, resume: bool, processes: engines.Processes, log)
                     metrics.write({"kind": "valid", "step": last_step, **result})
                     log(f"step {last_step}: validation loss {result['loss']:.4f}, perplexity "
                         f"{result['perplexity']:.1f}")
-            trainer_state = {"skipped_in_a_row": skipped_in_a_row, "optimization": optimization.state_dict(),
-                             "total_steps": steps}
             if stop.requested:
                 log(f"stop requested: saving a checkpoint at step {last_step}, then exiting")
                 break
             if config.save_interval and last_step % config.save_interval == 0 and last_step < steps:
-                checkpoints.save(last_step, optimization, trainer_state, model.config, tokenizer)
+                save_checkpoint(last_step, skipped_in_a_row)
             window["start"] += time.perf_counter() - paused
     if progress is not None:
         progress.close()
-    trainer_state = {"skipped_in_a_row": skipped_in_a_row, "optimization": optimization.state_dict(),
-                     "total_steps": steps}
-    path = checkpoints.save(last_step, optimization, trainer_state, model.config, tokenizer)
+    path = save_checkpoint(last_step, skipped_in_a_row)
     metrics.close()
     summary = {"steps": last_step, "total_steps": steps, "losses": losses, "checkpoint": path,
                "metrics": metrics.path, "interrupted": last_step < steps}
