@@ -13,13 +13,13 @@ Decisions, stated once:
 - A malformed input (invalid JSON, a record without the text key, a missing file) stops the run with the file and
   line named. Output is atomic: the writer fills temporary files and renames them into place only after the last
   document, so a failure or Ctrl-C leaves no half-written .bin/.idx and never touches an existing dataset of that
-  name; the worker processes are terminated and the temporary files removed.
+  name; the workers finish the batches they hold and exit, and the temporary files are removed.
 
 Parallelism: the parent reads the inputs and hands batches of documents to a multiprocessing Pool whose initializer
 loads the tokenizer from disk in each worker; ``imap`` returns the batches in submission order and the parent writes
 them. A batch travels back as one concatenated token array, which pickles cheaply. Workers ignore SIGINT, so Ctrl-C
-reaches the parent alone, which then tears the pool down (otherwise every worker would print its own traceback and
-the pool would respawn them).
+reaches the parent alone, which then stops feeding the pool and waits for it to wind down (otherwise every worker would
+print its own traceback and the pool would respawn them).
 """
 
 import itertools
@@ -29,6 +29,7 @@ import os
 import signal
 import sys
 import tempfile
+import threading
 import time
 from typing import Dict, Iterable, Iterator, List, NamedTuple, Optional, Union
 
@@ -124,18 +125,28 @@ def _encoded_batches(batches: Iterator[List[str]], tokenizer: Tokenizer, tokeniz
             yield encode_documents(tokenizer, batch, dtype)
         return
     with _TokenizerFile(tokenizer_source) as tokenizer_path:
+        stop = threading.Event()
         pool = _start_pool(workers, tokenizer_path, dtype)
         try:
             # imap reads the batches lazily in a feeder thread (the pipe to the workers bounds how far it reads
             # ahead); an error raised while reading, such as a bad JSON line, is re-raised here, in order.
-            yield from pool.imap(_encode_in_worker, batches)
+            yield from pool.imap(_encode_in_worker, _until(stop, batches))
         except BaseException:  # an error, Ctrl-C, or the consumer closing this generator (GeneratorExit)
-            pool.terminate()
+            # Stop feeding and let the workers finish the few batches they hold, rather than Pool.terminate():
+            # a worker killed while it writes a result leaves the result queue's lock taken, and terminate()
+            # then waits for it forever.
+            stop.set()
             raise
-        else:
-            pool.close()
         finally:
+            pool.close()
             pool.join()
+
+
+def _until(stop: threading.Event, items: Iterator) -> Iterator:
+    for item in items:
+        if stop.is_set():
+            return
+        yield item
 
 
 def _start_pool(workers: int, tokenizer_path: str, dtype: np.dtype) -> multiprocessing.pool.Pool:

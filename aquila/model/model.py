@@ -10,7 +10,7 @@ Checkpoints live in checkpoint.py, generation in generate.py, the chat template 
 these kernels into transformers' LlamaForCausalLM in patch.py.
 """
 
-from typing import NamedTuple, Optional
+from typing import Callable, NamedTuple, Optional
 
 import torch
 from torch import Tensor, nn
@@ -161,16 +161,12 @@ class Aquila(nn.Module):
         for the prefill, then one token at a time), which is updated in place. last_only: the last position's
         logits alone ([batch, 1, vocab]), all that sampling needs (a prefill's other logits would cost a full
         vocabulary projection per prompt token)."""
-        if tokens.dim() != 2 or tokens.shape[0] != cache.lengths.shape[0]:
-            raise ValueError(f"Aquila: tokens must be [batch, new] with the cache's batch {cache.lengths.shape[0]}, "
-                             f"got shape {tuple(tokens.shape)}")
-        new = tokens.shape[1]
-        if int(cache.lengths.max()) + new > cache.k.shape[2]:
-            raise ValueError(f"Aquila: the cache holds {cache.k.shape[2]} positions; {new} more do not fit")
-        if new == 1 and last_only:
-            native = self._native_decode_tensors(tokens, cache)
+        if tokens.shape[-1:] == (1,) and last_only:
+            native = self._native_decoder(cache)
             if native is not None:
-                return self._native_decode_step(tokens, cache, *native)
+                return native(tokens)
+        _check_room(tokens, cache)
+        new = tokens.shape[1]
         positions = cache.lengths[:, None].long() + torch.arange(new, device=tokens.device)
         rows = torch.arange(tokens.shape[0], device=tokens.device)[:, None]
         slots = (rows * cache.k.shape[2] + positions).view(-1)
@@ -185,11 +181,21 @@ class Aquila(nn.Module):
         hidden, _ = self.norm(x, residual)
         return self.output(hidden)
 
-    def _native_decode_tensors(self, tokens: Tensor, cache: KVCache) -> Optional[tuple[list[dict], dict]]:
-        """The tensors of the one-call C++ decoding step, per layer (weights and cache) and global, when it can run
-        this step: CPU, fp32 weights and cache, the CPU kernels chosen (not the reference), everything contiguous;
-        else None."""
-        if self.backend not in (None, "cpu") or _backend.cpu_extension is None or tokens.is_cuda:
+    def decoder(self, cache: KVCache) -> Callable[[Tensor], Tensor]:
+        """step(tokens [batch, 1]) -> logits [batch, 1, vocab]: forward_with_cache(tokens, cache, last_only=True),
+        with what a generation loop can prepare once prepared once (the one-call C++ step's weight and cache
+        pointers and its workspace). The weights must not change while a decoder is in use."""
+        native = self._native_decoder(cache)
+        if native is not None:
+            return native
+        return lambda tokens: self.forward_with_cache(tokens, cache, last_only=True)
+
+    def _native_decoder(self, cache: KVCache) -> Optional[Callable[[Tensor], Tensor]]:
+        """The decoding step as a single C++ call (csrc/cpu/decode.cpp), where it can run: CPU, fp32 weights and
+        cache, the CPU kernels chosen (not the reference), everything contiguous; else None. At batch 1 a decoding
+        step reads every weight once and does little else, so the Python and dispatch overhead of ~200 op calls
+        would otherwise cost a third of its time."""
+        if self.backend not in (None, "cpu") or _backend.cpu_extension is None or cache.k.device.type != "cpu":
             return None
         layers = [{"attention_norm": layer.attention_norm.weight, "wq": layer.attention.wq.weight,
                    "wk": layer.attention.wk.weight, "wv": layer.attention.wv.weight, "wo": layer.attention.wo.weight,
@@ -200,29 +206,35 @@ class Aquila(nn.Module):
         others = {"embeddings": self.tok_embeddings.weight, "final_norm": self.norm.weight,
                   "output": self.output.weight}
         tensors = [t for layer in layers for t in layer.values()] + list(others.values())
-        if all(t.dtype == torch.float32 and t.device.type == "cpu" and t.is_contiguous() for t in tensors):
-            return layers, others
-        return None
-
-    def _native_decode_step(self, tokens: Tensor, cache: KVCache, layers: list[dict], others: dict) -> Tensor:
-        """forward_with_cache of one new token per sequence in a single C++ call (csrc/cpu/decode.cpp): at batch 1 a
-        decoding step reads every weight once and does little else, so the Python and dispatch overhead of ~200 op
-        calls would otherwise cost a third of its time."""
-        c, batch = self.config, tokens.shape[0]
-        max_len = cache.k.shape[2]
-        logits = torch.empty(batch, 1, c.vocab_size)
+        if not all(t.dtype == torch.float32 and t.device.type == "cpu" and t.is_contiguous() for t in tensors):
+            return None
+        others["lengths"] = cache.lengths  # int32, contiguous: a KVCache's own
+        c, (batch, max_len) = self.config, cache.k.shape[1:3]
         workspace = torch.empty(batch * (3 * c.dim + 2 * (c.n_heads + c.kv_heads) * c.head_dim + 2 * c.hidden_dim
                                          + c.n_heads * max_len))
-        tokens = tokens.reshape(batch).to(torch.int64).contiguous()
-        lengths = cache.lengths.to(torch.int32).contiguous()
-        _backend.cpu_extension.decode_step(
-            {"batch": batch, "dim": c.dim, "heads": c.n_heads, "kv_heads": c.kv_heads, "head_dim": c.head_dim,
-             "hidden_dim": c.hidden_dim, "vocab": c.vocab_size, "max_len": max_len, "eps": c.norm_eps,
-             "theta": c.rope_theta, "interleaved": c.rope_interleaved,
-             **{name: t.data_ptr() for name, t in others.items()},
-             "layers": [{name: t.data_ptr() for name, t in layer.items()} for layer in layers],
-             "tokens": tokens.data_ptr(),
-             "lengths": lengths.data_ptr(), "logits": logits.data_ptr(), "workspace": workspace.data_ptr()},
-            torch.get_num_threads())
-        cache.lengths += 1
-        return logits
+        arguments = {"batch": batch, "dim": c.dim, "heads": c.n_heads, "kv_heads": c.kv_heads,
+                     "head_dim": c.head_dim, "hidden_dim": c.hidden_dim, "vocab": c.vocab_size, "max_len": max_len,
+                     "eps": c.norm_eps, "theta": c.rope_theta, "interleaved": c.rope_interleaved,
+                     **{name: t.data_ptr() for name, t in others.items()},
+                     "layers": [{name: t.data_ptr() for name, t in layer.items()} for layer in layers],
+                     "workspace": workspace.data_ptr()}
+
+        def step(tokens: Tensor) -> Tensor:
+            _check_room(tokens, cache)
+            tokens = tokens.reshape(batch).to("cpu", torch.int64).contiguous()
+            logits = torch.empty(batch, 1, c.vocab_size)
+            _backend.cpu_extension.decode_step(
+                {**arguments, "tokens": tokens.data_ptr(), "logits": logits.data_ptr()}, torch.get_num_threads())
+            cache.lengths += 1
+            return logits
+
+        step.keep_alive = workspace  # the pointers above must stay valid as long as the step exists
+        return step
+
+
+def _check_room(tokens: Tensor, cache: KVCache):
+    if tokens.dim() != 2 or tokens.shape[0] != cache.lengths.shape[0]:
+        raise ValueError(f"Aquila: tokens must be [batch, new] with the cache's batch {cache.lengths.shape[0]}, "
+                         f"got shape {tuple(tokens.shape)}")
+    if int(cache.lengths.max()) + tokens.shape[1] > cache.k.shape[2]:
+        raise ValueError(f"Aquila: the cache holds {cache.k.shape[2]} positions; {tokens.shape[1]} more do not fit")

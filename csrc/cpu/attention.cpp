@@ -57,22 +57,6 @@ struct Product {
   bool accumulate;
 };
 
-template <int W>
-struct Lanes {
-  typedef float type __attribute__((vector_size(4 * W)));
-};
-
-// Through references, not by value: a vector argument or result would differ between the ISAs' calling conventions.
-template <typename V>
-AQUILA_INLINE void load(V& v, const float* p) {
-  std::memcpy(&v, p, sizeof v);
-}
-
-template <typename V>
-AQUILA_INLINE void store(float* p, const V& v) {
-  std::memcpy(p, &v, sizeof v);
-}
-
 // One R x N-vector tile of C.
 template <int W, int R, int N>
 AQUILA_INLINE void product_tile(int64_t depth, const float* __restrict a, int64_t a_rs, int64_t a_ks,

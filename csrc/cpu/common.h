@@ -162,6 +162,23 @@ inline SimdLevel simd_level() {
   return level;
 }
 
+// W fp32 lanes in one vector register, for the kernels compiled once per ISA (see AQUILA_TARGET_AVX512).
+template <int W>
+struct Lanes {
+  typedef float type __attribute__((vector_size(4 * W)));
+};
+
+// Through references, not by value: a vector argument or result would differ between the ISAs' calling conventions.
+template <typename V>
+AQUILA_INLINE void load(V& v, const float* p) {
+  std::memcpy(&v, p, sizeof v);
+}
+
+template <typename V>
+AQUILA_INLINE void store(float* p, const V& v) {
+  std::memcpy(p, &v, sizeof v);
+}
+
 inline int thread_id() {
 #ifdef _OPENMP
   return omp_get_thread_num();

@@ -161,8 +161,12 @@ def test_ctrl_c_on_the_process_group(tokenizer_dir, tmp_path):
     out = tmp_path / "out"
     source = write_jsonl(tmp_path / "docs.jsonl", TEXTS)  # must exist; its documents are replaced below
     script = textwrap.dedent(f"""
-        import itertools, time
+        import faulthandler, itertools, signal, time
         from aquila.data import preprocess as module
+
+        faulthandler.register(signal.SIGUSR1, all_threads=True)  # where it hangs, if it ever does
+        # As in a terminal: a shell that starts this suite in the background has its children ignore SIGINT.
+        signal.signal(signal.SIGINT, signal.default_int_handler)
 
         def endless_documents(paths, key):  # a corpus that never ends, so the run is surely interrupted mid-way
             for number in itertools.count():
@@ -182,7 +186,14 @@ def test_ctrl_c_on_the_process_group(tokenizer_dir, tmp_path):
         time.sleep(0.5)  # let the workers get busy
         assert process.poll() is None, process.stderr.read().decode()
         os.killpg(process.pid, signal.SIGINT)
-        _, stderr = process.communicate(timeout=10)
+        try:
+            _, stderr = process.communicate(timeout=20)
+        except subprocess.TimeoutExpired:
+            os.killpg(process.pid, signal.SIGUSR1)  # the parent and its workers
+            time.sleep(1)
+            os.killpg(process.pid, signal.SIGKILL)
+            threads = process.communicate()[1].decode()
+            pytest.fail(f"the run did not stop within 20 s of Ctrl-C; the threads of its processes:\n{threads}")
     finally:
         if process.poll() is None:
             os.killpg(process.pid, signal.SIGKILL)

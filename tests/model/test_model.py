@@ -1,4 +1,7 @@
 import dataclasses
+import os
+import subprocess
+import sys
 
 import pytest
 import torch
@@ -109,8 +112,13 @@ def test_cache_sequences_of_different_lengths():
     assert cache.lengths.tolist() == [7, 12]
 
 
+# Widths that are no multiple of any vector width (36, 12, 50): every projection runs its vector tails.
+ODD = AquilaConfig(dim=36, n_layers=2, n_heads=3, n_kv_heads=1, ffn_dim=50, vocab_size=97, max_seq_len=64)
+
+
 @pytest.mark.parametrize("config", [TINY, dataclasses.replace(TINY, n_kv_heads=None, rope_interleaved=True,
-                                                               tie_embeddings=True)], ids=["gqa", "interleaved-tied"])
+                                                               tie_embeddings=True), ODD],
+                         ids=["gqa", "interleaved-tied", "odd-widths"])
 def test_native_decoding_step_matches_the_module_path(config):
     """The one-call C++ decoding step (fp32 CPU) gives the logits and cache of the module-by-module path, for
     sequences at different lengths."""
@@ -126,11 +134,35 @@ def test_native_decoding_step_matches_the_module_path(config):
             cache.lengths[1] = 2  # a shorter sequence: its later positions are overwritten
         for _ in range(4):
             token = torch.randint(0, config.vocab_size, (3, 1))
-            assert model._native_decode_tensors(token, native) is not None
+            assert model._native_decoder(native) is not None
             fast = model.forward_with_cache(token, native, last_only=True)
             slow = model.forward_with_cache(token, modules)  # last_only=False: the module path
             torch.testing.assert_close(fast, slow, rtol=1e-5, atol=1e-5)
     torch.testing.assert_close(native.k, modules.k, rtol=1e-5, atol=1e-6)
     torch.testing.assert_close(native.v, modules.v, rtol=1e-5, atol=1e-6)
     assert native.lengths.tolist() == modules.lengths.tolist() == [10, 6, 10]
-    assert Aquila(config, backend="torch")._native_decode_tensors(token, native) is None  # the reference stays
+    assert Aquila(config, backend="torch")._native_decoder(native) is None  # the reference stays
+
+
+@pytest.mark.parametrize("isa", ["avx2", "baseline"])
+def test_native_decoding_step_on_narrower_isas(isa):
+    """The decoding step is compiled once per ISA; this machine may run AVX-512, so force each narrower one in a
+    fresh process (the choice is made once per process) and rerun the comparison there."""
+    test = f"{__file__}::test_native_decoding_step_matches_the_module_path"
+    result = subprocess.run([sys.executable, "-m", "pytest", "-q", "-p", "no:cacheprovider", test],
+                            env={**os.environ, "AQUILA_CPU_ISA": isa}, capture_output=True, text=True, timeout=300)
+    assert result.returncode == 0 and "3 passed" in result.stdout, result.stdout + result.stderr
+
+
+def test_native_decoding_step_rejects_token_ids_outside_the_vocabulary():
+    from aquila.model.model import KVCache
+
+    model = Aquila(TINY).eval()
+    cache = KVCache(TINY, batch=2, max_len=8)
+    step = model.decoder(cache)
+    for bad in (TINY.vocab_size, -1):
+        with pytest.raises(ValueError, match=rf"tokens\[1\] is {bad}, outside the vocabulary \[0, 97\)"):
+            step(torch.tensor([[3], [bad]]))
+    assert cache.lengths.tolist() == [0, 0]  # nothing was written
+    with pytest.raises(ValueError, match="tokens must be"):
+        step(torch.tensor([3, 4]))
