@@ -1,5 +1,3 @@
-import json
-
 import pytest
 
 from aquila.model.config import PRESETS, AquilaConfig
