@@ -128,79 +128,77 @@ AQUILA_INLINE void decode_in_team(const DecodeStep& a, const float* cos_sin) {
   float* up = gate + B * F;
   float* scores = up + B * F;  // [B * H, max_len]
 
-  {
 #pragma omp for schedule(static)
-    for (int64_t b = 0; b < B; ++b) {
-      const float* row = a.embeddings + a.tokens[b] * dim;
-      for (int64_t j = 0; j < dim; ++j) x[b * dim + j] = row[j];
-    }
-    for (int64_t l = 0; l < a.n_layers; ++l) {
-      const DecodeLayer& w = a.layers[l];
-#pragma omp for schedule(static)
-      for (int64_t b = 0; b < B; ++b)
-        add_and_norm(x + b * dim, residual + b * dim, normed + b * dim, w.attention_norm, dim, a.eps, l == 0);
-      project<W, A>(w.wq, H * D, dim, normed, dim, q, H * D, B);
-      project<W, A>(w.wk, KV * D, dim, normed, dim, k, KV * D, B);
-      project<W, A>(w.wv, KV * D, dim, normed, dim, v, KV * D, B);
-#pragma omp for schedule(static)
-      for (int64_t b = 0; b < B; ++b) {
-        const float* c = &cos_sin[(b * 2) * half];
-        const float* s = &cos_sin[(b * 2 + 1) * half];
-        for (int64_t h = 0; h < H; ++h) rotate(q + (b * H + h) * D, c, s, half, a.interleaved);
-        const int64_t slot = (b * a.max_len + a.lengths[b]) * KV * D;
-        for (int64_t h = 0; h < KV; ++h) {
-          rotate(k + (b * KV + h) * D, c, s, half, a.interleaved);
-          for (int64_t d = 0; d < D; ++d) {
-            w.k_cache[slot + h * D + d] = k[(b * KV + h) * D + d];
-            w.v_cache[slot + h * D + d] = v[(b * KV + h) * D + d];
-          }
-        }
-      }
-#pragma omp for schedule(static)
-      for (int64_t bh = 0; bh < B * H; ++bh) {
-        const int64_t b = bh / H, kv_head = (bh % H) / group, keys = a.lengths[b] + 1;
-        const float* query = q + bh * D;
-        float* p = scores + bh * a.max_len;
-        const float* k_rows = w.k_cache + (b * a.max_len * KV + kv_head) * D;
-        const float* v_rows = w.v_cache + (b * a.max_len * KV + kv_head) * D;
-        float best = -__builtin_inff();
-        for (int64_t j = 0; j < keys; ++j) {
-          const float* key = k_rows + j * KV * D;
-          float dot = 0.0f;
-#pragma omp simd reduction(+ : dot)
-          for (int64_t d = 0; d < D; ++d) dot += query[d] * key[d];
-          p[j] = dot * scale;
-          best = p[j] > best ? p[j] : best;
-        }
-        double total = 0.0;
-        for (int64_t j = 0; j < keys; ++j) {
-          p[j] = exp_nonpositive(p[j] - best);
-          total += p[j];
-        }
-        float* out = attended + bh * D;
-        for (int64_t d = 0; d < D; ++d) out[d] = 0.0f;
-        for (int64_t j = 0; j < keys; ++j) {
-          const float* value = v_rows + j * KV * D;
-          const float weight = static_cast<float>(p[j] / total);
-#pragma omp simd
-          for (int64_t d = 0; d < D; ++d) out[d] += weight * value[d];
-        }
-      }
-      project<W, A>(w.wo, dim, H * D, attended, H * D, x, dim, B);
-#pragma omp for schedule(static)
-      for (int64_t b = 0; b < B; ++b)
-        add_and_norm(x + b * dim, residual + b * dim, normed + b * dim, w.ffn_norm, dim, a.eps, false);
-      project<W, A>(w.w1, F, dim, normed, dim, gate, F, B);
-      project<W, A>(w.w3, F, dim, normed, dim, up, F, B);
-#pragma omp for schedule(static)
-      for (int64_t i = 0; i < B * F; ++i) gate[i] = gate[i] / (1.0f + std::exp(-gate[i])) * up[i];
-      project<W, A>(w.w2, dim, F, gate, F, x, dim, B);
-    }
+  for (int64_t b = 0; b < B; ++b) {
+    const float* row = a.embeddings + a.tokens[b] * dim;
+    for (int64_t j = 0; j < dim; ++j) x[b * dim + j] = row[j];
+  }
+  for (int64_t l = 0; l < a.n_layers; ++l) {
+    const DecodeLayer& w = a.layers[l];
 #pragma omp for schedule(static)
     for (int64_t b = 0; b < B; ++b)
-      add_and_norm(x + b * dim, residual + b * dim, normed + b * dim, a.final_norm, dim, a.eps, a.n_layers == 0);
-    project<W, A>(a.output, a.vocab, dim, normed, dim, a.logits, a.vocab, B);
+      add_and_norm(x + b * dim, residual + b * dim, normed + b * dim, w.attention_norm, dim, a.eps, l == 0);
+    project<W, A>(w.wq, H * D, dim, normed, dim, q, H * D, B);
+    project<W, A>(w.wk, KV * D, dim, normed, dim, k, KV * D, B);
+    project<W, A>(w.wv, KV * D, dim, normed, dim, v, KV * D, B);
+#pragma omp for schedule(static)
+    for (int64_t b = 0; b < B; ++b) {
+      const float* c = &cos_sin[(b * 2) * half];
+      const float* s = &cos_sin[(b * 2 + 1) * half];
+      for (int64_t h = 0; h < H; ++h) rotate(q + (b * H + h) * D, c, s, half, a.interleaved);
+      const int64_t slot = (b * a.max_len + a.lengths[b]) * KV * D;
+      for (int64_t h = 0; h < KV; ++h) {
+        rotate(k + (b * KV + h) * D, c, s, half, a.interleaved);
+        for (int64_t d = 0; d < D; ++d) {
+          w.k_cache[slot + h * D + d] = k[(b * KV + h) * D + d];
+          w.v_cache[slot + h * D + d] = v[(b * KV + h) * D + d];
+        }
+      }
+    }
+#pragma omp for schedule(static)
+    for (int64_t bh = 0; bh < B * H; ++bh) {
+      const int64_t b = bh / H, kv_head = (bh % H) / group, keys = a.lengths[b] + 1;
+      const float* query = q + bh * D;
+      float* p = scores + bh * a.max_len;
+      const float* k_rows = w.k_cache + (b * a.max_len * KV + kv_head) * D;
+      const float* v_rows = w.v_cache + (b * a.max_len * KV + kv_head) * D;
+      float best = -__builtin_inff();
+      for (int64_t j = 0; j < keys; ++j) {
+        const float* key = k_rows + j * KV * D;
+        float dot = 0.0f;
+#pragma omp simd reduction(+ : dot)
+        for (int64_t d = 0; d < D; ++d) dot += query[d] * key[d];
+        p[j] = dot * scale;
+        best = p[j] > best ? p[j] : best;
+      }
+      double total = 0.0;
+      for (int64_t j = 0; j < keys; ++j) {
+        p[j] = exp_nonpositive(p[j] - best);
+        total += p[j];
+      }
+      float* out = attended + bh * D;
+      for (int64_t d = 0; d < D; ++d) out[d] = 0.0f;
+      for (int64_t j = 0; j < keys; ++j) {
+        const float* value = v_rows + j * KV * D;
+        const float weight = static_cast<float>(p[j] / total);
+#pragma omp simd
+        for (int64_t d = 0; d < D; ++d) out[d] += weight * value[d];
+      }
+    }
+    project<W, A>(w.wo, dim, H * D, attended, H * D, x, dim, B);
+#pragma omp for schedule(static)
+    for (int64_t b = 0; b < B; ++b)
+      add_and_norm(x + b * dim, residual + b * dim, normed + b * dim, w.ffn_norm, dim, a.eps, false);
+    project<W, A>(w.w1, F, dim, normed, dim, gate, F, B);
+    project<W, A>(w.w3, F, dim, normed, dim, up, F, B);
+#pragma omp for schedule(static)
+    for (int64_t i = 0; i < B * F; ++i) gate[i] = gate[i] / (1.0f + std::exp(-gate[i])) * up[i];
+    project<W, A>(w.w2, dim, F, gate, F, x, dim, B);
   }
+#pragma omp for schedule(static)
+  for (int64_t b = 0; b < B; ++b)
+    add_and_norm(x + b * dim, residual + b * dim, normed + b * dim, a.final_norm, dim, a.eps, a.n_layers == 0);
+  project<W, A>(a.output, a.vocab, dim, normed, dim, a.logits, a.vocab, B);
 }
 
 // One body per ISA (the projections' vector width and accumulators), chosen at run time.

@@ -1,3 +1,5 @@
+import copy
+
 import pytest
 import torch
 
@@ -129,3 +131,22 @@ def test_text_generation_on_a_real_model_matches_the_token_path(small_tokenizer)
     token_outputs = generate(model, prompts, sampling)
     assert generate_text(model, small_tokenizer, prompts, sampling) == \
         [small_tokenizer.decode(ids) for ids in token_outputs]
+
+
+@pytest.mark.gpu
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA GPU (scripts/gpu_check.sh)")
+def test_decoding_on_gpu_runs_the_cuda_decode_kernel(model, monkeypatch):
+    """On GPU every layer of every decoding step attends through the CUDA decode kernel, and greedy generation gives
+    the CPU's tokens."""
+    from aquila.kernels import backend
+
+    if backend.cuda_extension is None:
+        pytest.skip("aquila._cuda is not built (no nvcc at install)")
+    kernel, launches = backend.cuda_extension.decode_attention, []
+    monkeypatch.setattr(backend.cuda_extension, "decode_attention",
+                        lambda *args: launches.append(args) or kernel(*args))
+    prompts, sampling = [[5, 17, 3], [1, 2, 3, 4, 5, 6, 7, 8]], Sampling(max_new_tokens=6)
+    on_gpu = generate(copy.deepcopy(model).cuda(), prompts, sampling)
+    assert on_gpu == generate(model, prompts, sampling)
+    decoding_steps = sampling.max_new_tokens - 1
+    assert len(launches) >= decoding_steps * TINY.n_layers
