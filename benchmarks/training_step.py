@@ -14,6 +14,7 @@ Contenders:
 """
 
 import argparse
+import gc
 import json
 import os
 import resource
@@ -138,6 +139,11 @@ def main():
         print(json.dumps({"impl": args.impl, "seconds_per_step": seconds, "processes": world,
                           "tokens_per_s": world * args.batch * args.seq / seconds, "peak_memory_bytes": peak.item(),
                           "losses": losses}))
+    # The model, its optimizer and FSDP's state (in reference cycles that hold process groups) go before the
+    # process groups do: left to the interpreter's exit, a gloo group can be torn down with its worker threads
+    # joinable (an abort).
+    del step
+    gc.collect()
     dist.destroy_process_group()
 
 

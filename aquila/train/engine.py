@@ -15,6 +15,7 @@ GPU and gloo on CPU.
 import contextlib
 import dataclasses
 import datetime
+import gc
 import os
 
 import torch
@@ -121,6 +122,9 @@ def barrier(processes: Processes) -> None:
 
 def close(processes: Processes) -> None:
     if processes.world_size > 1 and dist.is_initialized():
+        # The training's garbage first: FSDP's modules sit in reference cycles that hold process groups, and a gloo
+        # group left for the interpreter's exit can be torn down with its worker threads joinable (an abort).
+        gc.collect()
         dist.destroy_process_group()
 
 
