@@ -5,46 +5,44 @@
 
 namespace {
 
-// The decoding step's arguments: sizes and addresses in a dict, the layers as a list of dicts of addresses.
-aquila::DecodeStep decode_step_from(const pybind11::dict& d, std::vector<aquila::DecodeLayer>& layers) {
-  using aquila::as_ptr;
-  for (const auto& item : d["layers"]) {
-    const auto layer = item.cast<pybind11::dict>();
-    auto weight = [&](const char* name) { return as_ptr<const float>(layer[name].cast<uintptr_t>()); };
-    layers.push_back({weight("attention_norm"), weight("wq"), weight("wk"), weight("wv"), weight("wo"),
-                      weight("ffn_norm"), weight("w1"), weight("w2"), weight("w3"),
-                      as_ptr<float>(layer["k_cache"].cast<uintptr_t>()),
-                      as_ptr<float>(layer["v_cache"].cast<uintptr_t>())});
+// The decoding step: the model's sizes and addresses, the layers as a list of dicts. The layers live in a vector the
+// step points into, so the step is read and run here rather than through bind_kernel.
+aquila::DecodeStep read_decode_step(aquila::Fields& f, std::vector<aquila::DecodeLayer>& layers) {
+  for (const auto& item : f.list("layers")) {
+    aquila::Fields layer = f.nested(item);
+    layers.push_back({layer.ptr<const float>("attention_norm"), layer.ptr<const float>("wq"),
+                      layer.ptr<const float>("wk"), layer.ptr<const float>("wv"), layer.ptr<const float>("wo"),
+                      layer.ptr<const float>("ffn_norm"), layer.ptr<const float>("w1"), layer.ptr<const float>("w2"),
+                      layer.ptr<const float>("w3"), layer.ptr<float>("k_cache"), layer.ptr<float>("v_cache")});
+    layer.done();
   }
-  auto size = [&](const char* name) { return d[name].cast<int64_t>(); };
-  return {size("batch"), size("dim"), size("heads"), size("kv_heads"), size("head_dim"), size("hidden_dim"),
-          size("vocab"), size("max_len"), static_cast<int64_t>(layers.size()), d["eps"].cast<float>(),
-          d["theta"].cast<double>(), d["interleaved"].cast<bool>(),
-          as_ptr<const float>(d["embeddings"].cast<uintptr_t>()), as_ptr<const float>(d["final_norm"].cast<uintptr_t>()),
-          as_ptr<const float>(d["output"].cast<uintptr_t>()), layers.data(),
-          as_ptr<const int64_t>(d["tokens"].cast<uintptr_t>()), as_ptr<const int32_t>(d["lengths"].cast<uintptr_t>()),
-          as_ptr<float>(d["logits"].cast<uintptr_t>()), as_ptr<float>(d["workspace"].cast<uintptr_t>())};
+  return {f.i64("batch"), f.i64("dim"), f.i64("heads"), f.i64("kv_heads"), f.i64("head_dim"), f.i64("hidden_dim"),
+          f.i64("vocab"), f.i64("max_len"), static_cast<int64_t>(layers.size()), static_cast<float>(f.f64("eps")),
+          f.f64("theta"), f.flag("interleaved"), f.ptr<const float>("embeddings"), f.ptr<const float>("final_norm"),
+          f.ptr<const float>("output"), layers.data(), f.ptr<const int64_t>("tokens"),
+          f.ptr<const int32_t>("lengths"), f.ptr<float>("logits"), f.ptr<float>("workspace")};
 }
 
 }  // namespace
 
 PYBIND11_MODULE(_C, m) {
+  namespace cpu = aquila::cpu;
   m.doc() = "Aquila CPU kernels (C++17, OpenMP). Called through aquila.kernels, which validates the tensors.";
-  aquila::bind_kernels<int>(m, "threads", aquila::cpu::rms_norm_forward, aquila::cpu::rms_norm_backward,
-                            aquila::cpu::rotary, aquila::cpu::cross_entropy);
-  aquila::bind_dict_kernel<aquila::AttentionForward, int>(m, "attention_forward", "threads",
-                                                          aquila::attention_forward_from,
-                                                          aquila::cpu::attention_forward);
-  aquila::bind_dict_kernel<aquila::AttentionBackward, int>(m, "attention_backward", "threads",
-                                                           aquila::attention_backward_from,
-                                                           aquila::cpu::attention_backward);
+  aquila::bind_kernel(m, "rms_norm_forward", "threads", cpu::rms_norm_forward);
+  aquila::bind_kernel(m, "rms_norm_backward", "threads", cpu::rms_norm_backward);
+  aquila::bind_kernel(m, "rotary", "threads", cpu::rotary);
+  aquila::bind_kernel(m, "cross_entropy", "threads", cpu::cross_entropy);
+  aquila::bind_kernel(m, "attention_forward", "threads", cpu::attention_forward);
+  aquila::bind_kernel(m, "attention_backward", "threads", cpu::attention_backward);
   m.def(
       "decode_step",
-      [](const pybind11::dict& d, int threads) {
+      [](const pybind11::dict& dict, int threads) {
         std::vector<aquila::DecodeLayer> layers;
-        const aquila::DecodeStep args = decode_step_from(d, layers);
+        aquila::Fields fields(dict, "decode_step");
+        const aquila::DecodeStep args = read_decode_step(fields, layers);
+        fields.done();
         pybind11::gil_scoped_release no_gil;
-        aquila::cpu::decode_step(args, threads);
+        cpu::decode_step(args, threads);
       },
       pybind11::arg("args"), pybind11::arg("threads"));
 }

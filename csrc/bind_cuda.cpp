@@ -3,10 +3,11 @@
 #include "bind.h"
 
 PYBIND11_MODULE(_cuda, m) {
+  namespace cuda = aquila::cuda;
   m.doc() = "Aquila CUDA kernels. Called through aquila.kernels, which validates the tensors.";
-  aquila::bind_kernels<uintptr_t>(m, "stream", aquila::cuda::rms_norm_forward, aquila::cuda::rms_norm_backward,
-                                  aquila::cuda::rotary, aquila::cuda::cross_entropy);
-  aquila::bind_dict_kernel<aquila::AttentionForward, uintptr_t>(m, "decode_attention", "stream",
-                                                                aquila::attention_forward_from,
-                                                                aquila::cuda::decode_attention);
+  aquila::bind_kernel(m, "rms_norm_forward", "stream", cuda::rms_norm_forward);
+  aquila::bind_kernel(m, "rms_norm_backward", "stream", cuda::rms_norm_backward);
+  aquila::bind_kernel(m, "rotary", "stream", cuda::rotary);
+  aquila::bind_kernel(m, "cross_entropy", "stream", cuda::cross_entropy);
+  aquila::bind_kernel(m, "decode_attention", "stream", cuda::decode_attention);
 }

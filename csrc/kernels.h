@@ -1,5 +1,6 @@
-// The kernels' interface, shared by the CPU and CUDA backends. Python validates every tensor and passes raw
-// pointers, sizes and strides (in elements). Plain C++: both g++ and nvcc include it.
+// The kernels' interface, shared by the CPU and CUDA backends: one struct of arguments per kernel. Python validates
+// every tensor and passes raw pointers, sizes and strides (in elements) as a dict keyed by these field names
+// (csrc/bind.h reads it). Plain C++: both g++ and nvcc include it.
 #pragma once
 
 #include <cstdint>
@@ -102,9 +103,9 @@ struct AttentionForward {
   double scale;
   bool causal;
   DType dtype;
-  // CUDA split-K decoding only: each sequence's keys are cut into `splits` ranges whose partial outputs
-  // (fp32, splits x total_q x heads_q x head_dim elements, laid out [total_q][splits][heads_q][head_dim]) and partial
-  // lse (fp32, [total_q][splits][heads_q]) are combined. Unused when splits == 1.
+  // CUDA split-K decoding only (null and 0 elsewhere): each sequence's keys are cut into `splits` ranges whose
+  // partial outputs (fp32, splits x total_q x heads_q x head_dim elements, laid out [total_q][splits][heads_q]
+  // [head_dim]) and partial lse (fp32, [total_q][splits][heads_q]) are combined. Unused when splits == 1.
   float* partial_out;
   float* partial_lse;
   int64_t splits;

@@ -1,15 +1,15 @@
 """Aquila's fused kernels, usable on their own in any model.
 
-Every op dispatches on the tensors' device to the Triton or CUDA C++ kernels (GPU), the C++ CPU kernels, or the
-pure-torch reference (see :mod:`aquila.kernels.backend`), is differentiable, and is registered with torch.library so
-that torch.compile traces through it without a graph break.
+Every op picks an implementation from its table (see :mod:`aquila.kernels.backend`): the Triton or CUDA C++ kernels
+on GPU, the C++ CPU kernels, or the pure-torch reference. The training ops are differentiable, and every op is
+registered with torch.library so that torch.compile traces through it without a graph break.
 """
 
 from .attention import attention, attention_with_kv_cache
-from .backend import BACKENDS
+from .backend import BACKENDS, UnsupportedBackend
 from .cross_entropy import cross_entropy, linear_cross_entropy
 from .rms_norm import RMSNorm, fused_add_rms_norm, rms_norm
 from .rotary import apply_rotary, rotary_embedding
 
-__all__ = ["BACKENDS", "RMSNorm", "apply_rotary", "attention", "attention_with_kv_cache", "cross_entropy", "fused_add_rms_norm", "linear_cross_entropy",
-           "rms_norm", "rotary_embedding"]
+__all__ = ["BACKENDS", "RMSNorm", "UnsupportedBackend", "apply_rotary", "attention", "attention_with_kv_cache",
+           "cross_entropy", "fused_add_rms_norm", "linear_cross_entropy", "rms_norm", "rotary_embedding"]

@@ -14,9 +14,9 @@ Every kernel sees the batch as a list of sequences: sequence b's queries are tok
 form [batch, seq, heads, head_dim], packed sequences with cu_seqlens, and a KV cache with per-sequence lengths are
 all that list.
 
-Backends: Triton (forward and the deterministic backward: dK/dV per key block over the query blocks of every query
-head of its group, dQ in its own pass; no atomics), the CUDA C++ split-K decode kernel for generation, the C++ CPU
-flash attention (forward and backward), and the explicit-softmax torch reference.
+Backends (the tables below): Triton (forward and the deterministic backward, aquila/kernels/triton/attention.py),
+the C++ CPU flash attention (forward and backward), the explicit-softmax torch reference with the closed-form backward,
+and, for generation only, the CUDA C++ split-K decode kernel.
 """
 
 import math
@@ -27,247 +27,10 @@ from torch import Tensor
 
 from . import backend as _backend
 from . import reference
-from .triton_compat import tl, triton
+from .backend import Implementation, Implementations
+from .triton import attention as triton_attention
 
 MAX_HEAD_DIM = 256
-LOG2E = 1.4426950408889634
-
-# --- Triton kernels -------------------------------------------------------------------------------------------------
-
-
-@triton.jit
-def _load_rows(BASE, tokens, token_stride, head_offset, dims, token_mask, dim_mask):
-    """A [len(tokens), len(dims)] tile of one head, zero outside the masks."""
-    pointers = BASE + tokens[:, None] * token_stride + head_offset + dims[None, :]
-    return tl.load(pointers, mask=token_mask[:, None] & dim_mask[None, :], other=0.0)
-
-
-@triton.jit
-def _query_block(Q_START, K_START, K_LEN, sequence, head, group, block_m, q_len, head_dim, CAUSAL: tl.constexpr,
-                 BLOCK_M: tl.constexpr, BLOCK_D: tl.constexpr):
-    """Where a program's block of queries and its sequence's keys are, and how far into the keys it must look (the
-    causal mask, bottom-right aligned, hides the keys after the block's last query)."""
-    k_len = tl.load(K_LEN + sequence)
-    q_start = tl.load(Q_START + sequence).to(tl.int64)
-    k_start = tl.load(K_START + sequence).to(tl.int64)
-    kv_head = (head // group).to(tl.int64)
-    rows = block_m * BLOCK_M + tl.arange(0, BLOCK_M)
-    dims = tl.arange(0, BLOCK_D)
-    shift = k_len - q_len  # query i sees keys j <= i + shift
-    end = k_len
-    if CAUSAL:
-        end = tl.minimum(k_len, (block_m + 1) * BLOCK_M + shift)
-    return k_len, q_start, k_start, kv_head, rows, dims, rows < q_len, dims < head_dim, shift, end
-
-
-@triton.jit
-def _attention_forward_kernel(Q, K, V, OUT, LSE, q_token_stride, q_head_stride, k_token_stride, k_head_stride,
-                              v_token_stride, v_head_stride, out_token_stride, out_head_stride, Q_START, Q_LEN,
-                              K_START, K_LEN, heads_q, group, head_dim, scale_log2,
-                              CAUSAL: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr,
-                              BLOCK_D: tl.constexpr, PRECISION: tl.constexpr):
-    block_m = tl.program_id(0)
-    sequence = tl.program_id(1) // heads_q
-    head = tl.program_id(1) % heads_q
-    q_len = tl.load(Q_LEN + sequence)
-    if block_m * BLOCK_M >= q_len:
-        return
-    k_len, q_start, k_start, kv_head, rows, dims, row_mask, dim_mask, shift, end = _query_block(
-        Q_START, K_START, K_LEN, sequence, head, group, block_m, q_len, head_dim, CAUSAL, BLOCK_M, BLOCK_D)
-    q = _load_rows(Q, q_start + rows, q_token_stride, head.to(tl.int64) * q_head_stride, dims, row_mask, dim_mask)
-
-    # Online softmax in base 2: scores are scaled by scale * log2(e) so that exp2 does the work.
-    row_max = tl.full([BLOCK_M], float("-inf"), tl.float32)
-    row_sum = tl.zeros([BLOCK_M], tl.float32)
-    acc = tl.zeros([BLOCK_M, BLOCK_D], tl.float32)
-    for start in range(0, end, BLOCK_N):
-        cols = start + tl.arange(0, BLOCK_N)
-        col_mask = cols < k_len
-        k = _load_rows(K, k_start + cols, k_token_stride, kv_head * k_head_stride, dims, col_mask, dim_mask)
-        scores = tl.dot(q, tl.trans(k), input_precision=PRECISION) * scale_log2
-        visible = col_mask[None, :]
-        if CAUSAL:
-            visible = visible & (cols[None, :] <= rows[:, None] + shift)
-        scores = tl.where(visible, scores, float("-inf"))
-        new_max = tl.maximum(row_max, tl.max(scores, axis=1))
-        safe_max = tl.where(new_max == float("-inf"), 0.0, new_max)  # rows that have seen no key yet
-        probs = tl.math.exp2(scores - safe_max[:, None])
-        rescale = tl.math.exp2(row_max - safe_max)
-        row_sum = row_sum * rescale + tl.sum(probs, axis=1)
-        v = _load_rows(V, k_start + cols, v_token_stride, kv_head * v_head_stride, dims, col_mask, dim_mask)
-        acc = acc * rescale[:, None] + tl.dot(probs.to(v.dtype), v, input_precision=PRECISION)
-        row_max = new_max
-
-    seen = row_sum > 0.0
-    out = acc / tl.where(seen, row_sum, 1.0)[:, None]
-    out_pointers = OUT + (q_start + rows)[:, None] * out_token_stride + head.to(tl.int64) * out_head_stride
-    tl.store(out_pointers + dims[None, :], out.to(OUT.dtype.element_ty), mask=row_mask[:, None] & dim_mask[None, :])
-    lse = tl.where(seen, (row_max + tl.math.log2(tl.where(seen, row_sum, 1.0))) / 1.4426950408889634, float("-inf"))
-    tl.store(LSE + (q_start + rows) * heads_q + head, lse, mask=row_mask)
-
-
-@triton.jit
-def _probabilities_and_score_grads(q, k, v, grad_out, lse, delta, rows, cols, row_mask, col_mask, shift, scale,
-                                   CAUSAL: tl.constexpr, PRECISION: tl.constexpr):
-    """The backward's recomputation for a tile of queries x keys: P from the saved lse, and dS = P (dP - delta) with
-    dP = dO V^T. Rows that saw no key in the forward (lse -inf) have P = 0."""
-    visible = row_mask[:, None] & col_mask[None, :] & (lse[:, None] > float("-inf"))
-    if CAUSAL:
-        visible = visible & (cols[None, :] <= rows[:, None] + shift)
-    scores = tl.dot(q, tl.trans(k), input_precision=PRECISION) * scale
-    probs = tl.where(visible, tl.exp(scores - lse[:, None]), 0.0)
-    grad_probs = tl.dot(grad_out, tl.trans(v), input_precision=PRECISION)
-    return probs, probs * (grad_probs - delta[:, None])
-
-
-@triton.jit
-def _attention_backward_kv_kernel(Q, K, V, GRAD_OUT, LSE, DELTA, GRAD_K, GRAD_V, q_token_stride, q_head_stride,
-                                  k_token_stride, k_head_stride, v_token_stride, v_head_stride, do_token_stride,
-                                  do_head_stride, dk_token_stride, dk_head_stride, dv_token_stride, dv_head_stride,
-                                  Q_START, Q_LEN, K_START, K_LEN, heads_q, heads_k, group, head_dim, scale,
-                                  CAUSAL: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr,
-                                  BLOCK_D: tl.constexpr, PRECISION: tl.constexpr):
-    """dK and dV of one block of keys of one key/value head: a sum over the query blocks of every query head of
-    its group, in a fixed order (deterministic)."""
-    block_n = tl.program_id(0)
-    sequence = tl.program_id(1) // heads_k
-    kv_head = tl.program_id(1) % heads_k
-    k_len = tl.load(K_LEN + sequence)
-    if block_n * BLOCK_N >= k_len:
-        return
-    q_len = tl.load(Q_LEN + sequence)
-    q_start = tl.load(Q_START + sequence).to(tl.int64)
-    k_start = tl.load(K_START + sequence).to(tl.int64)
-    cols = block_n * BLOCK_N + tl.arange(0, BLOCK_N)
-    dims = tl.arange(0, BLOCK_D)
-    col_mask = cols < k_len
-    dim_mask = dims < head_dim
-    k = _load_rows(K, k_start + cols, k_token_stride, kv_head.to(tl.int64) * k_head_stride, dims, col_mask, dim_mask)
-    v = _load_rows(V, k_start + cols, v_token_stride, kv_head.to(tl.int64) * v_head_stride, dims, col_mask, dim_mask)
-    grad_k = tl.zeros([BLOCK_N, BLOCK_D], tl.float32)
-    grad_v = tl.zeros([BLOCK_N, BLOCK_D], tl.float32)
-    shift = k_len - q_len
-    first = 0
-    if CAUSAL:  # queries before this one see none of the block's keys
-        first = tl.maximum(block_n * BLOCK_N - shift, 0) // BLOCK_M * BLOCK_M
-    for g in range(0, group):
-        head = (kv_head * group + g).to(tl.int64)
-        for start in range(first, q_len, BLOCK_M):
-            rows = start + tl.arange(0, BLOCK_M)
-            row_mask = rows < q_len
-            q = _load_rows(Q, q_start + rows, q_token_stride, head * q_head_stride, dims, row_mask, dim_mask)
-            grad_out = _load_rows(GRAD_OUT, q_start + rows, do_token_stride, head * do_head_stride, dims, row_mask,
-                                  dim_mask)
-            lse = tl.load(LSE + (q_start + rows) * heads_q + head, mask=row_mask, other=0.0)
-            delta = tl.load(DELTA + (q_start + rows) * heads_q + head, mask=row_mask, other=0.0)
-            probs, grad_scores = _probabilities_and_score_grads(q, k, v, grad_out, lse, delta, rows, cols, row_mask,
-                                                                col_mask, shift, scale, CAUSAL, PRECISION)
-            grad_v += tl.dot(tl.trans(probs.to(grad_out.dtype)), grad_out, input_precision=PRECISION)
-            grad_k += tl.dot(tl.trans(grad_scores.to(q.dtype)), q, input_precision=PRECISION)
-    mask = col_mask[:, None] & dim_mask[None, :]
-    dk_pointers = GRAD_K + (k_start + cols)[:, None] * dk_token_stride + kv_head.to(tl.int64) * dk_head_stride
-    tl.store(dk_pointers + dims[None, :], (grad_k * scale).to(GRAD_K.dtype.element_ty), mask=mask)
-    dv_pointers = GRAD_V + (k_start + cols)[:, None] * dv_token_stride + kv_head.to(tl.int64) * dv_head_stride
-    tl.store(dv_pointers + dims[None, :], grad_v.to(GRAD_V.dtype.element_ty), mask=mask)
-
-
-@triton.jit
-def _attention_backward_q_kernel(Q, K, V, GRAD_OUT, LSE, DELTA, GRAD_Q, q_token_stride, q_head_stride,
-                                 k_token_stride, k_head_stride, v_token_stride, v_head_stride, do_token_stride,
-                                 do_head_stride, dq_token_stride, dq_head_stride, Q_START, Q_LEN, K_START, K_LEN,
-                                 heads_q, group, head_dim, scale, CAUSAL: tl.constexpr, BLOCK_M: tl.constexpr,
-                                 BLOCK_N: tl.constexpr, BLOCK_D: tl.constexpr, PRECISION: tl.constexpr):
-    """dQ of one block of queries of one head: a sum over the key blocks it sees."""
-    block_m = tl.program_id(0)
-    sequence = tl.program_id(1) // heads_q
-    head = tl.program_id(1) % heads_q
-    q_len = tl.load(Q_LEN + sequence)
-    if block_m * BLOCK_M >= q_len:
-        return
-    k_len, q_start, k_start, kv_head, rows, dims, row_mask, dim_mask, shift, end = _query_block(
-        Q_START, K_START, K_LEN, sequence, head, group, block_m, q_len, head_dim, CAUSAL, BLOCK_M, BLOCK_D)
-    head64 = head.to(tl.int64)
-    q = _load_rows(Q, q_start + rows, q_token_stride, head64 * q_head_stride, dims, row_mask, dim_mask)
-    grad_out = _load_rows(GRAD_OUT, q_start + rows, do_token_stride, head64 * do_head_stride, dims, row_mask,
-                          dim_mask)
-    lse = tl.load(LSE + (q_start + rows) * heads_q + head, mask=row_mask, other=0.0)
-    delta = tl.load(DELTA + (q_start + rows) * heads_q + head, mask=row_mask, other=0.0)
-    grad_q = tl.zeros([BLOCK_M, BLOCK_D], tl.float32)
-    for start in range(0, end, BLOCK_N):
-        cols = start + tl.arange(0, BLOCK_N)
-        col_mask = cols < k_len
-        k = _load_rows(K, k_start + cols, k_token_stride, kv_head * k_head_stride, dims, col_mask, dim_mask)
-        v = _load_rows(V, k_start + cols, v_token_stride, kv_head * v_head_stride, dims, col_mask, dim_mask)
-        _, grad_scores = _probabilities_and_score_grads(q, k, v, grad_out, lse, delta, rows, cols, row_mask,
-                                                        col_mask, shift, scale, CAUSAL, PRECISION)
-        grad_q += tl.dot(grad_scores.to(k.dtype), k, input_precision=PRECISION)
-    dq_pointers = GRAD_Q + (q_start + rows)[:, None] * dq_token_stride + head64 * dq_head_stride
-    tl.store(dq_pointers + dims[None, :], (grad_q * scale).to(GRAD_Q.dtype.element_ty),
-             mask=row_mask[:, None] & dim_mask[None, :])
-
-
-def _block_dim(head_dim):
-    return max(16, triton.next_power_of_2(head_dim))
-
-
-# (BLOCK_M, BLOCK_N, num_warps, num_stages) by (16-bit or fp32 inputs, head_dim up to 128 or 256). The compile
-# check (tests/kernels/triton_compile_check.py) holds each within A100's and H100's shared memory.
-_FORWARD_CONFIGS = {(2, 128): (128, 64, 8, 3), (2, 256): (64, 32, 8, 2), (4, 128): (64, 64, 8, 2),
-                    (4, 256): (32, 32, 4, 1)}
-_BACKWARD_CONFIGS = {(2, 128): (64, 64, 8, 2), (2, 256): (32, 32, 8, 1), (4, 128): (32, 64, 4, 1),
-                     (4, 256): (16, 32, 4, 1)}
-
-
-def _forward_config(head_dim, dtype):
-    return _FORWARD_CONFIGS[(dtype.itemsize, 128 if _block_dim(head_dim) <= 128 else 256)]
-
-
-def _backward_config(head_dim, dtype):
-    return _BACKWARD_CONFIGS[(dtype.itemsize, 128 if _block_dim(head_dim) <= 128 else 256)]
-
-
-def _precision(dtype):
-    """fp32 inputs get true fp32 products (torch's default for fp32 matmuls), not TF32."""
-    return "ieee" if dtype == torch.float32 else "tf32"
-
-
-def triton_compile_cases():
-    """Each Triton configuration the launchers below can pick, for the ahead-of-time compile check."""
-    cases = []
-    common = {"CAUSAL": "constexpr", "BLOCK_M": "constexpr", "BLOCK_N": "constexpr", "BLOCK_D": "constexpr",
-              "PRECISION": "constexpr"}
-    for dtype, torch_dtype in (("bf16", torch.bfloat16), ("fp16", torch.float16), ("fp32", torch.float32)):
-        for head_dim in (64, 80, 128, 256):
-            block_d = _block_dim(head_dim)
-            precision = _precision(torch_dtype)
-            tensors = lambda names: {name: f"*{dtype}" for name in names}  # noqa: E731
-            ints = lambda names: {name: "i32" for name in names}  # noqa: E731
-            sequences = {name: "*i32" for name in ("Q_START", "Q_LEN", "K_START", "K_LEN")}
-            m, n, warps, stages = _forward_config(head_dim, torch_dtype)
-            signature = {**tensors(["Q", "K", "V", "OUT"]), "LSE": "*fp32",
-                         **ints(["q_token_stride", "q_head_stride", "k_token_stride", "k_head_stride",
-                                 "v_token_stride", "v_head_stride", "out_token_stride", "out_head_stride"]),
-                         **sequences, **ints(["heads_q", "group", "head_dim"]), "scale_log2": "fp32", **common}
-            constexprs = {"CAUSAL": True, "BLOCK_M": m, "BLOCK_N": n, "BLOCK_D": block_d, "PRECISION": precision}
-            cases.append((_attention_forward_kernel, signature, constexprs, warps, stages))
-            m, n, warps, stages = _backward_config(head_dim, torch_dtype)
-            constexprs = {"CAUSAL": True, "BLOCK_M": m, "BLOCK_N": n, "BLOCK_D": block_d, "PRECISION": precision}
-            signature = {**tensors(["Q", "K", "V", "GRAD_OUT"]), "LSE": "*fp32", "DELTA": "*fp32",
-                         **tensors(["GRAD_K", "GRAD_V"]),
-                         **ints(["q_token_stride", "q_head_stride", "k_token_stride", "k_head_stride",
-                                 "v_token_stride", "v_head_stride", "do_token_stride", "do_head_stride",
-                                 "dk_token_stride", "dk_head_stride", "dv_token_stride", "dv_head_stride"]),
-                         **sequences, **ints(["heads_q", "heads_k", "group", "head_dim"]), "scale": "fp32", **common}
-            cases.append((_attention_backward_kv_kernel, signature, constexprs, warps, stages))
-            signature = {**tensors(["Q", "K", "V", "GRAD_OUT"]), "LSE": "*fp32", "DELTA": "*fp32",
-                         **tensors(["GRAD_Q"]),
-                         **ints(["q_token_stride", "q_head_stride", "k_token_stride", "k_head_stride",
-                                 "v_token_stride", "v_head_stride", "do_token_stride", "do_head_stride",
-                                 "dq_token_stride", "dq_head_stride"]),
-                         **sequences, **ints(["heads_q", "group", "head_dim"]), "scale": "fp32", **common}
-            cases.append((_attention_backward_q_kernel, signature, constexprs, warps, stages))
-    return cases
-
 
 # --- The batch as a list of sequences -------------------------------------------------------------------------------
 
@@ -290,53 +53,49 @@ class Sequences(NamedTuple):
         return list(zip(*(t.tolist() for t in (self.q_start, self.q_len, self.k_start, self.k_len))))
 
     def as_dict(self):
+        """The kernels' AttentionSequences (csrc/kernels.h)."""
         return {"q_start": self.q_start.data_ptr(), "q_len": self.q_len.data_ptr(),
                 "k_start": self.k_start.data_ptr(), "k_len": self.k_len.data_ptr(), "batch": self.batch,
                 "max_q_len": self.max_q_len, "max_k_len": self.max_k_len}
 
 
-def _strided(tensor):
-    return {"data": tensor.data_ptr(), "token_stride": tensor.stride(0), "head_stride": tensor.stride(1)}
+# --- Implementations ------------------------------------------------------------------------------------------------
+# forward(q, k, v, seq, scale, causal, out, lse) fills out (zeros) and lse (-inf) where queries see keys, for q
+# [total_q, heads_q, d] and k, v [total_k, heads_k, d] with unit last stride and seq a non-empty Sequences.
+# backward(grad_out, q, k, v, out, lse, seq, scale, causal, grad_q, grad_k, grad_v) fills the zeroed gradients.
 
 
-# --- Dispatch -------------------------------------------------------------------------------------------------------
+def _torch_forward(q, k, v, seq, scale, causal, out, lse):
+    exact_out, exact_lse = reference.attention(q, k, v, seq.as_list(), scale, causal)
+    out.copy_(exact_out)
+    lse.copy_(exact_lse)
 
 
-def _forward(q, k, v, seq, scale, causal, backend):
-    """q [total_q, heads_q, d], k/v [total_k, heads_k, d] with unit last stride. Returns out (q's shape, contiguous)
-    and lse fp32 [total_q, heads_q]."""
-    heads_q, head_dim = q.shape[1], q.shape[2]
-    heads_k = k.shape[1]
-    if backend == "torch":
-        out, lse = reference.attention(q, k, v, seq.as_list(), scale, causal)
-        return out, lse.float()
-    out = torch.zeros_like(q, memory_format=torch.contiguous_format)
-    lse = torch.full(q.shape[:2], float("-inf"), dtype=torch.float32, device=q.device)
-    if seq.batch == 0 or seq.max_q_len == 0:
-        return out, lse
-    with _backend.on_device(q):
-        if backend == "triton":
-            block_m, block_n, num_warps, num_stages = _forward_config(head_dim, q.dtype)
-            grid = (triton.cdiv(seq.max_q_len, block_m), seq.batch * heads_q)
-            _attention_forward_kernel[grid](
-                q, k, v, out, lse, *q.stride()[:2], *k.stride()[:2], *v.stride()[:2], *out.stride()[:2],
-                seq.q_start, seq.q_len, seq.k_start, seq.k_len, heads_q, heads_q // heads_k, head_dim,
-                scale * LOG2E, CAUSAL=causal, BLOCK_M=block_m, BLOCK_N=block_n, BLOCK_D=_block_dim(head_dim),
-                PRECISION=_precision(q.dtype), num_warps=num_warps, num_stages=num_stages)
-        else:
-            extension, launch = _backend.native(backend, q, work=q.numel() + k.numel())
-            args = {"q": _strided(q), "k": _strided(k), "v": _strided(v), "out": _strided(out),
-                    "lse": lse.data_ptr(), "seq": seq.as_dict(), "heads_q": heads_q, "heads_k": heads_k,
-                    "head_dim": head_dim, "scale": scale, "causal": causal, "dtype": _backend.DTYPE_CODES[q.dtype]}
-            if backend == "cuda":
-                splits = decode_splits(q, seq, heads_k)
-                partial_out = torch.empty((splits, *q.shape), dtype=torch.float32, device=q.device)
-                partial_lse = torch.empty((splits, *q.shape[:2]), dtype=torch.float32, device=q.device)
-                args.update(partial_out=partial_out.data_ptr(), partial_lse=partial_lse.data_ptr(), splits=splits)
-                extension.decode_attention(args, launch)
-            else:
-                extension.attention_forward(args, launch)
-    return out, lse
+def _torch_backward(grad_out, q, k, v, out, lse, seq, scale, causal, grad_q, grad_k, grad_v):
+    for grad, exact in zip((grad_q, grad_k, grad_v),
+                           reference.attention_backward(grad_out, q, k, v, out, lse, seq.as_list(), scale, causal)):
+        grad.copy_(exact)
+
+
+def _native_fields(seq, scale, causal, q, k):
+    return dict(seq=seq.as_dict(), heads_q=q.shape[1], heads_k=k.shape[1], head_dim=q.shape[2], scale=scale,
+                causal=causal, dtype=q.dtype)
+
+
+def _cpu_forward(q, k, v, seq, scale, causal, out, lse):
+    _backend.call_native(
+        "cpu", "attention_forward", q, work=q.numel() + k.numel(), q=_backend.strided(q), k=_backend.strided(k),
+        v=_backend.strided(v), out=_backend.strided(out), lse=lse, partial_out=None, partial_lse=None, splits=0,
+        **_native_fields(seq, scale, causal, q, k))
+
+
+def _cpu_backward(grad_out, q, k, v, out, lse, seq, scale, causal, grad_q, grad_k, grad_v):
+    delta = torch.empty(q.shape[:2], dtype=torch.float32, device=q.device)  # the kernel fills it
+    strided = {name: _backend.strided(t) for name, t in (("q", q), ("k", k), ("v", v), ("out", out),
+                                                          ("grad_out", grad_out), ("grad_q", grad_q),
+                                                          ("grad_k", grad_k), ("grad_v", grad_v))}
+    _backend.call_native("cpu", "attention_backward", q, work=q.numel() + k.numel(), lse=lse, delta=delta,
+                         **strided, **_native_fields(seq, scale, causal, q, k))
 
 
 def decode_splits(q, seq, heads_k):
@@ -350,38 +109,53 @@ def decode_splits(q, seq, heads_k):
     return max(1, min(wanted, math.ceil(seq.max_k_len / 256)))
 
 
+def _cuda_decode_forward(q, k, v, seq, scale, causal, out, lse):
+    splits = decode_splits(q, seq, k.shape[1])
+    partial_out = torch.empty((splits, *q.shape), dtype=torch.float32, device=q.device)
+    partial_lse = torch.empty((splits, *q.shape[:2]), dtype=torch.float32, device=q.device)
+    _backend.call_native(
+        "cuda", "decode_attention", q, q=_backend.strided(q), k=_backend.strided(k), v=_backend.strided(v),
+        out=_backend.strided(out), lse=lse, partial_out=partial_out, partial_lse=partial_lse, splits=splits,
+        **_native_fields(seq, scale, causal, q, k))
+
+
+def _cuda_decode_limits(head_dim):
+    return None if head_dim % 8 == 0 else f"needs a head_dim that is a multiple of 8, got {head_dim}"
+
+
+IMPLEMENTATIONS = Implementations(
+    "attention",
+    triton=Implementation(triton_attention.forward, triton_attention.backward),
+    cpu=Implementation(_cpu_forward, _cpu_backward),
+    torch=Implementation(_torch_forward, _torch_backward),
+)
+
+# Generation: a few new queries per sequence against a long cache, the CUDA split-K decode kernel's case, first on GPU.
+KV_CACHE_IMPLEMENTATIONS = Implementations(
+    "attention_with_kv_cache",
+    cuda=Implementation(_cuda_decode_forward, limits=_cuda_decode_limits),
+    triton=Implementation(triton_attention.forward),
+    cpu=Implementation(_cpu_forward),
+    torch=Implementation(_torch_forward),
+)
+
+
+def _forward(q, k, v, seq, scale, causal, backend, table=IMPLEMENTATIONS):
+    """Returns out (q's shape, contiguous) and lse fp32 [total_q, heads_q]."""
+    out = torch.zeros_like(q, memory_format=torch.contiguous_format)
+    lse = torch.full(q.shape[:2], float("-inf"), dtype=torch.float32, device=q.device)
+    if seq.batch and seq.max_q_len:
+        with _backend.on_device(q):
+            table[backend].forward(q, k, v, seq, scale, causal, out, lse)
+    return out, lse
+
+
 def _backward(grad_out, q, k, v, out, lse, seq, scale, causal, backend):
-    heads_q, head_dim = q.shape[1], q.shape[2]
-    heads_k = k.shape[1]
-    grad_q = torch.zeros_like(q, memory_format=torch.contiguous_format)
-    grad_k = torch.zeros_like(k, memory_format=torch.contiguous_format)
-    grad_v = torch.zeros_like(v, memory_format=torch.contiguous_format)
-    if seq.batch == 0:
-        return grad_q, grad_k, grad_v
-    with _backend.on_device(q):
-        if backend == "triton":
-            delta = (grad_out.float() * out.float()).sum(-1)  # [total_q, heads_q]: rowsum(dO * O)
-            block_m, block_n, num_warps, num_stages = _backward_config(head_dim, q.dtype)
-            common = dict(CAUSAL=causal, BLOCK_M=block_m, BLOCK_N=block_n, BLOCK_D=_block_dim(head_dim),
-                          PRECISION=_precision(q.dtype), num_warps=num_warps, num_stages=num_stages)
-            sequences = (seq.q_start, seq.q_len, seq.k_start, seq.k_len)
-            _attention_backward_kv_kernel[(triton.cdiv(seq.max_k_len, block_n), seq.batch * heads_k)](
-                q, k, v, grad_out, lse, delta, grad_k, grad_v, *q.stride()[:2], *k.stride()[:2], *v.stride()[:2],
-                *grad_out.stride()[:2], *grad_k.stride()[:2], *grad_v.stride()[:2], *sequences, heads_q, heads_k,
-                heads_q // heads_k, head_dim, scale, **common)
-            _attention_backward_q_kernel[(triton.cdiv(seq.max_q_len, block_m), seq.batch * heads_q)](
-                q, k, v, grad_out, lse, delta, grad_q, *q.stride()[:2], *k.stride()[:2], *v.stride()[:2],
-                *grad_out.stride()[:2], *grad_q.stride()[:2], *sequences, heads_q, heads_q // heads_k, head_dim,
-                scale, **common)
-        else:
-            extension, launch = _backend.native(backend, q, work=q.numel() + k.numel())
-            delta = torch.empty(q.shape[:2], dtype=torch.float32, device=q.device)  # the kernel fills it
-            extension.attention_backward(
-                {"q": _strided(q), "k": _strided(k), "v": _strided(v), "out": _strided(out),
-                 "grad_out": _strided(grad_out), "lse": lse.data_ptr(), "grad_q": _strided(grad_q),
-                 "grad_k": _strided(grad_k), "grad_v": _strided(grad_v), "delta": delta.data_ptr(),
-                 "seq": seq.as_dict(), "heads_q": heads_q, "heads_k": heads_k, "head_dim": head_dim,
-                 "scale": scale, "causal": causal, "dtype": _backend.DTYPE_CODES[q.dtype]}, launch)
+    grad_q, grad_k, grad_v = (torch.zeros_like(t, memory_format=torch.contiguous_format) for t in (q, k, v))
+    if seq.batch and seq.max_q_len:
+        with _backend.on_device(q):
+            IMPLEMENTATIONS[backend].backward(grad_out, q, k, v, out, lse, seq, scale, causal, grad_q, grad_k,
+                                              grad_v)
     return grad_q, grad_k, grad_v
 
 
@@ -516,13 +290,9 @@ def attention(q: Tensor, k: Tensor, v: Tensor, *, causal: bool = False, scale: O
                         _checked_max(op, "max_seqlen_k", max_seqlen_k, k_len))
         packed = [q, k, v]
     packed = [_backend.with_unit_stride(t) for t in packed]
-    backend = _backend.resolve(op, q, backend)
-    if backend == "cuda":
-        raise ValueError(f"{op}: the cuda backend has the decoding kernel only (attention_with_kv_cache); train "
-                         "with backend='triton'")
-    if backend == "torch":  # the reference, through torch's own autograd
-        return reference.attention(*packed, seq.as_list(), scale, causal)[0].view(q.shape)
-    if _backend.direct_call(q, k, v):
+    backward = _backend.needs_backward(q, k, v)
+    backend = _backend.resolve(IMPLEMENTATIONS, q, backend, backward=backward, head_dim=q.shape[-1])
+    if _backend.direct_call(backward):
         return _forward(*packed, seq, scale, bool(causal), backend)[0].view(q.shape)
     return AttentionFunction.apply(*packed, seq, scale, bool(causal), backend).view(q.shape)
 
@@ -539,9 +309,7 @@ def _kv_cache_forward(q, k_cache, v_cache, lengths, new_tokens, scale, causal, b
     arange = torch.arange(batch, dtype=torch.int32, device=q.device)
     seq = Sequences(arange * new_tokens, torch.full_like(arange, new_tokens), arange * max_len, lengths, new_tokens,
                     max_len)
-    if backend == "torch":
-        return reference.attention(q, k_cache, v_cache, seq.as_list(), scale, causal)[0]
-    return _forward(q, k_cache, v_cache, seq, scale, causal, backend)[0]
+    return _forward(q, k_cache, v_cache, seq, scale, causal, backend, KV_CACHE_IMPLEMENTATIONS)[0]
 
 
 @torch.library.custom_op("aquila::attention_with_kv_cache", mutates_args=())
@@ -560,7 +328,8 @@ def attention_with_kv_cache(q: Tensor, k_cache: Tensor, v_cache: Tensor, cache_s
                             backend: Optional[str] = None) -> Tensor:
     """Generation: q [batch, new_tokens, heads_q, d] against a KV cache k_cache, v_cache [batch, max_len, heads_k, d]
     of which the first cache_seqlens[b] tokens (the new ones included) are valid. Causal by default (the new tokens
-    are the last ones of each sequence). On GPU the CUDA split-K decode kernel runs it, reading the cache once."""
+    are the last ones of each sequence). On GPU the CUDA split-K decode kernel runs it, reading the cache once.
+    Not differentiable: a call that would need a gradient raises UnsupportedBackend."""
     op = "attention_with_kv_cache"
     _check_heads(op, q, k_cache, v_cache)
     if q.dim() != 4 or k_cache.dim() != 4 or v_cache.shape != k_cache.shape or k_cache.shape[0] != q.shape[0]:
@@ -570,12 +339,9 @@ def attention_with_kv_cache(q: Tensor, k_cache: Tensor, v_cache: Tensor, cache_s
                           shape=(q.shape[0],))
     lengths = cache_seqlens.to(torch.int32)
     scale = q.shape[-1] ** -0.5 if scale is None else float(scale)
-    if backend is None and q.is_cuda and _backend.cuda_extension is not None:
-        backend = "cuda"
-    backend = _backend.resolve(op, q, backend)
+    backend = _backend.resolve(KV_CACHE_IMPLEMENTATIONS, q, backend,
+                               backward=_backend.needs_backward(q, k_cache, v_cache), head_dim=q.shape[-1])
     packed = [_backend.with_unit_stride(t.reshape(-1, *t.shape[2:])) for t in (q, k_cache, v_cache)]
     if torch.compiler.is_compiling():  # the lengths are checked inside the op, where they have values
         return _kv_cache_op(*packed, lengths, q.shape[1], scale, bool(causal), backend).view(q.shape)
-    with torch.no_grad():
-        out = _kv_cache_forward(*packed, lengths, q.shape[1], scale, bool(causal), backend)
-    return out.view(q.shape)
+    return _kv_cache_forward(*packed, lengths, q.shape[1], scale, bool(causal), backend).view(q.shape)

@@ -1,18 +1,26 @@
-"""Choosing a backend, checking tensors, and handing raw pointers to the native kernels.
+"""Choosing a backend from an op's table, checking tensors, and calling the native kernels.
 
-Backends, per call (``backend=``) or for CUDA tensors through ``AQUILA_BACKEND``:
+Every op keeps one table of implementations (an ``Implementations``): for each backend that has it, its forward and
+backward functions and what it supports (dtypes, and limits on sizes such as the head dim). The backends:
 
-* ``triton``: the Triton kernels; the default for CUDA tensors. On CPU tensors only under ``TRITON_INTERPRET=1``.
+* ``triton``: the Triton kernels (aquila/kernels/triton/), for CUDA tensors; for CPU tensors only under
+  ``TRITON_INTERPRET=1`` and only when named.
 * ``cuda``: the CUDA C++ kernels in ``aquila._cuda`` (built when nvcc was found at install).
-* ``cpu``: the C++ CPU kernels in ``aquila._C``; the default for CPU tensors.
+* ``cpu``: the C++ CPU kernels in ``aquila._C``.
 * ``torch``: the pure-torch reference, on any device.
 
-The native kernels see addresses and sizes only, so every tensor is checked here first: a bad argument is a clear
+``resolve`` picks one per call. A backend named in the call (``backend="..."``) is a demand: if it cannot run the
+call, an ``UnsupportedBackend`` error says what it lacks and which backends can. Otherwise ``AQUILA_BACKEND`` is a
+preference, used wherever it supports the call, and the table's first entry that does is the automatic choice.
+
+The native kernels see addresses and sizes only, so every tensor is checked before a call: a bad argument is a clear
 ``ValueError``/``TypeError`` naming it, never a crash inside a kernel.
 """
 
 import contextlib
 import os
+from dataclasses import dataclass
+from typing import Callable, Optional
 
 import torch
 
@@ -28,64 +36,122 @@ except ImportError:  # built without nvcc
     cuda_extension = None
 
 BACKENDS = ("triton", "cuda", "cpu", "torch")
+DIRECTIONS = ("forward", "backward")
 FLOAT_DTYPES = (torch.float32, torch.float16, torch.bfloat16)
 # Element type codes shared with csrc/kernels.h.
 DTYPE_CODES = {torch.float32: 0, torch.float16: 1, torch.bfloat16: 2}
+
+
+class UnsupportedBackend(ValueError):
+    """A backend was asked for a call it cannot run (another device, a dtype, a direction or a size it lacks)."""
+
+
+@dataclass(frozen=True)
+class Implementation:
+    """One backend's implementation of an op. forward/backward: its functions (None: it lacks that direction), with
+    the signatures the op's module states. limits(**sizes): why a call's sizes are out of its reach, or None."""
+
+    forward: Optional[Callable] = None
+    backward: Optional[Callable] = None
+    dtypes: tuple = FLOAT_DTYPES
+    limits: Optional[Callable[..., Optional[str]]] = None
+
+
+class Implementations(dict):
+    """An op's table: backend name -> Implementation, in the order of the automatic choice."""
+
+    def __init__(self, op: str, **by_backend: Implementation):
+        unknown = set(by_backend) - set(BACKENDS)
+        if unknown:
+            raise ValueError(f"{op}: unknown backends {sorted(unknown)} in its table")
+        super().__init__(by_backend)
+        self.op = op
 
 
 def triton_interpreting():
     return os.environ.get("TRITON_INTERPRET", "0") == "1"
 
 
-def resolve(op, tensor, backend=None):
-    """The backend that runs `op` on `tensor`: the per-call choice, else AQUILA_BACKEND (CUDA tensors), else the
-    device's default. Raises if the chosen backend cannot run here."""
-    if backend is None:
-        backend = _default_backend(tensor)
-    if backend not in BACKENDS:
-        raise ValueError(f"{op}: backend must be one of {', '.join(BACKENDS)} or None, got {backend!r}")
+def _runtime_missing(backend, device, named):
+    """Why `backend` cannot run on `device` at all here, or None."""
     if backend == "triton":
         if not HAS_TRITON:
-            raise RuntimeError(f"{op}: the triton backend needs Triton: pip install triton")
-        if not tensor.is_cuda and not (tensor.device.type == "cpu" and triton_interpreting()):
-            raise ValueError(f"{op}: the triton backend runs on CUDA tensors, or on CPU tensors under "
-                             f"TRITON_INTERPRET=1; got a tensor on {tensor.device}")
-    elif backend == "cuda":
-        if not tensor.is_cuda:
-            raise ValueError(f"{op}: the cuda backend needs CUDA tensors, got a tensor on {tensor.device}")
+            return "needs Triton (pip install triton)"
+        if device.type == "cuda" or (device.type == "cpu" and named and triton_interpreting()):
+            return None
+        return f"runs on CUDA tensors (CPU tensors only under TRITON_INTERPRET=1), not on {device}"
+    if backend == "cuda":
+        if device.type != "cuda":
+            return f"runs on CUDA tensors, not on {device}"
         if cuda_extension is None:
-            raise RuntimeError(f"{op}: aquila._cuda is not built (nvcc was not found at install): reinstall with "
-                               "CUDA_HOME set, or use backend='triton'")
-    elif backend == "cpu":
-        if tensor.device.type != "cpu":
-            raise ValueError(f"{op}: the cpu backend needs CPU tensors, got a tensor on {tensor.device}")
+            return "is not built (aquila._cuda: nvcc was not found at install; reinstall with CUDA_HOME set)"
+        return None
+    if backend == "cpu":
+        if device.type != "cpu":
+            return f"runs on CPU tensors, not on {device}"
         if cpu_extension is None:
-            raise RuntimeError(f"{op}: aquila._C is not built: run pip install -e . in the repository")
-    return backend
+            return "is not built (aquila._C: run pip install -e . in the repository)"
+    return None
 
 
-def _default_backend(tensor):
-    chosen = os.environ.get("AQUILA_BACKEND", "").strip() or None
-    if chosen is not None and chosen not in BACKENDS:
-        raise ValueError(f"AQUILA_BACKEND must be one of {', '.join(BACKENDS)}, got {chosen!r}")
-    if tensor.is_cuda:
-        if chosen in ("triton", "cuda", "torch"):
-            return chosen
-        if HAS_TRITON:
-            return "triton"
-        return "cuda" if cuda_extension is not None else "torch"
-    if tensor.device.type == "cpu":
-        return "torch" if chosen == "torch" or cpu_extension is None else "cpu"
-    return "torch"
+def _missing(table, backend, tensor, directions, sizes, named):
+    """Why `backend` cannot run this call of `table`'s op, or None."""
+    implementation = table.get(backend)
+    if implementation is None:
+        return f"has no {table.op}"
+    lacking = [d for d in directions if getattr(implementation, d) is None]
+    if lacking:
+        return f"has no {' or '.join(lacking)}"
+    if tensor.dtype not in implementation.dtypes:
+        return f"does not take {tensor.dtype}"
+    if implementation.limits is not None:
+        reason = implementation.limits(**sizes)
+        if reason:
+            return reason
+    return _runtime_missing(backend, tensor.device, named)
 
 
-def direct_call(*tensors):
-    """True when an op may call its kernels straight away: nothing needs a gradient and torch.compile is not
-    tracing. The custom-op and autograd layers cost tens of microseconds a call, which is most of a decoding step's
-    time for a small model; they are only needed for gradients and for torch.compile."""
-    if torch.compiler.is_compiling():
-        return False
-    return not (torch.is_grad_enabled() and any(t is not None and t.requires_grad for t in tensors))
+def resolve(table: Implementations, tensor: torch.Tensor, backend: Optional[str] = None, *, op: Optional[str] = None,
+            backward: bool = False, **sizes) -> str:
+    """The backend that runs a call of `table`'s op (named `op` in errors, by default the table's) on `tensor` (its
+    device and dtype), with a backward when `backward`, at `sizes` (the keywords the table's limits take)."""
+    op = op or table.op
+    directions = DIRECTIONS if backward else DIRECTIONS[:1]
+    if backward and all(implementation.backward is None for implementation in table.values()):
+        raise UnsupportedBackend(f"{op} is not differentiable: call it under torch.no_grad(), or on tensors that do "
+                                 "not require grad")
+    if backend is not None:
+        if backend not in BACKENDS:
+            raise ValueError(f"{op}: backend must be one of {', '.join(BACKENDS)} or None, got {backend!r}")
+        reason = _missing(table, backend, tensor, directions, sizes, named=True)
+        if reason:
+            able = [b for b in table if not _missing(table, b, tensor, directions, sizes, named=True)]
+            instead = ", ".join(able + ["backend=None"])
+            raise UnsupportedBackend(f"{op}: {backend} {reason}; use {instead}")
+        return backend
+    preferred = os.environ.get("AQUILA_BACKEND", "").strip() or None
+    if preferred is not None and preferred not in BACKENDS:
+        raise ValueError(f"AQUILA_BACKEND must be one of {', '.join(BACKENDS)}, got {preferred!r}")
+    candidates = ([preferred] if preferred else []) + list(table)
+    reasons = {}
+    for name in candidates:
+        reasons[name] = _missing(table, name, tensor, directions, sizes, named=False)
+        if reasons[name] is None:
+            return name
+    raise UnsupportedBackend(f"{op}: no backend can run this call: "
+                             + "; ".join(f"{name} {reason}" for name, reason in reasons.items()))
+
+
+def needs_backward(*tensors):
+    """True when autograd will ask a call on these tensors for gradients."""
+    return torch.is_grad_enabled() and any(t is not None and t.requires_grad for t in tensors)
+
+
+def direct_call(backward):
+    """True when an op may call its kernels straight away: no backward to record and torch.compile not tracing. The
+    custom-op and autograd layers cost tens of microseconds a call, which is most of a decoding step's time for a
+    small model; they are only needed for gradients and for torch.compile."""
+    return not backward and not torch.compiler.is_compiling()
 
 
 def check_tensor(op, name, tensor, *, dtypes=FLOAT_DTYPES, device=None, shape=None, dtype=None):
@@ -119,23 +185,43 @@ def as_rows(tensor):
         return tensor.reshape(-1, tensor.shape[-1]).contiguous()
 
 
-def address(tensor):
-    """The address the native kernels read: 0 for None."""
-    return 0 if tensor is None else tensor.data_ptr()
-
-
 # Below this many elements a CPU kernel runs on one thread: waking an OpenMP team costs more than the work (a decoding
 # step's norms and rotary on one token's features).
 PARALLEL_GRAIN = 32768
 
 
-def native(backend, tensor, work=None):
-    """(extension module, launch argument) for a native backend: the thread count on CPU (one for less than
-    PARALLEL_GRAIN elements of work, by default tensor's), the stream on CUDA."""
+def strided(tensor):
+    """A [tokens, heads, head_dim] tensor as the kernels' StridedTensor."""
+    return {"data": tensor.data_ptr(), "token_stride": tensor.stride(0), "head_stride": tensor.stride(1)}
+
+
+def _native_argument(value):
+    if isinstance(value, torch.Tensor):
+        return value.data_ptr()
+    if isinstance(value, torch.dtype):
+        return DTYPE_CODES[value]
+    return 0 if value is None else value
+
+
+def threads(work):
+    """The CPU kernels' thread count for `work` elements: one below PARALLEL_GRAIN."""
+    return 1 if work < PARALLEL_GRAIN else torch.get_num_threads()
+
+
+def call_native(backend, kernel, device_tensor, work=None, **fields):
+    """Calls `kernel` of the native backend (cpu or cuda) with the fields of its struct in csrc/kernels.h: tensors
+    pass as their addresses, None as a null pointer, a torch dtype as its code. Launches with a thread count on CPU
+    (one for less than PARALLEL_GRAIN elements of work, by default device_tensor's), on the current stream on CUDA."""
+    arguments = {name: _native_argument(value) for name, value in fields.items()}
     if backend == "cpu":
-        small = (tensor.numel() if work is None else work) < PARALLEL_GRAIN
-        return cpu_extension, 1 if small else torch.get_num_threads()
-    return cuda_extension, torch.cuda.current_stream(tensor.device).cuda_stream
+        getattr(cpu_extension, kernel)(arguments, threads(device_tensor.numel() if work is None else work))
+    else:
+        getattr(cuda_extension, kernel)(arguments, torch.cuda.current_stream(device_tensor.device).cuda_stream)
+
+
+def native_partial_rows(backend, tensor, rows):
+    """How many per-thread (CPU) or per-block (CUDA) partial sums a native reduction over `rows` writes."""
+    return threads(tensor.numel()) if backend == "cpu" else program_count(tensor, cap=rows)
 
 
 def on_device(tensor):

@@ -14,6 +14,7 @@ The gradient is computed in fp32 up to its single rounding (so p_t - 1 of a conf
 hidden-state gradient and added into the weight gradient (in fp32) before the next chunk.
 """
 
+import functools
 import math
 from typing import Optional
 
@@ -22,120 +23,61 @@ from torch import Tensor
 
 from . import backend as _backend
 from . import reference
-from .triton_compat import tl, triton
+from .backend import Implementation, Implementations
+from .triton import cross_entropy as triton_cross_entropy
 
 REDUCTIONS = ("mean", "sum", "none")
 
-# --- Triton kernel --------------------------------------------------------------------------------------------------
+# --- Implementations ------------------------------------------------------------------------------------------------
+# row_losses(logits, targets, grad_scale, grad, ignore_index, label_smoothing, z_loss, loss, lse) fills loss and lse
+# (fp32 [rows]) for logits [rows >= 1, V] (unit last stride), targets int64 [rows], grad_scale fp32 [1] on logits'
+# device; and, when grad is a [rows, V] tensor (it may be logits), the gradient of sum_i grad_scale * loss_i. The
+# gradient is written in the forward's pass over the row, so one function serves both directions.
 
 
-@triton.jit
-def _cross_entropy_kernel(LOGITS, logits_row_stride, TARGETS, LOSS, LSE, GRAD, grad_row_stride, GRAD_SCALE, vocab,
-                          ignore_index, label_smoothing, z_loss, COMPUTE_GRAD: tl.constexpr,
-                          SMOOTHING: tl.constexpr, BLOCK: tl.constexpr):
-    row = tl.program_id(0).to(tl.int64)
-    logits = LOGITS + row * logits_row_stride
-    # Online softmax: the running maximum rescales the running sum, one read of the row.
-    running_max = tl.full([BLOCK], float("-inf"), tl.float32)
-    running_sum = tl.zeros([BLOCK], tl.float32)
-    logit_sum = tl.zeros([BLOCK], tl.float32)
-    for start in range(0, vocab, BLOCK):
-        cols = start + tl.arange(0, BLOCK)
-        z = tl.load(logits + cols, mask=cols < vocab, other=float("-inf")).to(tl.float32)
-        running_max_before = running_max
-        running_max = tl.maximum(running_max, z)
-        # Lanes that have seen only -inf (padding past the vocabulary) subtract 0 instead: exp(-inf - -inf) is nan.
-        shift = tl.where(running_max == float("-inf"), 0.0, running_max)
-        running_sum = running_sum * tl.exp(running_max_before - shift) + tl.exp(z - shift)
-        if SMOOTHING:
-            logit_sum += tl.where(cols < vocab, z, 0.0)
-    row_max = tl.max(running_max, axis=0)
-    log_sum = tl.log(tl.sum(running_sum * tl.exp(running_max - row_max), axis=0))
-    lse = row_max + log_sum
-
-    target = tl.load(TARGETS + row)
-    ignored = target == ignore_index
-    valid = (target >= 0) & (target < vocab)
-    target_logit = tl.load(logits + target, mask=valid & (target != ignore_index), other=0.0).to(tl.float32)
-    # lse - z_t as log_sum + (max - z_t): for a confident prediction both are small and exact, where lse - z_t
-    # would cancel away the digits of a loss near 0.
-    loss = log_sum + (1.0 - label_smoothing) * (row_max - target_logit) + z_loss * lse * lse
-    if SMOOTHING:
-        loss += label_smoothing * (row_max - tl.sum(logit_sum, axis=0) / vocab)
-    loss = tl.where(ignored, 0.0, tl.where(valid, loss, float("nan")))
-    tl.store(LOSS + row, loss)
-    tl.store(LSE + row, lse)
-
-    if COMPUTE_GRAD:
-        grad = GRAD + row * grad_row_stride
-        row_scale = tl.where(ignored, 0.0, tl.where(valid, tl.load(GRAD_SCALE), float("nan")))
-        softmax_scale = row_scale * (1.0 + 2.0 * z_loss * lse)
-        uniform = label_smoothing / vocab
-        for start in range(0, vocab, BLOCK):
-            cols = start + tl.arange(0, BLOCK)
-            mask = cols < vocab
-            z = tl.load(logits + cols, mask=mask, other=0.0).to(tl.float32)
-            dz = tl.exp(z - lse) * softmax_scale - row_scale * (uniform + tl.where(cols == target,
-                                                                                   1.0 - label_smoothing, 0.0))
-            tl.store(grad + cols, dz.to(GRAD.dtype.element_ty), mask=mask)
+def _torch_row_losses(logits, targets, grad_scale, grad, ignore_index, label_smoothing, z_loss, loss, lse):
+    vocab = logits.shape[1]
+    z = logits.float()
+    lse.copy_(torch.logsumexp(z, -1))
+    loss.copy_(reference.cross_entropy(z, targets, ignore_index, label_smoothing, z_loss, "none"))
+    if grad is not None:
+        counted = (targets != ignore_index)[:, None]
+        one_hot = torch.zeros_like(z).scatter_(1, targets.clamp(0, vocab - 1)[:, None], 1.0 - label_smoothing)
+        dz = torch.exp(z - lse[:, None]) * (1 + 2 * z_loss * lse[:, None]) - label_smoothing / vocab - one_hot
+        grad.copy_(torch.where(counted, dz * grad_scale, 0.0))
 
 
-def _triton_config(vocab):
-    """(BLOCK, num_warps): 4k-element steps along the row."""
-    return min(triton.next_power_of_2(vocab), 4096), 8
+def _native_row_losses(backend, logits, targets, grad_scale, grad, ignore_index, label_smoothing, z_loss, loss, lse):
+    _backend.call_native(
+        backend, "cross_entropy", logits, logits=logits, logits_row_stride=logits.stride(0), targets=targets,
+        loss=loss, lse=lse, grad=grad, grad_row_stride=0 if grad is None else grad.stride(0), grad_scale=grad_scale,
+        rows=logits.shape[0], vocab=logits.shape[1], ignore_index=ignore_index, label_smoothing=label_smoothing,
+        z_loss=z_loss, dtype=logits.dtype)
 
 
-def triton_compile_cases():
-    """Each Triton configuration the launcher below can pick, for the ahead-of-time compile check."""
-    cases = []
-    for dtype in ("fp32", "bf16"):
-        for vocab in (50, 100008):
-            block, num_warps = _triton_config(vocab)
-            for grad, smoothing in ((False, False), (True, False), (True, True)):
-                signature = {"LOGITS": f"*{dtype}", "logits_row_stride": "i64", "TARGETS": "*i64", "LOSS": "*fp32",
-                             "LSE": "*fp32", "GRAD": f"*{dtype}", "grad_row_stride": "i64", "GRAD_SCALE": "*fp32",
-                             "vocab": "i32", "ignore_index": "i64", "label_smoothing": "fp32", "z_loss": "fp32",
-                             "COMPUTE_GRAD": "constexpr", "SMOOTHING": "constexpr", "BLOCK": "constexpr"}
-                constexprs = {"COMPUTE_GRAD": grad, "SMOOTHING": smoothing, "BLOCK": block}
-                cases.append((_cross_entropy_kernel, signature, constexprs, num_warps))
-    return cases
+def _both_directions(row_losses):
+    return Implementation(forward=row_losses, backward=row_losses)
 
 
-# --- Dispatch -------------------------------------------------------------------------------------------------------
+IMPLEMENTATIONS = Implementations(
+    "cross_entropy",
+    triton=_both_directions(triton_cross_entropy.row_losses),
+    cuda=_both_directions(functools.partial(_native_row_losses, "cuda")),
+    cpu=_both_directions(functools.partial(_native_row_losses, "cpu")),
+    torch=_both_directions(_torch_row_losses),
+)
 
 
 def _row_losses(logits, targets, grad_scale, grad, ignore_index, label_smoothing, z_loss, backend):
-    """logits [rows, V] (unit last stride); targets int64 [rows]; grad_scale fp32 [1] on logits' device; grad: None,
-    or a [rows, V] tensor to write the gradient into (may be logits). Returns the per-row loss and lse in fp32."""
-    rows, vocab = logits.shape
+    """Returns the per-row loss and lse in fp32, and fills grad (None: loss only)."""
+    rows = logits.shape[0]
     loss = torch.empty(rows, dtype=torch.float32, device=logits.device)
     lse = torch.empty(rows, dtype=torch.float32, device=logits.device)
-    if rows == 0:
-        return loss, lse
-    if backend == "torch":
-        z = logits.float()
-        lse.copy_(torch.logsumexp(z, -1))
-        loss.copy_(reference.cross_entropy(z, targets, ignore_index, label_smoothing, z_loss, "none"))
-        counted = (targets != ignore_index)[:, None]
-        if grad is not None:
-            one_hot = torch.zeros_like(z).scatter_(1, targets.clamp(0, vocab - 1)[:, None], 1.0 - label_smoothing)
-            dz = torch.exp(z - lse[:, None]) * (1 + 2 * z_loss * lse[:, None]) - label_smoothing / vocab - one_hot
-            grad.copy_(torch.where(counted, dz * grad_scale, 0.0))
-        return loss, lse
-    with _backend.on_device(logits):
-        if backend == "triton":
-            block, num_warps = _triton_config(vocab)
-            _cross_entropy_kernel[(rows,)](
-                logits, logits.stride(0), targets, loss, lse, grad if grad is not None else logits,
-                grad.stride(0) if grad is not None else 0, grad_scale, vocab, ignore_index, label_smoothing, z_loss,
-                COMPUTE_GRAD=grad is not None, SMOOTHING=label_smoothing != 0.0, BLOCK=block, num_warps=num_warps)
-        else:
-            extension, launch = _backend.native(backend, logits)
-            extension.cross_entropy(
-                _backend.address(logits), logits.stride(0), _backend.address(targets), _backend.address(loss),
-                _backend.address(lse), _backend.address(grad), grad.stride(0) if grad is not None else 0,
-                _backend.address(grad_scale), rows, vocab, ignore_index, label_smoothing, z_loss,
-                _backend.DTYPE_CODES[logits.dtype], launch)
+    if rows:
+        implementation = IMPLEMENTATIONS[backend]
+        with _backend.on_device(logits):
+            (implementation.forward if grad is None else implementation.backward)(
+                logits, targets, grad_scale, grad, ignore_index, label_smoothing, z_loss, loss, lse)
     return loss, lse
 
 
@@ -395,7 +337,7 @@ def cross_entropy(logits: Tensor, targets: Tensor, *, ignore_index: int = -100, 
         raise ValueError(f"{op}: targets must have shape {tuple(logits.shape[:-1])} (logits without their last "
                          f"dimension), got {shape}")
     _check_options(op, targets, logits.device, ignore_index, label_smoothing, z_loss, reduction, num_tokens)
-    backend = _backend.resolve(op, logits, backend)
+    backend = _backend.resolve(IMPLEMENTATIONS, logits, backend, op=op, backward=_backend.needs_backward(logits))
     rows = _backend.as_rows(logits)
     flat_targets = targets.reshape(-1).to(torch.int64)
     grad_scale = _grad_scale(flat_targets, ignore_index, reduction, num_tokens, logits.device)
@@ -431,7 +373,8 @@ def linear_cross_entropy(hidden: Tensor, weight: Tensor, targets: Tensor, bias: 
     _check_options(op, targets, hidden.device, ignore_index, label_smoothing, z_loss, reduction, num_tokens)
     if chunk_size is not None and (not isinstance(chunk_size, int) or chunk_size < 1):
         raise ValueError(f"{op}: chunk_size must be a positive int, got {chunk_size!r}")
-    backend = _backend.resolve(op, hidden, backend)
+    backend = _backend.resolve(IMPLEMENTATIONS, hidden, backend, op=op,
+                               backward=_backend.needs_backward(hidden, weight, bias))
     rows = hidden.reshape(-1, hidden.shape[-1])
     flat_targets = targets.reshape(-1).to(torch.int64)
     chunk_size = chunk_size or default_chunk_size(rows.shape[0], rows.shape[1], vocab, hidden.device.type)

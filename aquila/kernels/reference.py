@@ -96,3 +96,34 @@ def attention(q, k, v, sequences, scale, causal=False, upcast=True):
         out[q_start:q_start + q_len] = (probs @ vs).transpose(0, 1)
         lse[q_start:q_start + q_len] = row_lse.transpose(0, 1)
     return out.to(q.dtype), lse
+
+
+def attention_backward(grad_out, q, k, v, out, lse, sequences, scale, causal=False):
+    """The closed-form gradients of `attention` (the flash-attention backward, with the probabilities recomputed
+    from the forward's lse): dV = P^T dO, dS = P (dO V^T - rowsum(dO O)), dQ = scale dS K, dK = scale dS^T Q, each
+    key/value head summing over the query heads of its group. Returns (grad_q, grad_k, grad_v) in q's dtype."""
+    compute = compute_dtype(q.dtype)
+    grads = [torch.zeros(t.shape, dtype=compute, device=q.device) for t in (q, k, v)]
+    heads_k = k.shape[1]
+    group = q.shape[1] // heads_k
+    for q_start, q_len, k_start, k_len in sequences:
+        if q_len == 0 or k_len == 0:
+            continue
+        queries, keys = slice(q_start, q_start + q_len), slice(k_start, k_start + k_len)
+        qs, dos, os_ = (t[queries].to(compute).transpose(0, 1) for t in (q, grad_out, out))  # [heads_q, q_len, d]
+        ks, vs = (t[keys].to(compute).transpose(0, 1).repeat_interleave(group, 0) for t in (k, v))
+        row_lse = lse[queries].to(compute).transpose(0, 1)[..., None]  # [heads_q, q_len, 1]
+        scores = scale * qs @ ks.transpose(1, 2)
+        visible = torch.isfinite(row_lse).expand_as(scores)
+        if causal:
+            visible = visible & (torch.arange(k_len, device=q.device)[None, :]
+                                 <= torch.arange(q_len, device=q.device)[:, None] + (k_len - q_len))
+        probs = torch.where(visible, torch.exp(scores - torch.where(visible, row_lse, 0.0)), 0.0)
+        delta = (dos * os_).sum(-1, keepdim=True)
+        grad_scores = probs * (dos @ vs.transpose(1, 2) - delta)
+        per_head = {"q": scale * grad_scores @ ks, "k": scale * grad_scores.transpose(1, 2) @ qs,
+                    "v": probs.transpose(1, 2) @ dos}
+        grads[0][queries] = per_head["q"].transpose(0, 1)
+        for grad, name in ((grads[1], "k"), (grads[2], "v")):
+            grad[keys] = per_head[name].view(heads_k, group, k_len, -1).sum(1).transpose(0, 1)
+    return tuple(g.to(q.dtype) for g in grads)

@@ -30,7 +30,26 @@ def test_cuda_extension_is_built_when_nvcc_is_present():
                     reason="checks the error on a machine with the CUDA extension but no GPU")
 def test_cuda_kernel_without_a_gpu_raises_instead_of_crashing():
     with pytest.raises(RuntimeError, match="aquila CUDA kernel"):
-        backend.cuda_extension.rms_norm_forward(0, 4, 0, 0, 0, 0, 0, 0, 1, 4, 1e-6, 0, 0)
+        backend.cuda_extension.rms_norm_forward(RMS_NORM_FORWARD_NULLS, 0)
+
+
+# Every field of RmsNormForward (csrc/kernels.h): null pointers, one row of 4.
+RMS_NORM_FORWARD_NULLS = {"x": 0, "x_row_stride": 4, "residual": 0, "residual_row_stride": 0, "weight": 0, "out": 0,
+                          "residual_out": 0, "rstd": 0, "rows": 1, "hidden": 4, "eps": 1e-6, "dtype": 0}
+
+
+@pytest.mark.parametrize("extension", ["cpu", "cuda"])
+@pytest.mark.parametrize("change, words", [(lambda d: d.pop("rstd"), "rms_norm_forward: missing argument 'rstd'"),
+                                            (lambda d: d.update(rsdt=0), "rms_norm_forward: unknown argument 'rsdt'")])
+def test_native_arguments_are_read_by_name(extension, change, words):
+    """The dict convention of csrc/bind.h: a missing or misspelt field is a KeyError naming it, before any launch."""
+    module = backend.cpu_extension if extension == "cpu" else backend.cuda_extension
+    if module is None:
+        pytest.skip(f"aquila's {extension} extension is not built")
+    fields = dict(RMS_NORM_FORWARD_NULLS)
+    change(fields)
+    with pytest.raises(KeyError, match=words):
+        module.rms_norm_forward(fields, 1)
 
 
 def test_triton_kernels_compile_for_sm80_and_sm90():

@@ -1,7 +1,7 @@
 import pytest
 import torch
 
-from aquila.kernels import RMSNorm, fused_add_rms_norm, reference, rms_norm
+from aquila.kernels import RMSNorm, UnsupportedBackend, fused_add_rms_norm, reference, rms_norm
 from tests.conftest import backend_params
 from tests.tolerance import assert_matches_reference
 
@@ -145,7 +145,7 @@ def test_non_contiguous_input_is_handled():
     (lambda: rms_norm(torch.ones(()), torch.ones(1)), ValueError, "non-empty last (hidden) dimension"),
     (lambda: rms_norm(torch.ones(2, 4), torch.ones(4), eps=-1.0), ValueError, "eps must be a number >= 0"),
     (lambda: rms_norm(torch.ones(2, 4), torch.ones(4), backend="cudnn"), ValueError, "backend must be one of"),
-    (lambda: rms_norm(torch.ones(2, 4), torch.ones(4), backend="cuda"), ValueError, "cuda backend needs CUDA"),
+    (lambda: rms_norm(torch.ones(2, 4), torch.ones(4), backend="cuda"), UnsupportedBackend, "cuda runs on CUDA tensors, not on cpu"),
     (lambda: rms_norm(torch.ones(2, 4), torch.ones(4, device="meta")), ValueError, "weight must be on cpu"),
     (lambda: fused_add_rms_norm(torch.ones(2, 4), torch.ones(2, 5), torch.ones(4)), ValueError,
      "residual must have shape (2, 4)"),

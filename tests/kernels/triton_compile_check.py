@@ -11,8 +11,8 @@ import importlib
 import os
 import sys
 
-OPERATOR_MODULES = ("aquila.kernels.rms_norm", "aquila.kernels.rotary", "aquila.kernels.cross_entropy",
-                    "aquila.kernels.attention")
+OPERATOR_MODULES = ("aquila.kernels.triton.rms_norm", "aquila.kernels.triton.rotary",
+                    "aquila.kernels.triton.cross_entropy", "aquila.kernels.triton.attention")
 # Tensor-core instructions the attention forward must use on 16-bit inputs: Hopper's warp-group MMA, Ampere's mma.
 EXPECTED_INSTRUCTIONS = {("_attention_forward_kernel", 90): "wgmma", ("_attention_forward_kernel", 80): "mma.sync"}
 
@@ -27,7 +27,7 @@ def compile_case(task):
     from triton.backends.compiler import GPUTarget
     from triton.compiler import ASTSource
 
-    kernel, signature, constexprs, num_warps, *stages = importlib.import_module(module).triton_compile_cases()[index]
+    kernel, signature, constexprs, num_warps, *stages = importlib.import_module(module).compile_cases()[index]
     num_stages = stages[0] if stages else 3
     compiled = triton.compile(ASTSource(fn=kernel, signature=signature, constexprs=constexprs),
                               target=GPUTarget("cuda", capability, 32),
@@ -50,9 +50,9 @@ def main():
     if os.environ.get("TRITON_INTERPRET") == "1":
         sys.exit("triton_compile_check: run without TRITON_INTERPRET=1")
     tasks, seen = [], set()
-    for module in OPERATOR_MODULES:  # by module path: aquila.kernels re-exports functions of the same names
+    for module in OPERATOR_MODULES:
         for index, (kernel, signature, constexprs, *launch) in enumerate(
-                importlib.import_module(module).triton_compile_cases()):
+                importlib.import_module(module).compile_cases()):
             key = (kernel.__name__, tuple(sorted(signature.items())), tuple(sorted(constexprs.items())), *launch)
             if key not in seen:
                 seen.add(key)

@@ -1,0 +1,275 @@
+"""Attention's Triton kernels and their launchers (the maths is in aquila/kernels/attention.py).
+
+The forward streams key/value blocks past a block of queries with an online softmax in base 2. The backward is
+deterministic, without atomics: dK/dV per key block over the query blocks of every query head of its group, then dQ
+per query block in its own pass.
+"""
+
+import torch
+
+from aquila.kernels.triton_compat import tl, triton
+
+LOG2E = 1.4426950408889634
+
+
+
+@triton.jit
+def _load_rows(BASE, tokens, token_stride, head_offset, dims, token_mask, dim_mask):
+    """A [len(tokens), len(dims)] tile of one head, zero outside the masks."""
+    pointers = BASE + tokens[:, None] * token_stride + head_offset + dims[None, :]
+    return tl.load(pointers, mask=token_mask[:, None] & dim_mask[None, :], other=0.0)
+
+
+@triton.jit
+def _query_block(Q_START, K_START, K_LEN, sequence, head, group, block_m, q_len, head_dim, CAUSAL: tl.constexpr,
+                 BLOCK_M: tl.constexpr, BLOCK_D: tl.constexpr):
+    """Where a program's block of queries and its sequence's keys are, and how far into the keys it must look (the
+    causal mask, bottom-right aligned, hides the keys after the block's last query)."""
+    k_len = tl.load(K_LEN + sequence)
+    q_start = tl.load(Q_START + sequence).to(tl.int64)
+    k_start = tl.load(K_START + sequence).to(tl.int64)
+    kv_head = (head // group).to(tl.int64)
+    rows = block_m * BLOCK_M + tl.arange(0, BLOCK_M)
+    dims = tl.arange(0, BLOCK_D)
+    shift = k_len - q_len  # query i sees keys j <= i + shift
+    end = k_len
+    if CAUSAL:
+        end = tl.minimum(k_len, (block_m + 1) * BLOCK_M + shift)
+    return k_len, q_start, k_start, kv_head, rows, dims, rows < q_len, dims < head_dim, shift, end
+
+
+@triton.jit
+def _attention_forward_kernel(Q, K, V, OUT, LSE, q_token_stride, q_head_stride, k_token_stride, k_head_stride,
+                              v_token_stride, v_head_stride, out_token_stride, out_head_stride, Q_START, Q_LEN,
+                              K_START, K_LEN, heads_q, group, head_dim, scale_log2,
+                              CAUSAL: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr,
+                              BLOCK_D: tl.constexpr, PRECISION: tl.constexpr):
+    block_m = tl.program_id(0)
+    sequence = tl.program_id(1) // heads_q
+    head = tl.program_id(1) % heads_q
+    q_len = tl.load(Q_LEN + sequence)
+    if block_m * BLOCK_M >= q_len:
+        return
+    k_len, q_start, k_start, kv_head, rows, dims, row_mask, dim_mask, shift, end = _query_block(
+        Q_START, K_START, K_LEN, sequence, head, group, block_m, q_len, head_dim, CAUSAL, BLOCK_M, BLOCK_D)
+    q = _load_rows(Q, q_start + rows, q_token_stride, head.to(tl.int64) * q_head_stride, dims, row_mask, dim_mask)
+
+    # Online softmax in base 2: scores are scaled by scale * log2(e) so that exp2 does the work.
+    row_max = tl.full([BLOCK_M], float("-inf"), tl.float32)
+    row_sum = tl.zeros([BLOCK_M], tl.float32)
+    acc = tl.zeros([BLOCK_M, BLOCK_D], tl.float32)
+    for start in range(0, end, BLOCK_N):
+        cols = start + tl.arange(0, BLOCK_N)
+        col_mask = cols < k_len
+        k = _load_rows(K, k_start + cols, k_token_stride, kv_head * k_head_stride, dims, col_mask, dim_mask)
+        scores = tl.dot(q, tl.trans(k), input_precision=PRECISION) * scale_log2
+        visible = col_mask[None, :]
+        if CAUSAL:
+            visible = visible & (cols[None, :] <= rows[:, None] + shift)
+        scores = tl.where(visible, scores, float("-inf"))
+        new_max = tl.maximum(row_max, tl.max(scores, axis=1))
+        safe_max = tl.where(new_max == float("-inf"), 0.0, new_max)  # rows that have seen no key yet
+        probs = tl.math.exp2(scores - safe_max[:, None])
+        rescale = tl.math.exp2(row_max - safe_max)
+        row_sum = row_sum * rescale + tl.sum(probs, axis=1)
+        v = _load_rows(V, k_start + cols, v_token_stride, kv_head * v_head_stride, dims, col_mask, dim_mask)
+        acc = acc * rescale[:, None] + tl.dot(probs.to(v.dtype), v, input_precision=PRECISION)
+        row_max = new_max
+
+    seen = row_sum > 0.0
+    out = acc / tl.where(seen, row_sum, 1.0)[:, None]
+    out_pointers = OUT + (q_start + rows)[:, None] * out_token_stride + head.to(tl.int64) * out_head_stride
+    tl.store(out_pointers + dims[None, :], out.to(OUT.dtype.element_ty), mask=row_mask[:, None] & dim_mask[None, :])
+    lse = tl.where(seen, (row_max + tl.math.log2(tl.where(seen, row_sum, 1.0))) / 1.4426950408889634, float("-inf"))
+    tl.store(LSE + (q_start + rows) * heads_q + head, lse, mask=row_mask)
+
+
+@triton.jit
+def _probabilities_and_score_grads(q, k, v, grad_out, lse, delta, rows, cols, row_mask, col_mask, shift, scale,
+                                   CAUSAL: tl.constexpr, PRECISION: tl.constexpr):
+    """The backward's recomputation for a tile of queries x keys: P from the saved lse, and dS = P (dP - delta) with
+    dP = dO V^T. Rows that saw no key in the forward (lse -inf) have P = 0."""
+    visible = row_mask[:, None] & col_mask[None, :] & (lse[:, None] > float("-inf"))
+    if CAUSAL:
+        visible = visible & (cols[None, :] <= rows[:, None] + shift)
+    scores = tl.dot(q, tl.trans(k), input_precision=PRECISION) * scale
+    probs = tl.where(visible, tl.exp(scores - lse[:, None]), 0.0)
+    grad_probs = tl.dot(grad_out, tl.trans(v), input_precision=PRECISION)
+    return probs, probs * (grad_probs - delta[:, None])
+
+
+@triton.jit
+def _attention_backward_kv_kernel(Q, K, V, GRAD_OUT, LSE, DELTA, GRAD_K, GRAD_V, q_token_stride, q_head_stride,
+                                  k_token_stride, k_head_stride, v_token_stride, v_head_stride, do_token_stride,
+                                  do_head_stride, dk_token_stride, dk_head_stride, dv_token_stride, dv_head_stride,
+                                  Q_START, Q_LEN, K_START, K_LEN, heads_q, heads_k, group, head_dim, scale,
+                                  CAUSAL: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr,
+                                  BLOCK_D: tl.constexpr, PRECISION: tl.constexpr):
+    """dK and dV of one block of keys of one key/value head: a sum over the query blocks of every query head of
+    its group, in a fixed order (deterministic)."""
+    block_n = tl.program_id(0)
+    sequence = tl.program_id(1) // heads_k
+    kv_head = tl.program_id(1) % heads_k
+    k_len = tl.load(K_LEN + sequence)
+    if block_n * BLOCK_N >= k_len:
+        return
+    q_len = tl.load(Q_LEN + sequence)
+    q_start = tl.load(Q_START + sequence).to(tl.int64)
+    k_start = tl.load(K_START + sequence).to(tl.int64)
+    cols = block_n * BLOCK_N + tl.arange(0, BLOCK_N)
+    dims = tl.arange(0, BLOCK_D)
+    col_mask = cols < k_len
+    dim_mask = dims < head_dim
+    k = _load_rows(K, k_start + cols, k_token_stride, kv_head.to(tl.int64) * k_head_stride, dims, col_mask, dim_mask)
+    v = _load_rows(V, k_start + cols, v_token_stride, kv_head.to(tl.int64) * v_head_stride, dims, col_mask, dim_mask)
+    grad_k = tl.zeros([BLOCK_N, BLOCK_D], tl.float32)
+    grad_v = tl.zeros([BLOCK_N, BLOCK_D], tl.float32)
+    shift = k_len - q_len
+    first = 0
+    if CAUSAL:  # queries before this one see none of the block's keys
+        first = tl.maximum(block_n * BLOCK_N - shift, 0) // BLOCK_M * BLOCK_M
+    for g in range(0, group):
+        head = (kv_head * group + g).to(tl.int64)
+        for start in range(first, q_len, BLOCK_M):
+            rows = start + tl.arange(0, BLOCK_M)
+            row_mask = rows < q_len
+            q = _load_rows(Q, q_start + rows, q_token_stride, head * q_head_stride, dims, row_mask, dim_mask)
+            grad_out = _load_rows(GRAD_OUT, q_start + rows, do_token_stride, head * do_head_stride, dims, row_mask,
+                                  dim_mask)
+            lse = tl.load(LSE + (q_start + rows) * heads_q + head, mask=row_mask, other=0.0)
+            delta = tl.load(DELTA + (q_start + rows) * heads_q + head, mask=row_mask, other=0.0)
+            probs, grad_scores = _probabilities_and_score_grads(q, k, v, grad_out, lse, delta, rows, cols, row_mask,
+                                                                col_mask, shift, scale, CAUSAL, PRECISION)
+            grad_v += tl.dot(tl.trans(probs.to(grad_out.dtype)), grad_out, input_precision=PRECISION)
+            grad_k += tl.dot(tl.trans(grad_scores.to(q.dtype)), q, input_precision=PRECISION)
+    mask = col_mask[:, None] & dim_mask[None, :]
+    dk_pointers = GRAD_K + (k_start + cols)[:, None] * dk_token_stride + kv_head.to(tl.int64) * dk_head_stride
+    tl.store(dk_pointers + dims[None, :], (grad_k * scale).to(GRAD_K.dtype.element_ty), mask=mask)
+    dv_pointers = GRAD_V + (k_start + cols)[:, None] * dv_token_stride + kv_head.to(tl.int64) * dv_head_stride
+    tl.store(dv_pointers + dims[None, :], grad_v.to(GRAD_V.dtype.element_ty), mask=mask)
+
+
+@triton.jit
+def _attention_backward_q_kernel(Q, K, V, GRAD_OUT, LSE, DELTA, GRAD_Q, q_token_stride, q_head_stride,
+                                 k_token_stride, k_head_stride, v_token_stride, v_head_stride, do_token_stride,
+                                 do_head_stride, dq_token_stride, dq_head_stride, Q_START, Q_LEN, K_START, K_LEN,
+                                 heads_q, group, head_dim, scale, CAUSAL: tl.constexpr, BLOCK_M: tl.constexpr,
+                                 BLOCK_N: tl.constexpr, BLOCK_D: tl.constexpr, PRECISION: tl.constexpr):
+    """dQ of one block of queries of one head: a sum over the key blocks it sees."""
+    block_m = tl.program_id(0)
+    sequence = tl.program_id(1) // heads_q
+    head = tl.program_id(1) % heads_q
+    q_len = tl.load(Q_LEN + sequence)
+    if block_m * BLOCK_M >= q_len:
+        return
+    k_len, q_start, k_start, kv_head, rows, dims, row_mask, dim_mask, shift, end = _query_block(
+        Q_START, K_START, K_LEN, sequence, head, group, block_m, q_len, head_dim, CAUSAL, BLOCK_M, BLOCK_D)
+    head64 = head.to(tl.int64)
+    q = _load_rows(Q, q_start + rows, q_token_stride, head64 * q_head_stride, dims, row_mask, dim_mask)
+    grad_out = _load_rows(GRAD_OUT, q_start + rows, do_token_stride, head64 * do_head_stride, dims, row_mask,
+                          dim_mask)
+    lse = tl.load(LSE + (q_start + rows) * heads_q + head, mask=row_mask, other=0.0)
+    delta = tl.load(DELTA + (q_start + rows) * heads_q + head, mask=row_mask, other=0.0)
+    grad_q = tl.zeros([BLOCK_M, BLOCK_D], tl.float32)
+    for start in range(0, end, BLOCK_N):
+        cols = start + tl.arange(0, BLOCK_N)
+        col_mask = cols < k_len
+        k = _load_rows(K, k_start + cols, k_token_stride, kv_head * k_head_stride, dims, col_mask, dim_mask)
+        v = _load_rows(V, k_start + cols, v_token_stride, kv_head * v_head_stride, dims, col_mask, dim_mask)
+        _, grad_scores = _probabilities_and_score_grads(q, k, v, grad_out, lse, delta, rows, cols, row_mask,
+                                                        col_mask, shift, scale, CAUSAL, PRECISION)
+        grad_q += tl.dot(grad_scores.to(k.dtype), k, input_precision=PRECISION)
+    dq_pointers = GRAD_Q + (q_start + rows)[:, None] * dq_token_stride + head64 * dq_head_stride
+    tl.store(dq_pointers + dims[None, :], (grad_q * scale).to(GRAD_Q.dtype.element_ty),
+             mask=row_mask[:, None] & dim_mask[None, :])
+
+
+def _block_dim(head_dim):
+    return max(16, triton.next_power_of_2(head_dim))
+
+
+# (BLOCK_M, BLOCK_N, num_warps, num_stages) by (16-bit or fp32 inputs, head_dim up to 128 or 256). The compile
+# check (tests/kernels/triton_compile_check.py) holds each within A100's and H100's shared memory.
+_FORWARD_CONFIGS = {(2, 128): (128, 64, 8, 3), (2, 256): (64, 32, 8, 2), (4, 128): (64, 64, 8, 2),
+                    (4, 256): (32, 32, 4, 1)}
+_BACKWARD_CONFIGS = {(2, 128): (64, 64, 8, 2), (2, 256): (32, 32, 8, 1), (4, 128): (32, 64, 4, 1),
+                     (4, 256): (16, 32, 4, 1)}
+
+
+def _forward_config(head_dim, dtype):
+    return _FORWARD_CONFIGS[(dtype.itemsize, 128 if _block_dim(head_dim) <= 128 else 256)]
+
+
+def _backward_config(head_dim, dtype):
+    return _BACKWARD_CONFIGS[(dtype.itemsize, 128 if _block_dim(head_dim) <= 128 else 256)]
+
+
+def _precision(dtype):
+    """fp32 inputs get true fp32 products (torch's default for fp32 matmuls), not TF32."""
+    return "ieee" if dtype == torch.float32 else "tf32"
+
+
+def compile_cases():
+    """Each Triton configuration the launchers below can pick, for the ahead-of-time compile check."""
+    cases = []
+    common = {"CAUSAL": "constexpr", "BLOCK_M": "constexpr", "BLOCK_N": "constexpr", "BLOCK_D": "constexpr",
+              "PRECISION": "constexpr"}
+    for dtype, torch_dtype in (("bf16", torch.bfloat16), ("fp16", torch.float16), ("fp32", torch.float32)):
+        for head_dim in (64, 80, 128, 256):
+            block_d = _block_dim(head_dim)
+            precision = _precision(torch_dtype)
+            tensors = lambda names: {name: f"*{dtype}" for name in names}  # noqa: E731
+            ints = lambda names: {name: "i32" for name in names}  # noqa: E731
+            sequences = {name: "*i32" for name in ("Q_START", "Q_LEN", "K_START", "K_LEN")}
+            m, n, warps, stages = _forward_config(head_dim, torch_dtype)
+            signature = {**tensors(["Q", "K", "V", "OUT"]), "LSE": "*fp32",
+                         **ints(["q_token_stride", "q_head_stride", "k_token_stride", "k_head_stride",
+                                 "v_token_stride", "v_head_stride", "out_token_stride", "out_head_stride"]),
+                         **sequences, **ints(["heads_q", "group", "head_dim"]), "scale_log2": "fp32", **common}
+            constexprs = {"CAUSAL": True, "BLOCK_M": m, "BLOCK_N": n, "BLOCK_D": block_d, "PRECISION": precision}
+            cases.append((_attention_forward_kernel, signature, constexprs, warps, stages))
+            m, n, warps, stages = _backward_config(head_dim, torch_dtype)
+            constexprs = {"CAUSAL": True, "BLOCK_M": m, "BLOCK_N": n, "BLOCK_D": block_d, "PRECISION": precision}
+            signature = {**tensors(["Q", "K", "V", "GRAD_OUT"]), "LSE": "*fp32", "DELTA": "*fp32",
+                         **tensors(["GRAD_K", "GRAD_V"]),
+                         **ints(["q_token_stride", "q_head_stride", "k_token_stride", "k_head_stride",
+                                 "v_token_stride", "v_head_stride", "do_token_stride", "do_head_stride",
+                                 "dk_token_stride", "dk_head_stride", "dv_token_stride", "dv_head_stride"]),
+                         **sequences, **ints(["heads_q", "heads_k", "group", "head_dim"]), "scale": "fp32", **common}
+            cases.append((_attention_backward_kv_kernel, signature, constexprs, warps, stages))
+            signature = {**tensors(["Q", "K", "V", "GRAD_OUT"]), "LSE": "*fp32", "DELTA": "*fp32",
+                         **tensors(["GRAD_Q"]),
+                         **ints(["q_token_stride", "q_head_stride", "k_token_stride", "k_head_stride",
+                                 "v_token_stride", "v_head_stride", "do_token_stride", "do_head_stride",
+                                 "dq_token_stride", "dq_head_stride"]),
+                         **sequences, **ints(["heads_q", "group", "head_dim"]), "scale": "fp32", **common}
+            cases.append((_attention_backward_q_kernel, signature, constexprs, warps, stages))
+    return cases
+
+def forward(q, k, v, seq, scale, causal, out, lse):
+    heads_q, head_dim = q.shape[1], q.shape[2]
+    block_m, block_n, num_warps, num_stages = _forward_config(head_dim, q.dtype)
+    grid = (triton.cdiv(seq.max_q_len, block_m), seq.batch * heads_q)
+    _attention_forward_kernel[grid](
+        q, k, v, out, lse, *q.stride()[:2], *k.stride()[:2], *v.stride()[:2], *out.stride()[:2],
+        seq.q_start, seq.q_len, seq.k_start, seq.k_len, heads_q, heads_q // k.shape[1], head_dim,
+        scale * LOG2E, CAUSAL=causal, BLOCK_M=block_m, BLOCK_N=block_n, BLOCK_D=_block_dim(head_dim),
+        PRECISION=_precision(q.dtype), num_warps=num_warps, num_stages=num_stages)
+
+
+def backward(grad_out, q, k, v, out, lse, seq, scale, causal, grad_q, grad_k, grad_v):
+    heads_q, head_dim = q.shape[1], q.shape[2]
+    heads_k = k.shape[1]
+    delta = (grad_out.float() * out.float()).sum(-1)  # [total_q, heads_q]: rowsum(dO * O)
+    block_m, block_n, num_warps, num_stages = _backward_config(head_dim, q.dtype)
+    common = dict(CAUSAL=causal, BLOCK_M=block_m, BLOCK_N=block_n, BLOCK_D=_block_dim(head_dim),
+                  PRECISION=_precision(q.dtype), num_warps=num_warps, num_stages=num_stages)
+    sequences = (seq.q_start, seq.q_len, seq.k_start, seq.k_len)
+    _attention_backward_kv_kernel[(triton.cdiv(seq.max_k_len, block_n), seq.batch * heads_k)](
+        q, k, v, grad_out, lse, delta, grad_k, grad_v, *q.stride()[:2], *k.stride()[:2], *v.stride()[:2],
+        *grad_out.stride()[:2], *grad_k.stride()[:2], *grad_v.stride()[:2], *sequences, heads_q, heads_k,
+        heads_q // heads_k, head_dim, scale, **common)
+    _attention_backward_q_kernel[(triton.cdiv(seq.max_q_len, block_m), seq.batch * heads_q)](
+        q, k, v, grad_out, lse, delta, grad_q, *q.stride()[:2], *k.stride()[:2], *v.stride()[:2],
+        *grad_out.stride()[:2], *grad_q.stride()[:2], *sequences, heads_q, heads_q // heads_k, head_dim,
+        scale, **common)

@@ -1,0 +1,88 @@
+"""Cross-entropy's Triton kernel and its launcher (the maths is in aquila/kernels/cross_entropy.py).
+
+One program per row: an online-softmax pass for the loss, then, when asked, a second pass writing the gradient.
+"""
+
+from aquila.kernels.triton_compat import tl, triton
+
+
+
+@triton.jit
+def _cross_entropy_kernel(LOGITS, logits_row_stride, TARGETS, LOSS, LSE, GRAD, grad_row_stride, GRAD_SCALE, vocab,
+                          ignore_index, label_smoothing, z_loss, COMPUTE_GRAD: tl.constexpr,
+                          SMOOTHING: tl.constexpr, BLOCK: tl.constexpr):
+    row = tl.program_id(0).to(tl.int64)
+    logits = LOGITS + row * logits_row_stride
+    # Online softmax: the running maximum rescales the running sum, one read of the row.
+    running_max = tl.full([BLOCK], float("-inf"), tl.float32)
+    running_sum = tl.zeros([BLOCK], tl.float32)
+    logit_sum = tl.zeros([BLOCK], tl.float32)
+    for start in range(0, vocab, BLOCK):
+        cols = start + tl.arange(0, BLOCK)
+        z = tl.load(logits + cols, mask=cols < vocab, other=float("-inf")).to(tl.float32)
+        running_max_before = running_max
+        running_max = tl.maximum(running_max, z)
+        # Lanes that have seen only -inf (padding past the vocabulary) subtract 0 instead: exp(-inf - -inf) is nan.
+        shift = tl.where(running_max == float("-inf"), 0.0, running_max)
+        running_sum = running_sum * tl.exp(running_max_before - shift) + tl.exp(z - shift)
+        if SMOOTHING:
+            logit_sum += tl.where(cols < vocab, z, 0.0)
+    row_max = tl.max(running_max, axis=0)
+    log_sum = tl.log(tl.sum(running_sum * tl.exp(running_max - row_max), axis=0))
+    lse = row_max + log_sum
+
+    target = tl.load(TARGETS + row)
+    ignored = target == ignore_index
+    valid = (target >= 0) & (target < vocab)
+    target_logit = tl.load(logits + target, mask=valid & (target != ignore_index), other=0.0).to(tl.float32)
+    # lse - z_t as log_sum + (max - z_t): for a confident prediction both are small and exact, where lse - z_t
+    # would cancel away the digits of a loss near 0.
+    loss = log_sum + (1.0 - label_smoothing) * (row_max - target_logit) + z_loss * lse * lse
+    if SMOOTHING:
+        loss += label_smoothing * (row_max - tl.sum(logit_sum, axis=0) / vocab)
+    loss = tl.where(ignored, 0.0, tl.where(valid, loss, float("nan")))
+    tl.store(LOSS + row, loss)
+    tl.store(LSE + row, lse)
+
+    if COMPUTE_GRAD:
+        grad = GRAD + row * grad_row_stride
+        row_scale = tl.where(ignored, 0.0, tl.where(valid, tl.load(GRAD_SCALE), float("nan")))
+        softmax_scale = row_scale * (1.0 + 2.0 * z_loss * lse)
+        uniform = label_smoothing / vocab
+        for start in range(0, vocab, BLOCK):
+            cols = start + tl.arange(0, BLOCK)
+            mask = cols < vocab
+            z = tl.load(logits + cols, mask=mask, other=0.0).to(tl.float32)
+            dz = tl.exp(z - lse) * softmax_scale - row_scale * (uniform + tl.where(cols == target,
+                                                                                   1.0 - label_smoothing, 0.0))
+            tl.store(grad + cols, dz.to(GRAD.dtype.element_ty), mask=mask)
+
+
+def _config(vocab):
+    """(BLOCK, num_warps): 4k-element steps along the row."""
+    return min(triton.next_power_of_2(vocab), 4096), 8
+
+
+def compile_cases():
+    """Each Triton configuration the launcher below can pick, for the ahead-of-time compile check."""
+    cases = []
+    for dtype in ("fp32", "bf16"):
+        for vocab in (50, 100008):
+            block, num_warps = _config(vocab)
+            for grad, smoothing in ((False, False), (True, False), (True, True)):
+                signature = {"LOGITS": f"*{dtype}", "logits_row_stride": "i64", "TARGETS": "*i64", "LOSS": "*fp32",
+                             "LSE": "*fp32", "GRAD": f"*{dtype}", "grad_row_stride": "i64", "GRAD_SCALE": "*fp32",
+                             "vocab": "i32", "ignore_index": "i64", "label_smoothing": "fp32", "z_loss": "fp32",
+                             "COMPUTE_GRAD": "constexpr", "SMOOTHING": "constexpr", "BLOCK": "constexpr"}
+                constexprs = {"COMPUTE_GRAD": grad, "SMOOTHING": smoothing, "BLOCK": block}
+                cases.append((_cross_entropy_kernel, signature, constexprs, num_warps))
+    return cases
+
+
+def row_losses(logits, targets, grad_scale, grad, ignore_index, label_smoothing, z_loss, loss, lse):
+    rows, vocab = logits.shape
+    block, num_warps = _config(vocab)
+    _cross_entropy_kernel[(rows,)](
+        logits, logits.stride(0), targets, loss, lse, grad if grad is not None else logits,
+        grad.stride(0) if grad is not None else 0, grad_scale, vocab, ignore_index, label_smoothing, z_loss,
+        COMPUTE_GRAD=grad is not None, SMOOTHING=label_smoothing != 0.0, BLOCK=block, num_warps=num_warps)
