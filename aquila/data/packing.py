@@ -21,7 +21,6 @@ training and validation; collate stacks samples into the batch Aquila.forward ta
 import hashlib
 import json
 import os
-import tempfile
 from typing import Dict, List, NamedTuple, Optional, Sequence, Tuple
 
 import numpy as np
@@ -30,6 +29,7 @@ import torch
 from torch import Tensor
 
 from aquila.data.indexed import IndexedDataset
+from aquila.files import AtomicFile
 
 # Part of every cache key: raise it when the meaning of the cached arrays changes, so old caches are not reused.
 INDEX_FORMAT = 1
@@ -155,7 +155,8 @@ class PackedDataset(torch.utils.data.Dataset):
             # shuffle_index last: loading needs all three, so a run killed in between leaves no usable half.
             # Concurrent builders (several ranks) write identical arrays, so whichever rename lands last is right.
             for part in CACHED_ARRAYS:
-                _save_atomically(self.cache_files[part], getattr(index, part))
+                with AtomicFile(self.cache_files[part], "wb") as out:
+                    np.save(out, getattr(index, part))
         return index
 
     def _load_cache(self) -> Optional[PackingIndex]:
@@ -208,19 +209,6 @@ class PackedDataset(torch.utils.data.Dataset):
         positions = np.arange(self.seq_len, dtype=np.int64) - np.repeat(piece_starts, doc_lengths)
         return {"tokens": torch.from_numpy(tokens), "positions": torch.from_numpy(positions),
                 "doc_lengths": torch.from_numpy(doc_lengths)}
-
-
-def _save_atomically(path: str, array: np.ndarray) -> None:
-    handle, temporary = tempfile.mkstemp(dir=os.path.dirname(path), prefix=f".{os.path.basename(path)}.",
-                                         suffix=".tmp")
-    try:
-        with os.fdopen(handle, "wb") as f:
-            np.save(f, array)
-        os.replace(temporary, path)
-    except BaseException:
-        if os.path.exists(temporary):
-            os.remove(temporary)
-        raise
 
 
 def split_documents(num_documents: int, valid_fraction: float, seed: int) -> Tuple[np.ndarray, np.ndarray]:

@@ -12,6 +12,7 @@ from typing import Optional
 
 import torch
 
+from aquila.files import AtomicFile
 from aquila.model.config import AquilaConfig
 
 PEAK_TFLOPS = {"H100": 989.0, "H200": 989.0, "A100": 312.0}  # dense bf16 per GPU, vendor figures
@@ -100,8 +101,7 @@ def plot(metrics_path: str, output: str) -> str:
     speed.grid(alpha=0.3)
     figure.suptitle(os.path.dirname(os.path.abspath(metrics_path)))
     figure.tight_layout()
-    temporary = output + ".tmp.png"
-    figure.savefig(temporary, dpi=110)
+    with AtomicFile(output, "wb") as image:
+        figure.savefig(image, format="png", dpi=110)
     plt.close(figure)
-    os.replace(temporary, output)
     return output
