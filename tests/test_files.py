@@ -26,10 +26,9 @@ def test_text_and_binary_writes_replace_the_target_with_the_umasks_permissions(t
 def test_a_failed_write_leaves_the_old_file_and_no_temporary(tmp_path):
     target = tmp_path / "config.json"
     target.write_text("old")
-    with pytest.raises(RuntimeError, match="disk on fire"):
-        with AtomicFile(target) as out:
-            out.write("new, half-written")
-            raise RuntimeError("disk on fire")
+    with pytest.raises(RuntimeError, match="disk on fire"), AtomicFile(target) as out:
+        out.write("new, half-written")
+        raise RuntimeError("disk on fire")
     assert target.read_text() == "old" and os.listdir(tmp_path) == ["config.json"]
 
 

@@ -24,7 +24,7 @@ tokens hours into a run.
 import operator
 import os
 import struct
-from typing import Any, Dict, List, Optional
+from typing import Any, Optional
 
 import numpy as np
 import numpy.typing as npt
@@ -35,11 +35,11 @@ MAGIC = b"MMIDIDX\x00\x00"
 VERSION = 1
 # magic, version, dtype code, number of sequences, number of document-index entries; "<" means no padding.
 HEADER = struct.Struct("<9sQBQQ")
-DTYPE_OF_CODE: Dict[int, np.dtype] = {
+DTYPE_OF_CODE: dict[int, np.dtype] = {
     1: np.dtype(np.uint8), 2: np.dtype(np.int8), 3: np.dtype(np.int16), 4: np.dtype(np.int32),
     5: np.dtype(np.int64), 6: np.dtype(np.float64), 7: np.dtype(np.float32), 8: np.dtype(np.uint16),
 }
-CODE_OF_DTYPE: Dict[np.dtype, int] = {dtype: code for code, dtype in DTYPE_OF_CODE.items()}
+CODE_OF_DTYPE: dict[np.dtype, int] = {dtype: code for code, dtype in DTYPE_OF_CODE.items()}
 MAX_SEQUENCE_LENGTH = np.iinfo(np.int32).max  # sizes are stored as int32
 
 
@@ -83,7 +83,7 @@ class IndexedDatasetWriter:
             raise ValueError(f"IndexedDatasetWriter: dtype must be one of {integer_dtypes} for token ids, got "
                              f"{self.dtype}")
         self._limits = np.iinfo(self.dtype)
-        self._sizes: List[int] = []
+        self._sizes: list[int] = []
         self._data = AtomicFile(data_file(self.prefix), "wb")
         self._state = "open"
 
@@ -251,12 +251,12 @@ class IndexedDataset:
     def _summary(array: np.ndarray) -> str:
         return np.array2string(np.asarray(array), threshold=12, separator=", ")
 
-    def __getstate__(self) -> Dict[str, Any]:
+    def __getstate__(self) -> dict[str, Any]:
         # Dataloader workers started by spawn get the prefix and map the files themselves, rather than a pickled
         # copy of every token.
         return {"prefix": self.prefix}
 
-    def __setstate__(self, state: Dict[str, Any]) -> None:
+    def __setstate__(self, state: dict[str, Any]) -> None:
         self.prefix = state["prefix"]
         self._open()
 
