@@ -12,7 +12,7 @@ import torch
 
 from aquila.train.config import TrainConfig
 from aquila.train.loop import NonFiniteLossError, train
-from tests.train.conftest import tiny_overrides
+from tests.helpers import tiny_overrides
 
 ROOT = os.path.dirname(os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 
