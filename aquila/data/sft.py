@@ -217,6 +217,10 @@ class SFTDataset(torch.utils.data.Dataset):
         targets = torch.where(learn[1:], ids[1:], torch.tensor(IGNORE_INDEX))
         return {"tokens": ids[:-1], "targets": targets}
 
+    def largest_token_id(self) -> int:
+        """The largest token id of any sample (-1 for an empty dataset)."""
+        return max((int(ids.max()) for ids in self._ids), default=-1)
+
     def lengths(self) -> np.ndarray:
         """Input tokens of each sample (for length-aware batching and packing)."""
         return np.fromiter((len(ids) - 1 for ids in self._ids), dtype=np.int64, count=len(self._ids))

@@ -4,7 +4,7 @@ import os
 import pytest
 
 from aquila.train.config import DEFAULT_STEPS, TrainConfig
-from aquila.train.loop import learning_rate, parameter_groups, total_steps
+from aquila.train.trainer import learning_rate, parameter_groups, total_steps
 
 ROOT = os.path.dirname(os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 
