@@ -129,7 +129,7 @@ def tokenizer_train(args):
 
 def run_training(args, kind: str):
     from aquila.train.config import TrainConfig
-    from aquila.train.loop import train
+    from aquila.train.trainer import train
 
     config = TrainConfig.load(args.config, ["--kind", kind, *args.overrides] if kind == "sft" else args.overrides)
     if config.kind != kind:

@@ -3,6 +3,9 @@ disk, then renamed over it."""
 
 import os
 import tempfile
+from typing import IO
+
+WRITE_MODES = ("w", "wb")
 
 
 def make_public(path: str) -> None:
@@ -12,15 +15,53 @@ def make_public(path: str) -> None:
     os.chmod(path, 0o666 & ~umask)
 
 
+class AtomicFile:
+    """A new version of `path`, written into a temporary file in the same directory (renaming within one file system
+    is atomic). commit() flushes it to disk, gives it the permissions a new file gets under the umask and renames it
+    over `path`; discard() deletes it, leaving `path` as it was. As a context manager it yields the open file, commits
+    on a clean exit and discards when the block raises:
+
+        with AtomicFile(path, "wb") as out:
+            out.write(data)
+
+    mode: "w" (text, UTF-8) or "wb". The file is also open as .file, for writers whose output outlives one block.
+    """
+
+    def __init__(self, path: str, mode: str = "w"):
+        if mode not in WRITE_MODES:
+            raise ValueError(f"AtomicFile: mode must be one of {WRITE_MODES}, got {mode!r}")
+        self.path = os.fspath(path)
+        directory = os.path.dirname(os.path.abspath(self.path))
+        handle, self.temporary = tempfile.mkstemp(dir=directory, prefix=f".{os.path.basename(self.path)}.",
+                                                  suffix=".tmp")
+        self.file: IO = os.fdopen(handle, mode, encoding=None if "b" in mode else "utf-8")
+
+    def commit(self) -> None:
+        try:
+            self.file.flush()
+            os.fsync(self.file.fileno())
+            self.file.close()
+            make_public(self.temporary)
+            os.replace(self.temporary, self.path)
+        except BaseException:
+            self.discard()
+            raise
+
+    def discard(self) -> None:
+        self.file.close()
+        if os.path.exists(self.temporary):
+            os.unlink(self.temporary)
+
+    def __enter__(self) -> IO:
+        return self.file
+
+    def __exit__(self, exc_type, exc, traceback) -> None:
+        if exc_type is None:
+            self.commit()
+        else:
+            self.discard()
+
+
 def write_text_atomically(path: str, text: str) -> None:
-    handle, temporary = tempfile.mkstemp(prefix=f".{os.path.basename(path)}.", dir=os.path.dirname(path) or ".")
-    try:
-        with os.fdopen(handle, "w", encoding="utf-8") as out:
-            out.write(text)
-            out.flush()
-            os.fsync(out.fileno())
-        make_public(temporary)
-        os.replace(temporary, path)
-    except BaseException:
-        os.unlink(temporary)
-        raise
+    with AtomicFile(path, "w") as out:
+        out.write(text)

@@ -19,6 +19,8 @@ import time
 import pytest
 import torch
 
+from aquila.files import AtomicFile
+
 if not torch.cuda.is_available():
     # On a 2-core CPU, torch.compile's compile workers would keep running beside the first timings. (Read when
     # torch.compile first runs, so setting it after importing torch is in time.)
@@ -241,9 +243,8 @@ def pytest_terminal_summary(terminalreporter, exitstatus, config):
     os.makedirs(folder, exist_ok=True)
     stamp = datetime.datetime.now().strftime("%Y-%m-%d-%H%M%S")
     path = os.path.join(folder, f"kernels-{device}-{stamp}.json")  # one file per run: a partial run replaces nothing
-    with open(path + ".tmp", "w") as f:
-        json.dump(report, f, indent=1)
-    os.replace(path + ".tmp", path)
+    with AtomicFile(path, "w") as out:
+        json.dump(report, out, indent=1)
     terminalreporter.write_line(f"written: {os.path.relpath(path, REPO)}")
 
 

@@ -12,6 +12,9 @@ keeps a KV cache of the training batch). On CPU: hidden 512, 4 layers, 8 heads, 
 import pytest
 import torch
 
+from aquila.model.checkpoint import config_from_hf
+from aquila.train.metrics import flops_per_token
+
 IMPLS = ["transformers", "transformers + aquila"]
 # The unpatched run's record, for the patched run's ratios (IMPLS runs in this order).
 baseline_records = {}
@@ -29,14 +32,9 @@ def llama_sizes(quick, device):
 
 
 def step_flops(config, batch, seq):
-    """Model FLOPs of a training step: 6 per parameter of every matmul (lm_head included, the embedding gather not)
-    per token, plus causal attention's QK^T and PV at half of the full square, times 3 for the backward."""
-    hidden, layers, vocab = config.hidden_size, config.num_hidden_layers, config.vocab_size
-    kv = hidden // config.num_attention_heads * config.num_key_value_heads
-    per_layer = hidden * (2 * hidden + 2 * kv) + 3 * hidden * config.intermediate_size
-    matmul_parameters = layers * per_layer + vocab * hidden
-    attention = 3 * 2 * 2 * batch * layers * seq * seq * hidden / 2
-    return 6 * matmul_parameters * batch * seq + attention
+    """Model FLOPs of a training step of a transformers LlamaConfig's model on batch x seq tokens, counted as the
+    trainer counts them for MFU (aquila.train.metrics.flops_per_token)."""
+    return flops_per_token(config_from_hf(config.to_dict()), seq) * batch * seq
 
 
 @pytest.fixture(scope="module")

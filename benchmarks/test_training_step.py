@@ -20,7 +20,8 @@ import sys
 
 import pytest
 
-from benchmarks.test_patch import step_flops
+from aquila.model.config import AquilaConfig
+from aquila.train.metrics import flops_per_token
 
 HERE = os.path.dirname(os.path.abspath(__file__))
 IMPLS = {"transformers + deepspeed zero-2": ("deepspeed", "fsdp"),
@@ -60,12 +61,10 @@ def test_training_step(benchmark, record, device, quick, impl):
         outcome.update(json.loads(next(line for line in result.stdout.splitlines() if line.startswith("{"))))
 
     benchmark.pedantic(launch, rounds=1, iterations=1)
-    transformers = pytest.importorskip("transformers")
-    config = transformers.LlamaConfig(hidden_size=shape["dim"], num_hidden_layers=shape["layers"],
-                                      num_attention_heads=shape["heads"], intermediate_size=shape["ffn"],
-                                      vocab_size=shape["vocab"])
-    flops = step_flops(config, shape["batch"] * processes, shape["seq"])
-    params = shape["layers"] * (4 * shape["dim"] ** 2 + 3 * shape["dim"] * shape["ffn"]) + 2 * shape["vocab"] * shape["dim"]
+    config = AquilaConfig(dim=shape["dim"], n_layers=shape["layers"], n_heads=shape["heads"], ffn_dim=shape["ffn"],
+                          vocab_size=shape["vocab"])
+    flops = flops_per_token(config, shape["seq"]) * shape["batch"] * processes * shape["seq"]
+    params = config.num_parameters()
     record(f"training step {processes}x{shape['batch']}x{shape['seq']}, {params / 1e6:.0f}M params, {processes} proc",
            impl, outcome["seconds_per_step"], flops=flops, tokens_per_s=outcome["tokens_per_s"],
            peak_memory_bytes=outcome["peak_memory_bytes"], losses=outcome["losses"])

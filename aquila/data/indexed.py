@@ -24,23 +24,22 @@ tokens hours into a run.
 import operator
 import os
 import struct
-import tempfile
-from typing import Any, Dict, List, Optional
+from typing import Any, Optional
 
 import numpy as np
 import numpy.typing as npt
 
-from aquila.files import make_public
+from aquila.files import AtomicFile
 
 MAGIC = b"MMIDIDX\x00\x00"
 VERSION = 1
 # magic, version, dtype code, number of sequences, number of document-index entries; "<" means no padding.
 HEADER = struct.Struct("<9sQBQQ")
-DTYPE_OF_CODE: Dict[int, np.dtype] = {
+DTYPE_OF_CODE: dict[int, np.dtype] = {
     1: np.dtype(np.uint8), 2: np.dtype(np.int8), 3: np.dtype(np.int16), 4: np.dtype(np.int32),
     5: np.dtype(np.int64), 6: np.dtype(np.float64), 7: np.dtype(np.float32), 8: np.dtype(np.uint16),
 }
-CODE_OF_DTYPE: Dict[np.dtype, int] = {dtype: code for code, dtype in DTYPE_OF_CODE.items()}
+CODE_OF_DTYPE: dict[np.dtype, int] = {dtype: code for code, dtype in DTYPE_OF_CODE.items()}
 MAX_SEQUENCE_LENGTH = np.iinfo(np.int32).max  # sizes are stored as int32
 
 
@@ -84,18 +83,9 @@ class IndexedDatasetWriter:
             raise ValueError(f"IndexedDatasetWriter: dtype must be one of {integer_dtypes} for token ids, got "
                              f"{self.dtype}")
         self._limits = np.iinfo(self.dtype)
-        self._directory = os.path.dirname(os.path.abspath(self.prefix))
-        self._sizes: List[int] = []
-        self._temporary_files: List[str] = []
-        self._data = self._temporary("bin")
+        self._sizes: list[int] = []
+        self._data = AtomicFile(data_file(self.prefix), "wb")
         self._state = "open"
-
-    def _temporary(self, extension: str):
-        """A new file in the target's directory (renaming within one file system is atomic), opened for writing."""
-        handle, path = tempfile.mkstemp(dir=self._directory, prefix=f".{os.path.basename(self.prefix)}.",
-                                        suffix=f".{extension}.tmp")
-        self._temporary_files.append(path)
-        return os.fdopen(handle, "wb")
 
     def __enter__(self) -> "IndexedDatasetWriter":
         return self
@@ -114,7 +104,7 @@ class IndexedDatasetWriter:
         """Appends one document (a 1-D sequence of integer token ids, possibly empty)."""
         self._check_open("add a document to")
         tokens = self._checked_tokens(ids)
-        self._data.write(tokens.astype(_little_endian(self.dtype), copy=False).tobytes())
+        self._data.file.write(tokens.astype(_little_endian(self.dtype), copy=False).tobytes())
         self._sizes.append(len(tokens))
 
     def _checked_tokens(self, ids: npt.ArrayLike) -> np.ndarray:
@@ -146,40 +136,26 @@ class IndexedDatasetWriter:
         """Writes the index and moves both files into place."""
         self._check_open("finalize")
         try:
-            self._data.flush()
-            os.fsync(self._data.fileno())
-            self._data.close()
             sizes = np.asarray(self._sizes, dtype="<i4")
             pointers = np.zeros(len(sizes), dtype="<i8")
             np.cumsum(sizes[:-1], dtype=np.int64, out=pointers[1:])
             pointers *= self.dtype.itemsize
             document_indices = np.arange(len(sizes) + 1, dtype="<i8")  # every document is one sequence
-            with self._temporary("idx") as index:
+            with AtomicFile(index_file(self.prefix), "wb") as index:
                 index.write(HEADER.pack(MAGIC, VERSION, CODE_OF_DTYPE[self.dtype], len(sizes), len(document_indices)))
                 for array in (sizes, pointers, document_indices):
                     index.write(array.tobytes())
-                index.flush()
-                os.fsync(index.fileno())
-            temporary_data, temporary_index = self._temporary_files
-            for temporary in (temporary_data, temporary_index):
-                make_public(temporary)  # mkstemp makes files private; a dataset is not
-            # The .bin first: a crash between the renames leaves a new .bin beside an old (or no) .idx, which the
-            # reader's size check rejects, never an index that points into missing data.
-            os.replace(temporary_data, data_file(self.prefix))
-            os.replace(temporary_index, index_file(self.prefix))
+                # The .bin first: a crash between the renames leaves a new .bin beside an old (or no) .idx, which the
+                # reader's size check rejects, never an index that points into missing data.
+                self._data.commit()
         except BaseException:
             self.abort()
             raise
-        self._temporary_files = []
         self._state = "finalized"
 
     def abort(self) -> None:
         """Discards everything written so far; the target files, if any existed, stay as they were."""
-        self._data.close()
-        for path in self._temporary_files:
-            if os.path.exists(path):
-                os.remove(path)
-        self._temporary_files = []
+        self._data.discard()
         if self._state == "open":
             self._state = "aborted"
 
@@ -275,12 +251,12 @@ class IndexedDataset:
     def _summary(array: np.ndarray) -> str:
         return np.array2string(np.asarray(array), threshold=12, separator=", ")
 
-    def __getstate__(self) -> Dict[str, Any]:
+    def __getstate__(self) -> dict[str, Any]:
         # Dataloader workers started by spawn get the prefix and map the files themselves, rather than a pickled
         # copy of every token.
         return {"prefix": self.prefix}
 
-    def __setstate__(self, state: Dict[str, Any]) -> None:
+    def __setstate__(self, state: dict[str, Any]) -> None:
         self.prefix = state["prefix"]
         self._open()
 

@@ -21,8 +21,7 @@ training and validation; collate stacks samples into the batch Aquila.forward ta
 import hashlib
 import json
 import os
-import tempfile
-from typing import Dict, List, NamedTuple, Optional, Sequence, Tuple
+from typing import NamedTuple, Optional, Sequence
 
 import numpy as np
 import numpy.typing as npt
@@ -30,6 +29,7 @@ import torch
 from torch import Tensor
 
 from aquila.data.indexed import IndexedDataset
+from aquila.files import AtomicFile
 
 # Part of every cache key: raise it when the meaning of the cached arrays changes, so old caches are not reused.
 INDEX_FORMAT = 1
@@ -112,7 +112,7 @@ class PackedDataset(torch.utils.data.Dataset):
         document_lengths = stored_lengths[non_empty] + (self.eos_id is not None)
         self.tokens_per_epoch = int(document_lengths.sum())
         self.num_epochs = -(-(self.num_samples * self.seq_len + 1) // self.tokens_per_epoch)
-        self.cache_files: Optional[Dict[str, str]] = None
+        self.cache_files: Optional[dict[str, str]] = None
         if cache_dir is None:
             index = build_packing_index(document_ids, document_lengths, self.seq_len, self.num_samples, self.seed)
         else:
@@ -155,7 +155,8 @@ class PackedDataset(torch.utils.data.Dataset):
             # shuffle_index last: loading needs all three, so a run killed in between leaves no usable half.
             # Concurrent builders (several ranks) write identical arrays, so whichever rename lands last is right.
             for part in CACHED_ARRAYS:
-                _save_atomically(self.cache_files[part], getattr(index, part))
+                with AtomicFile(self.cache_files[part], "wb") as out:
+                    np.save(out, getattr(index, part))
         return index
 
     def _load_cache(self) -> Optional[PackingIndex]:
@@ -173,7 +174,7 @@ class PackedDataset(torch.utils.data.Dataset):
     def __len__(self) -> int:
         return self.num_samples
 
-    def __getitem__(self, index: int) -> Dict[str, Tensor]:
+    def __getitem__(self, index: int) -> dict[str, Tensor]:
         if not -self.num_samples <= index < self.num_samples:
             raise IndexError(f"PackedDataset: sample {index} is out of range for {self.num_samples} samples")
         return self.stream_sample(int(self._shuffle_index[index]))
@@ -181,7 +182,7 @@ class PackedDataset(torch.utils.data.Dataset):
     def _document_length(self, document: int) -> int:
         return int(self.indexed.sizes[document]) + (self.eos_id is not None)
 
-    def stream_sample(self, sample: int) -> Dict[str, Tensor]:
+    def stream_sample(self, sample: int) -> dict[str, Tensor]:
         """Sample number ``sample`` in stream order (before the sample shuffle): stream tokens sample * seq_len ..
         (sample + 1) * seq_len inclusive."""
         if not 0 <= sample < self.num_samples:
@@ -210,20 +211,7 @@ class PackedDataset(torch.utils.data.Dataset):
                 "doc_lengths": torch.from_numpy(doc_lengths)}
 
 
-def _save_atomically(path: str, array: np.ndarray) -> None:
-    handle, temporary = tempfile.mkstemp(dir=os.path.dirname(path), prefix=f".{os.path.basename(path)}.",
-                                         suffix=".tmp")
-    try:
-        with os.fdopen(handle, "wb") as f:
-            np.save(f, array)
-        os.replace(temporary, path)
-    except BaseException:
-        if os.path.exists(temporary):
-            os.remove(temporary)
-        raise
-
-
-def split_documents(num_documents: int, valid_fraction: float, seed: int) -> Tuple[np.ndarray, np.ndarray]:
+def split_documents(num_documents: int, valid_fraction: float, seed: int) -> tuple[np.ndarray, np.ndarray]:
     """(train ids, valid ids), each sorted: a random valid_fraction of the documents 0 .. num_documents - 1 (at
     least one when valid_fraction > 0 and there are two or more documents, and never all of them)."""
     if isinstance(num_documents, bool) or not isinstance(num_documents, (int, np.integer)) or num_documents < 0:
@@ -248,7 +236,7 @@ def _normalised_weights(weights: Sequence[float], num_datasets: Optional[int] = 
     return values / values.sum()
 
 
-def blending_indices(weights: Sequence[float], num_samples: int) -> Tuple[np.ndarray, np.ndarray]:
+def blending_indices(weights: Sequence[float], num_samples: int) -> tuple[np.ndarray, np.ndarray]:
     """(dataset of each sample, the sample's index within that dataset) for num_samples samples drawn from datasets
     in the proportions ``weights`` (normalised).
 
@@ -303,13 +291,13 @@ class BlendedDataset(torch.utils.data.Dataset):
     def __len__(self) -> int:
         return self.num_samples
 
-    def __getitem__(self, index: int) -> Dict[str, Tensor]:
+    def __getitem__(self, index: int) -> dict[str, Tensor]:
         if not -self.num_samples <= index < self.num_samples:
             raise IndexError(f"BlendedDataset: sample {index} is out of range for {self.num_samples} samples")
         return self.datasets[int(self.dataset_index[index])][int(self.sample_in_dataset[index])]
 
 
-def collate(samples: List[Dict[str, Tensor]]) -> Dict[str, Tensor]:
+def collate(samples: list[dict[str, Tensor]]) -> dict[str, Tensor]:
     """A batch for ``Aquila.forward(tokens, targets, positions=..., cu_seqlens=...)`` from PackedDataset samples:
     tokens and targets int64 [batch, seq_len] (targets are tokens shifted by one), positions int64 [batch, seq_len],
     and cu_seqlens int32 [documents + 1], the document pieces of every row in turn over the flattened batch."""

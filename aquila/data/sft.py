@@ -14,7 +14,7 @@ the file and line.
 
 Tokens: aquila.model.chat.render gives the ids and, per token, whether the model learns it (the answers with their
 "###", and the final EOS). A sample is the next-token pair inputs = ids[:-1], targets = ids[1:], with a target set to
--100 (ignored by the loss) wherever its token is not learned (BOS, system, human turns, the "Assistant:" cues).
+IGNORE_INDEX (ignored by the loss) wherever its token is not learned (BOS, system, human turns, the "Assistant:" cues).
 
 Length: a sample has at most max_len input tokens. A conversation that is too long keeps its first exchanges (human
 question + assistant answer) that fit, whole, ending with EOS as a shorter conversation would; if even the first
@@ -22,29 +22,29 @@ exchange does not fit, its answer is cut at max_len (no EOS: the model must not 
 prompt of the first exchange alone does not fit, no answer token could be learned and the conversation is skipped.
 Nothing raises for length; SFTDataset.stats counts each case.
 
-Batching: pad_collate pads samples to the batch's longest; pack lays several samples into each row of seq_len tokens
-(first fit), with positions and cu_seqlens in the format of aquila.data.packing.collate so that packed conversations
-do not attend to each other. Both give the same loss: the mean over the same learned targets.
+Batching: pack lays several samples into each row of seq_len tokens (first fit), with positions and cu_seqlens in the
+format of aquila.data.packing.collate so that packed conversations do not attend to each other: the loss is the mean
+over the same learned targets as from batches of the samples padded to their longest.
 """
 
 import dataclasses
-from typing import Any, Dict, List, Optional, Sequence, Tuple
+from typing import Any, Optional, Sequence
 
 import numpy as np
 import torch
 from torch import Tensor
 
+from aquila.data import IGNORE_INDEX
 from aquila.data.documents import read_json_lines
 from aquila.data.tokenizer import LONE_SURROGATE
 from aquila.model.chat import ROLES, Message, Rendered, check_turns, render
 
-IGNORE_INDEX = -100
 SYSTEM_KEYS = ("instruction", "system")
 
 
 @dataclasses.dataclass(frozen=True)
 class Conversation:
-    messages: Tuple[Message, ...]
+    messages: tuple[Message, ...]
     system: Optional[str] = None  # None: the dataset's default system, else the template's
     id: Any = None  # the record's "id", whatever JSON value it holds
     source: Optional[str] = None  # the file and line the conversation was read from, for messages
@@ -71,7 +71,7 @@ def _checked_text(value: Any, what: str, where: str, errors: str) -> str:
     return value
 
 
-def conversation_from_record(record: Dict[str, Any], source: Optional[str] = None, line: Optional[int] = None,
+def conversation_from_record(record: dict[str, Any], source: Optional[str] = None, line: Optional[int] = None,
                              errors: str = "strict") -> Conversation:
     """A validated Conversation from one parsed record; source and line (where it was read) start every error
     message."""
@@ -109,7 +109,7 @@ def conversation_from_record(record: Dict[str, Any], source: Optional[str] = Non
     return Conversation(tuple(messages), system or None, record.get("id"), source, line)
 
 
-def load_conversations(path: str, errors: str = "strict") -> List[Conversation]:
+def load_conversations(path: str, errors: str = "strict") -> list[Conversation]:
     """Every conversation of a FlagAI SFT file (JSON lines; blank lines are skipped), validated; the first
     malformed record is a ValueError naming the file and line. errors="replace" reads lone surrogates (invalid
     Unicode) as U+FFFD instead of failing."""
@@ -121,7 +121,7 @@ def load_conversations(path: str, errors: str = "strict") -> List[Conversation]:
 
 # --- fitting a rendered conversation into max_len -------------------------------------------------------------------
 
-def learned_runs(learn: Sequence[bool]) -> List[Tuple[int, int]]:
+def learned_runs(learn: Sequence[bool]) -> list[tuple[int, int]]:
     """(start, end) of each maximal run of learned tokens: one per answer, the last one with the EOS."""
     runs, start = [], None
     for position, learned in enumerate(learn):
@@ -137,8 +137,8 @@ def learned_runs(learn: Sequence[bool]) -> List[Tuple[int, int]]:
 
 @dataclasses.dataclass
 class Fitted:
-    ids: List[int]
-    learn: List[bool]
+    ids: list[int]
+    learn: list[bool]
     outcome: str  # "whole", "truncated_turns", "truncated_answer" or "skipped" (ids and learn then empty)
     dropped_exchanges: int = 0
 
@@ -169,7 +169,7 @@ def fit_to_length(rendered: Rendered, max_len: int, eos_id: int) -> Fitted:
 
 class SFTDataset(torch.utils.data.Dataset):
     """Conversations rendered, fitted to max_len input tokens and masked for SFT. Item i is a dict: ``tokens``
-    int64 [n] (the inputs, n <= max_len) and ``targets`` int64 [n] (the next tokens, -100 where not learned).
+    int64 [n] (the inputs, n <= max_len) and ``targets`` int64 [n] (the next tokens, IGNORE_INDEX where not learned).
 
     system: the system text of conversations that have none of their own (None: the template's DEFAULT_SYSTEM).
     ``stats`` counts conversations: kept (in the dataset, whole or cut), truncated_turns (later exchanges dropped),
@@ -182,10 +182,10 @@ class SFTDataset(torch.utils.data.Dataset):
         if isinstance(max_len, bool) or not isinstance(max_len, int) or max_len < 1:
             raise ValueError(f"SFTDataset: max_len must be a positive int, got {max_len!r}")
         self.max_len = max_len
-        self.conversations: List[Conversation] = []
-        self.skipped: List[str] = []
-        self._ids: List[np.ndarray] = []
-        self._learn: List[np.ndarray] = []
+        self.conversations: list[Conversation] = []
+        self.skipped: list[str] = []
+        self._ids: list[np.ndarray] = []
+        self._learn: list[np.ndarray] = []
         self.stats = {"conversations": 0, "kept": 0, "truncated_turns": 0, "dropped_exchanges": 0,
                       "truncated_answers": 0, "skipped": 0}
         dtype = np.int32 if tokenizer.vocab_size <= np.iinfo(np.int32).max else np.int64  # half the memory
@@ -211,11 +211,15 @@ class SFTDataset(torch.utils.data.Dataset):
     def __len__(self) -> int:
         return len(self._ids)
 
-    def __getitem__(self, index: int) -> Dict[str, Tensor]:
+    def __getitem__(self, index: int) -> dict[str, Tensor]:
         ids = torch.from_numpy(self._ids[index].astype(np.int64))
         learn = torch.from_numpy(self._learn[index])
         targets = torch.where(learn[1:], ids[1:], torch.tensor(IGNORE_INDEX))
         return {"tokens": ids[:-1], "targets": targets}
+
+    def largest_token_id(self) -> int:
+        """The largest token id of any sample (-1 for an empty dataset)."""
+        return max((int(ids.max()) for ids in self._ids), default=-1)
 
     def lengths(self) -> np.ndarray:
         """Input tokens of each sample (for length-aware batching and packing)."""
@@ -235,37 +239,22 @@ class SFTDataset(torch.utils.data.Dataset):
 
 # --- batching ---------------------------------------------------------------------------------------------------
 
-def _checked_samples(owner: str, samples: Sequence[Dict[str, Tensor]]) -> None:
+def _checked_samples(samples: Sequence[dict[str, Tensor]]) -> None:
     if len(samples) == 0:
-        raise ValueError(f"{owner}: samples is empty")
+        raise ValueError("pack: samples is empty")
     for number, sample in enumerate(samples):
         if sample["tokens"].shape != sample["targets"].shape or sample["tokens"].dim() != 1:
-            raise ValueError(f"{owner}: sample {number}: tokens and targets must be 1-D of one length, got shapes "
+            raise ValueError(f"pack: sample {number}: tokens and targets must be 1-D of one length, got shapes "
                              f"{tuple(sample['tokens'].shape)} and {tuple(sample['targets'].shape)}")
         if len(sample["tokens"]) == 0:
-            raise ValueError(f"{owner}: sample {number} is empty")
+            raise ValueError(f"pack: sample {number} is empty")
 
 
-def pad_collate(samples: Sequence[Dict[str, Tensor]], pad_id: int) -> Dict[str, Tensor]:
-    """tokens and targets int64 [batch, longest sample], each row padded at its end: tokens with pad_id, targets
-    with -100. With causal attention the padding after a sample cannot change what the sample's tokens see, so no
-    mask or positions are needed."""
-    _checked_samples("pad_collate", samples)
-    longest = max(len(sample["tokens"]) for sample in samples)
-    tokens = torch.full((len(samples), longest), pad_id, dtype=torch.int64)
-    targets = torch.full((len(samples), longest), IGNORE_INDEX, dtype=torch.int64)
-    for row, sample in enumerate(samples):
-        length = len(sample["tokens"])
-        tokens[row, :length] = sample["tokens"]
-        targets[row, :length] = sample["targets"]
-    return {"tokens": tokens, "targets": targets}
-
-
-def first_fit(lengths: Sequence[int], capacity: int) -> List[List[int]]:
+def first_fit(lengths: Sequence[int], capacity: int) -> list[list[int]]:
     """Sample indices per row: each length, in order, goes into the first row with room left, else a new row. Meant
     for one batch of samples (it compares against every open row)."""
-    rows: List[List[int]] = []
-    room: List[int] = []
+    rows: list[list[int]] = []
+    room: list[int] = []
     for index, length in enumerate(lengths):
         if length > capacity:
             raise ValueError(f"pack: sample {index} has {length} tokens, more than seq_len {capacity}")
@@ -280,12 +269,12 @@ def first_fit(lengths: Sequence[int], capacity: int) -> List[List[int]]:
     return rows
 
 
-def pack(samples: Sequence[Dict[str, Tensor]], seq_len: int, pad_id: int = 0) -> Dict[str, Tensor]:
+def pack(samples: Sequence[dict[str, Tensor]], seq_len: int, pad_id: int = 0) -> dict[str, Tensor]:
     """The samples packed first-fit into rows of seq_len tokens, in aquila.data.packing.collate's format:
     tokens, targets and positions int64 [rows, seq_len], cu_seqlens int32 [sequences + 1] over the flattened
     batch. Each sample is a sequence of its own (positions from 0, attending to itself alone); the rest of a row is
-    padding, one more sequence whose targets are all -100."""
-    _checked_samples("pack", samples)
+    padding, one more sequence whose targets are all IGNORE_INDEX."""
+    _checked_samples(samples)
     if isinstance(seq_len, bool) or not isinstance(seq_len, int) or seq_len < 1:
         raise ValueError(f"pack: seq_len must be a positive int, got {seq_len!r}")
     rows = first_fit([len(sample["tokens"]) for sample in samples], seq_len)

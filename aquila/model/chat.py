@@ -86,11 +86,6 @@ def render(tokenizer, messages: Sequence[Message], system: Optional[str] = None,
     return Rendered(ids, learn)
 
 
-def render_text(messages: Sequence[Message], system: Optional[str] = None, generation: bool = False) -> str:
-    """The same conversation as text (what the tokens decode to, without BOS and EOS)."""
-    return "".join(text for text, _ in pieces(messages, system, generation))
-
-
 def clean_reply(text: str) -> str:
     """A generated answer as the user sees it: the template's leading space and anything from a stop string on
     removed."""

@@ -16,6 +16,8 @@ import os
 import torch
 from torch import nn
 
+from aquila.train.engine import Optimization
+
 
 def import_bmtrain():
     try:
@@ -34,7 +36,7 @@ def wrap(model: nn.Module) -> nn.Module:
     return import_bmtrain().BMTrainModelWrapper(model)
 
 
-class BMTrainOptimization:
+class BMTrainOptimization(Optimization):
     """The counterpart of engine.TorchOptimization on BMTrain's optimizer manager."""
 
     def __init__(self, model: nn.Module, parameter_groups: list, config, dtype: torch.dtype):

@@ -25,7 +25,7 @@ from torch.distributed.checkpoint.api import CheckpointException
 
 from aquila.files import write_text_atomically
 from aquila.model.checkpoint import save_hf_tensors
-from aquila.train.engine import Processes, barrier
+from aquila.train.engine import Optimization, Processes, barrier
 
 REQUIRED_FILES = ("config.json", "trainer.json")
 
@@ -70,7 +70,7 @@ class Checkpoints:
     def path(self, step: int) -> str:
         return os.path.join(self.directory, f"step-{step:06d}")
 
-    def save(self, step: int, optimization, trainer_state: dict, config, tokenizer) -> str:
+    def save(self, step: int, optimization: Optimization, trainer_state: dict, config, tokenizer) -> str:
         """Every process calls this: each writes its shards, the main process the rest."""
         final = self.path(step)
         partial = os.path.join(self.directory, f".{os.path.basename(final)}.partial")
@@ -118,7 +118,7 @@ class Checkpoints:
         names = self.completed()
         return os.path.join(self.directory, names[-1]) if names else None
 
-    def load_latest(self, optimization, log) -> Optional[dict]:
+    def load_latest(self, optimization: Optimization, log) -> Optional[dict]:
         """Restores the newest loadable checkpoint into model and optimizer; returns its trainer state, or None when
         there is no checkpoint. A broken one is reported through log and skipped."""
         newest = self.latest()
@@ -135,7 +135,7 @@ class Checkpoints:
             raise ValueError(f"no loadable checkpoint in {self.directory}")
         return None
 
-    def _load(self, path: str, optimization) -> dict:
+    def _load(self, path: str, optimization: Optimization) -> dict:
         missing = [f for f in REQUIRED_FILES if not os.path.isfile(os.path.join(path, f))]
         if missing:
             raise ValueError(f"incomplete checkpoint, missing {missing}")

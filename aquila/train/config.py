@@ -91,10 +91,6 @@ class TrainConfig:
             need(getattr(self, name) > 0, f"{name} must be > 0, got {getattr(self, name)}")
         need(len(self.train_data) != 1 or isinstance(self.train_data[0], str), "train_data holds prefixes")
 
-    @property
-    def global_batch_tokens_per_process(self) -> int:
-        return self.batch_size * self.gradient_accumulation_steps * self.seq_len
-
     @classmethod
     def load(cls, path: Optional[str] = None, overrides: Sequence[str] = ()) -> "TrainConfig":
         """The YAML file's values (relative paths in it are relative to the file), then overrides: a list like

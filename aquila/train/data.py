@@ -8,7 +8,7 @@ over 1 or 2 processes, or over more micro-batches, covers the same samples.
 
 import hashlib
 import os
-from typing import Optional
+from typing import Iterator, Optional, Protocol
 
 import numpy as np
 import torch
@@ -56,7 +56,32 @@ def _prefixes_and_weights(entries: list) -> tuple[list[str], list[float]]:
 CHECKED_TOKENS = 2 * 10**8
 
 
-class PretrainingData:
+class TrainingData(Protocol):
+    """What the trainer reads, for pretraining and SFT alike. Batches are dicts of tokens, targets (IGNORE_INDEX
+    where not learned), positions and cu_seqlens, as aquila.data.packing.collate makes them."""
+
+    description: Optional[str]  # a line for the log about what was loaded, or None
+    tokens_per_epoch: int
+    samples_per_epoch: Optional[int]  # None: the epoch budget counts tokens instead of samples
+
+    def check_vocabulary(self, vocab_size: int) -> None:
+        """Raises ValueError, naming the data, if a token id is outside a vocabulary of vocab_size."""
+
+    def build(self, total_samples: int) -> None:
+        """Lays out the order of the run's total_samples training samples; called once, before any batch."""
+
+    def batch(self, step: int, micro_batch: int) -> dict:
+        """This process's share of micro-batch micro_batch of optimizer step step."""
+
+    @property
+    def has_validation(self) -> bool:
+        """Whether valid_batches has anything to evaluate."""
+
+    def valid_batches(self) -> Iterator[dict]:
+        """This process's validation batches; every process gets as many."""
+
+
+class PretrainingData(TrainingData):
     """Packed samples of seq_len + 1 tokens with their document boundaries, blended from one or more datasets."""
 
     def __init__(self, config: TrainConfig, tokenizer, processes: Processes):
@@ -83,6 +108,7 @@ class PretrainingData:
         self.cache = cache
         self.tokens_per_epoch = sum(int(d.sizes.sum()) for d in self.indexed)
         self.samples_per_epoch = None  # pretraining budgets count tokens
+        self.description = None
 
     def _tokenized(self, corpus, tokenizer, cache, show):
         # One process tokenizes; the others wait for it, then read the same files.
@@ -119,18 +145,21 @@ class PretrainingData:
                                        documents=self.valid_documents, cache_dir=self.cache)
 
     def batch(self, step: int, micro_batch: int) -> dict:
-        """This process's share of micro-batch `micro_batch` of optimizer step `step`."""
         first = first_sample(self.config, self.processes, step, micro_batch)
         return collate([self.train[i] for i in range(first, first + self.config.batch_size)])
 
-    def valid_batches(self):
+    @property
+    def has_validation(self) -> bool:
+        return self.valid is not None
+
+    def valid_batches(self) -> Iterator[dict]:
         c, p = self.config, self.processes
         for index in range(c.eval_batches):
             first = (index * p.world_size + p.rank) * c.batch_size
             yield collate([self.valid[i] for i in range(first, first + c.batch_size)])
 
 
-class SFTData:
+class SFTData(TrainingData):
     """Conversations rendered with the chat template, fitted to seq_len, and packed first-fit into rows of seq_len
     tokens (conversations in a row do not attend to each other). The rows are the samples: an epoch visits each
     once, in an order shuffled afresh every epoch."""
@@ -155,10 +184,15 @@ class SFTData:
         self.pad_id = tokenizer.pad_id
         self.samples_per_epoch = len(self.rows)
         self.tokens_per_epoch = len(self.rows) * config.seq_len
-        self.valid = self.valid_set
 
     def check_vocabulary(self, vocab_size: int) -> None:
-        """Rendered with the run's own tokenizer, whose size build_model checked against the model's."""
+        """The rendered conversations are in memory: every token id is checked, as a tokenizer whose ids exceed its
+        own vocabulary size, or a model with fewer embeddings, would otherwise fail inside a forward pass."""
+        for dataset in (self.train_set, self.valid_set):
+            largest = dataset.largest_token_id() if dataset is not None else -1
+            if largest >= vocab_size:
+                raise ValueError(f"{self.config.sft_data or 'the demo conversations'}: token id {largest} is outside "
+                                 f"the model's vocabulary of {vocab_size}: was the tokenizer made for another model?")
 
     def build(self, total_samples: int) -> None:
         epochs = -(-total_samples // len(self.rows))
@@ -180,7 +214,11 @@ class SFTData:
         first = first_sample(self.config, self.processes, step, micro_batch)
         return self._rows(self.train_set, [self.rows[i] for i in self.order[first:first + self.config.batch_size]])
 
-    def valid_batches(self):
+    @property
+    def has_validation(self) -> bool:
+        return self.valid_set is not None
+
+    def valid_batches(self) -> Iterator[dict]:
         c, p = self.config, self.processes
         # Every process runs the same number of forwards (FSDP gathers parameters in each).
         usable = len(self.valid_rows) - len(self.valid_rows) % p.world_size
@@ -193,6 +231,6 @@ def to_device(batch: dict, device: torch.device) -> dict:
     return {name: tensor.to(device, non_blocking=True) for name, tensor in batch.items()}
 
 
-def make_data(config: TrainConfig, tokenizer, processes: Processes):
+def make_data(config: TrainConfig, tokenizer, processes: Processes) -> TrainingData:
     return SFTData(config, tokenizer, processes) if config.kind == "sft" else PretrainingData(config, tokenizer,
                                                                                             processes)

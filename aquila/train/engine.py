@@ -1,4 +1,4 @@
-"""Distributed engines: how the model is spread over processes, and what that changes for the loop.
+"""Distributed engines: how the model is spread over processes, and what that changes for the trainer.
 
 - single: one process.
 - ddp: DistributedDataParallel, every process holding the whole model and optimizer.
@@ -17,6 +17,7 @@ import dataclasses
 import datetime
 import gc
 import os
+from typing import Protocol
 
 import torch
 import torch.distributed as dist
@@ -92,8 +93,41 @@ def wrap(model: nn.Module, engine: str, zero_stage: int, processes: Processes, c
     raise ValueError(f"wrap: unknown engine {engine!r}")
 
 
+class Optimization(Protocol):
+    """The optimizer as the trainer drives it, whatever the engine: per optimizer step set_lr, backward on each
+    micro-batch's loss, clip_gradients, then step; and the training state for checkpoints."""
+
+    def set_lr(self, lr: float) -> None:
+        """Sets the learning rate of every parameter group."""
+
+    def backward(self, loss: torch.Tensor) -> None:
+        """Accumulates the gradients of loss (scaled where the precision needs loss scaling)."""
+
+    def clip_gradients(self, max_norm: float) -> float:
+        """Clips the gradients to a global norm of max_norm (0: no clipping); returns the norm before clipping, inf
+        or nan when a gradient is not finite."""
+
+    def step(self, apply: bool) -> None:
+        """Updates the weights (unless apply is False: a skipped step) and clears the gradients."""
+
+    def state_dict(self) -> dict:
+        """The small state beside the sharded one (loss scale), as JSON-able values."""
+
+    def load_state_dict(self, state: dict) -> None:
+        """Restores what state_dict returned."""
+
+    def save_sharded(self, directory: str) -> None:
+        """Writes model and optimizer state into directory, each process its own part (every process calls it)."""
+
+    def load_sharded(self, directory: str) -> None:
+        """Reads back what save_sharded wrote."""
+
+    def full_model_state(self) -> dict:
+        """Every parameter of the model, gathered on the CPU."""
+
+
 def optimization(engine: str, model: nn.Module, parameter_groups: list, config, dtype: torch.dtype,
-                 device: torch.device):
+                 device: torch.device) -> Optimization:
     if engine == "bmtrain":
         from aquila.train.bmtrain_engine import BMTrainOptimization
 
@@ -128,10 +162,9 @@ def close(processes: Processes) -> None:
         dist.destroy_process_group()
 
 
-class TorchOptimization:
+class TorchOptimization(Optimization):
     """AdamW over fp32 master weights (FSDP shards them), with dynamic loss scaling for fp16, and the training state
-    in torch.distributed.checkpoint's sharded format. The loop talks to the optimizer only through this (and the
-    BMTrain engine's counterpart)."""
+    in torch.distributed.checkpoint's sharded format."""
 
     def __init__(self, model: nn.Module, parameter_groups: list, config, dtype: torch.dtype, device: torch.device):
         self.model = model
@@ -149,7 +182,6 @@ class TorchOptimization:
         self.scaler.scale(loss).backward()
 
     def clip_gradients(self, max_norm: float) -> float:
-        """The global gradient norm before clipping (inf or nan when a gradient is not finite)."""
         self.scaler.unscale_(self.optimizer)
         norm = torch.nn.utils.clip_grad_norm_(self.parameters, max_norm or float("inf"))
         return float(norm.full_tensor() if hasattr(norm, "full_tensor") else norm)
@@ -184,7 +216,6 @@ class TorchOptimization:
                        optim_state_dict=state["optimizer"])
 
     def full_model_state(self) -> dict:
-        """Every parameter, gathered on the CPU (the main process writes them out as safetensors)."""
         from torch.distributed.checkpoint.state_dict import StateDictOptions, get_model_state_dict
 
         return get_model_state_dict(self.model, options=StateDictOptions(full_state_dict=True, cpu_offload=True))

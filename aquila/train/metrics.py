@@ -5,13 +5,17 @@ with the output projection) plus 6 n_layers dim seq_len for causal attention (ha
 mask skips half the scores), over the peak the config names or, on CPU, the matmul rate measured at start-up.
 """
 
+import contextlib
 import json
+import math
 import os
+import resource
 import time
-from typing import Optional
+from typing import Iterator, Optional
 
 import torch
 
+from aquila.files import AtomicFile
 from aquila.model.config import AquilaConfig
 
 PEAK_TFLOPS = {"H100": 989.0, "H200": 989.0, "A100": 312.0}  # dense bf16 per GPU, vendor figures
@@ -38,6 +42,41 @@ def peak_flops(device: torch.device, configured_tflops: Optional[float]) -> tupl
     for _ in range(repeats):
         a @ b
     return repeats * 2 * 1024 ** 3 / (time.perf_counter() - start), "measured fp32 matmul"
+
+
+def memory_mb(device: torch.device) -> float:
+    """The peak memory of this process so far: allocated on the GPU, else resident on the host."""
+    if device.type == "cuda":
+        return torch.cuda.max_memory_allocated(device) / 2**20
+    return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024
+
+
+class MetricsWindow:
+    """The training steps since the last record: their mean loss (a non-finite step counting as 0) and throughput.
+    Time spent inside paused() does not count."""
+
+    def __init__(self):
+        self.loss_sum, self.steps, self.tokens = 0.0, 0, 0
+        self.start = time.perf_counter()
+
+    def add(self, loss: float, tokens: int) -> None:
+        self.loss_sum += loss if math.isfinite(loss) else 0.0
+        self.steps += 1
+        self.tokens += tokens
+
+    def mean_loss(self) -> float:
+        return self.loss_sum / self.steps
+
+    def tokens_per_s(self) -> float:
+        return self.tokens / (time.perf_counter() - self.start)
+
+    @contextlib.contextmanager
+    def paused(self) -> Iterator[None]:
+        paused_at = time.perf_counter()
+        try:
+            yield
+        finally:
+            self.start += time.perf_counter() - paused_at
 
 
 class MetricsLog:
@@ -100,8 +139,7 @@ def plot(metrics_path: str, output: str) -> str:
     speed.grid(alpha=0.3)
     figure.suptitle(os.path.dirname(os.path.abspath(metrics_path)))
     figure.tight_layout()
-    temporary = output + ".tmp.png"
-    figure.savefig(temporary, dpi=110)
+    with AtomicFile(output, "wb") as image:
+        figure.savefig(image, format="png", dpi=110)
     plt.close(figure)
-    os.replace(temporary, output)
     return output

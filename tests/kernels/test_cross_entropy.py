@@ -3,7 +3,7 @@ import torch
 
 from aquila.kernels import cross_entropy, linear_cross_entropy, reference
 from aquila.kernels.cross_entropy import _row_losses
-from tests.conftest import backend_params
+from tests.helpers import backend_params
 from tests.tolerance import assert_matches_reference
 
 DTYPES = [torch.float32, torch.float16, torch.bfloat16]

@@ -2,7 +2,7 @@ import pytest
 import torch
 
 from aquila.kernels import RMSNorm, UnsupportedBackend, fused_add_rms_norm, reference, rms_norm
-from tests.conftest import backend_params
+from tests.helpers import backend_params
 from tests.tolerance import assert_matches_reference
 
 # One row, odd and non-power-of-two widths, a 3-D batch, the widest rows, and Aquila-7B's widths (4096, 11008).

@@ -2,7 +2,7 @@ import pytest
 import torch
 
 from aquila.kernels import apply_rotary, reference, rotary_embedding
-from tests.conftest import backend_params
+from tests.helpers import backend_params
 from tests.tolerance import assert_matches_reference
 
 DTYPES = [torch.float32, torch.float16, torch.bfloat16]

@@ -1,9 +1,14 @@
 import pytest
 
-from aquila.model.chat import DEFAULT_SYSTEM, Message, clean_reply, render, render_text
+from aquila.model.chat import DEFAULT_SYSTEM, Message, clean_reply, pieces, render
 
 CONVERSATION = [Message("human", "床前明月光的下一句是什么？"), Message("gpt", "疑是地上霜。"),
                 Message("human", "And in English?"), Message("gpt", "I took it for frost on the ground.")]
+
+
+def render_text(messages, system=None, generation=False) -> str:
+    """The conversation as text: what render's tokens decode to, without BOS and EOS."""
+    return "".join(text for text, _ in pieces(messages, system, generation))
 
 
 def test_text_follows_the_aquila_chat_format():

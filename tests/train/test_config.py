@@ -3,8 +3,9 @@ import os
 
 import pytest
 
+from aquila.model.config import AquilaConfig
 from aquila.train.config import DEFAULT_STEPS, TrainConfig
-from aquila.train.loop import learning_rate, parameter_groups, total_steps
+from aquila.train.trainer import learning_rate, parameter_groups, total_steps
 
 ROOT = os.path.dirname(os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 
@@ -15,9 +16,36 @@ def test_demo_yaml_spells_out_the_defaults():
     assert demo.steps == DEFAULT_STEPS and dataclasses.replace(demo, steps=None) == TrainConfig()
 
 
-@pytest.mark.parametrize("name", ["demo.yaml", "chat-demo.yaml", "aquila-7b.yaml", "aquila-33b.yaml"])
-def test_shipped_configs_load(name):
-    TrainConfig.load(os.path.join(ROOT, "configs", name))
+PRETRAINING_AT_SCALE = dict(kind="pretrain", tokenizer="tokenizers/aquila-100k",
+                           train_data=["data/corpus_text_document", 1.0], valid_fraction=0.001, seq_len=2048,
+                           train_tokens=100_000_000_000, warm_up=2000, precision="bf16", engine="fsdp",
+                           activation_checkpointing=True, eval_interval=1000, eval_batches=20, save_interval=1000,
+                           keep_checkpoints=3, num_workers=2)
+# Each shipped config's values that differ from the defaults, as its comments document them.
+SHIPPED_CONFIGS = {
+    "chat-demo.yaml": dict(kind="sft", model="runs/demo", sft_data=None, valid_fraction=0.05, batch_size=8, epochs=3.0,
+                           lr=3e-4, weight_decay=0.0, log_interval=5, eval_interval=50, output_dir="runs/chat-demo"),
+    "aquila-7b.yaml": dict(PRETRAINING_AT_SCALE, model="aquila-7b", batch_size=4, gradient_accumulation_steps=8,
+                           lr=3e-4, zero_stage=2, output_dir="runs/aquila-7b"),
+    "aquila-33b.yaml": dict(PRETRAINING_AT_SCALE, model="aquila-33b", batch_size=1, gradient_accumulation_steps=32,
+                            lr=1.5e-4, zero_stage=3, output_dir="runs/aquila-33b"),
+}
+# (dim, layers, heads, SwiGLU width, vocabulary) of the presets, as the configs' comments give them.
+PRESET_SHAPES = {"aquila-7b": (4096, 32, 32, 11008, 100008), "aquila-33b": (6656, 60, 52, 17920, 100008)}
+
+
+@pytest.mark.parametrize("name", sorted(SHIPPED_CONFIGS))
+def test_shipped_configs_load_to_their_documented_values(name):
+    loaded = TrainConfig.load(os.path.join(ROOT, "configs", name))
+    assert loaded == dataclasses.replace(TrainConfig(), **SHIPPED_CONFIGS[name])
+    if loaded.model in PRESET_SHAPES:
+        preset = AquilaConfig.preset(loaded.model)
+        shape = (preset.dim, preset.n_layers, preset.n_heads, preset.hidden_dim, preset.vocab_size)
+        assert shape == PRESET_SHAPES[loaded.model]
+
+
+def test_the_demo_run_is_a_7_3m_parameter_model():
+    assert round(AquilaConfig.preset(TrainConfig().model).num_parameters() / 1e6, 1) == 7.3
 
 
 def test_flagai_keys_and_overrides(tmp_path):
@@ -68,7 +96,6 @@ def test_budgets():
 
 
 def test_no_weight_decay_on_norms():
-    from aquila.model.config import AquilaConfig
     from aquila.model.model import Aquila
 
     model = Aquila(AquilaConfig(dim=32, n_layers=1, n_heads=2, vocab_size=50, multiple_of=16))

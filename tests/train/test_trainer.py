@@ -11,8 +11,8 @@ import pytest
 import torch
 
 from aquila.train.config import TrainConfig
-from aquila.train.loop import NonFiniteLossError, train
-from tests.train.conftest import tiny_overrides
+from aquila.train.trainer import NonFiniteLossError, train
+from tests.helpers import tiny_overrides
 
 ROOT = os.path.dirname(os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 
@@ -231,3 +231,32 @@ def test_half_precision_training_on_gpu(tiny_run_inputs, tmp_path, precision):
     from aquila.model.checkpoint import load
 
     assert next(load(summary["checkpoint"]).parameters()).dtype == torch.float32  # master weights stay fp32
+
+
+def test_sft_token_ids_outside_the_vocabulary_are_found_before_training(small_tokenizer, tmp_path):
+    from aquila.train.data import SFTData
+    from aquila.train.engine import Processes
+
+    config = TrainConfig(kind="sft", seq_len=256, valid_fraction=0.25, output_dir=str(tmp_path))
+    data = SFTData(config, small_tokenizer, Processes(0, 1, 0, torch.device("cpu")))
+    data.check_vocabulary(small_tokenizer.vocab_size)
+    with pytest.raises(ValueError, match=r"the demo conversations: token id \d+ is outside the model's vocabulary of 100"):
+        data.check_vocabulary(100)
+
+
+@pytest.mark.parametrize("implementation", ["data.PretrainingData", "data.SFTData", "engine.TorchOptimization",
+                                            "bmtrain_engine.BMTrainOptimization"])
+def test_data_and_engines_implement_every_member_of_their_protocol(implementation):
+    """The trainer relies on the protocols alone; a member left to the protocol's empty default would return None."""
+    import importlib
+
+    from aquila.train.data import TrainingData
+    from aquila.train.engine import Optimization
+
+    module, name = implementation.split(".")
+    cls = getattr(importlib.import_module(f"aquila.train.{module}"), name)
+    protocol = TrainingData if module == "data" else Optimization
+    members = [member for member, value in vars(protocol).items()
+               if not member.startswith("_") and (callable(value) or isinstance(value, property))]
+    assert protocol in cls.__mro__ and members
+    assert [member for member in members if member not in vars(cls)] == []
