@@ -1,19 +1,39 @@
-"""Renders a benchmark results JSON (default: the newest benchmarks/results/kernels-*.json) as a Markdown table, and
-optionally as a PNG chart of every implementation's speed relative to the baseline of its op.
+"""Generates benchmarks/README.md and a chart per machine kind from the benchmark results.
 
-    python benchmarks/report.py [results.json ...] [--png chart.png]
+    python benchmarks/report.py                  # writes benchmarks/README.md and results/kernels-<kind>.svg
+    python benchmarks/report.py --check          # exits 1 if README.md differs from what the results give
+    python benchmarks/report.py FILE.json ...    # prints each file's table instead
+
+The page is benchmarks/README.template.md filled in: {results} becomes a table of the newest
+results/kernels-<kind>-<date>.json of every machine kind (cpu, cuda), and every other {name} a figure computed by
+cpu_figures() from the newest CPU results and results/history.csv (earlier runs: the rows of the benchmarks whose
+spread over runs the page quotes). The prose around the figures was written for those runs: when a new run
+replaces one, read the page again. Each output is written atomically, and the same inputs give the same bytes.
 """
 
 import argparse
+import csv
 import glob
+import io
 import json
 import os
+import re
+import sys
+
+HERE = os.path.dirname(os.path.abspath(__file__))
+RESULTS = os.path.join(HERE, "results")
+TEMPLATE = os.path.join(HERE, "README.template.md")
+OUTPUT = os.path.join(HERE, "README.md")
+HISTORY = os.path.join(RESULTS, "history.csv")
+
 
 
 def render(report):
+    """The Markdown table of one results JSON."""
+    interrupted = " Interrupted: a partial run." if report.get("interrupted") else ""
     lines = [f"Machine: {report['machine']} ({report['device']}); torch {report['torch']}, "
              f"triton {report.get('triton', '-')}; {report['date']}. Copy bandwidth "
-             f"{report['copy_bandwidth_bytes_per_s'] / 1e9:.1f} GB/s (read + write).", "",
+             f"{report['copy_bandwidth_bytes_per_s'] / 1e9:.1f} GB/s (read + write).{interrupted}", "",
              "| op | implementation | ms | GB/s | of copy bandwidth | GFLOP/s | of matmul rate | vs baseline | "
              "peak MB |",
              "| --- | --- | ---: | ---: | ---: | ---: | ---: | ---: | ---: |"]
@@ -30,8 +50,9 @@ def cell(value, pattern, scale=1.0):
     return "-" if value is None else pattern.format(value * scale)
 
 
-def chart(report, path):
-    """One horizontal bar per (op, implementation) that is not its op's baseline: speed relative to the baseline."""
+def chart_svg(report):
+    """One horizontal bar per (op, implementation) that is not its op's baseline: speed relative to the baseline.
+    SVG text with fixed ids and no date, so the same results draw the same bytes."""
     import matplotlib
 
     matplotlib.use("Agg")
@@ -40,38 +61,193 @@ def chart(report, path):
     rows = [r for r in report["results"] if r.get("speedup_vs_baseline") not in (None, 1.0)]
     if not rows:
         raise ValueError("no result has a ratio to a baseline to plot")
-    labels = [f"{r['op']} | {r['impl']}" for r in rows]
-    ratios = [r["speedup_vs_baseline"] for r in rows]
-    figure, axes = plt.subplots(figsize=(10, 0.28 * len(rows) + 1.2))
-    colors = ["tab:green" if "aquila" in r["impl"] else "tab:gray" for r in rows]
-    axes.barh(range(len(rows)), ratios, color=colors)
-    axes.axvline(1.0, color="black", linewidth=0.8)
-    axes.set_yticks(range(len(rows)), labels, fontsize=7)
-    axes.invert_yaxis()
-    axes.set_xlabel("speed relative to the op's baseline (torch eager, SDPA, transformers or DeepSpeed); > 1 is faster")
-    axes.set_title(f"{report['machine']}, {report['date']}", fontsize=9)
-    figure.tight_layout()
-    temporary = path + ".tmp.png"
-    figure.savefig(temporary, dpi=110)
-    plt.close(figure)
-    os.replace(temporary, path)
+    with matplotlib.rc_context({"svg.hashsalt": "aquila", "svg.fonttype": "none"}):
+        figure, axes = plt.subplots(figsize=(10, 0.28 * len(rows) + 1.2))
+        colors = ["tab:green" if "aquila" in r["impl"] else "tab:gray" for r in rows]
+        axes.barh(range(len(rows)), [r["speedup_vs_baseline"] for r in rows], color=colors)
+        axes.axvline(1.0, color="black", linewidth=0.8)
+        axes.set_yticks(range(len(rows)), [f"{r['op']} | {r['impl']}" for r in rows], fontsize=7)
+        axes.invert_yaxis()
+        axes.set_xlabel("speed relative to the op's baseline (torch eager, SDPA, transformers or DeepSpeed); "
+                        "> 1 is faster")
+        axes.set_title(f"{report['machine']}, {report['date']}", fontsize=9)
+        figure.tight_layout()
+        out = io.StringIO()
+        figure.savefig(out, format="svg", metadata={"Date": None})
+        plt.close(figure)
+    return out.getvalue()
+
+
+def newest_per_kind():
+    """{kind: path} of the newest results/kernels-<kind>-<date>.json of each kind, by the date in the name."""
+    newest = {}
+    for path in sorted(glob.glob(os.path.join(RESULTS, "kernels-*-*.json"))):
+        kind, stamp = os.path.basename(path)[len("kernels-"):-len(".json")].split("-", 1)
+        if kind not in newest or stamp > newest[kind][0]:
+            if kind in newest:
+                print(f"report: {os.path.relpath(newest[kind][1], HERE)} is older than "
+                      f"{os.path.basename(path)}: not used", file=sys.stderr)
+            newest[kind] = (stamp, path)
+    return {kind: path for kind, (stamp, path) in sorted(newest.items())}
+
+
+# ---- the figures the page quotes: rows from the newest run and from the history, in one shape ----
+
+def rows_of_report(report):
+    rows = []
+    for r in report["results"]:
+        peak = r.get("peak_extra_bytes", r.get("peak_memory_bytes"))
+        rows.append({"date": report["date"], "op": r["op"], "impl": r["impl"], "ms": r["seconds"] * 1e3,
+                     "vs_baseline": r.get("speedup_vs_baseline"), "of_copy": r.get("fraction_of_copy"),
+                     "of_matmul": r.get("fraction_of_matmul"), "peak_mb": None if peak is None else peak / 1e6})
+    return rows
+
+
+def read_history(device):
+    with open(HISTORY, newline="") as f:
+        return [{key: (value if key in ("date", "device", "op", "impl") else float(value) if value else None)
+                 for key, value in row.items()} for row in csv.DictReader(f) if row["device"] == device]
+
+
+def pick(rows, op, impl):
+    """Rows whose op matches the regular expression `op` (from its start) and whose implementation is `impl`."""
+    return [r for r in rows if re.match(op, r["op"]) and r["impl"] == impl]
+
+
+def paired(rows, op, impl, other, value):
+    """value(row of impl, row of other) for every run and op where both implementations ran."""
+    others = {(r["date"], r["op"]): r for r in pick(rows, op, other)}
+    return [value(r, others[r["date"], r["op"]]) for r in pick(rows, op, impl) if (r["date"], r["op"]) in others]
+
+
+def span(values, pattern):
+    """'low to high' in the pattern, or one value when both read the same."""
+    if not values:
+        raise ValueError("no result to quote: the template asks for a benchmark the results lack")
+    low, high = pattern.format(min(values)), pattern.format(max(values))
+    return low if low == high else f"{low} to {high}"
+
+
+def runs(rows):
+    return len({r["date"] for r in rows})
+
+
+def faster(mine, theirs):
+    return theirs["ms"] / mine["ms"]
+
+
+def memory(mine, theirs):
+    return mine["peak_mb"] / theirs["peak_mb"]
+
+
+def cpu_figures(latest, history):
+    every = latest + history
+    ratio = "{:.2f}x"
+    norms = r"(rms_norm|rms_norm\+residual|rotary q\+k)"
+    norm_fwd, norm_bwd = norms + r" fwd ", norms + r" fwd\+bwd "
+    attention, decode = r"attention ", r"decode attention "
+    generation_1, generation_8 = r"greedy generation, batch 1,", r"greedy generation, batch 8,"
+    step = r"training step 2x2x512"
+    patched = r"llama (training step|forward\+backward) "
+    return {
+        "norm_fwd": span([r["vs_baseline"] for r in pick(latest, norm_fwd, "aquila cpu")], ratio),
+        "norm_fwd_copy": span([r["of_copy"] for r in pick(latest, norm_fwd, "aquila cpu")], "{:.0%}"),
+        "norm_fwd_compile": span(paired(latest, norm_fwd, "aquila cpu", "torch.compile", faster), ratio),
+        "norm_bwd": span([r["vs_baseline"] for r in pick(latest, norm_bwd, "aquila cpu")], ratio),
+        "norm_bwd_compile": span(paired(latest, norm_bwd, "aquila cpu", "torch.compile", faster), ratio),
+        "ce_fwd": span([r["vs_baseline"] for r in pick(latest, r"cross_entropy fwd ", "aquila cpu")], ratio),
+        "ce_bwd": span([r["vs_baseline"] for r in pick(latest, r"cross_entropy fwd\+bwd ", "aquila cpu")], ratio),
+        "ce_bwd_compile": span(paired(latest, r"cross_entropy fwd\+bwd ", "aquila cpu", "torch.compile", faster),
+                               ratio),
+        "ce_memory": span(paired(latest, r"cross_entropy fwd\+bwd ", "aquila cpu", "torch eager", memory), "{:.0%}"),
+        "lce": span([r["vs_baseline"] for r in pick(every, r"linear_cross_entropy fwd\+bwd ", "aquila cpu")], ratio),
+        "lce_runs": runs(pick(every, r"linear_cross_entropy fwd\+bwd ", "aquila cpu")),
+        "lce_memory": span(paired(latest, r"linear_cross_entropy fwd\+bwd ", "aquila cpu", "torch eager", memory),
+                           "{:.0%}"),
+        "lce_lean": span([r["vs_baseline"] for r in pick(every, r"linear_cross_entropy fwd\+bwd ",
+                                                         "aquila cpu, lean")], ratio),
+        "lce_lean_memory": span(paired(latest, r"linear_cross_entropy fwd\+bwd ", "aquila cpu, lean", "torch eager",
+                                       memory), "{:.0%}"),
+        "attention": span([r["vs_baseline"] for r in pick(every, attention, "aquila cpu")], ratio),
+        "attention_runs": runs(pick(every, attention, "aquila cpu")),
+        "attention_matmul": span([r["of_matmul"] for r in pick(every, attention, "aquila cpu")], "{:.0%}"),
+        "attention_eager": span(paired(latest, attention, "aquila cpu", "torch eager", faster), "{:.1f}x"),
+        "attention_compile": span(paired(latest, attention, "aquila cpu", "torch.compile", faster), "{:.1f}x"),
+        "attention_memory_2048": span(paired(latest, attention + r".*2048", "aquila cpu", "torch eager", memory),
+                                      "{:.0%}"),
+        "decode": span([r["vs_baseline"] for r in pick(every, decode, "aquila cpu")], ratio),
+        "decode_eager": span(paired(every, decode, "aquila cpu", "torch eager", faster), "{:.1f}x"),
+        "decode_runs": runs(pick(every, decode, "aquila cpu")),
+        "generation_1_now": span([r["vs_baseline"] for r in pick(latest, generation_1, "aquila")], ratio),
+        "generation_1": span([r["vs_baseline"] for r in pick(every, generation_1, "aquila")], ratio),
+        "generation_runs": runs(pick(every, generation_1, "aquila")),
+        "generation_1_transformers_ms": span([r["ms"] for r in pick(every, generation_1, "transformers generate")],
+                                             "{:.0f}"),
+        "generation_1_aquila_ms": span([r["ms"] for r in pick(every, generation_1, "aquila")], "{:.0f}"),
+        "generation_1_copy": span([r["of_copy"] for r in pick(every, generation_1, "aquila")], "{:.0%}"),
+        "generation_8": span([r["vs_baseline"] for r in pick(every, generation_8, "aquila")], ratio),
+        "patch_step": span([r["vs_baseline"] for r in pick(every, r"llama training step ", "transformers + aquila")],
+                           ratio),
+        "patch_forward_backward": span([r["vs_baseline"] for r in pick(every, r"llama forward\+backward ",
+                                                                       "transformers + aquila")], ratio),
+        "patch_memory": span(paired(every, patched, "transformers + aquila", "transformers", memory), "{:.2f}x"),
+        "patch_runs": runs(pick(every, patched, "transformers + aquila")),
+        "step_ddp_now": span([r["vs_baseline"] for r in pick(latest, step, "aquila ddp")], ratio),
+        "step_ddp": span([r["vs_baseline"] for r in pick(every, step, "aquila ddp")], ratio),
+        "step_ddp_runs": runs(pick(every, step, "aquila ddp")),
+        "step_ddp_at_target": sum(r["vs_baseline"] >= 1.5 for r in pick(every, step, "aquila ddp")),
+        "step_ddp_memory": span(paired(every, step, "aquila ddp", "transformers + deepspeed zero-2",
+                                       lambda mine, theirs: 1 - mine["peak_mb"] / theirs["peak_mb"]), "{:.0%}"),
+        "step_compile": span([r["vs_baseline"] for r in pick(every, step, "transformers sdpa + torch.compile, ddp")],
+                             ratio),
+        "step_fsdp": span([r["vs_baseline"] for r in pick(every, step, "aquila fsdp2 zero-2")], ratio),
+        "step_runs": runs(pick(every, step, "transformers + deepspeed zero-2")),
+    }
+
+
+def page():
+    """The text of benchmarks/README.md, and {svg path: svg text} of the charts."""
+    newest = newest_per_kind()
+    if "cpu" not in newest:
+        raise SystemExit("report: no results/kernels-cpu-*.json, which the page's readings quote")
+    sections, charts, figures = [], {}, {}
+    for kind, path in newest.items():
+        with open(path) as f:
+            report = json.load(f)
+        chart = f"results/kernels-{kind}.svg"
+        sections.append(f"### {kind.upper()}\n\nFrom `results/{os.path.basename(path)}`; "
+                        f"chart: [`{chart}`]({chart}).\n\n{render(report)}")
+        charts[os.path.join(HERE, chart)] = chart_svg(report)
+        if kind == "cpu":
+            figures = cpu_figures(rows_of_report(report), read_history("cpu"))
+    with open(TEMPLATE, encoding="utf-8") as f:
+        template = f.read()
+    return template.format_map({"results": "\n\n".join(sections), **figures}), charts
 
 
 def main():
-    here = os.path.dirname(os.path.abspath(__file__))
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
-    parser.add_argument("paths", nargs="*", help="results JSON files (default: the newest kernels-*.json)")
-    parser.add_argument("--png", help="also draw the ratios to the baselines into this PNG (of the last file)")
+    parser.add_argument("paths", nargs="*", help="results JSON files to print as tables (default: write the page)")
+    parser.add_argument("--check", action="store_true", help="only compare README.md with what it should be")
     args = parser.parse_args()
-    # Default: the newest by the date in the name (kernels-<device>-<date>.json), whatever the modification times.
-    paths = args.paths or [max(glob.glob(os.path.join(here, "results", "kernels-*.json")),
-                               key=lambda path: os.path.basename(path).split("-", 2)[2])]
-    for path in paths:
-        with open(path) as f:
-            report = json.load(f)
-        print(render(report))
-    if args.png:
-        chart(report, args.png)
+    if args.paths:
+        for path in args.paths:
+            with open(path) as f:
+                print(render(json.load(f)), end="\n\n")
+        return
+    text, charts = page()
+    sys.path.insert(0, os.path.dirname(HERE))  # this checkout's aquila, whatever is installed
+    from aquila.files import write_text_atomically
+
+    if args.check:
+        with open(OUTPUT, encoding="utf-8") as f:
+            if f.read() != text:
+                raise SystemExit("report: benchmarks/README.md is out of date: run python benchmarks/report.py")
+        return
+    write_text_atomically(OUTPUT, text)
+    for path, svg in charts.items():
+        write_text_atomically(path, svg)
+    print(f"written: {os.path.relpath(OUTPUT)}, " + ", ".join(os.path.relpath(path) for path in charts))
 
 
 if __name__ == "__main__":

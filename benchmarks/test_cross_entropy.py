@@ -48,8 +48,7 @@ IMPLS = ["torch eager", "torch.compile", "liger", "aquila cpu", "aquila triton",
 
 def liger_losses(device):
     """Liger-Kernel's cross-entropy and fused linear cross-entropy as (logits, targets) and (hidden, weight, targets)
-    functions. GPU only (Triton on CUDA); a benchmark extra, carried to the GPU machine as a wheel. Not yet run: no GPU
-    has been lent to the project."""
+    functions. GPU only (Triton on CUDA); a benchmark extra, carried to the GPU machine as a wheel."""
     if device != "cuda":
         pytest.skip("Liger-Kernel runs on CUDA only")
     pytest.importorskip("liger_kernel", reason="pip install liger-kernel (pure Python + Triton)")

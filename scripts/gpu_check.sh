@@ -1,15 +1,18 @@
 #!/usr/bin/env bash
-# The GPU check: one call on a lent GPU machine builds the CUDA extension, runs the whole test suite on the GPU
+# The GPU check: one run on a machine with a GPU builds the CUDA extension, runs the whole test suite on the GPU
 # (Triton compiled for real, the CUDA C++ kernels, bf16), the Triton compile check, and the GPU benchmarks, and
-# leaves a log, the test report and the benchmark JSON in $OUT. Budget: 8 minutes.
+# leaves a log, the test report and the benchmark JSON in $OUT. It takes about 8 minutes.
 #
-# From a session with the device tool (the machine has no internet, so build tools travel as wheels):
-#   here, once:  pip download --only-binary=:all: --python-version 3.12 -d .wheels pybind11 ninja setuptools \
+# A machine with a GPU may have no internet access, so the build tools travel as wheels:
+#   on a machine with internet, once:
+#                pip download --only-binary=:all: --python-version 3.12 -d .wheels pybind11 ninja setuptools \
 #                    liger-kernel hjson msgpack py-cpuinfo einops
 #                DS_BUILD_OPS=0 pip wheel --no-deps --no-build-isolation -w .wheels deepspeed
-#   run:         command "bash scripts/gpu_check.sh", carry [".wheels"], timeout_s 560
+#   on the machine with a GPU, in a copy of the repository that includes .wheels/:
+#                bash scripts/gpu_check.sh
 # Liger-Kernel and DeepSpeed are the benchmarks' contenders (optional: their benchmarks skip without them).
-# then commit the JSON under benchmarks/results/.
+# Then put the JSON under benchmarks/results/ in place of the older one of its machine kind (benchmarks/README.md,
+# "Results files") and run python benchmarks/report.py.
 set -uo pipefail
 cd "$(dirname "$0")/.."
 OUT=${OUT:-benchmarks/results/gpu-check}

@@ -1,5 +1,4 @@
 // Softmax cross-entropy on CUDA, loss and gradient in one kernel: the arithmetic of kernels.h (CrossEntropy).
-// Status: compiled for sm_80/sm_90a, not yet run on a GPU (none lent so far: README, Verification).
 //
 // A row is covered by a row group of threads (see RowTiling): thread i owns the packs i, i + blockDim.x, ... of
 // kVec elements each, 16 bytes' worth when pointers, strides and vocab allow 16-byte accesses, else 1. Pass 1 reads

@@ -1,6 +1,5 @@
 // Split-K ("flash-decoding") attention on CUDA: a few query tokens per sequence against a long KV cache, with the
 // semantics of kernels.h (AttentionForward): varlen sequences, GQA, bottom-right causal alignment, lse in fp32.
-// Status: compiled for sm_80/sm_90a, not yet run on a GPU.
 //
 // Work. A sequence's queries and the query heads that share kv head kh form its rows, row r = i * group + g being
 // query i (0-based in the sequence) of head kh * group + g (group = heads_q / heads_k). Kernel 1 runs one block of

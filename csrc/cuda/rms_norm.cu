@@ -1,5 +1,4 @@
 // RMSNorm on CUDA, forward and backward: the same arithmetic as csrc/cpu/rms_norm.cpp.
-// Status: compiled for sm_80/sm_90a in CI, not yet run on a GPU (none lent so far: README, Verification).
 //
 // A row is covered by a row group of threads (see RowTiling): thread t owns the packs t, t + blockDim.x, ... of
 // kVec elements each. kVec is 16 bytes' worth of elements when pointers, strides and hidden allow 16-byte accesses,

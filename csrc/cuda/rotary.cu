@@ -1,5 +1,4 @@
 // Rotary position embedding on CUDA: the same arithmetic as csrc/cpu/rotary.cpp.
-// Status: compiled for sm_80/sm_90a in CI, not yet run on a GPU (none lent so far: README, Verification).
 //
 // One block per token (b, s): its threads first compute the token's cos/sin once into shared memory, in double
 // precision from the exact angle position * theta^(-2i/d), then rotate every head of the token. Threads are laid
