@@ -34,7 +34,7 @@ import numpy as np
 import torch
 from torch import Tensor
 
-from aquila.data import IGNORE_INDEX
+from aquila import IGNORE_INDEX
 from aquila.data.documents import read_json_lines
 from aquila.data.tokenizer import LONE_SURROGATE
 from aquila.model.chat import ROLES, Message, Rendered, check_turns, render

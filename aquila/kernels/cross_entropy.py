@@ -21,6 +21,8 @@ from typing import Optional
 import torch
 from torch import Tensor
 
+from aquila import IGNORE_INDEX
+
 from . import backend as _backend
 from . import reference
 from .backend import Implementation, Implementations
@@ -315,7 +317,7 @@ def _check_options(op, targets, device, ignore_index, label_smoothing, z_loss, r
             raise ValueError(f"{op}: num_tokens must be a number > 0, got {num_tokens!r}")
 
 
-def cross_entropy(logits: Tensor, targets: Tensor, *, ignore_index: int = -100, label_smoothing: float = 0.0,
+def cross_entropy(logits: Tensor, targets: Tensor, *, ignore_index: int = IGNORE_INDEX, label_smoothing: float = 0.0,
                   z_loss: float = 0.0, reduction: str = "mean", num_tokens: Optional[float] = None,
                   inplace_backward: bool = False, backend: Optional[str] = None) -> Tensor:
     """Softmax cross-entropy of logits [..., V] (fp32, fp16 or bf16) against integer targets [...]; the loss is fp32.
@@ -347,7 +349,7 @@ def cross_entropy(logits: Tensor, targets: Tensor, *, ignore_index: int = -100, 
 
 
 def linear_cross_entropy(hidden: Tensor, weight: Tensor, targets: Tensor, bias: Optional[Tensor] = None, *,
-                         ignore_index: int = -100, label_smoothing: float = 0.0, z_loss: float = 0.0,
+                         ignore_index: int = IGNORE_INDEX, label_smoothing: float = 0.0, z_loss: float = 0.0,
                          reduction: str = "mean", num_tokens: Optional[float] = None,
                          chunk_size: Optional[int] = None, backend: Optional[str] = None) -> Tensor:
     """cross_entropy(hidden @ weight.T + bias, targets) without materialising the logits: hidden [..., H],

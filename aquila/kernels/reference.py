@@ -6,6 +6,8 @@ exactly as the kernels are specified to. The tests feed them float64 copies of t
 
 import torch
 
+from aquila import IGNORE_INDEX
+
 
 def compute_dtype(dtype):
     return torch.promote_types(dtype, torch.float32)
@@ -49,7 +51,7 @@ def rotary(x, positions=None, offset=0, theta=10000.0, interleaved=False, invers
     return out.to(x.dtype)
 
 
-def cross_entropy(logits, targets, ignore_index=-100, label_smoothing=0.0, z_loss=0.0, reduction="mean",
+def cross_entropy(logits, targets, ignore_index=IGNORE_INDEX, label_smoothing=0.0, z_loss=0.0, reduction="mean",
                   num_tokens=None):
     """F.cross_entropy over the last dimension of logits, plus z_loss * logsumexp^2 per counted token; `mean` divides
     by num_tokens when given, else by the number of targets that are not ignore_index (nan when there are none)."""

@@ -7,7 +7,8 @@ follow FlagAI's layout (tok_embeddings, layers.N.attention.wq, feed_forward.w1/w
 output).
 
 Checkpoints live in checkpoint.py, generation in generate.py, the chat template in chat.py and the patch that puts
-these kernels into transformers' LlamaForCausalLM in patch.py.
+these kernels into transformers' LlamaForCausalLM in patch.py; the CPU decoding step as one C++ call in
+native_decode.py.
 """
 
 from typing import Callable, NamedTuple, Optional
@@ -15,8 +16,9 @@ from typing import Callable, NamedTuple, Optional
 import torch
 from torch import Tensor, nn
 
+from aquila import IGNORE_INDEX
 from aquila.kernels import RMSNorm, apply_rotary, attention, attention_with_kv_cache, linear_cross_entropy
-from aquila.kernels import backend as _backend
+from aquila.model import native_decode
 from aquila.model.config import AquilaConfig
 
 
@@ -37,6 +39,15 @@ class KVCache:
         view.k, view.v = self.k[:, index:index + 1], self.v[:, index:index + 1]
         view.lengths = self.lengths[index:index + 1]
         return view
+
+    def check_room(self, tokens: Tensor):
+        """Raises unless tokens [batch, new] match the cache's batch and fit after every sequence's positions."""
+        if tokens.dim() != 2 or tokens.shape[0] != self.lengths.shape[0]:
+            raise ValueError(f"Aquila: tokens must be [batch, new] with the cache's batch {self.lengths.shape[0]}, "
+                             f"got shape {tuple(tokens.shape)}")
+        if int(self.lengths.max()) + tokens.shape[1] > self.k.shape[2]:
+            raise ValueError(f"Aquila: the cache holds {self.k.shape[2]} positions; {tokens.shape[1]} more do not "
+                             "fit")
 
 
 class LayerCache(NamedTuple):
@@ -133,7 +144,7 @@ class Aquila(nn.Module):
                 module.weight.fill_(1.0)
 
     def forward(self, tokens: Tensor, targets: Optional[Tensor] = None, *, positions: Optional[Tensor] = None,
-                cu_seqlens: Optional[Tensor] = None, ignore_index: int = -100,
+                cu_seqlens: Optional[Tensor] = None, ignore_index: int = IGNORE_INDEX,
                 num_tokens: Optional[float] = None) -> Tensor:
         """tokens [batch, seq]. With targets [batch, seq], returns the mean loss over targets that are not
         ignore_index (or their sum / num_tokens), never materialising the logits; without, the logits
@@ -162,10 +173,10 @@ class Aquila(nn.Module):
         logits alone ([batch, 1, vocab]), all that sampling needs (a prefill's other logits would cost a full
         vocabulary projection per prompt token)."""
         if tokens.shape[-1:] == (1,) and last_only:
-            native = self._native_decoder(cache)
+            native = native_decode.decoder(self, cache)
             if native is not None:
                 return native(tokens)
-        _check_room(tokens, cache)
+        cache.check_room(tokens)
         new = tokens.shape[1]
         positions = cache.lengths[:, None].long() + torch.arange(new, device=tokens.device)
         rows = torch.arange(tokens.shape[0], device=tokens.device)[:, None]
@@ -185,56 +196,7 @@ class Aquila(nn.Module):
         """step(tokens [batch, 1]) -> logits [batch, 1, vocab]: forward_with_cache(tokens, cache, last_only=True),
         with what a generation loop can prepare once prepared once (the one-call C++ step's weight and cache
         pointers and its workspace). The weights must not change while a decoder is in use."""
-        native = self._native_decoder(cache)
+        native = native_decode.decoder(self, cache)
         if native is not None:
             return native
         return lambda tokens: self.forward_with_cache(tokens, cache, last_only=True)
-
-    def _native_decoder(self, cache: KVCache) -> Optional[Callable[[Tensor], Tensor]]:
-        """The decoding step as a single C++ call (csrc/cpu/decode.cpp), where it can run: CPU, fp32 weights and
-        cache, the CPU kernels chosen (not the reference), everything contiguous; else None. At batch 1 a decoding
-        step reads every weight once and does little else, so the Python and dispatch overhead of ~200 op calls
-        would otherwise cost a third of its time."""
-        if self.backend not in (None, "cpu") or _backend.cpu_extension is None or cache.k.device.type != "cpu":
-            return None
-        layers = [{"attention_norm": layer.attention_norm.weight, "wq": layer.attention.wq.weight,
-                   "wk": layer.attention.wk.weight, "wv": layer.attention.wv.weight, "wo": layer.attention.wo.weight,
-                   "ffn_norm": layer.ffn_norm.weight, "w1": layer.feed_forward.w1.weight,
-                   "w2": layer.feed_forward.w2.weight, "w3": layer.feed_forward.w3.weight,
-                   "k_cache": cache.k[index], "v_cache": cache.v[index]}
-                  for index, layer in enumerate(self.layers)]
-        others = {"embeddings": self.tok_embeddings.weight, "final_norm": self.norm.weight,
-                  "output": self.output.weight}
-        tensors = [t for layer in layers for t in layer.values()] + list(others.values())
-        if not all(t.dtype == torch.float32 and t.device.type == "cpu" and t.is_contiguous() for t in tensors):
-            return None
-        others["lengths"] = cache.lengths  # int32, contiguous: a KVCache's own
-        c, (batch, max_len) = self.config, cache.k.shape[1:3]
-        workspace = torch.empty(batch * (3 * c.dim + 2 * (c.n_heads + c.kv_heads) * c.head_dim + 2 * c.hidden_dim
-                                         + c.n_heads * max_len))
-        arguments = {"batch": batch, "dim": c.dim, "heads": c.n_heads, "kv_heads": c.kv_heads,
-                     "head_dim": c.head_dim, "hidden_dim": c.hidden_dim, "vocab": c.vocab_size, "max_len": max_len,
-                     "eps": c.norm_eps, "theta": c.rope_theta, "interleaved": c.rope_interleaved,
-                     **{name: t.data_ptr() for name, t in others.items()},
-                     "layers": [{name: t.data_ptr() for name, t in layer.items()} for layer in layers],
-                     "workspace": workspace.data_ptr()}
-
-        def step(tokens: Tensor) -> Tensor:
-            _check_room(tokens, cache)
-            tokens = tokens.reshape(batch).to("cpu", torch.int64).contiguous()
-            logits = torch.empty(batch, 1, c.vocab_size)
-            _backend.cpu_extension.decode_step(
-                {**arguments, "tokens": tokens.data_ptr(), "logits": logits.data_ptr()}, torch.get_num_threads())
-            cache.lengths += 1
-            return logits
-
-        step.keep_alive = workspace  # the pointers above must stay valid as long as the step exists
-        return step
-
-
-def _check_room(tokens: Tensor, cache: KVCache):
-    if tokens.dim() != 2 or tokens.shape[0] != cache.lengths.shape[0]:
-        raise ValueError(f"Aquila: tokens must be [batch, new] with the cache's batch {cache.lengths.shape[0]}, "
-                         f"got shape {tuple(tokens.shape)}")
-    if int(cache.lengths.max()) + tokens.shape[1] > cache.k.shape[2]:
-        raise ValueError(f"Aquila: the cache holds {cache.k.shape[2]} positions; {tokens.shape[1]} more do not fit")

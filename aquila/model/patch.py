@@ -55,9 +55,11 @@ from typing import Optional
 import torch
 from torch import Tensor
 
+from aquila import IGNORE_INDEX
 from aquila.kernels import RMSNorm, apply_rotary, attention, linear_cross_entropy
+from aquila.kernels.attention import IMPLEMENTATIONS as ATTENTION_IMPLEMENTATIONS
 from aquila.kernels.attention import MAX_HEAD_DIM
-from aquila.kernels.backend import BACKENDS, FLOAT_DTYPES
+from aquila.kernels.backend import BACKENDS, FLOAT_DTYPES, UnsupportedBackend
 
 try:
     from transformers.modeling_outputs import CausalLMOutputWithPast
@@ -301,7 +303,7 @@ def aquila_causal_lm_forward(self, input_ids=None, attention_mask=None, position
         return ORIGINAL_CAUSAL_LM_FORWARD(self, **arguments, labels=labels, logits_to_keep=logits_to_keep, **kwargs)
     outputs = self.model(**arguments, **kwargs)
     loss = _fused_causal_lm_loss(outputs.last_hidden_state, self.lm_head, labels,
-                                 shift_labels=kwargs.get("shift_labels"), ignore_index=kwargs.get("ignore_index", -100),
+                                 shift_labels=kwargs.get("shift_labels"), ignore_index=kwargs.get("ignore_index", IGNORE_INDEX),
                                  num_items_in_batch=kwargs.get("num_items_in_batch"), backend=options.backend)
     return CausalLMOutputWithPast(loss=loss, logits=None, cache=outputs.cache, hidden_states=outputs.hidden_states,
                                   attentions=outputs.attentions)
@@ -318,10 +320,9 @@ def _checked_options(rms_norm, rotary, attention, cross_entropy, backend):
     if backend is not None and backend not in BACKENDS:
         raise ValueError(f"apply_aquila_kernels_to_llama: backend must be one of {', '.join(BACKENDS)} or None "
                          f"(each device's default), got {backend!r}")
-    if backend == "cuda" and attention:
-        # aquila's CUDA C++ backend has the decode kernel only; attention for training runs on Triton.
-        raise ValueError("apply_aquila_kernels_to_llama: the cuda backend has no training attention kernel: use "
-                         "backend='triton' (the default on GPU), or attention=False")
+    if backend is not None and attention and backend not in ATTENTION_IMPLEMENTATIONS:
+        raise UnsupportedBackend(f"apply_aquila_kernels_to_llama: {backend} has no training attention kernel: use "
+                                 "backend=None (each device's default), or attention=False")
     return PatchOptions(**flags, backend=backend)
 
 

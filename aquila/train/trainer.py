@@ -23,7 +23,8 @@ from typing import Callable, Optional
 
 import torch
 
-from aquila.data import IGNORE_INDEX, demo_file
+from aquila import IGNORE_INDEX
+from aquila.data import demo_file
 from aquila.data.tokenizer import Tokenizer
 from aquila.model.config import AquilaConfig
 from aquila.model.model import Aquila

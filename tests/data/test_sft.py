@@ -6,7 +6,7 @@ import os
 import pytest
 import torch
 
-from aquila.data import IGNORE_INDEX
+from aquila import IGNORE_INDEX
 from aquila.data.sft import Conversation, SFTDataset, first_fit, fit_to_length, load_conversations, pack
 from aquila.model.chat import DEFAULT_SYSTEM, Message, render
 from aquila.model.config import AquilaConfig

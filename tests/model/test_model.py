@@ -6,6 +6,7 @@ import sys
 import pytest
 import torch
 
+from aquila.model import native_decode
 from aquila.model.config import AquilaConfig
 from aquila.model.model import Aquila
 
@@ -134,14 +135,14 @@ def test_native_decoding_step_matches_the_module_path(config):
             cache.lengths[1] = 2  # a shorter sequence: its later positions are overwritten
         for _ in range(4):
             token = torch.randint(0, config.vocab_size, (3, 1))
-            assert model._native_decoder(native) is not None
+            assert native_decode.decoder(model, native) is not None
             fast = model.forward_with_cache(token, native, last_only=True)
             slow = model.forward_with_cache(token, modules)  # last_only=False: the module path
             torch.testing.assert_close(fast, slow, rtol=1e-5, atol=1e-5)
     torch.testing.assert_close(native.k, modules.k, rtol=1e-5, atol=1e-6)
     torch.testing.assert_close(native.v, modules.v, rtol=1e-5, atol=1e-6)
     assert native.lengths.tolist() == modules.lengths.tolist() == [10, 6, 10]
-    assert Aquila(config, backend="torch")._native_decoder(native) is None  # the reference stays
+    assert native_decode.decoder(Aquila(config, backend="torch"), native) is None  # the reference stays
 
 
 @pytest.mark.parametrize("isa", ["avx2", "baseline"])

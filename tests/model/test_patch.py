@@ -12,6 +12,7 @@ import torch
 transformers = pytest.importorskip("transformers")
 
 import aquila.model.patch as patch_module  # noqa: E402  (after the importorskip)
+from aquila.kernels import UnsupportedBackend  # noqa: E402
 from aquila.model.patch import (AquilaLlamaAttention, AquilaLlamaRMSNorm, apply_aquila_kernels_to_llama,  # noqa: E402
                                 remove_aquila_kernels_from_llama)
 
@@ -275,7 +276,7 @@ def test_bad_arguments_are_clear_errors():
         apply_aquila_kernels_to_llama(model, rms_norm="yes")
     with pytest.raises(ValueError, match="backend must be one of"):
         apply_aquila_kernels_to_llama(model, backend="reference")
-    with pytest.raises(ValueError, match="cuda backend"):
+    with pytest.raises(UnsupportedBackend, match="cuda has no training attention kernel"):
         apply_aquila_kernels_to_llama(model, backend="cuda")
 
     class CustomForward(transformers.LlamaForCausalLM):
