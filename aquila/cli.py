@@ -18,6 +18,8 @@ import time
 import torch
 
 DTYPES = {"fp32": torch.float32, "bf16": torch.bfloat16, "fp16": torch.float16}
+# What the `train` extra installs (pyproject.toml), by the name it is imported as.
+TRAIN_EXTRA_MODULES = {"safetensors", "tokenizers", "yaml", "tqdm", "matplotlib"}
 
 
 def convert(args):
@@ -33,7 +35,6 @@ def load_for_inference(args):
     """The model and tokenizer of a checkpoint directory (the tokenizer beside the weights unless --tokenizer)."""
     from aquila.data.tokenizer import Tokenizer
     from aquila.model.checkpoint import load
-
     from aquila.train.checkpoint import resolve
 
     device = args.device or ("cuda" if torch.cuda.is_available() else "cpu")
@@ -231,6 +232,11 @@ def main(argv=None):
     args.overrides = extra
     try:
         args.run(args)
+    except ModuleNotFoundError as error:
+        if (error.name or "").split(".")[0] not in TRAIN_EXTRA_MODULES:
+            raise
+        sys.exit(f"aquila {args.command}: needs the train extra (no module {error.name!r}): "
+                 "pip install 'aquila[train]'")
     except (ValueError, FileNotFoundError) as error:
         sys.exit(f"aquila {args.command}: {error}")
 

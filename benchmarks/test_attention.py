@@ -1,8 +1,8 @@
 """Attention: Aquila's kernels against the torch eager composition (softmax(QK^T)V with the scores materialised, as
 transformers' "eager" attention does), torch.compile of it, and torch's scaled_dot_product_attention (on GPU its flash
-backend; the baseline of the ratios) in the same run, forward and forward+backward, in TFLOP/s (4 B H N^2 D, halved when causal, x2.5 for the backward) and as
-a fraction of the machine's measured matmul rate; and generation against a KV cache, in bytes of cache read per
-second as a fraction of the measured copy bandwidth.
+backend; the baseline of the ratios) in the same run, forward and forward+backward, in TFLOP/s (4 B H N^2 D, halved
+when causal, x2.5 for the backward) and as a fraction of the machine's measured matmul rate; and generation against a
+KV cache, in bytes of cache read per second as a fraction of the measured copy bandwidth.
 """
 
 import pytest
@@ -90,13 +90,13 @@ def test_decode_attention(measure, device, quick, impl):
     k_cache, v_cache = (torch.randn(batch, cache, heads_k, head_dim, device=device, dtype=dtype) for _ in range(2))
     lengths = torch.full((batch,), cache, dtype=torch.int32, device=device)
     if impl == "aquila":
-        step = lambda: attention_with_kv_cache(q, k_cache, v_cache, lengths)  # noqa: E731
+        step = lambda: attention_with_kv_cache(q, k_cache, v_cache, lengths)
         impl = "aquila " + ("cuda" if device == "cuda" and backend.cuda_extension is not None else
                             "triton" if device == "cuda" else "cpu")
     elif impl == "torch sdpa":
-        step = lambda: sdpa(q, k_cache, v_cache, causal=False, flash_only=False)  # noqa: E731  (sees the whole cache)
+        step = lambda: sdpa(q, k_cache, v_cache, causal=False, flash_only=False)
     else:
         fn = eager_attention if impl == "torch eager" else compiled_attention
-        step = lambda: fn(q, k_cache, v_cache, False)  # noqa: E731
+        step = lambda: fn(q, k_cache, v_cache, False)
     moved = 2 * k_cache.numel() * k_cache.element_size()
     measure(f"decode attention {batch}x{cache} cache, heads {heads_q}/{heads_k}", impl, step, moved, rounds=15)

@@ -29,7 +29,7 @@ def eager_linear_cross_entropy(hidden, weight, targets):
     return F.cross_entropy((hidden @ weight.T).float(), targets)
 
 
-@functools.lru_cache(maxsize=None)
+@functools.cache
 def compiled(fn):
     return torch.compile(fn)
 

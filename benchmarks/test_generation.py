@@ -46,7 +46,7 @@ def test_greedy_generation(measure, models, device, quick, workload, impl):
     prompts = [torch.randint(0, ours.config.vocab_size, (shortest + step * i,), generator=generator).tolist()
                for i in range(batch)]
     if impl == "aquila":
-        run = lambda: generate(ours, prompts, Sampling(max_new_tokens=new_tokens))  # noqa: E731
+        run = lambda: generate(ours, prompts, Sampling(max_new_tokens=new_tokens))
     else:  # left padding and an attention mask: how transformers batches prompts of different lengths
         longest = max(len(p) for p in prompts)
         ids = torch.zeros(batch, longest, dtype=torch.long)
@@ -55,7 +55,7 @@ def test_greedy_generation(measure, models, device, quick, workload, impl):
             ids[row, longest - len(prompt):] = torch.tensor(prompt)
             mask[row, longest - len(prompt):] = 1
         ids, mask = ids.to(device), mask.to(device)
-        run = lambda: reference.generate(ids, attention_mask=mask, max_new_tokens=new_tokens,  # noqa: E731
+        run = lambda: reference.generate(ids, attention_mask=mask, max_new_tokens=new_tokens,
                                          min_new_tokens=new_tokens, do_sample=False, pad_token_id=0)
     weight_bytes = sum(p.numel() * p.element_size() for n, p in ours.named_parameters() if "tok_embeddings" not in n)
     with torch.no_grad():

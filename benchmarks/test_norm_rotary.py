@@ -43,7 +43,7 @@ def aquila_rotary(q, k):
     return rotary_embedding(q), rotary_embedding(k)
 
 
-@functools.lru_cache(maxsize=None)
+@functools.cache
 def compiled(fn):
     return torch.compile(fn)
 
@@ -70,7 +70,7 @@ IMPL_NAMES = ["torch eager", "torch.compile", "liger", "aquila cpu", "aquila tri
 
 def liger_implementation():
     """Liger-Kernel's RMSNorm (the residual add in torch before it; Liger has no rotary in this [batch, seq, heads, d]
-    layout, so None there). GPU only, a benchmark extra; not yet run: no GPU has been lent to the project."""
+    layout, so None there). GPU only, a benchmark extra."""
     try:
         from liger_kernel.ops.rms_norm import LigerRMSNormFunction
     except ImportError:

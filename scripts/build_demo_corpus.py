@@ -323,7 +323,7 @@ class BlockParser(HTMLParser):
         if text:
             tag, ident = self.tags[-1] if self.tags else ("", "")
             if not ident:
-                for t, i in reversed(self.tags):
+                for _, i in reversed(self.tags):
                     if i:
                         ident = i
                         break
@@ -408,7 +408,7 @@ def poem_text(title: str, author: str, lines: list[str], extra: str = "") -> str
     head = f"《{title}》" if title else ""
     if author:
         head += ("\n" if head else "") + f"作者：{author}"
-    body = "\n".join(l.strip() for l in lines if l.strip())
+    body = "\n".join(line.strip() for line in lines if line.strip())
     text = head + "\n\n" + body if head else body
     if extra:
         text += "\n\n" + extra
@@ -510,7 +510,7 @@ def fortunes_zh(root: str, records: dict) -> list[Doc]:
             raw = ANSI_RE.sub("", f.read())
         items, meta = [], []
         for entry in raw.split("\n%\n"):
-            lines = [l.rstrip() for l in entry.strip("\n%").split("\n")]
+            lines = [line.rstrip() for line in entry.strip("\n%").split("\n")]
             if len(lines) < 3:
                 continue
             m = re.match(r"^(?:题目[:：])?\s*《(.+?)》(.*)$", lines[0].strip())
@@ -519,7 +519,7 @@ def fortunes_zh(root: str, records: dict) -> list[Doc]:
                 continue
             title = (m.group(1) + m.group(2)).strip()
             author = a.group(1).strip()
-            body_text = clean_text("\n".join(l.strip() for l in lines[2:]))
+            body_text = clean_text("\n".join(line.strip() for line in lines[2:]))
             items.append(clean_text(f"《{title}》\n作者：{author}\n\n{body_text}"))
             meta.append({"collection": "唐诗三百首" if name == "tang300" else "宋诗一百首",
                          "title": title, "author": re.sub(r"（.*?）$", "", author).strip(),
@@ -546,10 +546,8 @@ def lo_skip(tag, a):
         return True
     if a.get("hidden") is not None and cls in {"MAC", "WIN", "UNIX"}:
         return True     # keep the default variant of system-specific text (Ctrl, not Command)
-    if tag == "div" and (cls in {"howtoget", "relatedtopics", "debug"}
-                         or ident in {"SearchFrame", "DonationFrame", "DEBUG", "Contents"}):
-        return True
-    return False
+    return tag == "div" and (cls in {"howtoget", "relatedtopics", "debug"}
+                             or ident in {"SearchFrame", "DonationFrame", "DEBUG", "Contents"})
 
 
 def libreoffice_pages(root: str, lang_dir: str) -> dict[str, list[tuple[str, str, str]]]:
@@ -621,10 +619,8 @@ def debref_skip(tag, a):
     cls = a.get("class") or ""
     if tag in {"head", "script", "style", "table"}:
         return True
-    if tag == "div" and cls in {"navheader", "navfooter", "toc", "list-of-tables", "table",
-                                "informaltable", "titlepage-legalnotice", "legalnotice"}:
-        return True
-    return False
+    return tag == "div" and cls in {"navheader", "navfooter", "toc", "list-of-tables", "table",
+                                    "informaltable", "titlepage-legalnotice", "legalnotice"}
 
 
 def debian_reference(root: str, records) -> list[Doc]:
@@ -1113,7 +1109,7 @@ def build_chat(rec: dict, valid_keys: set[str], train_keys: set[str]) -> list[di
         if len(ps) >= 2:
             multi.append((page, ps[0], ps[1]))
     n = 0
-    for idx, (page, a, b) in enumerate(take([list(m) for m in multi], 60, "lo-multi")):
+    for idx, (_, a, b) in enumerate(take([list(m) for m in multi], 60, "lo-multi")):
         if idx % 2 == 0:
             turns = [("Translate into Chinese:\n" + a["en"], a["zh"]),
                      ("And this one:\n" + b["en"], b["zh"])]
@@ -1133,7 +1129,7 @@ def build_chat(rec: dict, valid_keys: set[str], train_keys: set[str]) -> list[di
     poems = [p for p in poems if count[(p["collection"], p["title"])] == 1 and p["title"]]
     n = 0
     for idx, p in enumerate(take(poems, 400, "poems")):
-        body = "\n".join(l.strip() for l in p["lines"] if l.strip())
+        body = "\n".join(line.strip() for line in p["lines"] if line.strip())
         title = p["title"]
         coll = p["collection"]
         if coll == "诗经":
@@ -1188,7 +1184,7 @@ def build_chat(rec: dict, valid_keys: set[str], train_keys: set[str]) -> list[di
     jkeys = sorted(k for k in train_keys if k.startswith("jargon-text:"))
     if jkeys:
         n = 0
-        for idx, d in enumerate(take(jdefs, 80, "jargon")):
+        for d in take(jdefs, 80, "jargon"):
             c = conv(f"jargon-{n:04d}", [(f"What does the hacker slang term “{d['term']}” mean?",
                                           d["definition"])])
             if c:
@@ -1403,8 +1399,8 @@ def main(argv=None) -> int:
                 s["docs"] += 1
                 s["chars"] += len(r["text"])
                 s["bytes"] += len(r["text"].encode("utf-8"))
-    stats["all"]["chars"] = sum(stats["all"][l]["chars"] for l in ("zh", "en", "code"))
-    stats["all"]["bytes"] = sum(stats["all"][l]["bytes"] for l in ("zh", "en", "code"))
+    stats["all"]["chars"] = sum(stats["all"][lang]["chars"] for lang in ("zh", "en", "code"))
+    stats["all"]["bytes"] = sum(stats["all"][lang]["bytes"] for lang in ("zh", "en", "code"))
     cs = Counter()
     for c in chat:
         kind = c["id"].rsplit("-", 1)[0]

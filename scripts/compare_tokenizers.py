@@ -37,8 +37,8 @@ import json
 import os
 import sys
 import time
+from collections.abc import Callable, Iterable, Sequence
 from importlib import metadata, resources
-from typing import Callable, Iterable, Sequence
 
 REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 DEMO = os.path.join(REPO, "aquila", "data", "demo")

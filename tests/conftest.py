@@ -12,7 +12,7 @@ import torch
 if not torch.cuda.is_available():
     os.environ.setdefault("TRITON_INTERPRET", "1")
 
-from tests.helpers import bilingual_sample_texts  # noqa: E402  (after TRITON_INTERPRET)
+from tests.helpers import bilingual_sample_texts
 
 
 @pytest.fixture(autouse=True)

@@ -1,6 +1,8 @@
 """The `aquila` command end to end on a tiny random model saved as a checkpoint with its tokenizer."""
 
 import io
+import os
+import subprocess
 import sys
 
 import pytest
@@ -90,3 +92,27 @@ def test_chat_forgets_the_oldest_exchanges_when_the_context_is_full(checkpoint, 
     expected = generate_text(model, small_tokenizer, [alone],
                              greedy(room, stop_tokens=(small_tokenizer.eos_id,)), STOP_STRINGS)[0]
     assert replies[1] == expected  # the first exchange no longer fits beside a reply of `room` tokens
+
+
+def test_a_missing_extra_is_named_with_its_install_line(tmp_path):
+    """`pip install aquila` without [train] gives the kernels; the commands that need more say what to install."""
+    code = "import sys; sys.modules['yaml'] = None; from aquila.cli import main; main(['pretrain', '--steps', '1'])"
+    result = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=120, cwd=tmp_path)
+    assert result.returncode == 1
+    assert result.stderr.strip() == ("aquila pretrain: needs the train extra (no module 'yaml'): "
+                                     "pip install 'aquila[train]'")
+    assert os.listdir(tmp_path) == []
+
+
+def test_the_kernels_import_without_the_extras():
+    """aquila.kernels needs torch and numpy alone (pyproject.toml's dependencies)."""
+    extras = ["safetensors", "tokenizers", "yaml", "tqdm", "matplotlib", "triton", "transformers"]
+    code = ("import sys\n"
+            f"for name in {extras!r}: sys.modules[name] = None\n"
+            "import torch, aquila.kernels as k\n"
+            "x = torch.randn(3, 8)\n"
+            "print(k.rms_norm(x, torch.ones(8)).shape)")
+    result = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=120,
+                            env={k: v for k, v in os.environ.items() if k != "TRITON_INTERPRET"})
+    assert result.returncode == 0, result.stderr
+    assert result.stdout.strip() == "torch.Size([3, 8])"

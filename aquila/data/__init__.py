@@ -2,6 +2,7 @@
 
 import os
 
+
 def demo_file(name: str) -> str:
     """A file of the bundled demo data (corpus splits, conversations, tokenizer)."""
     return os.path.join(os.path.dirname(__file__), "demo", name)

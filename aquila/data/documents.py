@@ -6,7 +6,8 @@ import gzip
 import json
 import lzma
 import os
-from typing import IO, Iterable, Iterator
+from collections.abc import Iterable, Iterator
+from typing import IO
 
 
 def open_text(path: str) -> IO[str]:

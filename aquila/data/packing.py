@@ -21,7 +21,8 @@ training and validation; collate stacks samples into the batch Aquila.forward ta
 import hashlib
 import json
 import os
-from typing import NamedTuple, Optional, Sequence
+from collections.abc import Sequence
+from typing import NamedTuple, Optional
 
 import numpy as np
 import numpy.typing as npt

@@ -31,7 +31,8 @@ import sys
 import tempfile
 import threading
 import time
-from typing import Dict, Iterable, Iterator, List, NamedTuple, Optional, Union
+from collections.abc import Iterable, Iterator
+from typing import NamedTuple, Optional, Union
 
 import numpy as np
 from tqdm import tqdm
@@ -48,7 +49,7 @@ class EncodedBatch(NamedTuple):
     replaced_surrogates: int  # lone surrogates encoded as U+FFFD
 
 
-def encode_documents(tokenizer: Tokenizer, texts: List[str], dtype: np.dtype) -> EncodedBatch:
+def encode_documents(tokenizer: Tokenizer, texts: list[str], dtype: np.dtype) -> EncodedBatch:
     """One batch of documents as [BOS] + ids + [EOS] each, empty documents left out."""
     kept = [text for text in texts if text]
     # A lone surrogate is rare; counting them costs one regex scan per document, done here in the workers.
@@ -76,11 +77,11 @@ def _start_worker(tokenizer_path: str, dtype: str) -> None:
     _worker_dtype = np.dtype(dtype)
 
 
-def _encode_in_worker(texts: List[str]) -> EncodedBatch:
+def _encode_in_worker(texts: list[str]) -> EncodedBatch:
     return encode_documents(_worker_tokenizer, texts, _worker_dtype)
 
 
-def _batches(documents: Iterable[str], batch_size: int) -> Iterator[List[str]]:
+def _batches(documents: Iterable[str], batch_size: int) -> Iterator[list[str]]:
     iterator = iter(documents)
     while batch := list(itertools.islice(iterator, batch_size)):
         yield batch
@@ -116,7 +117,7 @@ class _TokenizerFile:
             self._directory.cleanup()
 
 
-def _encoded_batches(batches: Iterator[List[str]], tokenizer: Tokenizer, tokenizer_source: Union[Tokenizer, str],
+def _encoded_batches(batches: Iterator[list[str]], tokenizer: Tokenizer, tokenizer_source: Union[Tokenizer, str],
                      dtype: np.dtype, workers: int) -> Iterator[EncodedBatch]:
     """The encoded batches in input order, from this process (workers=1) or a pool of worker processes. When the
     consumer stops early (an error or Ctrl-C closes this generator), the pool is terminated before it returns."""
@@ -165,8 +166,8 @@ def _start_pool(workers: int, tokenizer_path: str, dtype: np.dtype) -> multiproc
             os.environ[TOKENIZERS_PARALLELISM] = previous
 
 
-def preprocess(inputs: List[str], output_prefix: str, tokenizer: Union[Tokenizer, str], key: str = "text",
-               workers: int = 0, batch_size: int = 512, show_progress: bool = True) -> Dict[str, object]:
+def preprocess(inputs: list[str], output_prefix: str, tokenizer: Union[Tokenizer, str], key: str = "text",
+               workers: int = 0, batch_size: int = 512, show_progress: bool = True) -> dict[str, object]:
     """Tokenises the documents of ``inputs`` (JSON lines files, .jsonl/.json, whose records hold the text under
     ``key``, or text files, each one document; .gz/.xz compressed or not) into ``output_prefix``.bin/.idx.
 
@@ -227,7 +228,7 @@ def preprocess(inputs: List[str], output_prefix: str, tokenizer: Union[Tokenizer
             "output": [data_file(output_prefix), index_file(output_prefix)]}
 
 
-def format_stats(stats: Dict[str, object]) -> str:
+def format_stats(stats: dict[str, object]) -> str:
     """preprocess()'s statistics as a few lines for the terminal."""
     lines = [f"{stats['documents']:,} documents, {stats['tokens']:,} tokens in {stats['seconds']:.1f} s "
              f"({stats['tokens_per_second']:,.0f} tokens/s)"]

@@ -28,7 +28,8 @@ over the same learned targets as from batches of the samples padded to their lon
 """
 
 import dataclasses
-from typing import Any, Optional, Sequence
+from collections.abc import Sequence
+from typing import Any, Optional
 
 import numpy as np
 import torch

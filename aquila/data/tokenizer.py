@@ -25,10 +25,12 @@ import codecs
 import json
 import os
 import re
+from collections.abc import Iterable, Sequence
 from functools import cached_property
-from typing import Iterable, Optional, Sequence
+from typing import Optional
 
-from tokenizers import AddedToken, Tokenizer as BackendTokenizer, decoders, models, pre_tokenizers, trainers
+from tokenizers import AddedToken, decoders, models, pre_tokenizers, trainers
+from tokenizers import Tokenizer as BackendTokenizer
 
 from aquila.files import write_text_atomically
 

@@ -19,8 +19,9 @@ The native kernels see addresses and sizes only, so every tensor is checked befo
 
 import contextlib
 import os
+from collections.abc import Callable
 from dataclasses import dataclass
-from typing import Callable, Optional
+from typing import Optional
 
 import torch
 
@@ -36,6 +37,9 @@ except ImportError:  # built without nvcc
     cuda_extension = None
 
 BACKENDS = ("triton", "cuda", "cpu", "torch")
+# The native backends, named after the device type they run on: (extension module or None, how to build it).
+NATIVE_BUILDS = {"cuda": (cuda_extension, "aquila._cuda: nvcc was not found at install; reinstall with CUDA_HOME set"),
+                 "cpu": (cpu_extension, "aquila._C: run pip install -e . in the repository")}
 DIRECTIONS = ("forward", "backward")
 FLOAT_DTYPES = (torch.float32, torch.float16, torch.bfloat16)
 # Element type codes shared with csrc/kernels.h.
@@ -55,6 +59,11 @@ class Implementation:
     backward: Optional[Callable] = None
     dtypes: tuple = FLOAT_DTYPES
     limits: Optional[Callable[..., Optional[str]]] = None
+
+    @classmethod
+    def both_directions(cls, function: Callable) -> "Implementation":
+        """One function for both directions (a kernel whose backward is the forward with an option)."""
+        return cls(forward=function, backward=function)
 
 
 class Implementations(dict):
@@ -80,17 +89,12 @@ def _runtime_missing(backend, device, named):
         if device.type == "cuda" or (device.type == "cpu" and named and triton_interpreting()):
             return None
         return f"runs on CUDA tensors (CPU tensors only under TRITON_INTERPRET=1), not on {device}"
-    if backend == "cuda":
-        if device.type != "cuda":
-            return f"runs on CUDA tensors, not on {device}"
-        if cuda_extension is None:
-            return "is not built (aquila._cuda: nvcc was not found at install; reinstall with CUDA_HOME set)"
-        return None
-    if backend == "cpu":
-        if device.type != "cpu":
-            return f"runs on CPU tensors, not on {device}"
-        if cpu_extension is None:
-            return "is not built (aquila._C: run pip install -e . in the repository)"
+    if backend in NATIVE_BUILDS:
+        extension, how_to_build = NATIVE_BUILDS[backend]
+        if device.type != backend:
+            return f"runs on {backend.upper()} tensors, not on {device}"
+        if extension is None:
+            return f"is not built ({how_to_build})"
     return None
 
 
@@ -98,7 +102,7 @@ def _missing(table, backend, tensor, directions, sizes, named):
     """Why `backend` cannot run this call of `table`'s op, or None."""
     implementation = table.get(backend)
     if implementation is None:
-        return f"has no {table.op}"
+        return f"has no {table.op} kernel"
     lacking = [d for d in directions if getattr(implementation, d) is None]
     if lacking:
         return f"has no {' or '.join(lacking)}"
@@ -126,7 +130,7 @@ def resolve(table: Implementations, tensor: torch.Tensor, backend: Optional[str]
         reason = _missing(table, backend, tensor, directions, sizes, named=True)
         if reason:
             able = [b for b in table if not _missing(table, b, tensor, directions, sizes, named=True)]
-            instead = ", ".join(able + ["backend=None"])
+            instead = " or ".join(filter(None, [", ".join(able), "backend=None"]))
             raise UnsupportedBackend(f"{op}: {backend} {reason}; use {instead}")
         return backend
     preferred = os.environ.get("AQUILA_BACKEND", "").strip() or None

@@ -57,16 +57,12 @@ def _native_row_losses(backend, logits, targets, grad_scale, grad, ignore_index,
         z_loss=z_loss, dtype=logits.dtype)
 
 
-def _both_directions(row_losses):
-    return Implementation(forward=row_losses, backward=row_losses)
-
-
 IMPLEMENTATIONS = Implementations(
     "cross_entropy",
-    triton=_both_directions(triton_cross_entropy.row_losses),
-    cuda=_both_directions(functools.partial(_native_row_losses, "cuda")),
-    cpu=_both_directions(functools.partial(_native_row_losses, "cpu")),
-    torch=_both_directions(_torch_row_losses),
+    triton=Implementation.both_directions(triton_cross_entropy.row_losses),
+    cuda=Implementation.both_directions(functools.partial(_native_row_losses, "cuda")),
+    cpu=Implementation.both_directions(functools.partial(_native_row_losses, "cpu")),
+    torch=Implementation.both_directions(_torch_row_losses),
 )
 
 

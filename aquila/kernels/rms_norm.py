@@ -19,7 +19,6 @@ from . import reference
 from .backend import Implementation, Implementations
 from .triton import rms_norm as triton_rms_norm
 
-
 # --- Implementations ------------------------------------------------------------------------------------------------
 # forward(x, residual, weight, eps, out, residual_out, rstd) fills out, residual_out (with a residual) and rstd for
 # x, residual: (rows >= 1, hidden) with unit last stride. backward(grad_out, x, weight, rstd, grad_residual, grad_x)
@@ -95,7 +94,7 @@ def _backward(grad_out, x, weight, rstd, grad_residual, backend):
     return grad_x, grad_weight.to(weight.dtype)
 
 
-# --- torch.library ops (opaque to torch.compile, with fake implementations) and autograd -------------------------------
+# --- torch.library ops (opaque to torch.compile, with fake implementations) and autograd ------------------------------
 
 
 @torch.library.custom_op("aquila::rms_norm_forward", mutates_args=())

@@ -45,16 +45,12 @@ def _native_rotate(backend, x, positions, offset, theta, interleaved, inverse, o
         inverse=inverse, dtype=x.dtype)
 
 
-def _both_directions(rotate):
-    return Implementation(forward=rotate, backward=rotate)
-
-
 IMPLEMENTATIONS = Implementations(
     "rotary_embedding",
-    triton=_both_directions(triton_rotary.rotate),
-    cuda=_both_directions(functools.partial(_native_rotate, "cuda")),
-    cpu=_both_directions(functools.partial(_native_rotate, "cpu")),
-    torch=_both_directions(_torch_rotate),
+    triton=Implementation.both_directions(triton_rotary.rotate),
+    cuda=Implementation.both_directions(functools.partial(_native_rotate, "cuda")),
+    cpu=Implementation.both_directions(functools.partial(_native_rotate, "cpu")),
+    torch=Implementation.both_directions(_torch_rotate),
 )
 
 
@@ -144,9 +140,9 @@ def apply_rotary(q: Tensor, k: Tensor, positions: Optional[Tensor] = None, *, of
                  theta: float = 10000.0, interleaved: bool = False,
                  backend: Optional[str] = None) -> tuple[Tensor, Tensor]:
     """rotary_embedding of q and k at the same positions; k may have fewer heads than q (GQA/MQA)."""
-    if isinstance(q, Tensor) and isinstance(k, Tensor):
-        if q.dim() != k.dim() or q.shape[:-2] != k.shape[:-2] or q.shape[-1] != k.shape[-1]:
-            raise ValueError(f"apply_rotary: q and k must agree in every dimension but heads, got q "
-                             f"{tuple(q.shape)} and k {tuple(k.shape)}")
+    if isinstance(q, Tensor) and isinstance(k, Tensor) and (
+            q.dim() != k.dim() or q.shape[:-2] != k.shape[:-2] or q.shape[-1] != k.shape[-1]):
+        raise ValueError(f"apply_rotary: q and k must agree in every dimension but heads, got q {tuple(q.shape)} and "
+                         f"k {tuple(k.shape)}")
     kwargs = dict(offset=offset, theta=theta, interleaved=interleaved, backend=backend)
     return rotary_embedding(q, positions, **kwargs), rotary_embedding(k, positions, **kwargs)

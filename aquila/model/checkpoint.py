@@ -13,7 +13,8 @@ import json
 import os
 import shutil
 import tempfile
-from typing import Iterable, Iterator, Optional
+from collections.abc import Iterable, Iterator
+from typing import Optional
 
 import torch
 from torch import Tensor
@@ -97,7 +98,7 @@ def _hf_tensors(directory: str) -> Iterator[tuple[str, Tensor]]:
         raise FileNotFoundError(f"load: no model.safetensors or model.safetensors.index.json in {directory}")
     for file in files:
         with safe_open(os.path.join(directory, file), framework="pt") as f:
-            for name in f.keys():
+            for name in f.keys():  # noqa: SIM118 (safe_open has keys() but is not iterable)
                 yield name, f.get_tensor(name)
 
 

@@ -3,7 +3,8 @@
 """
 
 import dataclasses
-from typing import Callable, Iterator, Optional, Sequence
+from collections.abc import Callable, Iterator, Sequence
+from typing import Optional
 
 import torch
 from torch import Tensor

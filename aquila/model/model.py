@@ -11,7 +11,8 @@ these kernels into transformers' LlamaForCausalLM in patch.py; the CPU decoding 
 native_decode.py.
 """
 
-from typing import Callable, NamedTuple, Optional
+from collections.abc import Callable
+from typing import NamedTuple, Optional
 
 import torch
 from torch import Tensor, nn

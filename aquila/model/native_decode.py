@@ -5,7 +5,8 @@ op calls would otherwise cost a third of its time. The kernel runs where it can:
 kernels chosen (not the reference), everything contiguous.
 """
 
-from typing import Callable, Optional
+from collections.abc import Callable
+from typing import Optional
 
 import torch
 from torch import Tensor

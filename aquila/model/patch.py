@@ -303,7 +303,8 @@ def aquila_causal_lm_forward(self, input_ids=None, attention_mask=None, position
         return ORIGINAL_CAUSAL_LM_FORWARD(self, **arguments, labels=labels, logits_to_keep=logits_to_keep, **kwargs)
     outputs = self.model(**arguments, **kwargs)
     loss = _fused_causal_lm_loss(outputs.last_hidden_state, self.lm_head, labels,
-                                 shift_labels=kwargs.get("shift_labels"), ignore_index=kwargs.get("ignore_index", IGNORE_INDEX),
+                                 shift_labels=kwargs.get("shift_labels"),
+                                 ignore_index=kwargs.get("ignore_index", IGNORE_INDEX),
                                  num_items_in_batch=kwargs.get("num_items_in_batch"), backend=options.backend)
     return CausalLMOutputWithPast(loss=loss, logits=None, cache=outputs.cache, hidden_states=outputs.hidden_states,
                                   attentions=outputs.attentions)

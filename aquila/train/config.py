@@ -6,7 +6,8 @@ keys are an error in both, naming the key and listing the known ones: FlagAI ign
 
 import dataclasses
 import typing
-from typing import Any, Optional, Sequence
+from collections.abc import Sequence
+from typing import Any, Optional
 
 import yaml
 

@@ -8,7 +8,8 @@ over 1 or 2 processes, or over more micro-batches, covers the same samples.
 
 import hashlib
 import os
-from typing import Iterator, Optional, Protocol
+from collections.abc import Iterator
+from typing import Optional, Protocol
 
 import numpy as np
 import torch

@@ -11,7 +11,8 @@ import math
 import os
 import resource
 import time
-from typing import Iterator, Optional
+from collections.abc import Iterator
+from typing import Optional
 
 import torch
 

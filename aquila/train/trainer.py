@@ -19,7 +19,8 @@ import dataclasses
 import math
 import os
 import signal
-from typing import Callable, Optional
+from collections.abc import Callable
+from typing import Optional
 
 import torch
 
@@ -29,7 +30,8 @@ from aquila.data.tokenizer import Tokenizer
 from aquila.model.config import AquilaConfig
 from aquila.model.model import Aquila
 from aquila.train import engine as engines
-from aquila.train.checkpoint import Checkpoints, resolve as resolve_checkpoint
+from aquila.train.checkpoint import Checkpoints
+from aquila.train.checkpoint import resolve as resolve_checkpoint
 from aquila.train.config import DEFAULT_STEPS, TrainConfig
 from aquila.train.data import TrainingData, make_data, to_device
 from aquila.train.metrics import MetricsLog, MetricsWindow, flops_per_token, memory_mb, peak_flops, plot

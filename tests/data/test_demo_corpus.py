@@ -22,13 +22,13 @@ MAX_DOC_CHARS = 8000
 MAX_EXCHANGE_CHARS = 600
 
 
-@functools.lru_cache(maxsize=None)
+@functools.cache
 def records(split: str) -> tuple[dict, ...]:
     with gzip.open(DEMO / f"{split}.jsonl.gz", "rt", encoding="utf-8") as f:
         return tuple(json.loads(line) for line in f)
 
 
-@functools.lru_cache(maxsize=None)
+@functools.cache
 def chat() -> tuple[dict, ...]:
     with open(DEMO / "chat.jsonl", encoding="utf-8") as f:
         return tuple(json.loads(line) for line in f)

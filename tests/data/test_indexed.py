@@ -123,8 +123,8 @@ def test_best_dtype_follows_megatron():
                                                       (np.int32, 2 ** 31, "-2147483648..2147483647"),
                                                       (np.uint8, 2 ** 70, "0..255")])
 def test_values_that_do_not_fit_the_dtype_are_rejected(tmp_path, dtype, bad_value, limits):
-    with pytest.raises(ValueError, match=rf"token id {bad_value} at position 2 of document 1 .*\(range {limits}\)"):
-        with IndexedDatasetWriter(str(tmp_path / "corpus"), dtype) as writer:
+    with (pytest.raises(ValueError, match=rf"token id {bad_value} at position 2 of document 1 .*\(range {limits}\)"),
+          IndexedDatasetWriter(str(tmp_path / "corpus"), dtype) as writer):
             writer.add_document([1, 2])
             writer.add_document([3, 4, bad_value, 5])
     assert os.listdir(tmp_path) == []
@@ -143,8 +143,8 @@ def test_non_integer_documents_are_rejected(tmp_path):
 
 
 def test_an_exception_inside_the_writer_leaves_nothing_behind(tmp_path):
-    with pytest.raises(RuntimeError, match="tokenizer crashed"):
-        with IndexedDatasetWriter(str(tmp_path / "corpus"), np.uint16) as writer:
+    with (pytest.raises(RuntimeError, match="tokenizer crashed"),
+          IndexedDatasetWriter(str(tmp_path / "corpus"), np.uint16) as writer):
             writer.add_document([1, 2, 3])
             raise RuntimeError("tokenizer crashed")
     assert os.listdir(tmp_path) == []
@@ -155,10 +155,9 @@ def test_an_exception_inside_the_writer_leaves_nothing_behind(tmp_path):
 def test_a_failed_rewrite_keeps_the_previous_dataset(tmp_path):
     prefix = str(tmp_path / "corpus")
     write_ours(prefix, [[1, 2]], np.uint16)
-    with pytest.raises(KeyboardInterrupt):
-        with IndexedDatasetWriter(prefix, np.uint16) as writer:
-            writer.add_document([7, 8, 9])
-            raise KeyboardInterrupt
+    with pytest.raises(KeyboardInterrupt), IndexedDatasetWriter(prefix, np.uint16) as writer:
+        writer.add_document([7, 8, 9])
+        raise KeyboardInterrupt
     assert sorted(os.listdir(tmp_path)) == ["corpus.bin", "corpus.idx"]
     assert_reads_back(IndexedDataset(prefix), [[1, 2]], np.uint16)
 

@@ -12,8 +12,14 @@ import torch
 
 from aquila.data import packing
 from aquila.data.indexed import IndexedDataset, IndexedDatasetWriter
-from aquila.data.packing import (BlendedDataset, PackedDataset, blending_indices, build_packing_index, collate,
-                                 split_documents)
+from aquila.data.packing import (
+    BlendedDataset,
+    PackedDataset,
+    blending_indices,
+    build_packing_index,
+    collate,
+    split_documents,
+)
 from aquila.model.config import AquilaConfig
 from aquila.model.model import Aquila
 

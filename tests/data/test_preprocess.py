@@ -12,6 +12,7 @@ import sys
 import tempfile
 import textwrap
 import time
+from pathlib import Path
 
 import numpy as np
 import pytest
@@ -55,7 +56,7 @@ def tokenizer_dir(small_tokenizer, tmp_path_factory):
 
 def test_round_trip(small_tokenizer, tokenizer_dir, tmp_path):
     source = write_jsonl(tmp_path / "docs.jsonl", TEXTS)
-    assert "\\ud800" in open(source).read()
+    assert "\\ud800" in Path(source).read_text()
     stats = preprocess([source], str(tmp_path / "out" / "corpus"), tokenizer_dir, workers=1, show_progress=False)
     dataset = IndexedDataset(str(tmp_path / "out" / "corpus"))
     expected = expected_documents(small_tokenizer, TEXTS)
@@ -83,7 +84,7 @@ def test_workers_write_identical_files(small_tokenizer, tmp_path, monkeypatch):
     for workers in (1, 2):
         prefix = str(tmp_path / f"workers{workers}")
         stats = preprocess(inputs, prefix, small_tokenizer, workers=workers, batch_size=7, show_progress=False)
-        outputs[workers] = [open(prefix + extension, "rb").read() for extension in (".bin", ".idx")]
+        outputs[workers] = [Path(prefix + extension).read_bytes() for extension in (".bin", ".idx")]
         assert stats["documents"] == 40 * (len(TEXTS) - 1) + 1 and stats["empty_documents_skipped"] == 40
         assert stats["replaced_surrogates"] == 40
     assert outputs[1] == outputs[2]

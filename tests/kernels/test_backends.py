@@ -4,8 +4,15 @@ exactly as the table and the runtime say; AQUILA_BACKEND is a preference, a back
 import pytest
 import torch
 
-from aquila.kernels import (UnsupportedBackend, apply_rotary, attention, attention_with_kv_cache, cross_entropy,
-                            linear_cross_entropy, rms_norm)
+from aquila.kernels import (
+    UnsupportedBackend,
+    apply_rotary,
+    attention,
+    attention_with_kv_cache,
+    cross_entropy,
+    linear_cross_entropy,
+    rms_norm,
+)
 from aquila.kernels import backend as _backend
 from aquila.kernels.attention import IMPLEMENTATIONS as ATTENTION
 from aquila.kernels.attention import KV_CACHE_IMPLEMENTATIONS as ATTENTION_WITH_KV_CACHE
@@ -112,7 +119,8 @@ def test_an_unknown_preference_is_an_error(monkeypatch):
 
 def test_a_demanded_backend_names_what_it_lacks_and_who_can():
     q, k, v = (torch.randn(1, 3, 2, 8, requires_grad=True) for _ in range(3))
-    with pytest.raises(UnsupportedBackend, match=r"attention: cuda has no attention; use .*cpu, torch, backend=None"):
+    with pytest.raises(UnsupportedBackend,
+                       match=r"attention: cuda has no attention kernel; use .*cpu, torch or backend=None"):
         attention(q, k, v, backend="cuda")
 
 
@@ -134,7 +142,7 @@ def test_a_new_table_entry_is_all_an_op_needs():
     assert _backend.resolve(table, x, width=4) == "torch"
     assert _backend.resolve(table, x, width=5) == "cpu"
     assert _backend.resolve(table, x, backward=True, width=4) == "cpu"
-    with pytest.raises(UnsupportedBackend, match="toy: torch does not take torch.float16; use cpu, backend=None"):
+    with pytest.raises(UnsupportedBackend, match="toy: torch does not take torch.float16; use cpu or backend=None"):
         _backend.resolve(table, x.half(), "torch", width=1)
     with pytest.raises(UnsupportedBackend, match="toy: torch takes width <= 4, got 9"):
         _backend.resolve(table, x, "torch", width=9)

@@ -62,7 +62,8 @@ def test_gradients_match_autograd_of_float64_reference(backend, device, dtype, s
     # the largest of them.
     rstd = normalised.detach().pow(2).mean(-1, keepdim=True).add(1e-5).rsqrt()
     terms = (rstd * grad_out.double() * weight.double()).abs().max().item()
-    assert_matches_reference(leaves[0].grad, expected_grad_x, "grad x", scale=max(terms, expected_grad_x.abs().max().item()))
+    assert_matches_reference(leaves[0].grad, expected_grad_x, "grad x",
+                             scale=max(terms, expected_grad_x.abs().max().item()))
     assert_matches_reference(leaves[1].grad, exact[1].grad, "grad weight")
     if residual:
         assert torch.equal(leaves[2].grad, leaves[0].grad), "grad residual == grad x"
@@ -145,7 +146,8 @@ def test_non_contiguous_input_is_handled():
     (lambda: rms_norm(torch.ones(()), torch.ones(1)), ValueError, "non-empty last (hidden) dimension"),
     (lambda: rms_norm(torch.ones(2, 4), torch.ones(4), eps=-1.0), ValueError, "eps must be a number >= 0"),
     (lambda: rms_norm(torch.ones(2, 4), torch.ones(4), backend="cudnn"), ValueError, "backend must be one of"),
-    (lambda: rms_norm(torch.ones(2, 4), torch.ones(4), backend="cuda"), UnsupportedBackend, "cuda runs on CUDA tensors, not on cpu"),
+    (lambda: rms_norm(torch.ones(2, 4), torch.ones(4), backend="cuda"), UnsupportedBackend,
+     "cuda runs on CUDA tensors, not on cpu"),
     (lambda: rms_norm(torch.ones(2, 4), torch.ones(4, device="meta")), ValueError, "weight must be on cpu"),
     (lambda: fused_add_rms_norm(torch.ones(2, 4), torch.ones(2, 5), torch.ones(4)), ValueError,
      "residual must have shape (2, 4)"),

@@ -4,8 +4,14 @@ trace a block using them in one graph (fullgraph=True fails on any graph break) 
 import pytest
 import torch
 
-from aquila.kernels import (attention, cross_entropy, fused_add_rms_norm, linear_cross_entropy, rms_norm,
-                            rotary_embedding)
+from aquila.kernels import (
+    attention,
+    cross_entropy,
+    fused_add_rms_norm,
+    linear_cross_entropy,
+    rms_norm,
+    rotary_embedding,
+)
 
 
 def block(x, residual, weight, positions):

@@ -82,7 +82,8 @@ class ScriptedModel:
 def scripted_tokens(monkeypatch, script, vocab_size):
     from aquila.model import generate as module
 
-    def fake_generate_tokens(model, prompts, sampling=Sampling(), stop=None):
+    def fake_generate_tokens(model, prompts, sampling=None, stop=None):
+        sampling = sampling or Sampling()
         active = [True] * len(prompts)
         for token in script[:sampling.max_new_tokens]:
             tokens = [token if a else -1 for a in active]

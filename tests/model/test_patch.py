@@ -13,8 +13,12 @@ transformers = pytest.importorskip("transformers")
 
 import aquila.model.patch as patch_module  # noqa: E402  (after the importorskip)
 from aquila.kernels import UnsupportedBackend  # noqa: E402
-from aquila.model.patch import (AquilaLlamaAttention, AquilaLlamaRMSNorm, apply_aquila_kernels_to_llama,  # noqa: E402
-                                remove_aquila_kernels_from_llama)
+from aquila.model.patch import (  # noqa: E402
+    AquilaLlamaAttention,
+    AquilaLlamaRMSNorm,
+    apply_aquila_kernels_to_llama,
+    remove_aquila_kernels_from_llama,
+)
 
 modeling_llama = transformers.models.llama.modeling_llama
 VOCAB = 300
@@ -68,7 +72,7 @@ def assert_same_training_step(patched, reference, input_ids, labels, **kwargs):
         # mask, rotation or shift changes gradients by tens of percent).
         grad, expected_grad = patched_parameters[name].grad, parameter.grad
         torch.testing.assert_close(grad, expected_grad, rtol=1e-4, atol=1e-5 * expected_grad.abs().max().item(),
-                                   msg=lambda message: f"{name}: {message}")
+                                   msg=lambda message, name=name: f"{name}: {message}")
 
 
 @pytest.fixture

@@ -39,14 +39,14 @@ def test_a_run_learns_and_leaves_a_usable_checkpoint(reference_run, small_tokeni
     losses = summary["losses"]
     assert len(losses) == 8 and losses[-1] < losses[0] - 0.25  # from ln(520) = 6.25, uniform
     assert train_losses(output) == pytest.approx(losses)  # log_interval 1: one record per step
-    records = [json.loads(line) for line in open(output / "metrics.jsonl")]
+    records = [json.loads(line) for line in (output / "metrics.jsonl").read_text().splitlines()]
     valid = [r for r in records if r["kind"] == "valid"]
     assert [r["step"] for r in valid] == [3, 6, 8] and all(r["perplexity"] > 1 for r in valid)
     train_record = records[0]
     assert {"lr", "grad_norm", "tokens_per_s", "mfu", "memory_mb", "tokens"} <= set(train_record)
     assert (output / "loss.png").stat().st_size > 1000
     checkpoint = summary["checkpoint"]
-    assert open(output / "checkpoints" / "latest").read().strip() == os.path.basename(checkpoint)
+    assert (output / "checkpoints" / "latest").read_text().strip() == os.path.basename(checkpoint)
     # The checkpoint is a Hugging Face model directory with its tokenizer: our loader and transformers read it.
     from aquila.data.tokenizer import Tokenizer
     from aquila.model.checkpoint import load
@@ -105,7 +105,8 @@ def test_non_finite_steps_are_skipped_then_stop_the_run(tiny_run_inputs, tmp_pat
     monkeypatch.setattr(Aquila, "forward", poisoned)
     with pytest.raises(NonFiniteLossError, match="3 steps in a row had a non-finite loss"):
         run(tiny_run_inputs, tmp_path, steps=8, max_nonfinite_steps=3)
-    skipped = [json.loads(line) for line in open(tmp_path / "metrics.jsonl") if '"skipped"' in line]
+    lines = (tmp_path / "metrics.jsonl").read_text().splitlines()
+    skipped = [json.loads(line) for line in lines if '"skipped"' in line]
     assert [r["step"] for r in skipped] == [2, 3, 4]
 
 
@@ -177,7 +178,7 @@ def test_sft_fine_tunes_a_pretraining_run_then_chat_uses_it(tiny_run_inputs, ref
                                      "--valid_fraction", "0.25", "--seq_len", "64"])
     summary = train(config, log=lambda message: None)
     assert summary["losses"][-1] < summary["losses"][0] - 1.0  # one answer to learn: it is learned fast
-    valid = [json.loads(line) for line in open(output / "metrics.jsonl") if '"valid"' in line]
+    valid = [json.loads(line) for line in (output / "metrics.jsonl").read_text().splitlines() if '"valid"' in line]
     assert len(valid) == 2 and valid[-1]["loss"] < valid[0]["loss"]
     monkeypatch.setattr(sys, "stdin", io.StringIO("第3句是什么？\n"))
     main(["chat", "--checkpoint", str(output), "--temperature", "0", "--max-new-tokens", "30"])
@@ -240,7 +241,8 @@ def test_sft_token_ids_outside_the_vocabulary_are_found_before_training(small_to
     config = TrainConfig(kind="sft", seq_len=256, valid_fraction=0.25, output_dir=str(tmp_path))
     data = SFTData(config, small_tokenizer, Processes(0, 1, 0, torch.device("cpu")))
     data.check_vocabulary(small_tokenizer.vocab_size)
-    with pytest.raises(ValueError, match=r"the demo conversations: token id \d+ is outside the model's vocabulary of 100"):
+    with pytest.raises(ValueError,
+                       match=r"the demo conversations: token id \d+ is outside the model's vocabulary of 100"):
         data.check_vocabulary(100)
 
 

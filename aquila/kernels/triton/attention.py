@@ -21,6 +21,14 @@ def _load_rows(BASE, tokens, token_stride, head_offset, dims, token_mask, dim_ma
 
 
 @triton.jit
+def _program_query_block(Q_LEN, heads_q):
+    """(block of queries, sequence, query head, the sequence's query count) of this program: grid axis 0 is the
+    block, axis 1 sequence x head."""
+    sequence = tl.program_id(1) // heads_q
+    return tl.program_id(0), sequence, tl.program_id(1) % heads_q, tl.load(Q_LEN + sequence)
+
+
+@triton.jit
 def _query_block(Q_START, K_START, K_LEN, sequence, head, group, block_m, q_len, head_dim, CAUSAL: tl.constexpr,
                  BLOCK_M: tl.constexpr, BLOCK_D: tl.constexpr):
     """Where a program's block of queries and its sequence's keys are, and how far into the keys it must look (the
@@ -44,10 +52,7 @@ def _attention_forward_kernel(Q, K, V, OUT, LSE, q_token_stride, q_head_stride, 
                               K_START, K_LEN, heads_q, group, head_dim, scale_log2,
                               CAUSAL: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr,
                               BLOCK_D: tl.constexpr, PRECISION: tl.constexpr):
-    block_m = tl.program_id(0)
-    sequence = tl.program_id(1) // heads_q
-    head = tl.program_id(1) % heads_q
-    q_len = tl.load(Q_LEN + sequence)
+    block_m, sequence, head, q_len = _program_query_block(Q_LEN, heads_q)
     if block_m * BLOCK_M >= q_len:
         return
     k_len, q_start, k_start, kv_head, rows, dims, row_mask, dim_mask, shift, end = _query_block(
@@ -156,10 +161,7 @@ def _attention_backward_q_kernel(Q, K, V, GRAD_OUT, LSE, DELTA, GRAD_Q, q_token_
                                  heads_q, group, head_dim, scale, CAUSAL: tl.constexpr, BLOCK_M: tl.constexpr,
                                  BLOCK_N: tl.constexpr, BLOCK_D: tl.constexpr, PRECISION: tl.constexpr):
     """dQ of one block of queries of one head: a sum over the key blocks it sees."""
-    block_m = tl.program_id(0)
-    sequence = tl.program_id(1) // heads_q
-    head = tl.program_id(1) % heads_q
-    q_len = tl.load(Q_LEN + sequence)
+    block_m, sequence, head, q_len = _program_query_block(Q_LEN, heads_q)
     if block_m * BLOCK_M >= q_len:
         return
     k_len, q_start, k_start, kv_head, rows, dims, row_mask, dim_mask, shift, end = _query_block(
@@ -218,8 +220,8 @@ def compile_cases():
         for head_dim in (64, 80, 128, 256):
             block_d = _block_dim(head_dim)
             precision = _precision(torch_dtype)
-            tensors = lambda names: {name: f"*{dtype}" for name in names}  # noqa: E731
-            ints = lambda names: {name: "i32" for name in names}  # noqa: E731
+            tensors = lambda names, dtype=dtype: {name: f"*{dtype}" for name in names}
+            ints = lambda names: {name: "i32" for name in names}
             sequences = {name: "*i32" for name in ("Q_START", "Q_LEN", "K_START", "K_LEN")}
             m, n, warps, stages = _forward_config(head_dim, torch_dtype)
             signature = {**tensors(["Q", "K", "V", "OUT"]), "LSE": "*fp32",

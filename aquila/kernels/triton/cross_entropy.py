@@ -6,7 +6,6 @@ One program per row: an online-softmax pass for the loss, then, when asked, a se
 from aquila.kernels.triton_compat import tl, triton
 
 
-
 @triton.jit
 def _cross_entropy_kernel(LOGITS, logits_row_stride, TARGETS, LOSS, LSE, GRAD, grad_row_stride, GRAD_SCALE, vocab,
                           ignore_index, label_smoothing, z_loss, COMPUTE_GRAD: tl.constexpr,

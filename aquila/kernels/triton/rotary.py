@@ -10,7 +10,6 @@ import torch
 from aquila.kernels import reference
 from aquila.kernels.triton_compat import tl, triton
 
-
 # float32(2 pi), then the two float32 parts of the remainder: removing whole turns from the angle against all three
 # keeps it exact to float32 for positions far beyond any context length.
 TWO_PI_HI = tl.constexpr(6.2831854820251465)
