@@ -261,7 +261,7 @@ def attention(q: Tensor, k: Tensor, v: Tensor, *, causal: bool = False, scale: O
     """
     op = "attention"
     _check_heads(op, q, k, v)
-    scale = q.shape[-1] ** -0.5 if scale is None else float(scale)
+    scale = q.shape[-1] ** -0.5 if scale is None else _backend.check_number(op, "scale", scale)
     if cu_seqlens_q is None:
         if cu_seqlens_k is not None:
             raise ValueError(f"{op}: cu_seqlens_k needs cu_seqlens_q")
@@ -302,10 +302,11 @@ def _kv_cache_forward(q, k_cache, v_cache, lengths, new_tokens, scale, causal, b
     batch = lengths.shape[0]
     max_len = k_cache.shape[0] // max(batch, 1)
     # A length past the cache would make the kernels read another sequence's cache, or past the end: always checked
-    # (a host sync on GPU).
+    # (a host sync on GPU), and before the cast to the kernels' int32, which would wrap 2**32 + 3 to 3.
     if lengths.numel() and bool(((lengths < 0) | (lengths > max_len)).any()):
         raise ValueError(f"attention_with_kv_cache: cache_seqlens must be between 0 and the cache length {max_len}, "
                          f"got {lengths.tolist()}")
+    lengths = lengths.to(torch.int32)
     arange = torch.arange(batch, dtype=torch.int32, device=q.device)
     seq = Sequences(arange * new_tokens, torch.full_like(arange, new_tokens), arange * max_len, lengths, new_tokens,
                     max_len)
@@ -337,11 +338,10 @@ def attention_with_kv_cache(q: Tensor, k_cache: Tensor, v_cache: Tensor, cache_s
                          f"d], got q {tuple(q.shape)}, k_cache {tuple(k_cache.shape)}, v_cache {tuple(v_cache.shape)}")
     _backend.check_tensor(op, "cache_seqlens", cache_seqlens, dtypes=(torch.int32, torch.int64), device=q.device,
                           shape=(q.shape[0],))
-    lengths = cache_seqlens.to(torch.int32)
-    scale = q.shape[-1] ** -0.5 if scale is None else float(scale)
+    scale = q.shape[-1] ** -0.5 if scale is None else _backend.check_number(op, "scale", scale)
     backend = _backend.resolve(KV_CACHE_IMPLEMENTATIONS, q, backend,
                                backward=_backend.needs_backward(q, k_cache, v_cache), head_dim=q.shape[-1])
     packed = [_backend.with_unit_stride(t.reshape(-1, *t.shape[2:])) for t in (q, k_cache, v_cache)]
     if torch.compiler.is_compiling():  # the lengths are checked inside the op, where they have values
-        return _kv_cache_op(*packed, lengths, q.shape[1], scale, bool(causal), backend).view(q.shape)
-    return _kv_cache_forward(*packed, lengths, q.shape[1], scale, bool(causal), backend).view(q.shape)
+        return _kv_cache_op(*packed, cache_seqlens, q.shape[1], scale, bool(causal), backend).view(q.shape)
+    return _kv_cache_forward(*packed, cache_seqlens, q.shape[1], scale, bool(causal), backend).view(q.shape)

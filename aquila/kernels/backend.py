@@ -18,6 +18,7 @@ The native kernels see addresses and sizes only, so every tensor is checked befo
 """
 
 import contextlib
+import math
 import os
 from collections.abc import Callable
 from dataclasses import dataclass
@@ -169,8 +170,20 @@ def check_tensor(op, name, tensor, *, dtypes=FLOAT_DTYPES, device=None, shape=No
         raise TypeError(f"{op}: {name} must have one of the dtypes {names}, got {tensor.dtype}")
     if device is not None and tensor.device != device:
         raise ValueError(f"{op}: {name} must be on {device} (like x), got {tensor.device}")
+    if tensor.device.type == "meta":
+        raise ValueError(f"{op}: {name} is on the meta device, which holds no values: materialise it first (e.g. "
+                         "module.to_empty(device=...) and initialise)")
     if shape is not None and tuple(tensor.shape) != tuple(shape):
         raise ValueError(f"{op}: {name} must have shape {tuple(shape)}, got {tuple(tensor.shape)}")
+
+
+def check_number(op, name, value, *, positive=False):
+    """A real, finite number (not a bool); > 0 when `positive`. Returns it as a float."""
+    if isinstance(value, bool) or not isinstance(value, (int, float)) or not math.isfinite(value) or (
+            positive and not value > 0):
+        wanted = "a finite number > 0" if positive else "a finite number"
+        raise ValueError(f"{op}: {name} must be {wanted}, got {value!r}")
+    return float(value)
 
 
 def with_unit_stride(tensor):

@@ -44,8 +44,16 @@ def _torch_row_losses(logits, targets, grad_scale, grad, ignore_index, label_smo
     loss.copy_(reference.cross_entropy(z, targets, ignore_index, label_smoothing, z_loss, "none"))
     if grad is not None:
         counted = (targets != ignore_index)[:, None]
-        one_hot = torch.zeros_like(z).scatter_(1, targets.clamp(0, vocab - 1)[:, None], 1.0 - label_smoothing)
-        dz = torch.exp(z - lse[:, None]) * (1 + 2 * z_loss * lse[:, None]) - label_smoothing / vocab - one_hot
+        is_target = torch.zeros_like(z, dtype=torch.bool).scatter_(1, targets.clamp(0, vocab - 1)[:, None], True)
+        probabilities = torch.exp(z - lse[:, None])
+        coefficient = 1 + 2 * z_loss * lse[:, None]
+        dz = probabilities * coefficient - label_smoothing / vocab
+        # The target's p_t c - (1 - eps) as (p_t - 1) c + (c - 1) + eps, with p_t - 1 = -others / sum over
+        # exp(z - max): exact where p_t - 1 would cancel, and free of lse's rounding.
+        terms = torch.exp(z - z.max(-1, keepdim=True).values)
+        others = terms.masked_fill(is_target, 0.0).sum(-1, keepdim=True) / terms.sum(-1, keepdim=True)
+        target_grad = -others * coefficient + (coefficient - 1) + label_smoothing - label_smoothing / vocab
+        dz = torch.where(is_target, target_grad, dz)
         grad.copy_(torch.where(counted, dz * grad_scale, 0.0))
 
 
@@ -313,6 +321,23 @@ def _check_options(op, targets, device, ignore_index, label_smoothing, z_loss, r
             raise ValueError(f"{op}: num_tokens must be a number > 0, got {num_tokens!r}")
 
 
+def _check_overwritable(op, logits, rows):
+    """Refuses logits whose overwriting by their gradient would silently change other values."""
+    if logits.is_leaf:
+        raise ValueError(f"{op}: inplace_backward would overwrite leaf logits (a parameter's or an input's own "
+                         "values): pass logits computed from them, or inplace_backward=False")
+    if rows.shape[0] > 1 and rows.stride(0) < rows.shape[1]:
+        raise ValueError(f"{op}: inplace_backward needs logits whose rows do not overlap in memory, got strides "
+                         f"{tuple(logits.stride())} for shape {tuple(logits.shape)} (an expanded view?): pass "
+                         "logits.contiguous(), or inplace_backward=False")
+    producer = logits.grad_fn
+    for name in dir(producer):
+        saved = getattr(producer, name, None) if name.startswith("_saved_") else None
+        if isinstance(saved, Tensor) and saved.untyped_storage().data_ptr() == logits.untyped_storage().data_ptr():
+            raise ValueError(f"{op}: inplace_backward would overwrite logits that {type(producer).__name__} saved "
+                             "for its backward: use inplace_backward=False")
+
+
 def cross_entropy(logits: Tensor, targets: Tensor, *, ignore_index: int = IGNORE_INDEX, label_smoothing: float = 0.0,
                   z_loss: float = 0.0, reduction: str = "mean", num_tokens: Optional[float] = None,
                   inplace_backward: bool = False, backend: Optional[str] = None) -> Tensor:
@@ -323,8 +348,12 @@ def cross_entropy(logits: Tensor, targets: Tensor, *, ignore_index: int = IGNORE
     reduction: 'mean', 'sum' or 'none' (per token, in the targets' shape).
     num_tokens: for 'mean', divide by this count instead, e.g. the target tokens of all micro-batches of an
         optimizer step, so that gradient accumulation gives the gradient of one big batch.
-    inplace_backward: write the gradient over the logits during the forward (saves a logits-sized buffer; the
-        logits must not be used afterwards, which autograd then enforces).
+    inplace_backward: write the gradient over the logits during the forward, saving a logits-sized buffer. It
+        happens only when a gradient is needed (autograd on and logits requiring grad), and only when the logits
+        are laid out with a contiguous last dimension (else the kernels work on a copy); the logits then hold
+        their gradient once the call returns, and autograd refuses any later backward that needs their values.
+        Refused: leaf logits (a parameter's or an input's own values), logits whose rows overlap in memory (an
+        expanded view), and logits the operation that made them saved for its own backward.
     """
     op = "cross_entropy"
     _backend.check_tensor(op, "logits", logits)
@@ -335,8 +364,11 @@ def cross_entropy(logits: Tensor, targets: Tensor, *, ignore_index: int = IGNORE
         raise ValueError(f"{op}: targets must have shape {tuple(logits.shape[:-1])} (logits without their last "
                          f"dimension), got {shape}")
     _check_options(op, targets, logits.device, ignore_index, label_smoothing, z_loss, reduction, num_tokens)
-    backend = _backend.resolve(IMPLEMENTATIONS, logits, backend, op=op, backward=_backend.needs_backward(logits))
+    backward = _backend.needs_backward(logits)
+    backend = _backend.resolve(IMPLEMENTATIONS, logits, backend, op=op, backward=backward)
     rows = _backend.as_rows(logits)
+    if inplace_backward and backward:
+        _check_overwritable(op, logits, rows)
     flat_targets = targets.reshape(-1).to(torch.int64)
     grad_scale = _grad_scale(flat_targets, ignore_index, reduction, num_tokens, logits.device)
     loss = CrossEntropyFunction.apply(rows, flat_targets, grad_scale, ignore_index, float(label_smoothing),

@@ -8,8 +8,8 @@ rotate-half layout of Hugging Face checkpoints. The backward is the same rotatio
 Tensors are [batch, seq, heads, head_dim] or [seq, heads, head_dim], in any strides with a contiguous head_dim, so a
 Hugging Face [batch, heads, seq, head_dim] tensor goes in as ``x.transpose(1, 2)`` without a copy; the output has the
 input's layout. Positions are ``offset + arange(seq)`` (the KV-cache offset), or explicit position ids ([seq] or
-[batch, seq]) for packed sequences. cos/sin are computed inside the kernels, in fp32 from an angle exact to fp32
-precision even at large positions (the inverse frequencies come split into a high and a low fp32 part).
+[batch, seq]) for packed sequences. Every backend computes the angle from the integer position in float64 (exact up
+to 2**53) and cos/sin inside the kernels, so large positions lose nothing.
 """
 
 import functools
@@ -22,6 +22,9 @@ from . import backend as _backend
 from . import reference
 from .backend import Implementation, Implementations
 from .triton import rotary as triton_rotary
+
+# Positions beyond this lose their exactness in the float64 angle every backend computes.
+MAX_POSITION = 2**53
 
 # --- Implementations ------------------------------------------------------------------------------------------------
 # rotate(x, positions, offset, theta, interleaved, inverse, out) fills out for x [batch, seq, heads, head_dim] (not
@@ -115,6 +118,8 @@ def rotary_embedding(x: Tensor, positions: Optional[Tensor] = None, *, offset: i
         raise ValueError(f"{op}: head_dim (the last dimension of x) must be even, got {head_dim}")
     if not isinstance(offset, int):
         raise TypeError(f"{op}: offset must be an int, got {type(offset).__name__}")
+    if abs(offset) > MAX_POSITION:
+        raise ValueError(f"{op}: offset must be within +-2**53 (positions are exact in float64 there), got {offset}")
     if not isinstance(theta, (int, float)) or not theta > 0:
         raise ValueError(f"{op}: theta must be a number > 0, got {theta!r}")
     if positions is not None:

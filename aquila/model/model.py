@@ -41,6 +41,22 @@ class KVCache:
         view.lengths = self.lengths[index:index + 1]
         return view
 
+    def check_matches(self, config: AquilaConfig, device: torch.device, dtype: torch.dtype):
+        """Raises unless this cache was built for a model of `config` whose weights are on `device` in `dtype`: the
+        decoding kernels write into it by the model's shapes."""
+        expected = (config.n_layers, self.lengths.shape[0], self.k.shape[2], config.kv_heads, config.head_dim)
+        for name, t in (("k", self.k), ("v", self.v)):
+            if tuple(t.shape) != expected:
+                raise ValueError(f"Aquila: the KV cache's {name} has shape {tuple(t.shape)} but this model needs "
+                                 f"{expected} ([n_layers, batch, max_len, kv_heads, head_dim]): build the cache "
+                                 "with this model's config")
+            if t.device != device or t.dtype != dtype:
+                raise ValueError(f"Aquila: the KV cache's {name} is {t.dtype} on {t.device} but the model's weights "
+                                 f"are {dtype} on {device}")
+        if self.lengths.dtype != torch.int32 or self.lengths.device != device or self.lengths.dim() != 1:
+            raise ValueError(f"Aquila: the KV cache's lengths must be int32 [batch] on {device}, got "
+                             f"{self.lengths.dtype} {tuple(self.lengths.shape)} on {self.lengths.device}")
+
     def check_room(self, tokens: Tensor):
         """Raises unless tokens [batch, new] match the cache's batch and fit after every sequence's positions."""
         if tokens.dim() != 2 or tokens.shape[0] != self.lengths.shape[0]:
@@ -167,12 +183,18 @@ class Aquila(nn.Module):
         return linear_cross_entropy(hidden, self.output.weight, targets, ignore_index=ignore_index,
                                     num_tokens=num_tokens, backend=self.backend)
 
+    def _check_cache(self, cache: KVCache):
+        # The cache holds what the key projections write.
+        weight = self.layers[0].attention.wk.weight if len(self.layers) else self.output.weight
+        cache.check_matches(self.config, weight.device, weight.dtype)
+
     @torch.no_grad()
     def forward_with_cache(self, tokens: Tensor, cache: KVCache, last_only: bool = False) -> Tensor:
         """Logits [batch, new, vocab] of new tokens [batch, new] appended to each sequence in the cache (a prompt
         for the prefill, then one token at a time), which is updated in place. last_only: the last position's
         logits alone ([batch, 1, vocab]), all that sampling needs (a prefill's other logits would cost a full
         vocabulary projection per prompt token)."""
+        self._check_cache(cache)
         if tokens.shape[-1:] == (1,) and last_only:
             native = native_decode.decoder(self, cache)
             if native is not None:
@@ -196,7 +218,9 @@ class Aquila(nn.Module):
     def decoder(self, cache: KVCache) -> Callable[[Tensor], Tensor]:
         """step(tokens [batch, 1]) -> logits [batch, 1, vocab]: forward_with_cache(tokens, cache, last_only=True),
         with what a generation loop can prepare once prepared once (the one-call C++ step's weight and cache
-        pointers and its workspace). The weights must not change while a decoder is in use."""
+        pointers and its workspace). A step refuses to run once the weights have moved (another dtype, device or
+        storage): make a new decoder then."""
+        self._check_cache(cache)
         native = native_decode.decoder(self, cache)
         if native is not None:
             return native

@@ -47,7 +47,13 @@ def decoder(model, cache) -> Optional[Callable[[Tensor], Tensor]]:
                  "layers": [{name: t.data_ptr() for name, t in layer.items()} for layer in layers],
                  "workspace": workspace.data_ptr()}
 
+    # The parameters themselves, not their data: model.to(dtype) swaps a parameter's data, which the step detects.
+    addresses = [t.data_ptr() for t in tensors]
+
     def step(tokens: Tensor) -> Tensor:
+        if [t.data_ptr() for t in tensors] != addresses:
+            raise RuntimeError("Aquila: the model's weights or its cache moved (another dtype, device or storage) "
+                               "since model.decoder(cache) was made: make a new decoder")
         cache.check_room(tokens)
         tokens = tokens.reshape(batch).to("cpu", torch.int64).contiguous()
         logits = torch.empty(batch, 1, c.vocab_size)
@@ -56,5 +62,6 @@ def decoder(model, cache) -> Optional[Callable[[Tensor], Tensor]]:
         cache.lengths += 1
         return logits
 
-    step.keep_alive = (workspace, tensors, cache.lengths)  # the addresses above must stay valid while the step exists
+    # With `tensors` above: everything the addresses point into lives as long as the step.
+    step.keep_alive = (workspace, cache)
     return step

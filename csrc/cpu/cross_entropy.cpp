@@ -22,25 +22,36 @@ AQUILA_SIMD_CLONES void cross_entropy_kernel(const CrossEntropy& a, int threads)
   for (int64_t row = 0; row < a.rows; ++row) {
     // Not __restrict: grad may be the logits themselves.
     const T* z = static_cast<const T*>(a.logits) + row * a.logits_row_stride;
+    const int64_t target = a.targets[row];
+    // The sum of exp(z - max) as the target's term plus all the others', kept apart: the gradient's p_t - 1 is
+    // -others / sum, which keeps its digits when p_t is near 1 (p_t - 1 itself would cancel them away).
     float max = -std::numeric_limits<float>::infinity();
-    double sum_exp = 0.0, sum_z = 0.0;
+    double others = 0.0, target_exp = 0.0, sum_z = 0.0;
     for (int64_t start = 0; start < vocab; start += kChunk) {
       const T* chunk = z + start;
       const int64_t n = std::min(kChunk, vocab - start);
       const float chunk_max = max_over(n, [&](int64_t j) { return to_float(chunk[j]); });
       if (chunk_max > max) {
-        sum_exp *= std::exp(static_cast<double>(max) - chunk_max);
+        const double rescale = std::exp(static_cast<double>(max) - chunk_max);
+        others *= rescale;
+        target_exp *= rescale;
         max = chunk_max;
       }
       const float m = max;
-      sum_exp += sum_over(n, [&](int64_t j) { return exp_nonpositive(to_float(chunk[j]) - m); });
+      const int64_t t = target - start;
+      if (t >= 0 && t < n) {
+        others += sum_over(n, [&](int64_t j) { return j == t ? 0.0f : exp_nonpositive(to_float(chunk[j]) - m); });
+        target_exp += exp_nonpositive(to_float(chunk[t]) - m);
+      } else {
+        others += sum_over(n, [&](int64_t j) { return exp_nonpositive(to_float(chunk[j]) - m); });
+      }
       if (eps != 0.0f) sum_z += sum_over(n, [&](int64_t j) { return to_float(chunk[j]); });
     }
+    const double sum_exp = others + target_exp;
     const double log_sum = std::log(sum_exp);
     const double lse = max + log_sum;
     a.lse[row] = static_cast<float>(lse);
 
-    const int64_t target = a.targets[row];
     const bool ignored = target == a.ignore_index;
     const bool valid = target >= 0 && target < vocab;
     float loss = 0.0f;
@@ -58,12 +69,15 @@ AQUILA_SIMD_CLONES void cross_entropy_kernel(const CrossEntropy& a, int threads)
     const float row_scale = ignored ? 0.0f : valid ? scale : std::numeric_limits<float>::quiet_NaN();
     const float lse_f = static_cast<float>(lse);
     const float softmax_scale = row_scale * static_cast<float>(1.0 + 2.0 * a.z_loss * lse);
-    const float target_term = 1.0f - eps;
 #pragma omp simd
     for (int64_t j = 0; j < vocab; ++j) {
-      const float p = exp_nonpositive(to_float(z[j]) - lse_f);
-      // In fp32 to the end: p_t - 1 of a confident prediction would lose every digit in bf16.
-      grad[j] = from_float<T>(p * softmax_scale - row_scale * (uniform + (j == target ? target_term : 0.0f)));
+      grad[j] = from_float<T>(exp_nonpositive(to_float(z[j]) - lse_f) * softmax_scale - row_scale * uniform);
+    }
+    if (valid && !ignored) {
+      // p_t c - (1 - eps) - eps / V with c = 1 + 2 lambda lse, as (p_t - 1) c + (c - 1) + eps - eps / V.
+      const double c = 1.0 + 2.0 * a.z_loss * lse;
+      grad[target] = from_float<T>(static_cast<float>(
+          row_scale * (-(others / sum_exp) * c + (c - 1.0) + a.label_smoothing - a.label_smoothing / vocab)));
     }
   }
 }

@@ -29,7 +29,7 @@ constexpr float kLog2e = 1.4426950408889634f;
 //   short rows sharing a block of at least kMinBlockThreads threads.
 // - Longer rows are streamed twice by kStreamPacks packs' worth of threads, within [kMinStreamThreads, 1024]: a
 //   longer row gets more threads, so that it is in flight on fewer SMs at once and the second read finds it in L2.
-// Untuned: none of these has been measured on a GPU yet.
+// Chosen from occupancy arithmetic, not tuned by measurement.
 constexpr int kCached = 16;
 constexpr int kMaxCachedThreads = 512;
 constexpr int kMinBlockThreads = 256;
@@ -42,15 +42,19 @@ constexpr int kUnrollScalar = 8;
 
 __device__ __forceinline__ float quiet_nan() { return __int_as_float(0x7fc00000); }
 
-// A thread's share of a row: max of its logits, sum of exp(z - max), sum of z.
+// A thread's share of a row: max of its logits, sum of exp(z - max) over the logits but the target, the target's
+// exp(z_t - max) (kept apart: the gradient's p_t - 1 is -others / sum, which keeps its digits when p_t is near 1),
+// and the sum of z.
 struct Partial {
   float max = -INFINITY;
   float sum = 0.0f;
+  float target = 0.0f;
   float sum_z = 0.0f;
 };
 
+// target: the target's index in this pack, or -1.
 template <int kVec>
-__device__ __forceinline__ void accumulate(const float (&z)[kVec], Partial& part) {
+__device__ __forceinline__ void accumulate(const float (&z)[kVec], Partial& part, int target) {
   float pack_max = z[0], pack_sum_z = z[0];
 #pragma unroll
   for (int e = 1; e < kVec; ++e) {
@@ -60,14 +64,23 @@ __device__ __forceinline__ void accumulate(const float (&z)[kVec], Partial& part
   part.sum_z += pack_sum_z;
   // Rescale once per pack when the maximum grows (rarely, after the first packs). From -inf the factor is 0.
   if (pack_max > part.max) {
-    part.sum *= exp2f((part.max - pack_max) * kLog2e);
+    const float rescale = exp2f((part.max - pack_max) * kLog2e);
+    part.sum *= rescale;
+    part.target *= rescale;
     part.max = pack_max;
   }
   // While every logit seen is -inf (masked) or NaN, subtract 0 instead of -inf: exp gives 0 (or NaN), not NaN.
   const float m = part.max == -INFINITY ? 0.0f : part.max;
-  float pack_sum = exp2f((z[0] - m) * kLog2e);
+  float pack_sum = 0.0f;
 #pragma unroll
-  for (int e = 1; e < kVec; ++e) pack_sum += exp2f((z[e] - m) * kLog2e);
+  for (int e = 0; e < kVec; ++e) {
+    const float term = exp2f((z[e] - m) * kLog2e);
+    if (e == target) {
+      part.target += term;
+    } else {
+      pack_sum += term;
+    }
+  }
   part.sum += pack_sum;
 }
 
@@ -109,7 +122,7 @@ __device__ __forceinline__ void stream_packs(const T* row, int packs, Fn&& fn) {
 template <typename T, int kVec, int kItems>
 __global__ void __launch_bounds__(1024) cross_entropy_kernel(const __grid_constant__ CrossEntropy a) {
   constexpr int kUnroll = kVec == 1 ? kUnrollScalar : kUnrollPacked;
-  __shared__ float scratch[3][32];
+  __shared__ float scratch[4][32];
   const int packs = static_cast<int>(a.vocab) / kVec;
   const bool smoothing = static_cast<float>(a.label_smoothing) != 0.0f;
 
@@ -119,7 +132,12 @@ __global__ void __launch_bounds__(1024) cross_entropy_kernel(const __grid_consta
     const int64_t row = first + threadIdx.y;
     const bool live = row < a.rows;
     const T* z = static_cast<const T*>(a.logits) + row * a.logits_row_stride;
-    const int64_t target = live ? a.targets[row] : 0;  // loaded early: used after pass 1
+    const int64_t target = live ? a.targets[row] : 0;  // loaded early: pass 1 sums the target's term apart
+    const bool ignored = target == a.ignore_index;
+    const bool valid = !ignored && target >= 0 && target < a.vocab;
+    const int t = valid ? static_cast<int>(target) : 0;
+    const int target_pack = valid ? t / kVec : -1;
+    const auto target_in = [&](int p) { return p == target_pack ? t % kVec : -1; };
 
     // Pass 1: lse (and sum z).
     Partial part;
@@ -133,15 +151,16 @@ __global__ void __launch_bounds__(1024) cross_entropy_kernel(const __grid_consta
 #pragma unroll
       for (int k = 0; k < kItems; ++k) {
         const int p = threadIdx.x + k * blockDim.x;
-        if (live && p < packs) accumulate(cache[k], part);
+        if (live && p < packs) accumulate(cache[k], part, target_in(p));
       }
     } else if (live) {
-      stream_packs<kVec, kUnroll>(z, packs, [&](int, float(&v)[kVec]) { accumulate(v, part); });
+      stream_packs<kVec, kUnroll>(z, packs, [&](int p, float(&v)[kVec]) { accumulate(v, part, target_in(p)); });
     }
     const float row_max = row_group_max(part.max, scratch[0]);
-    // A thread that saw only -inf (or nothing) holds a sum of 0, or NaN: keep it as it is.
-    const float sum =
-        row_group_sum(part.max == -INFINITY ? part.sum : part.sum * exp2f((part.max - row_max) * kLog2e), scratch[1]);
+    // A thread that saw only -inf (or nothing) holds sums of 0, or NaN: keep them as they are.
+    const float to_row_max = part.max == -INFINITY ? 1.0f : exp2f((part.max - row_max) * kLog2e);
+    const float others = row_group_sum(part.sum * to_row_max, scratch[1]);
+    const float sum = others + row_group_sum(part.target * to_row_max, scratch[3]);
     const float sum_z = smoothing ? row_group_sum(part.sum_z, scratch[2]) : 0.0f;  // smoothing is uniform
     if (!live) continue;
     const float log_sum = static_cast<float>(log(static_cast<double>(sum)));
@@ -149,9 +168,6 @@ __global__ void __launch_bounds__(1024) cross_entropy_kernel(const __grid_consta
 
     // The loss. Only the thread that owns the target's pack reads or writes z_t, and it reads it here, before its
     // first store to the row.
-    const bool ignored = target == a.ignore_index;
-    const bool valid = !ignored && target >= 0 && target < a.vocab;
-    const int t = valid ? static_cast<int>(target) : 0;
     const bool owner = valid && (t / kVec) % static_cast<int>(blockDim.x) == static_cast<int>(threadIdx.x);
     const float eps = static_cast<float>(a.label_smoothing);
     const float z_loss = static_cast<float>(a.z_loss);
@@ -194,11 +210,10 @@ __global__ void __launch_bounds__(1024) cross_entropy_kernel(const __grid_consta
     } else {
       stream_packs<kVec, kUnroll>(z, packs, store_gradient);
     }
-    // The target's element again, with its -(1 - eps), over what this same thread stored above (from z_t: the
-    // logit itself may be overwritten by now). p_t (1 + 2 lambda lse) - 1 + eps stays in fp32 until the store.
+    // The target's element again, with its -(1 - eps), over what this same thread stored above: p_t c - (1 - eps)
+    // - eps / V as (p_t - 1) c + (c - 1) + eps - eps / V with p_t - 1 = -others / sum, in fp32 until the store.
     if (owner) {
-      const float p_t = exp2f((z_t[0] - lse) * kLog2e);
-      const float g_t[1] = {scale * (p_t * coef - smooth - (1.0f - eps))};
+      const float g_t[1] = {scale * (-__fdiv_rn(others, sum) * coef + (coef - 1.0f) + eps - smooth)};
       store_from_float(grad + t, g_t);
     }
   }

@@ -200,3 +200,25 @@ print("ok", errors)
     result = subprocess.run([sys.executable, "-c", script], env={**os.environ, "AQUILA_CPU_ISA": isa},
                             capture_output=True, text=True, timeout=300)
     assert result.returncode == 0 and result.stdout.startswith("ok"), result.stdout + result.stderr
+
+
+def test_cache_lengths_are_checked_before_the_cast_to_int32():
+    q, cache = torch.randn(1, 1, 2, 16), torch.randn(1, 8, 2, 16)
+    with pytest.raises(ValueError, match=r"cache_seqlens must be between 0 and the cache length 8, got \[4294967299\]"):
+        attention_with_kv_cache(q, cache, cache, torch.tensor([2**32 + 3]))
+
+
+@pytest.mark.parametrize("call, words", [
+    (lambda: attention(*(torch.randn(1, 4, 2, 16, device="meta") for _ in range(3))), "q is on the meta device"),
+    (lambda: attention(*(torch.randn(5, 2, 16) for _ in range(3)), cu_seqlens_q=torch.tensor([0, 5], device="meta")),
+     "cu_seqlens_q is on the meta device"),
+    (lambda: attention(*(torch.randn(1, 4, 2, 16) for _ in range(3)), scale="big"),
+     "scale must be a finite number, got 'big'"),
+    (lambda: attention(*(torch.randn(1, 4, 2, 16) for _ in range(3)), scale=float("nan")),
+     "scale must be a finite number, got nan"),
+    (lambda: attention_with_kv_cache(torch.randn(1, 1, 2, 16), torch.randn(1, 8, 2, 16), torch.randn(1, 8, 2, 16),
+                                     torch.tensor([3]), scale=True), "scale must be a finite number, got True"),
+], ids=["meta", "meta-cu_seqlens", "scale-str", "scale-nan", "scale-bool"])
+def test_unusable_arguments_are_named(call, words):
+    with pytest.raises(ValueError, match=words):
+        call()

@@ -99,12 +99,13 @@ def test_inplace_backward(backend, device):
     torch.testing.assert_close(produced.detach(), expected.grad)  # the logits now hold their gradient
 
 
-def test_inplace_backward_refuses_logits_that_autograd_still_needs():
+def test_inplace_backward_leaves_autograd_to_refuse_later_users_of_the_logits():
     x = torch.randn(3, 10, requires_grad=True)
-    logits = x.exp()  # exp saves its output for the backward
+    logits = x * 2
+    penalty = (logits * logits).sum()  # another node that saved the logits for its backward
     loss = cross_entropy(logits, torch.tensor([1, 2, 3]), inplace_backward=True)
     with pytest.raises(RuntimeError, match="modified by an inplace operation"):
-        loss.backward()
+        (loss + penalty).backward()
 
 
 @pytest.mark.parametrize("backend, device", backend_params())
@@ -239,3 +240,49 @@ def test_linear_all_tokens_ignored(backend, device):
     grads = run_linear(linear_cross_entropy, h, weight, None, targets, torch.tensor(1.0, device=device),
                        reduction="sum", backend=backend)
     assert grads[0] == 0 and all(torch.equal(g, torch.zeros_like(g)) for g in grads[1:])
+
+
+@pytest.mark.parametrize("make, words", [
+    (lambda: torch.randn(4, 7, requires_grad=True), "would overwrite leaf logits"),
+    (lambda: torch.randn(1, 7, requires_grad=True)[0:1].expand(4, 7), "rows do not overlap in memory"),
+    (lambda: torch.tanh(torch.randn(4, 7, requires_grad=True)), "logits that TanhBackward0 saved"),
+], ids=["leaf", "expanded", "saved-by-producer"])
+def test_inplace_backward_refuses_logits_whose_overwriting_would_change_other_values(make, words):
+    with pytest.raises(ValueError, match=words):
+        cross_entropy(make(), torch.randint(0, 7, (4,)), inplace_backward=True)
+
+
+def test_inplace_backward_overwrites_only_when_a_gradient_is_needed():
+    base = torch.randn(4, 7, requires_grad=True)
+    targets = torch.randint(0, 7, (4,))
+    with torch.no_grad():
+        logits = base * 2
+        kept = logits.clone()
+        cross_entropy(logits, targets, inplace_backward=True)
+    assert torch.equal(logits, kept)
+    logits = base * 2
+    loss = cross_entropy(logits, targets, inplace_backward=True)
+    expected = torch.softmax(kept, -1) - torch.nn.functional.one_hot(targets, 7)
+    torch.testing.assert_close(logits.detach(), expected / 4)  # the mean's gradient, written over the logits
+    loss.backward()
+    torch.testing.assert_close(base.grad, 2 * expected / 4)
+
+
+@pytest.mark.parametrize("backend, device", backend_params())
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16], ids=str)
+@pytest.mark.parametrize("options", [{}, {"label_smoothing": 0.1, "z_loss": 1e-4}], ids=["plain", "smoothed"])
+def test_a_confident_predictions_gradient_keeps_its_digits(backend, device, dtype, options):
+    """p_t - 1 with p_t near 1 (down to 1e-7): the target's gradient against float64, relative to its own size."""
+    vocab, rows = 1000, 8
+    logits = torch.randn(rows, vocab, device=device)
+    targets = torch.randint(0, vocab, (rows,), device=device)
+    logits[torch.arange(rows), targets] += torch.linspace(8, 22, rows, device=device)
+    logits = logits.to(dtype)
+    ours = logits.clone().requires_grad_()
+    cross_entropy(ours, targets, reduction="sum", backend=backend, **options).backward()
+    exact = logits.double().requires_grad_()
+    reference.cross_entropy(exact, targets, reduction="sum", **options).backward()
+    at_targets = (torch.arange(rows, device=device), targets)
+    # The largest magnitude involved in each is its own: the others' probabilities sum to it.
+    for row, (actual, expected) in enumerate(zip(ours.grad[at_targets], exact.grad[at_targets])):
+        assert_matches_reference(actual, expected, f"target gradient of row {row}", scale=expected.abs().item())

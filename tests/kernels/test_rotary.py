@@ -106,3 +106,19 @@ def test_empty_and_three_dimensional_inputs(backend, device):
 def test_bad_input_gets_a_clear_error(call, error, words):
     with pytest.raises(error, match=words):
         call()
+
+
+def test_an_offset_past_exact_positions_is_named():
+    with pytest.raises(ValueError, match=r"offset must be within \+-2\*\*53 .*got 18446744073709551616"):
+        rotary_embedding(torch.randn(1, 2, 1, 8), offset=2**64)
+
+
+@pytest.mark.parametrize("backend, device", backend_params())
+@pytest.mark.parametrize("start", [2**24 - 3, 2**31 + 7, 10**12 + 1], ids=["2^24", "2^31", "1e12"])
+def test_large_positions_keep_their_angle(backend, device, start):
+    """Positions past fp32's exact integers (2^24) and int32's range: the angle is still exact."""
+    x = torch.randn(1, 4, 2, 16, device=device)
+    positions = torch.arange(start, start + 4, device=device)
+    expected = reference.rotary(x.double(), positions)
+    assert_matches_reference(rotary_embedding(x, positions, backend=backend), expected)
+    assert_matches_reference(rotary_embedding(x, offset=start, backend=backend), expected)

@@ -167,3 +167,60 @@ def test_native_decoding_step_rejects_token_ids_outside_the_vocabulary():
     assert cache.lengths.tolist() == [0, 0]  # nothing was written
     with pytest.raises(ValueError, match="tokens must be"):
         step(torch.tensor([3, 4]))
+
+
+def run_python(code):
+    """Runs `code` in a fresh interpreter: a crash there (a segfault, an abort) fails the test instead of the run."""
+    result = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=120)
+    assert result.returncode == 0, f"exit {result.returncode}: {result.stderr[-2000:]}"
+    return result.stdout.strip()
+
+
+@pytest.mark.parametrize("change", [{"n_layers": 3}, {"n_kv_heads": 4}, {"dim": 128, "n_heads": 4, "n_kv_heads": 2},
+                                    {"dtype": "torch.float64"}], ids=str)
+@pytest.mark.parametrize("call", ["forward_with_cache", "decoder"])
+def test_a_cache_built_for_another_model_is_refused_before_any_write(change, call):
+    code = f"""
+import dataclasses, torch
+from aquila.model.model import Aquila, KVCache
+from tests.model.test_model import TINY
+change = {change!r}
+dtype = eval(change.pop("dtype", "torch.float32"))
+model = Aquila(TINY).eval()
+cache = KVCache(dataclasses.replace(TINY, **change), batch=2, max_len=16, dtype=dtype)
+tokens = torch.ones(2, 1, dtype=torch.long)
+try:
+    if {call!r} == "forward_with_cache":
+        model.forward_with_cache(tokens, cache, last_only=True)
+    else:
+        model.decoder(cache)
+except ValueError as error:
+    print(error)
+"""
+    message = run_python(code)
+    assert message.startswith("Aquila: the KV cache's k"), message
+    assert ("this model needs (2, 2, 16, 2, 16)" in message) or ("torch.float64" in message), message
+
+
+@pytest.mark.parametrize("change", ["del model", "model.to(torch.bfloat16)", "model.to(torch.float64)",
+                                    "model.output.weight.data = model.output.weight.data.clone()"])
+def test_a_decoding_step_outlives_its_model_and_refuses_moved_weights(change):
+    code = f"""
+import gc, torch
+from aquila.model.model import Aquila, KVCache
+from tests.model.test_model import TINY
+model = Aquila(TINY).eval()
+step = model.decoder(KVCache(TINY, batch=1, max_len=8))
+step(torch.ones(1, 1, dtype=torch.long))
+{change}
+gc.collect()
+try:
+    print(tuple(step(torch.ones(1, 1, dtype=torch.long)).shape))
+except RuntimeError as error:
+    print(error)
+"""
+    message = run_python(code)
+    if change == "del model":  # the step holds what it points into: it still runs, on the weights it was made with
+        assert message == f"(1, 1, {TINY.vocab_size})"
+    else:
+        assert "the model's weights or its cache moved" in message

@@ -12,9 +12,14 @@ def _cross_entropy_kernel(LOGITS, logits_row_stride, TARGETS, LOSS, LSE, GRAD, g
                           SMOOTHING: tl.constexpr, BLOCK: tl.constexpr):
     row = tl.program_id(0).to(tl.int64)
     logits = LOGITS + row * logits_row_stride
-    # Online softmax: the running maximum rescales the running sum, one read of the row.
+    target = tl.load(TARGETS + row)
+    ignored = target == ignore_index
+    valid = (target >= 0) & (target < vocab)
+    # Online softmax: the running maximum rescales the running sums, one read of the row. The target's term and the
+    # others' are summed apart: the gradient's p_t - 1 is -others / sum, which keeps its digits when p_t is near 1.
     running_max = tl.full([BLOCK], float("-inf"), tl.float32)
-    running_sum = tl.zeros([BLOCK], tl.float32)
+    running_others = tl.zeros([BLOCK], tl.float32)
+    running_target = tl.zeros([BLOCK], tl.float32)
     logit_sum = tl.zeros([BLOCK], tl.float32)
     for start in range(0, vocab, BLOCK):
         cols = start + tl.arange(0, BLOCK)
@@ -23,16 +28,19 @@ def _cross_entropy_kernel(LOGITS, logits_row_stride, TARGETS, LOSS, LSE, GRAD, g
         running_max = tl.maximum(running_max, z)
         # Lanes that have seen only -inf (padding past the vocabulary) subtract 0 instead: exp(-inf - -inf) is nan.
         shift = tl.where(running_max == float("-inf"), 0.0, running_max)
-        running_sum = running_sum * tl.exp(running_max_before - shift) + tl.exp(z - shift)
+        rescale = tl.exp(running_max_before - shift)
+        term = tl.exp(z - shift)
+        running_others = running_others * rescale + tl.where(cols == target, 0.0, term)
+        running_target = running_target * rescale + tl.where(cols == target, term, 0.0)
         if SMOOTHING:
             logit_sum += tl.where(cols < vocab, z, 0.0)
     row_max = tl.max(running_max, axis=0)
-    log_sum = tl.log(tl.sum(running_sum * tl.exp(running_max - row_max), axis=0))
+    to_row_max = tl.exp(running_max - row_max)
+    others = tl.sum(running_others * to_row_max, axis=0)
+    sum_exp = others + tl.sum(running_target * to_row_max, axis=0)
+    log_sum = tl.log(sum_exp)
     lse = row_max + log_sum
 
-    target = tl.load(TARGETS + row)
-    ignored = target == ignore_index
-    valid = (target >= 0) & (target < vocab)
     target_logit = tl.load(logits + target, mask=valid & (target != ignore_index), other=0.0).to(tl.float32)
     # lse - z_t as log_sum + (max - z_t): for a confident prediction both are small and exact, where lse - z_t
     # would cancel away the digits of a loss near 0.
@@ -46,14 +54,15 @@ def _cross_entropy_kernel(LOGITS, logits_row_stride, TARGETS, LOSS, LSE, GRAD, g
     if COMPUTE_GRAD:
         grad = GRAD + row * grad_row_stride
         row_scale = tl.where(ignored, 0.0, tl.where(valid, tl.load(GRAD_SCALE), float("nan")))
-        softmax_scale = row_scale * (1.0 + 2.0 * z_loss * lse)
+        coefficient = 1.0 + 2.0 * z_loss * lse
         uniform = label_smoothing / vocab
+        # p_t c - (1 - eps) - eps / V as (p_t - 1) c + (c - 1) + eps - eps / V, with p_t - 1 = -others / sum.
+        target_grad = row_scale * (-(others / sum_exp) * coefficient + (coefficient - 1.0) + label_smoothing - uniform)
         for start in range(0, vocab, BLOCK):
             cols = start + tl.arange(0, BLOCK)
             mask = cols < vocab
             z = tl.load(logits + cols, mask=mask, other=0.0).to(tl.float32)
-            dz = tl.exp(z - lse) * softmax_scale - row_scale * (uniform + tl.where(cols == target,
-                                                                                   1.0 - label_smoothing, 0.0))
+            dz = tl.where(cols == target, target_grad, row_scale * (tl.exp(z - lse) * coefficient - uniform))
             tl.store(grad + cols, dz.to(GRAD.dtype.element_ty), mask=mask)
 
 

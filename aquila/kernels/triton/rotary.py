@@ -1,6 +1,7 @@
 """Rotary embedding's Triton kernel and its launcher (the maths is in aquila/kernels/rotary.py).
 
-One program rotates one token, all its heads in blocks; cos/sin come from an angle reduced exactly in fp32.
+One program rotates one token, all its heads in blocks; cos/sin (fp32) come from the exact float64 angle reduced
+to one turn.
 """
 
 import functools
@@ -10,37 +11,27 @@ import torch
 from aquila.kernels import reference
 from aquila.kernels.triton_compat import tl, triton
 
-# float32(2 pi), then the two float32 parts of the remainder: removing whole turns from the angle against all three
-# keeps it exact to float32 for positions far beyond any context length.
-TWO_PI_HI = tl.constexpr(6.2831854820251465)
-TWO_PI_MID = tl.constexpr(-1.7484555314695172e-07)
-TWO_PI_LO = tl.constexpr(-7.105427357601002e-15)
-
 
 @triton.jit
 def _rotary_kernel(X, x_stride_batch, x_stride_seq, x_stride_head, OUT, out_stride_batch, out_stride_seq,
-                   out_stride_head, POSITIONS, positions_stride_batch, positions_stride_seq, INV_FREQ, offset, seq,
-                   heads, half, HAS_POSITIONS: tl.constexpr, INTERLEAVED: tl.constexpr, INVERSE: tl.constexpr,
+                   out_stride_head, POSITIONS, positions_stride_batch, positions_stride_seq, INV_FREQ, TURN, offset,
+                   seq, heads, half, HAS_POSITIONS: tl.constexpr, INTERLEAVED: tl.constexpr, INVERSE: tl.constexpr,
                    BLOCK_HEADS: tl.constexpr, BLOCK_HALF: tl.constexpr):
     token = tl.program_id(0).to(tl.int64)
     b = token // seq
     s = token % seq
+    # The integer position, exact in float64 (up to 2**53); the angle position * theta^(-2i/d) in float64, as the
+    # C++ backends compute it, then whole turns removed (2 pi in two float64 parts) so that fp32 cos/sin see a
+    # small argument exact to fp32 at any position.
     if HAS_POSITIONS:
-        position = tl.load(POSITIONS + b * positions_stride_batch + s * positions_stride_seq).to(tl.float32)
+        position = tl.load(POSITIONS + b * positions_stride_batch + s * positions_stride_seq).to(tl.float64)
     else:
-        position = (s + offset).to(tl.float32)
+        position = (s + offset).to(tl.float64)
     i = tl.arange(0, BLOCK_HALF)
     in_half = i < half
-    freq_hi = tl.load(INV_FREQ + i, mask=in_half, other=0.0)
-    freq_lo = tl.load(INV_FREQ + half + i, mask=in_half, other=0.0)
-    # angle = position * (freq_hi + freq_lo) = rounded + error, with the product's rounding error recovered by an fma;
-    # whole turns are removed before adding the error so that cos/sin see a small, exact argument.
-    rounded = position * freq_hi
-    error = tl.fma(position, freq_hi, -rounded) + position * freq_lo
-    turns = tl.floor(rounded * 0.15915494309189535 + 0.5)
-    reduced = tl.fma(-turns, TWO_PI_HI, rounded)
-    reduced = tl.fma(-turns, TWO_PI_MID, reduced)
-    reduced = tl.fma(-turns, TWO_PI_LO, reduced) + error
+    angle = position * tl.load(INV_FREQ + i, mask=in_half, other=0.0)
+    turns = tl.floor(angle * tl.load(TURN + 2) + 0.5)
+    reduced = (tl.fma(-turns, tl.load(TURN), angle) - turns * tl.load(TURN + 1)).to(tl.float32)
     cos = tl.cos(reduced)
     sin = tl.sin(reduced)
     if INVERSE:
@@ -70,40 +61,43 @@ def _config(heads, half):
 
 
 def compile_cases():
-    """Each Triton configuration the launcher below can pick, for the ahead-of-time compile check."""
+    """Each Triton configuration the launcher below can pick, for the ahead-of-time compile check: every shape with
+    each flag on and off (positions given or not, either pair layout, forward or inverse)."""
     cases = []
+    flags = ((False, False, False), (True, False, True), (False, True, True), (True, True, False))
     for dtype in ("fp32", "bf16"):
         for heads, head_dim in ((32, 128), (8, 128), (1, 2), (40, 80), (16, 256)):
             block_heads, block_half, num_warps = _config(heads, head_dim // 2)
-            for interleaved in (False, True):
+            for has_positions, interleaved, inverse in flags:
                 signature = {"X": f"*{dtype}", "x_stride_batch": "i32", "x_stride_seq": "i32", "x_stride_head": "i32",
                              "OUT": f"*{dtype}", "out_stride_batch": "i32", "out_stride_seq": "i32",
                              "out_stride_head": "i32", "POSITIONS": "*i64", "positions_stride_batch": "i32",
-                             "positions_stride_seq": "i32", "INV_FREQ": "*fp32", "offset": "i32", "seq": "i32",
-                             "heads": "i32", "half": "i32", "HAS_POSITIONS": "constexpr", "INTERLEAVED": "constexpr",
-                             "INVERSE": "constexpr", "BLOCK_HEADS": "constexpr", "BLOCK_HALF": "constexpr"}
-                constexprs = {"HAS_POSITIONS": interleaved, "INTERLEAVED": interleaved, "INVERSE": False,
+                             "positions_stride_seq": "i32", "INV_FREQ": "*fp64", "TURN": "*fp64", "offset": "i32",
+                             "seq": "i32", "heads": "i32", "half": "i32", "HAS_POSITIONS": "constexpr",
+                             "INTERLEAVED": "constexpr", "INVERSE": "constexpr", "BLOCK_HEADS": "constexpr",
+                             "BLOCK_HALF": "constexpr"}
+                constexprs = {"HAS_POSITIONS": has_positions, "INTERLEAVED": interleaved, "INVERSE": inverse,
                               "BLOCK_HEADS": block_heads, "BLOCK_HALF": block_half}
                 cases.append((_rotary_kernel, signature, constexprs, num_warps))
     return cases
 
 
 @functools.lru_cache(maxsize=64)
-def _split_inverse_frequencies(head_dim, theta, device):
-    """[2, head_dim/2] fp32: the float64 inverse frequencies as high part + low part."""
-    exact = reference.inverse_frequencies(head_dim, theta, device)
-    high = exact.float()
-    return torch.stack([high, (exact - high.double()).float()])
+def _frequencies_and_turn(head_dim, theta, device):
+    """float64: the inverse frequencies [head_dim/2], and 2 pi as a high and a low part with 1/(2 pi) [3]."""
+    two_pi_high = 6.283185307179586
+    turn = torch.tensor([two_pi_high, 2.4492935982947064e-16, 1 / two_pi_high], dtype=torch.float64, device=device)
+    return reference.inverse_frequencies(head_dim, theta, device), turn
 
 
 def rotate(x, positions, offset, theta, interleaved, inverse, out):
     batch, seq, heads, head_dim = x.shape
     block_heads, block_half, num_warps = _config(heads, head_dim // 2)
-    inv_freq = _split_inverse_frequencies(head_dim, theta, x.device)
+    inv_freq, turn = _frequencies_and_turn(head_dim, theta, x.device)
     positions_strides = (0, 0) if positions is None else (positions.stride(0) if positions.shape[0] > 1 else 0,
                                                          positions.stride(1))
     _rotary_kernel[(batch * seq,)](
         x, *x.stride()[:3], out, *out.stride()[:3], positions if positions is not None else inv_freq,
-        *positions_strides, inv_freq, offset, seq, heads, head_dim // 2,
+        *positions_strides, inv_freq, turn, offset, seq, heads, head_dim // 2,
         HAS_POSITIONS=positions is not None, INTERLEAVED=interleaved, INVERSE=inverse,
         BLOCK_HEADS=block_heads, BLOCK_HALF=block_half, num_warps=num_warps)
