@@ -1,6 +1,7 @@
 """Attention against the explicit softmax(QK^T)V in float64. Criterion (flash-attn's): the kernel's error is at most
-twice the error of the same computation done by torch in the kernel's dtype, plus a floor of 64 fp32 ulps of the
-largest value (what fp32 accumulation alone may cost)."""
+twice the error of the same computation done by torch in the kernel's dtype, plus a floor of 4 fp32 ulps of the
+largest value, or of 1 where the values come from cancelling O(1) terms (a different but equally good summation order
+may land a few roundings either side of torch's)."""
 
 import os
 import subprocess
@@ -19,7 +20,7 @@ def error(actual, expected):
 
 def assert_as_accurate_as_torch(actual, expected, torch_same_dtype, name):
     assert torch.isfinite(actual).all(), f"{name}: non-finite values"
-    floor = 64 * torch.finfo(torch.float32).eps * max(1.0, expected.abs().max().item())
+    floor = 4 * torch.finfo(torch.float32).eps * max(1.0, expected.abs().max().item())
     ours, theirs = error(actual, expected), error(torch_same_dtype, expected)
     assert ours <= 2 * theirs + floor, f"{name}: error {ours:.3g} > 2 x torch's {theirs:.3g} + {floor:.3g}"
 
