@@ -114,6 +114,9 @@ def chat(args):
 
     model, tokenizer = load_for_inference(args)
     sampling = sampling_from(args, tokenizer)
+    problem = prompt_room(model, [], args)  # --max-new-tokens alone may leave no room for any message
+    if problem:
+        raise ValueError(problem)
     history: list[Message] = []
     interactive = sys.stdin.isatty()
     if interactive:
@@ -211,7 +214,7 @@ def data_preprocess(args):
     print(format_stats(stats))
 
 
-def device(text: str) -> str:
+def device_argument(text: str) -> str:
     """--device: cpu, cuda or cuda:N, refused here when this machine cannot run it (rather than deep in loading)."""
     try:
         parsed = torch.device(text)
@@ -241,7 +244,7 @@ def finite_float(text: str) -> float:
 def add_inference_arguments(command):
     command.add_argument("--checkpoint", required=True, help="checkpoint directory (Hugging Face or FlagAI layout)")
     command.add_argument("--tokenizer", help="tokenizer directory (default: the checkpoint's)")
-    command.add_argument("--device", type=device, help="cpu, cuda or cuda:N (default: cuda when present)")
+    command.add_argument("--device", type=device_argument, help="cpu, cuda or cuda:N (default: cuda when present)")
     command.add_argument("--dtype", choices=sorted(DTYPES), default="fp32")
     command.add_argument("--max-new-tokens", type=int, default=128)
     command.add_argument("--min-new-tokens", type=int, default=0)
@@ -320,7 +323,21 @@ def parser() -> argparse.ArgumentParser:
                               "and swapped in); any other file, a tokenizer included, is never deleted, so such a "
                               "DEST is refused")
     command.set_defaults(run=convert)
+    add_to_every_command(parser, "--debug", action="store_true", default=argparse.SUPPRESS,
+                         help="show the traceback of an error")
     return parser
+
+
+def add_to_every_command(parser: argparse.ArgumentParser, *names, **options) -> None:
+    """An option each command accepts after its name too (`aquila generate ... --debug`); SUPPRESS as the default
+    keeps the value given before the command."""
+    for action in parser._actions:
+        if isinstance(action, argparse._SubParsersAction):
+            for command in action.choices.values():
+                if any(isinstance(a, argparse._SubParsersAction) for a in command._actions):
+                    add_to_every_command(command, *names, **options)
+                else:
+                    command.add_argument(*names, **options)
 
 
 def command_name(args) -> str:
@@ -373,7 +390,8 @@ def main(argv=None):
     except KeyboardInterrupt:
         if debug:
             raise
-        sys.exit(f"{name}: interrupted")
+        print(f"{name}: interrupted", file=sys.stderr)
+        sys.exit(128 + signal.SIGINT)  # the status of a process that Ctrl-C ended
     except ModuleNotFoundError as error:
         if (error.name or "").split(".")[0] not in TRAIN_EXTRA_MODULES:
             raise

@@ -226,6 +226,11 @@ def test_the_trainers_non_finite_loss_stop_is_one_line(tmp_path, monkeypatch):
 def test_debug_shows_the_traceback(tmp_path, monkeypatch):
     with pytest.raises(FileNotFoundError):
         main(["--debug", "generate", "--checkpoint", str(tmp_path), "x", "--device", "cpu"])
+    with pytest.raises(FileNotFoundError):
+        main(["generate", "--checkpoint", str(tmp_path), "x", "--device", "cpu", "--debug"])
+    with pytest.raises(FileNotFoundError):
+        main(["data", "preprocess", str(tmp_path / "missing.txt"), "--out", str(tmp_path / "x"), "--tokenizer",
+              str(tmp_path), "--debug"])
     monkeypatch.setenv("AQUILA_DEBUG", "1")
     with pytest.raises(FileNotFoundError):
         main(["generate", "--checkpoint", str(tmp_path), "x", "--device", "cpu"])
@@ -240,6 +245,28 @@ def test_an_unexpected_error_is_one_line_that_points_to_debug(checkpoint, monkey
     monkeypatch.setattr(module, "load", broken)
     fails_with(["generate", "--checkpoint", checkpoint, "x", "--device", "cpu"],
                "aquila generate: unexpected RuntimeError: something unforeseen (rerun with --debug for the traceback)")
+
+
+def test_ctrl_c_is_one_line_and_the_status_of_sigint(checkpoint, monkeypatch, capsys):
+    from aquila.model import checkpoint as module
+
+    def interrupted(*args, **kwargs):
+        raise KeyboardInterrupt
+
+    monkeypatch.setattr(module, "load", interrupted)
+    with pytest.raises(SystemExit) as exit_info:
+        main(["generate", "--checkpoint", checkpoint, "x", "--device", "cpu"])
+    assert exit_info.value.code == 130
+    assert capsys.readouterr().err == "aquila generate: interrupted\n"
+
+
+def test_chat_refuses_max_new_tokens_that_fill_the_context(checkpoint, monkeypatch):
+    import io
+
+    monkeypatch.setattr(sys, "stdin", io.StringIO("hello\n"))
+    fails_with(["chat", "--checkpoint", checkpoint, "--device", "cpu", "--max-new-tokens", str(CONTEXT)],
+               f"aquila chat: --max-new-tokens {CONTEXT} leaves no room for a prompt in the model's context of "
+               f"{CONTEXT} tokens")
 
 
 def test_generate_into_a_closed_pipe_exits_quietly(checkpoint, tmp_path):
