@@ -392,11 +392,9 @@ def main(argv=None):
             raise
         print(f"{name}: interrupted", file=sys.stderr)
         sys.exit(128 + signal.SIGINT)  # the status of a process that Ctrl-C ended
-    except ModuleNotFoundError as error:
-        if (error.name or "").split(".")[0] not in TRAIN_EXTRA_MODULES:
-            raise
-        sys.exit(f"{name}: needs the train extra (no module {error.name!r}): pip install 'aquila[train]'")
     except Exception as error:
+        if isinstance(error, ModuleNotFoundError) and (error.name or "").split(".")[0] in TRAIN_EXTRA_MODULES:
+            sys.exit(f"{name}: needs the train extra (no module {error.name!r}): pip install 'aquila[train]'")
         if debug:
             raise
         message = error_message(error)
