@@ -8,12 +8,19 @@
     aquila chat --checkpoint DIR                  talk to a chat model (streaming, with history)
     aquila tokenizer train [FILES] --out DIR      train the byte-level BPE tokenizer (default: the demo corpus)
     aquila convert SOURCE DEST [--dtype bf16]     a FlagAI or Hugging Face checkpoint -> the Hugging Face layout
+
+A bad input or a failure ends the command with one line naming the argument or file, and a non-zero status; --debug
+(or AQUILA_DEBUG=1) shows the traceback instead.
 """
 
 import argparse
+import itertools
+import math
 import os
+import signal
 import sys
 import time
+from typing import Optional
 
 import torch
 
@@ -23,10 +30,14 @@ TRAIN_EXTRA_MODULES = {"safetensors", "tokenizers", "yaml", "tqdm", "matplotlib"
 
 
 def convert(args):
-    from aquila.model.checkpoint import load, save_hf
+    from aquila.model.checkpoint import check_destination, load, save_hf
 
+    if os.path.exists(args.dest) and os.path.exists(args.source) and os.path.samefile(args.source, args.dest):
+        raise ValueError(f"SOURCE and DEST are the same directory ({os.path.realpath(args.dest)}); convert into a new "
+                         "directory")
+    check_destination(os.path.realpath(args.dest), overwrite=args.force)  # before the minutes that loading takes
     model = load(args.source, dtype=DTYPES[args.dtype])
-    save_hf(model, args.dest)
+    save_hf(model, args.dest, overwrite=args.force)
     print(f"{args.source} -> {args.dest} (Hugging Face layout, {args.dtype}, "
           f"{sum(p.numel() for p in model.parameters()):,} parameters)")
 
@@ -55,13 +66,28 @@ def sampling_from(args, tokenizer):
                     min_new_tokens=args.min_new_tokens, stop_tokens=(tokenizer.eos_id,), seed=args.seed)
 
 
-def stream_to_stdout(model, tokenizer, prompt_ids, sampling, stop_strings) -> tuple[str, int, float]:
+def prompt_room(model, prompt_ids, args) -> Optional[str]:
+    """Why the prompt does not fit the model's context beside --max-new-tokens, or None when it fits or
+    --truncate-prompt lets generation keep its end."""
+    room = model.config.max_seq_len - args.max_new_tokens
+    if room < 1:
+        return (f"--max-new-tokens {args.max_new_tokens} leaves no room for a prompt in the model's context of "
+                f"{model.config.max_seq_len} tokens")
+    if len(prompt_ids) <= room or args.truncate_prompt:
+        return None
+    return (f"the prompt is {len(prompt_ids)} tokens; with --max-new-tokens {args.max_new_tokens} it does not fit "
+            f"the model's context of {model.config.max_seq_len} tokens (shorten it, lower --max-new-tokens, or "
+            "pass --truncate-prompt to keep its last tokens)")
+
+
+def stream_to_stdout(model, tokenizer, prompt_ids, sampling, stop_strings,
+                     truncate_prompt: bool) -> tuple[str, int, float]:
     """Prints the continuation as it is generated; returns it, the number of new tokens and the seconds taken."""
     from aquila.model.generate import stream_text
 
     text, steps = "", -1  # the last yield only flushes
     start = time.perf_counter()
-    for pieces in stream_text(model, tokenizer, [prompt_ids], sampling, stop_strings):
+    for pieces in stream_text(model, tokenizer, [prompt_ids], sampling, stop_strings, truncate_prompt):
         steps += 1
         print(pieces[0], end="", flush=True)
         text += pieces[0]
@@ -71,9 +97,13 @@ def stream_to_stdout(model, tokenizer, prompt_ids, sampling, stop_strings) -> tu
 def generate(args):
     model, tokenizer = load_for_inference(args)
     prompt_ids = tokenizer.encode(args.prompt, bos=True)
+    sampling = sampling_from(args, tokenizer)
+    problem = prompt_room(model, prompt_ids, args)
+    if problem:
+        raise ValueError(problem)
     if not args.no_echo:
         print(args.prompt, end="", flush=True)
-    _, steps, seconds = stream_to_stdout(model, tokenizer, prompt_ids, sampling_from(args, tokenizer), args.stop)
+    _, steps, seconds = stream_to_stdout(model, tokenizer, prompt_ids, sampling, args.stop, args.truncate_prompt)
     print()
     print(f"[{steps} tokens in {seconds:.2f} s: {steps / max(seconds, 1e-9):.1f} tokens/s, prompt "
           f"{len(prompt_ids)} tokens, {model.output.weight.device}]", file=sys.stderr)
@@ -84,6 +114,9 @@ def chat(args):
 
     model, tokenizer = load_for_inference(args)
     sampling = sampling_from(args, tokenizer)
+    problem = prompt_room(model, [], args)  # --max-new-tokens alone may leave no room for any message
+    if problem:
+        raise ValueError(problem)
     history: list[Message] = []
     interactive = sys.stdin.isatty()
     if interactive:
@@ -107,8 +140,16 @@ def chat(args):
             if len(prompt) + sampling.max_new_tokens <= model.config.max_seq_len or len(history) == 1:
                 break
             del history[:2]
+        problem = prompt_room(model, prompt, args)
+        if problem:
+            if not interactive:
+                raise ValueError(problem)
+            print(f"aquila chat: {problem}; the message was not sent", file=sys.stderr)
+            history.pop()
+            continue
         print("Aquila:", end="", flush=True)
-        reply, steps, seconds = stream_to_stdout(model, tokenizer, prompt, sampling, STOP_STRINGS + tuple(args.stop))
+        reply, steps, seconds = stream_to_stdout(model, tokenizer, prompt, sampling, STOP_STRINGS + tuple(args.stop),
+                                                 args.truncate_prompt)
         print()
         if interactive:
             print(f"[{steps / max(seconds, 1e-9):.1f} tokens/s]", file=sys.stderr)
@@ -122,7 +163,11 @@ def tokenizer_train(args):
 
     files = args.files or [demo_file("train.jsonl.gz")]
     start = time.perf_counter()
-    tokenizer = Tokenizer.train(read_documents(files, args.key), vocab_size=args.vocab_size)
+    documents = read_documents(files, args.key)
+    first = next((text for text in documents if text), None)  # before training, to name the files
+    if first is None:
+        raise ValueError(f"no text to learn from in {', '.join(files)} (every document is empty)")
+    tokenizer = Tokenizer.train(itertools.chain([first], documents), vocab_size=args.vocab_size)
     tokenizer.save(args.out)
     print(f"{args.out}: {tokenizer.vocab_size} tokens (BOS {tokenizer.bos_id}, EOS {tokenizer.eos_id}) from "
           f"{len(files)} file(s) in {time.perf_counter() - start:.1f} s")
@@ -135,9 +180,24 @@ def run_training(args, kind: str):
     config = TrainConfig.load(args.config, ["--kind", kind, *args.overrides] if kind == "sft" else args.overrides)
     if config.kind != kind:
         raise ValueError(f"{args.config} is a {config.kind} config; run it with `aquila {config.kind}`")
+    check_whole_numbers(config)
     summary = train(config, resume=args.resume)
     if summary["interrupted"]:
         sys.exit(f"stopped at step {summary['steps']} of {summary['total_steps']}; continue with --resume")
+
+
+def check_whole_numbers(config) -> None:
+    """Refuses a float such as 1.5 for an int key (TrainConfig keeps what YAML parsed, and steps=1.5 would start a
+    run that fails later)."""
+    import dataclasses
+    import typing
+
+    hints = typing.get_type_hints(type(config))
+    for field in dataclasses.fields(config):
+        types = typing.get_args(hints[field.name]) or (hints[field.name],)
+        value = getattr(config, field.name)
+        if int in types and float not in types and isinstance(value, float):
+            raise ValueError(f"{field.name} must be a whole number, got {value!r}")
 
 
 def plot(args):
@@ -154,23 +214,60 @@ def data_preprocess(args):
     print(format_stats(stats))
 
 
+def device_argument(text: str) -> str:
+    """--device: cpu, cuda or cuda:N, refused here when this machine cannot run it (rather than deep in loading)."""
+    try:
+        parsed = torch.device(text)
+    except RuntimeError:
+        raise argparse.ArgumentTypeError(f"{text!r} is not a device; use cpu, cuda or cuda:N") from None
+    if parsed.type == "cpu":
+        return text
+    if parsed.type != "cuda":
+        raise argparse.ArgumentTypeError(f"{text!r}: only cpu and cuda devices are supported")
+    if not torch.cuda.is_available():
+        raise argparse.ArgumentTypeError(f"{text!r}: CUDA is not available on this machine; use --device cpu")
+    if parsed.index is not None and parsed.index >= torch.cuda.device_count():
+        raise argparse.ArgumentTypeError(f"{text!r}: this machine has {torch.cuda.device_count()} CUDA device(s)")
+    return text
+
+
+def finite_float(text: str) -> float:
+    try:
+        value = float(text)
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"expected a number, got {text!r}") from None
+    if not math.isfinite(value):
+        raise argparse.ArgumentTypeError(f"expected a finite number, got {text!r}")
+    return value
+
+
 def add_inference_arguments(command):
     command.add_argument("--checkpoint", required=True, help="checkpoint directory (Hugging Face or FlagAI layout)")
     command.add_argument("--tokenizer", help="tokenizer directory (default: the checkpoint's)")
-    command.add_argument("--device", help="cpu or cuda (default: cuda when present)")
+    command.add_argument("--device", type=device_argument, help="cpu, cuda or cuda:N (default: cuda when present)")
     command.add_argument("--dtype", choices=sorted(DTYPES), default="fp32")
     command.add_argument("--max-new-tokens", type=int, default=128)
     command.add_argument("--min-new-tokens", type=int, default=0)
-    command.add_argument("--temperature", type=float, default=0.7, help="0 is greedy")
+    command.add_argument("--temperature", type=finite_float, default=0.7, help="0 is greedy")
     command.add_argument("--top-k", type=int, default=50)
-    command.add_argument("--top-p", type=float, default=0.9)
-    command.add_argument("--repetition-penalty", type=float, default=1.1)
+    command.add_argument("--top-p", type=finite_float, default=0.9)
+    command.add_argument("--repetition-penalty", type=finite_float, default=1.1)
     command.add_argument("--seed", type=int)
     command.add_argument("--stop", action="append", default=[], help="stop string (repeatable)")
+    command.add_argument("--truncate-prompt", action="store_true",
+                         help="cut a prompt too long for the model's context from the left (default: an error)")
+
+
+class Parser(argparse.ArgumentParser):
+    """argparse's parser with errors on one line (argparse prints the usage first)."""
+
+    def error(self, message):
+        self.exit(2, f"{self.prog}: {message} (see {self.prog} --help)\n")
 
 
 def parser() -> argparse.ArgumentParser:
-    parser = argparse.ArgumentParser(prog="aquila", description=__doc__.split("\n\n")[0])
+    parser = Parser(prog="aquila", description=__doc__.split("\n\n")[0])
+    parser.add_argument("--debug", action="store_true", help="show the traceback of an error (also AQUILA_DEBUG=1)")
     commands = parser.add_subparsers(dest="command", required=True)
 
     for kind, text in (("pretrain", "pretrain a model (default: the demo run)"),
@@ -218,10 +315,60 @@ def parser() -> argparse.ArgumentParser:
                                                   "layout (config.json + safetensors)")
     command.add_argument("source", help="checkpoint directory (FlagAI: config.json + .bin; HF: config.json + "
                                         "safetensors)")
-    command.add_argument("dest", help="output directory (written atomically)")
+    command.add_argument("dest", help="output directory, new or empty (written atomically)")
     command.add_argument("--dtype", choices=sorted(DTYPES), default="fp32")
+    command.add_argument("--force", action="store_true",
+                         help="replace a checkpoint already in DEST. Only a DEST that holds nothing but config.json "
+                              "and model*.safetensors files is replaced (the new checkpoint is written beside it "
+                              "and swapped in); any other file, a tokenizer included, is never deleted, so such a "
+                              "DEST is refused")
     command.set_defaults(run=convert)
+    add_to_every_command(parser, "--debug", action="store_true", default=argparse.SUPPRESS,
+                         help="show the traceback of an error")
     return parser
+
+
+def add_to_every_command(parser: argparse.ArgumentParser, *names, **options) -> None:
+    """An option each command accepts after its name too (`aquila generate ... --debug`); SUPPRESS as the default
+    keeps the value given before the command."""
+    for action in parser._actions:
+        if isinstance(action, argparse._SubParsersAction):
+            for command in action.choices.values():
+                if any(isinstance(a, argparse._SubParsersAction) for a in command._actions):
+                    add_to_every_command(command, *names, **options)
+                else:
+                    command.add_argument(*names, **options)
+
+
+def command_name(args) -> str:
+    return " ".join(["aquila", args.command, *([args.action] if getattr(args, "action", None) else [])])
+
+
+def one_line(text: str) -> str:
+    return " ".join(line.strip() for line in text.splitlines() if line.strip())
+
+
+def error_message(error: BaseException) -> Optional[str]:
+    """The one-line message for an error a bad input or a failing disk causes; None for anything else (a bug)."""
+    yaml = sys.modules.get("yaml")  # imported by whatever could raise its errors
+    trainer = sys.modules.get("aquila.train.trainer")
+    preprocess = sys.modules.get("aquila.data.preprocess")
+    if yaml is not None and isinstance(error, yaml.YAMLError):
+        mark = getattr(error, "problem_mark", None)
+        problem = getattr(error, "problem", None) or str(error)
+        if mark is None:
+            return f"invalid YAML: {one_line(problem)}"
+        where = mark.name if mark.name and not mark.name.startswith("<") else "an override on the command line"
+        return f"{where}:{mark.line + 1}:{mark.column + 1}: invalid YAML: {one_line(problem)}"
+    if isinstance(error, OSError) and error.filename is not None:
+        target = f"{error.filename} -> {error.filename2}" if error.filename2 else error.filename
+        return f"{target}: {error.strerror or error}"
+    known = [ValueError, OSError]
+    known += [trainer.NonFiniteLossError] if trainer is not None else []
+    known += [preprocess.WorkerDiedError] if preprocess is not None else []
+    if isinstance(error, tuple(known)):
+        return one_line(str(error)) or type(error).__name__
+    return None
 
 
 def main(argv=None):
@@ -230,15 +377,31 @@ def main(argv=None):
     if extra and args.command not in ("pretrain", "sft"):
         command_line.error(f"unrecognized arguments: {' '.join(extra)}")
     args.overrides = extra
+    name = command_name(args)
+    debug = args.debug or os.environ.get("AQUILA_DEBUG", "") not in ("", "0")
     try:
         args.run(args)
-    except ModuleNotFoundError as error:
-        if (error.name or "").split(".")[0] not in TRAIN_EXTRA_MODULES:
+    except BrokenPipeError:
+        # The reader went away (`aquila generate ... | head`): stop quietly, as Unix tools do, with the status of
+        # a process ended by SIGPIPE. stdout goes to /dev/null so that Python's final flush does not fail again.
+        devnull = os.open(os.devnull, os.O_WRONLY)
+        os.dup2(devnull, sys.stdout.fileno())
+        sys.exit(128 + signal.SIGPIPE)
+    except KeyboardInterrupt:
+        if debug:
             raise
-        sys.exit(f"aquila {args.command}: needs the train extra (no module {error.name!r}): "
-                 "pip install 'aquila[train]'")
-    except (ValueError, FileNotFoundError) as error:
-        sys.exit(f"aquila {args.command}: {error}")
+        print(f"{name}: interrupted", file=sys.stderr)
+        sys.exit(128 + signal.SIGINT)  # the status of a process that Ctrl-C ended
+    except Exception as error:
+        if isinstance(error, ModuleNotFoundError) and (error.name or "").split(".")[0] in TRAIN_EXTRA_MODULES:
+            sys.exit(f"{name}: needs the train extra (no module {error.name!r}): pip install 'aquila[train]'")
+        if debug:
+            raise
+        message = error_message(error)
+        if message is None:
+            message = (f"unexpected {type(error).__name__}: {one_line(str(error))} (rerun with --debug for the "
+                       "traceback)")
+        sys.exit(f"{name}: {message}")
 
 
 if __name__ == "__main__":

@@ -1,6 +1,7 @@
 """Writing files so that a crash never leaves one half-written: to a temporary file beside the target, flushed to
 disk, then renamed over it."""
 
+import contextlib
 import os
 import tempfile
 from typing import IO
@@ -9,10 +10,19 @@ WRITE_MODES = ("w", "wb")
 
 
 def make_public(path: str) -> None:
-    """Gives a file made by mkstemp (private to its owner) the mode an ordinary new file gets under the umask."""
+    """Gives a file made by mkstemp or a directory made by mkdtemp (private to their owner) the mode an ordinary new
+    file or directory gets under the umask."""
     umask = os.umask(0)
     os.umask(umask)
-    os.chmod(path, 0o666 & ~umask)
+    os.chmod(path, (0o777 if os.path.isdir(path) else 0o666) & ~umask)
+
+
+def _naming(error: OSError, path: str) -> OSError:
+    """error with `path` as its file name when it has none (a failed write or flush, such as a full disk, names no
+    file), so that the message says which file could not be written."""
+    if error.filename is not None or error.errno is None:
+        return error
+    return type(error)(error.errno, error.strerror, path)
 
 
 class AtomicFile:
@@ -32,8 +42,11 @@ class AtomicFile:
             raise ValueError(f"AtomicFile: mode must be one of {WRITE_MODES}, got {mode!r}")
         self.path = os.fspath(path)
         directory = os.path.dirname(os.path.abspath(self.path))
-        handle, self.temporary = tempfile.mkstemp(dir=directory, prefix=f".{os.path.basename(self.path)}.",
-                                                  suffix=".tmp")
+        try:
+            handle, self.temporary = tempfile.mkstemp(dir=directory, prefix=f".{os.path.basename(self.path)}.",
+                                                      suffix=".tmp")
+        except OSError as error:  # named after the directory rather than mkstemp's random name
+            raise type(error)(error.errno, error.strerror, directory) from error
         self.file: IO = os.fdopen(handle, mode, encoding=None if "b" in mode else "utf-8")
 
     def commit(self) -> None:
@@ -43,12 +56,20 @@ class AtomicFile:
             self.file.close()
             make_public(self.temporary)
             os.replace(self.temporary, self.path)
+        except OSError as error:
+            self.discard()
+            named = _naming(error, self.path)
+            if named is error:
+                raise
+            raise named from error
         except BaseException:
             self.discard()
             raise
 
     def discard(self) -> None:
-        self.file.close()
+        # Flushing the buffer fails again on a full disk; the file is closed and deleted all the same.
+        with contextlib.suppress(OSError):
+            self.file.close()
         if os.path.exists(self.temporary):
             os.unlink(self.temporary)
 
@@ -58,8 +79,12 @@ class AtomicFile:
     def __exit__(self, exc_type, exc, traceback) -> None:
         if exc_type is None:
             self.commit()
-        else:
-            self.discard()
+            return
+        self.discard()
+        if isinstance(exc, OSError):
+            named = _naming(exc, self.path)
+            if named is not exc:
+                raise named from exc
 
 
 def write_text_atomically(path: str, text: str) -> None:

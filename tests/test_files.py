@@ -1,5 +1,6 @@
 """aquila.files.AtomicFile: a file is replaced whole or not at all, with an ordinary file's permissions."""
 
+import errno
 import os
 import stat
 
@@ -47,3 +48,47 @@ def test_only_write_modes_are_accepted(tmp_path):
     with pytest.raises(ValueError, match="mode must be one of"):
         AtomicFile(tmp_path / "x", "a")
     assert os.listdir(tmp_path) == []
+
+
+def test_a_failed_write_names_the_file(tmp_path, monkeypatch):
+    """A full disk fails in write, flush or fsync with an error that names no file; AtomicFile adds the target's."""
+    def full(descriptor):
+        raise OSError(errno.ENOSPC, os.strerror(errno.ENOSPC))
+
+    monkeypatch.setattr(os, "fsync", full)
+    with pytest.raises(OSError) as error, AtomicFile(tmp_path / "data.bin", "wb") as out:
+        out.write(b"data")
+    assert (error.value.errno, error.value.filename) == (errno.ENOSPC, str(tmp_path / "data.bin"))
+    assert os.listdir(tmp_path) == []
+
+
+def test_saved_checkpoints_tokenizers_and_datasets_get_the_umasks_permissions(small_tokenizer, tmp_path):
+    """Under umask 022 every file the project writes is 0644 and every directory 0755: weights are no more private
+    than datasets (safetensors' save_file and mkdtemp made them 0600 and 0700)."""
+    from aquila.data.preprocess import preprocess
+    from aquila.model.checkpoint import save_hf
+    from aquila.model.config import AquilaConfig
+    from aquila.model.model import Aquila
+
+    model = Aquila(AquilaConfig(dim=32, n_layers=2, n_heads=2, vocab_size=small_tokenizer.vocab_size,
+                                multiple_of=16, max_seq_len=64))
+    (tmp_path / "corpus.txt").write_text("床前明月光", encoding="utf-8")
+    umask = os.umask(0o022)
+    try:
+        save_hf(model, str(tmp_path / "out" / "single"))
+        save_hf(model, str(tmp_path / "out" / "sharded"), max_shard_bytes=20_000)
+        save_hf(model, str(tmp_path / "out" / "sharded"), max_shard_bytes=30_000, overwrite=True)
+        small_tokenizer.save(str(tmp_path / "out" / "single"))
+        small_tokenizer.save(str(tmp_path / "out" / "tokenizer"))
+        preprocess([str(tmp_path / "corpus.txt")], str(tmp_path / "out" / "data" / "corpus"), small_tokenizer,
+                   workers=1, show_progress=False)
+    finally:
+        os.umask(umask)
+    modes = {}
+    for root, directories, files in os.walk(tmp_path / "out"):
+        for name in directories + files:
+            path = os.path.join(root, name)
+            modes[os.path.relpath(path, tmp_path / "out")] = stat.S_IMODE(os.stat(path).st_mode)
+    assert "sharded/model.safetensors.index.json" in modes and "data/corpus.idx" in modes
+    assert {name: mode for name, mode in modes.items() if mode != (0o755 if os.path.isdir(tmp_path / "out" / name)
+                                                                   else 0o644)} == {}

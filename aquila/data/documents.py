@@ -6,8 +6,12 @@ import gzip
 import json
 import lzma
 import os
+import zlib
 from collections.abc import Iterable, Iterator
 from typing import IO
+
+# What reading a corrupt or truncated compressed file, or a file that is not UTF-8, raises.
+UNREADABLE = (gzip.BadGzipFile, EOFError, zlib.error, lzma.LZMAError, UnicodeDecodeError)
 
 
 def open_text(path: str) -> IO[str]:
@@ -24,11 +28,44 @@ def is_json_lines(path: str) -> bool:
     return stem.endswith((".jsonl", ".json"))
 
 
-def read_json_lines(path: str) -> Iterator[tuple[int, dict]]:
-    """(line number, object) for each non-blank line; a line that is not a JSON object is a ValueError naming
-    the file and line."""
+def _unreadable(path: str, error: Exception, lines_read: int) -> ValueError:
+    if isinstance(error, UnicodeDecodeError):
+        problem = f"not UTF-8 text ({error.reason})"
+    else:
+        compression = "gzip" if path.endswith(".gz") else "xz" if path.endswith(".xz") else "compressed"
+        problem = f"corrupt or truncated {compression} data ({error})"
+    return ValueError(f"{path}: {problem}{f' after line {lines_read}' if lines_read else ''}")
+
+
+def _lines(path: str, handle: IO[str]) -> Iterator[str]:
+    """The lines of handle; a decompression or decoding error is a ValueError naming the file and the last good
+    line."""
+    number = 0
+    while True:
+        try:
+            line = handle.readline()
+        except UNREADABLE as error:
+            raise _unreadable(path, error, number) from None
+        if not line:
+            return
+        number += 1
+        yield line
+
+
+def read_text(path: str) -> str:
+    """The whole text of a (compressed) file; a decompression or decoding error is a ValueError naming the file."""
     with open_text(path) as handle:
-        for number, line in enumerate(handle, 1):
+        try:
+            return handle.read()
+        except UNREADABLE as error:
+            raise _unreadable(path, error, 0) from None
+
+
+def read_json_lines(path: str) -> Iterator[tuple[int, dict]]:
+    """(line number, object) for each non-blank line; a line that is not a JSON object, or data that does not
+    decompress or decode, is a ValueError naming the file and line."""
+    with open_text(path) as handle:
+        for number, line in enumerate(_lines(path, handle), 1):
             if not line.strip():
                 continue
             try:
@@ -46,8 +83,7 @@ def read_documents(paths: Iterable[str], key: str = "text") -> Iterator[str]:
         if not os.path.isfile(path):
             raise FileNotFoundError(f"no such input file: {path}")
         if not is_json_lines(path):
-            with open_text(path) as handle:
-                yield handle.read()
+            yield read_text(path)
             continue
         for number, record in read_json_lines(path):
             text = record.get(key)

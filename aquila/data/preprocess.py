@@ -15,23 +15,27 @@ Decisions, stated once:
   document, so a failure or Ctrl-C leaves no half-written .bin/.idx and never touches an existing dataset of that
   name; the workers finish the batches they hold and exit, and the temporary files are removed.
 
-Parallelism: the parent reads the inputs and hands batches of documents to a multiprocessing Pool whose initializer
-loads the tokenizer from disk in each worker; ``imap`` returns the batches in submission order and the parent writes
-them. A batch travels back as one concatenated token array, which pickles cheaply. Workers ignore SIGINT, so Ctrl-C
-reaches the parent alone, which then stops feeding the pool and waits for it to wind down (otherwise every worker would
-print its own traceback and the pool would respawn them).
+Parallelism: the parent reads the inputs and submits batches of documents to a ProcessPoolExecutor whose
+initializer loads the tokenizer from disk in each worker, keeping a few batches per worker in flight; it takes the
+results in submission order and writes them. A batch travels back as one concatenated token array, which pickles
+cheaply. A worker that dies (the out-of-memory killer's SIGKILL, a crash) breaks the executor, which the parent notices
+at once: the run stops with WorkerDiedError rather than waiting forever for a batch that will never come, as a
+multiprocessing Pool would. Workers ignore SIGINT, so Ctrl-C reaches the parent alone, which then drops the batches not
+yet started and waits for the workers to finish the ones they hold (otherwise every worker would print its own
+traceback).
 """
 
+import collections
+import concurrent.futures
 import itertools
 import multiprocessing
-import multiprocessing.pool
 import os
 import signal
 import sys
 import tempfile
-import threading
 import time
 from collections.abc import Iterable, Iterator
+from concurrent.futures.process import BrokenProcessPool
 from typing import NamedTuple, Optional, Union
 
 import numpy as np
@@ -40,6 +44,10 @@ from tqdm import tqdm
 from aquila.data.documents import read_documents
 from aquila.data.indexed import IndexedDatasetWriter, best_dtype, data_file, index_file
 from aquila.data.tokenizer import LONE_SURROGATE, Tokenizer
+
+
+class WorkerDiedError(RuntimeError):
+    """A worker process ended without returning its batch (killed, e.g. by the out-of-memory killer, or crashed)."""
 
 
 class EncodedBatch(NamedTuple):
@@ -61,7 +69,7 @@ def encode_documents(tokenizer: Tokenizer, texts: list[str], dtype: np.dtype) ->
 
 
 # --- the worker processes ---------------------------------------------------------------------------------------
-# Module globals, set once per worker by the Pool initializer: the tokenizer is loaded from disk in each worker
+# Module globals, set once per worker by the executor's initializer: the tokenizer is loaded from disk in each worker
 # rather than pickled with every batch.
 _worker_tokenizer: Optional[Tokenizer] = None
 _worker_dtype: Optional[np.dtype] = None
@@ -72,7 +80,7 @@ def _start_worker(tokenizer_path: str, dtype: str) -> None:
     global _worker_tokenizer, _worker_dtype
     # Ctrl-C goes to the whole process group; the parent alone handles it (see the module docstring).
     signal.signal(signal.SIGINT, signal.SIG_IGN)
-    os.environ[TOKENIZERS_PARALLELISM] = "false"  # for start methods other than fork (see _start_pool)
+    os.environ[TOKENIZERS_PARALLELISM] = "false"  # for start methods other than fork (see _start_executor)
     _worker_tokenizer = Tokenizer.load(tokenizer_path)
     _worker_dtype = np.dtype(dtype)
 
@@ -120,50 +128,48 @@ class _TokenizerFile:
 def _encoded_batches(batches: Iterator[list[str]], tokenizer: Tokenizer, tokenizer_source: Union[Tokenizer, str],
                      dtype: np.dtype, workers: int) -> Iterator[EncodedBatch]:
     """The encoded batches in input order, from this process (workers=1) or a pool of worker processes. When the
-    consumer stops early (an error or Ctrl-C closes this generator), the pool is terminated before it returns."""
+    consumer stops early (an error or Ctrl-C closes this generator), the workers have exited before it returns."""
     if workers == 1:
         for batch in batches:
             yield encode_documents(tokenizer, batch, dtype)
         return
     with _TokenizerFile(tokenizer_source) as tokenizer_path:
-        stop = threading.Event()
-        pool = _start_pool(workers, tokenizer_path, dtype)
+        executor = _start_executor(workers, tokenizer_path, dtype)
+        # A few batches per worker in flight keep every worker busy while bounding the memory held by results.
+        pending: collections.deque[concurrent.futures.Future] = collections.deque()
         try:
-            # imap reads the batches lazily in a feeder thread (the pipe to the workers bounds how far it reads
-            # ahead); an error raised while reading, such as a bad JSON line, is re-raised here, in order.
-            yield from pool.imap(_encode_in_worker, _until(stop, batches))
-        except BaseException:  # an error, Ctrl-C, or the consumer closing this generator (GeneratorExit)
-            # Stop feeding and let the workers finish the few batches they hold, rather than Pool.terminate():
-            # a worker killed while it writes a result leaves the result queue's lock taken, and terminate()
-            # then waits for it forever.
-            stop.set()
-            raise
-        finally:
-            pool.close()
-            pool.join()
+            for batch in batches:
+                pending.append(executor.submit(_encode_in_worker, batch))
+                if len(pending) >= 2 * workers:
+                    yield pending.popleft().result()
+            while pending:
+                yield pending.popleft().result()
+        except BrokenProcessPool:  # from result(), or from submit() once the executor knows
+            raise WorkerDiedError("preprocess: a worker process died (killed, e.g. by the out-of-memory killer, or "
+                                  "crashed); stopped without writing the output") from None
+        finally:  # also on an error, Ctrl-C, or the consumer closing this generator (GeneratorExit)
+            # Batches not yet started are dropped; the workers finish the ones they hold and exit (killing them
+            # instead could leave the result queue's lock taken by a worker killed mid-write).
+            executor.shutdown(wait=True, cancel_futures=True)
 
 
-def _until(stop: threading.Event, items: Iterator) -> Iterator:
-    for item in items:
-        if stop.is_set():
-            return
-        yield item
-
-
-def _start_pool(workers: int, tokenizer_path: str, dtype: np.dtype) -> multiprocessing.pool.Pool:
+def _start_executor(workers: int, tokenizer_path: str, dtype: np.dtype) -> concurrent.futures.ProcessPoolExecutor:
+    executor = concurrent.futures.ProcessPoolExecutor(workers, mp_context=multiprocessing.get_context(),
+                                                      initializer=_start_worker, initargs=(tokenizer_path, dtype.str))
     # Each worker process tokenises on one thread: N processes already use the N CPUs, and the tokenizers library
     # would otherwise print a warning in every forked child about disabling its thread pool. The variable is set
-    # only while the workers start, so this process's own tokenizer keeps its threads.
+    # only while the first task starts the workers (under fork, all of them at once), so this process's own
+    # tokenizer keeps its threads.
     previous = os.environ.get(TOKENIZERS_PARALLELISM)
     os.environ[TOKENIZERS_PARALLELISM] = "false"
     try:
-        return multiprocessing.get_context().Pool(workers, initializer=_start_worker,
-                                                  initargs=(tokenizer_path, dtype.str))
+        executor.submit(int)
     finally:
         if previous is None:
             del os.environ[TOKENIZERS_PARALLELISM]
         else:
             os.environ[TOKENIZERS_PARALLELISM] = previous
+    return executor
 
 
 def preprocess(inputs: list[str], output_prefix: str, tokenizer: Union[Tokenizer, str], key: str = "text",
@@ -219,7 +225,7 @@ def preprocess(inputs: list[str], output_prefix: str, tokenizer: Union[Tokenizer
                 progress.set_postfix_str(f"{tokens:,} tokens, {tokens / max(elapsed, 1e-9):,.0f} tokens/s",
                                          refresh=False)
     finally:
-        # On an error this terminates the pool (closing the generator runs its finally) before the error surfaces.
+        # On an error this stops the workers (closing the generator runs its finally) before the error surfaces.
         encoded_batches.close()
         progress.close()
     seconds = time.perf_counter() - started

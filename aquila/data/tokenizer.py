@@ -23,6 +23,7 @@ beside it and load too.
 
 import codecs
 import json
+import operator
 import os
 import re
 from collections.abc import Iterable, Sequence
@@ -37,6 +38,7 @@ from aquila.files import write_text_atomically
 END_OF_TEXT = "<|endoftext|>"
 SPECIAL_TOKENS = ("<|startofpiece|>", "<|endofpiece|>", "<|LDWANG|>", "[MASK]", "[gMASK]", "[sMASK]", "[CLS]", "</s>")
 BOS, EOS = "[CLS]", "</s>"
+ERRORS = ("strict", "replace")
 LONE_SURROGATE = re.compile("[\ud800-\udfff]")
 
 
@@ -95,29 +97,47 @@ class Tokenizer:
         trainer = trainers.BpeTrainer(vocab_size=learned, min_frequency=2, show_progress=show_progress,
                                       special_tokens=[END_OF_TEXT],
                                       initial_alphabet=pre_tokenizers.ByteLevel.alphabet())
-        backend.train_from_iterator(texts, trainer=trainer, length=length)
+        seen_text = False
+
+        def noting_text(texts: Iterable[str]) -> Iterable[str]:
+            nonlocal seen_text
+            for text in texts:
+                seen_text = seen_text or bool(text)
+                yield text
+
+        backend.train_from_iterator(noting_text(texts), trainer=trainer, length=length)
+        if not seen_text:  # the bytes alone, with no merge learned: not a tokenizer anyone wants
+            raise ValueError("Tokenizer.train: no text to learn from (the texts are empty)")
         _add_special_tokens(backend)
         return cls(backend)
 
     @classmethod
     def load(cls, path: str) -> "Tokenizer":
-        """A directory holding tokenizer.json, or FlagAI's vocab.json + merges.txt; or a tokenizer.json file."""
+        """A directory holding tokenizer.json, or FlagAI's vocab.json + merges.txt; or a tokenizer.json file. A file
+        that does not parse is a ValueError naming it."""
         if os.path.isdir(path):
             if os.path.isfile(os.path.join(path, "tokenizer.json")):
                 path = os.path.join(path, "tokenizer.json")
             elif all(os.path.isfile(os.path.join(path, f)) for f in ("vocab.json", "merges.txt")):
-                backend = _byte_level_backend(models.BPE.from_file(os.path.join(path, "vocab.json"),
-                                                                   os.path.join(path, "merges.txt")))
+                files = os.path.join(path, "vocab.json"), os.path.join(path, "merges.txt")
+                backend = _byte_level_backend(_parsed(lambda: models.BPE.from_file(*files), " + ".join(files)))
                 _add_special_tokens(backend)
-                return cls(backend)
+                return cls._named(backend, path)
             else:
                 raise FileNotFoundError(f"Tokenizer.load: {path} holds neither tokenizer.json nor vocab.json + "
                                         "merges.txt")
         if not os.path.isfile(path):
             raise FileNotFoundError(f"Tokenizer.load: no such file or directory: {path}")
-        backend = BackendTokenizer.from_file(path)
+        backend = _parsed(lambda: BackendTokenizer.from_file(path), path)
         backend.encode_special_tokens = True
-        return cls(backend)
+        return cls._named(backend, path)
+
+    @classmethod
+    def _named(cls, backend: BackendTokenizer, path: str) -> "Tokenizer":
+        try:
+            return cls(backend)
+        except ValueError as error:
+            raise ValueError(f"Tokenizer.load: {path}: {error}") from None
 
     def save(self, directory: str) -> None:
         """tokenizer.json with its transformers configs, and FlagAI's vocab.json + merges.txt, into directory (made
@@ -158,20 +178,20 @@ class Tokenizer:
         except UnicodeEncodeError as error:
             if errors == "replace":
                 return LONE_SURROGATE.sub("\ufffd", text)
-            if errors != "strict":
-                raise ValueError(f"Tokenizer.encode: errors must be 'strict' or 'replace', got {errors!r}") from None
             raise ValueError(f"Tokenizer.encode: text has a lone surrogate {text[error.start]!r} at position "
                              f"{error.start} (not valid Unicode); pass errors='replace' to encode it as U+FFFD") \
                 from None
         return text
 
     def encode(self, text: str, bos: bool = False, eos: bool = False, errors: str = "strict") -> list[int]:
+        _check_errors(errors)
         ids = self.backend.encode(self._valid(text, errors), add_special_tokens=False).ids
         return [self.bos_id] * bos + ids + [self.eos_id] * eos
 
     def encode_batch(self, texts: Sequence[str], bos: bool = False, eos: bool = False,
                      errors: str = "strict") -> list[list[int]]:
         """encode() of many texts, in parallel threads inside the tokenizers library."""
+        _check_errors(errors)
         encodings = self.backend.encode_batch([self._valid(t, errors) for t in texts], add_special_tokens=False)
         return [[self.bos_id] * bos + e.ids + [self.eos_id] * eos for e in encodings]
 
@@ -194,7 +214,36 @@ class Tokenizer:
         return self._token_bytes[token_id]
 
     def decode(self, ids: Iterable[int], skip_special: bool = True) -> str:
-        return b"".join(self.token_bytes(int(i), skip_special) for i in ids).decode("utf-8", errors="replace")
+        """The text of token ids (ints, NumPy or one-element torch integers); a float such as 100.9 is a TypeError
+        rather than being truncated to some other token, and an id outside the vocabulary is a ValueError."""
+        pieces = []
+        for position, token_id in enumerate(ids):
+            try:
+                token_id = operator.index(token_id)
+            except TypeError:
+                raise TypeError(f"Tokenizer.decode: ids[{position}] is {token_id!r}, not an integer token id") \
+                    from None
+            if not 0 <= token_id < self.vocab_size:
+                raise ValueError(f"Tokenizer.decode: ids[{position}] = {token_id} is outside the vocabulary "
+                                 f"[0, {self.vocab_size})")
+            pieces.append(self.token_bytes(token_id, skip_special))
+        return b"".join(pieces).decode("utf-8", errors="replace")
+
+
+def _check_errors(errors: str) -> None:
+    if errors not in ERRORS:
+        raise ValueError(f"Tokenizer.encode: errors must be one of {', '.join(map(repr, ERRORS))}, got {errors!r}")
+
+
+def _parsed(read, path: str):
+    """read() of a tokenizer file; the tokenizers library's parse errors (plain Exceptions) as a ValueError naming
+    the file."""
+    try:
+        return read()
+    except OSError:
+        raise
+    except Exception as error:
+        raise ValueError(f"Tokenizer.load: {path} is not a valid tokenizer file ({error})") from None
 
 
 class StreamDecoder:

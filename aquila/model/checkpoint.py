@@ -11,7 +11,9 @@ so loading keeps the source's rows; saving to the Hugging Face layout permutes i
 
 import json
 import os
+import re
 import shutil
+import struct
 import tempfile
 from collections.abc import Iterable, Iterator
 from typing import Optional
@@ -19,6 +21,7 @@ from typing import Optional
 import torch
 from torch import Tensor
 
+from aquila.files import AtomicFile, make_public, write_text_atomically
 from aquila.model.config import AquilaConfig
 from aquila.model.model import Aquila
 
@@ -84,22 +87,42 @@ def config_to_hf(config: AquilaConfig) -> dict:
 # --- Loading --------------------------------------------------------------------------------------------------------
 
 
+def _read_json(path: str) -> dict:
+    """A JSON object from a file; anything else is a ValueError naming the file."""
+    try:
+        with open(path, encoding="utf-8") as f:
+            values = json.load(f)
+    except json.JSONDecodeError as error:
+        raise ValueError(f"{path}: invalid JSON ({error.msg} at line {error.lineno}, column {error.colno})") from None
+    except UnicodeDecodeError:
+        raise ValueError(f"{path}: not UTF-8 text") from None
+    if not isinstance(values, dict):
+        raise ValueError(f"{path}: expected a JSON object, got {type(values).__name__}")
+    return values
+
+
 def _hf_tensors(directory: str) -> Iterator[tuple[str, Tensor]]:
     """(name, tensor) from model.safetensors or the shards of model.safetensors.index.json, one at a time."""
-    from safetensors import safe_open
+    from safetensors import SafetensorError, safe_open
 
     index = os.path.join(directory, "model.safetensors.index.json")
     if os.path.exists(index):
-        with open(index) as f:
-            files = sorted(set(json.load(f)["weight_map"].values()))
+        weight_map = _read_json(index).get("weight_map")
+        if not isinstance(weight_map, dict) or not all(isinstance(f, str) for f in weight_map.values()):
+            raise ValueError(f"{index}: expected a \"weight_map\" object of tensor names to file names")
+        files = sorted(set(weight_map.values()))
     elif os.path.exists(os.path.join(directory, "model.safetensors")):
         files = ["model.safetensors"]
     else:
         raise FileNotFoundError(f"load: no model.safetensors or model.safetensors.index.json in {directory}")
     for file in files:
-        with safe_open(os.path.join(directory, file), framework="pt") as f:
-            for name in f.keys():  # noqa: SIM118 (safe_open has keys() but is not iterable)
-                yield name, f.get_tensor(name)
+        path = os.path.join(directory, file)
+        try:
+            with safe_open(path, framework="pt") as f:
+                for name in f.keys():  # noqa: SIM118 (safe_open has keys() but is not iterable)
+                    yield name, f.get_tensor(name)
+        except SafetensorError as error:
+            raise ValueError(f"{path}: not a valid safetensors file ({error})") from None
 
 
 def _flagai_tensors(directory: str) -> Iterator[tuple[str, Tensor]]:
@@ -107,8 +130,22 @@ def _flagai_tensors(directory: str) -> Iterator[tuple[str, Tensor]]:
     if not files:
         raise FileNotFoundError(f"load: no .bin weight files in {directory}")
     for file in files:
-        state = torch.load(os.path.join(directory, file), map_location="cpu", weights_only=True)
-        state = state.get("module", state)  # FlagAI wraps weights in {"module": ...}
+        path = os.path.join(directory, file)
+        try:
+            # weights_only: unpickling builds tensors and containers only, so a file can never run code.
+            state = torch.load(path, map_location="cpu", weights_only=True)
+        except OSError:
+            raise
+        except Exception as error:  # torch reports a bad file as UnpicklingError, RuntimeError, EOFError, ...
+            reason = (str(error).strip().splitlines() or [type(error).__name__])[0]
+            raise ValueError(f"{path}: not a readable PyTorch weights file ({reason})") from None
+        if isinstance(state, dict) and isinstance(state.get("module"), dict):
+            state = state["module"]  # FlagAI wraps weights in {"module": ...}
+        if not isinstance(state, dict):
+            raise ValueError(f"{path}: expected a dict of parameter names to tensors, got {type(state).__name__}")
+        for name, tensor in state.items():
+            if not isinstance(tensor, Tensor):
+                raise ValueError(f"{path}: {name!r} holds a {type(tensor).__name__}, not a tensor")
         yield from state.items()
         del state
 
@@ -144,11 +181,16 @@ def _assign(model: Aquila, tensors: Iterator[tuple[str, Tensor]], rename, dtype,
 def load(directory: str, dtype: torch.dtype = torch.float32, device="cpu", backend: Optional[str] = None) -> Aquila:
     """A model from a checkpoint directory: the Hugging Face layout (config.json with model_type llama and
     safetensors), or FlagAI's (config.json with FlagAI's fields and .bin files)."""
-    with open(os.path.join(directory, "config.json")) as f:
-        values = json.load(f)
+    path = os.path.join(directory, "config.json")
+    values = _read_json(path)
     hf = "hidden_size" in values
-    config = config_from_hf(values) if hf else AquilaConfig.from_dict(
-        {"rope_interleaved": True, **{k: v for k, v in values.items() if k != "checkpoint_activations"}})
+    try:
+        config = config_from_hf(values) if hf else AquilaConfig.from_dict(
+            {"rope_interleaved": True, **{k: v for k, v in values.items() if k != "checkpoint_activations"}})
+    except KeyError as error:
+        raise ValueError(f"{path}: missing the key {error.args[0]!r}") from None
+    except (ValueError, TypeError) as error:
+        raise ValueError(f"{path}: {error}") from None
     with torch.device("meta"):
         model = Aquila(config, backend=backend)
     names = [name for name, _ in model.named_parameters()]
@@ -162,23 +204,75 @@ def load(directory: str, dtype: torch.dtype = torch.float32, device="cpu", backe
 # --- Saving ---------------------------------------------------------------------------------------------------------
 
 
-def save_hf(model: Aquila, directory: str, max_shard_bytes: int = 5 * 2**30):
+# What save_hf writes into a checkpoint directory; with overwrite=True a directory holding only these is replaced.
+WRITTEN_FILES = re.compile(r"config\.json|model\.safetensors(\.index\.json)?|model-\d{5}-of-\d{5}\.safetensors")
+SAFETENSORS_DTYPES = {torch.float32: "F32", torch.float16: "F16", torch.bfloat16: "BF16", torch.float64: "F64",
+                      torch.int64: "I64", torch.int32: "I32", torch.int16: "I16", torch.int8: "I8", torch.uint8: "U8",
+                      torch.bool: "BOOL"}
+
+
+def check_destination(directory: str, overwrite: bool = False) -> None:
+    """Raises FileExistsError unless save_hf may write `directory`: it does not exist, is an empty directory, or,
+    with overwrite, is a directory holding nothing but a checkpoint's files (WRITTEN_FILES). Files of any other name
+    are never deleted, so a directory with such files is refused even with overwrite."""
+    if not os.path.lexists(directory):
+        return
+    if not os.path.isdir(directory):
+        raise FileExistsError(f"{directory} exists and is not a directory")
+    existing = sorted(os.listdir(directory))
+    if existing and not overwrite:
+        raise FileExistsError(f"{directory} exists and is not empty; choose a new directory, or replace the "
+                              "checkpoint in it with overwrite=True (aquila convert --force)")
+    others = [name for name in existing
+              if not (WRITTEN_FILES.fullmatch(name) and os.path.isfile(os.path.join(directory, name)))]
+    if others:
+        raise FileExistsError(f"{directory} holds files that are not a checkpoint's config.json or safetensors "
+                              f"({', '.join(others[:5])}{' ...' if len(others) > 5 else ''}); they would be lost, "
+                              "so it is not replaced")
+
+
+def write_safetensors(path: str, tensors: dict[str, Tensor], metadata: dict[str, str]) -> None:
+    """The safetensors format (an 8-byte header length, the JSON header padded to 8 bytes, then each tensor's
+    little-endian bytes), streamed tensor by tensor through AtomicFile: no copy of the whole shard in memory, and
+    the umask's permissions (safetensors' own save_file makes a private 0600 file)."""
+    header: dict[str, object] = {"__metadata__": metadata}
+    offset = 0
+    for name, tensor in tensors.items():
+        if tensor.dtype not in SAFETENSORS_DTYPES:
+            raise ValueError(f"write_safetensors: {name!r} has dtype {tensor.dtype}, which safetensors cannot hold")
+        size = tensor.numel() * tensor.element_size()
+        header[name] = {"dtype": SAFETENSORS_DTYPES[tensor.dtype], "shape": list(tensor.shape),
+                        "data_offsets": [offset, offset + size]}
+        offset += size
+    encoded = json.dumps(header, separators=(",", ":")).encode("utf-8")
+    encoded += b" " * (-len(encoded) % 8)
+    with AtomicFile(path, "wb") as out:
+        out.write(struct.pack("<Q", len(encoded)))
+        out.write(encoded)
+        for tensor in tensors.values():
+            out.write(tensor.detach().cpu().contiguous().reshape(-1).view(torch.uint8).numpy().data)
+
+
+def save_hf(model: Aquila, directory: str, max_shard_bytes: int = 5 * 2**30, overwrite: bool = False):
     """Writes config.json and safetensors shards (with an index when there are several) in the Hugging Face layout,
-    into a temporary directory renamed over `directory` at the end: a crash never leaves a half-written
-    checkpoint."""
+    into a temporary directory renamed to `directory` at the end: a crash never leaves a half-written checkpoint.
+
+    `directory` must not exist or be empty; with overwrite=True it may also hold an earlier checkpoint (only
+    check_destination's files), which is replaced. Files and directories get the permissions the umask gives."""
     save_hf_tensors(model.config, ((name, p.detach()) for name, p in model.named_parameters()), directory,
-                    max_shard_bytes)
+                    max_shard_bytes, overwrite)
 
 
 def save_hf_tensors(config: AquilaConfig, tensors: Iterable[tuple[str, Tensor]], directory: str,
-                    max_shard_bytes: int = 5 * 2**30):
+                    max_shard_bytes: int = 5 * 2**30, overwrite: bool = False):
     """save_hf from (our parameter name, tensor) pairs, such as a state dict gathered from a sharded model."""
-    from safetensors.torch import save_file
-
-    parent = os.path.dirname(os.path.abspath(directory))
+    directory = os.path.realpath(directory)  # a symbolic link to a directory: replace the directory it names
+    check_destination(directory, overwrite)
+    parent = os.path.dirname(directory)
     os.makedirs(parent, exist_ok=True)
     staging = tempfile.mkdtemp(prefix=".saving-", dir=parent)
     try:
+        make_public(staging)  # mkdtemp's directory is private (0700); a checkpoint is not
         shards, current, size = [], {}, 0
         for name, tensor in tensors:
             tensor = tensor.cpu()
@@ -194,20 +288,37 @@ def save_hf_tensors(config: AquilaConfig, tensors: Iterable[tuple[str, Tensor]],
         weight_map = {}
         for number, shard in enumerate(shards, 1):
             file = "model.safetensors" if len(shards) == 1 else f"model-{number:05d}-of-{len(shards):05d}.safetensors"
-            save_file(shard, os.path.join(staging, file), metadata={"format": "pt"})
+            write_safetensors(os.path.join(staging, file), shard, metadata={"format": "pt"})
             weight_map.update({name: file for name in shard})
         if len(shards) > 1:
-            with open(os.path.join(staging, "model.safetensors.index.json"), "w") as f:
-                json.dump({"metadata": {}, "weight_map": weight_map}, f, indent=2)
-        with open(os.path.join(staging, "config.json"), "w") as f:
-            json.dump(config_to_hf(config), f, indent=2)
-        if os.path.exists(directory):
-            previous = f"{staging}-previous"
-            os.replace(directory, previous)
-            os.replace(staging, directory)
-            shutil.rmtree(previous)
+            write_text_atomically(os.path.join(staging, "model.safetensors.index.json"),
+                                  json.dumps({"metadata": {}, "weight_map": weight_map}, indent=2))
+        write_text_atomically(os.path.join(staging, "config.json"), json.dumps(config_to_hf(config), indent=2))
+        if os.path.isdir(directory):
+            _replace_directory(directory, staging)
         else:
             os.replace(staging, directory)
     except BaseException:
         shutil.rmtree(staging, ignore_errors=True)
         raise
+
+
+def _replace_directory(directory: str, staging: str) -> None:
+    """Moves `staging` into the place of `directory` (empty, or an earlier checkpoint that check_destination
+    accepted), then deletes the earlier checkpoint's files by name: a file that appeared meanwhile is kept, in the
+    moved-aside directory the error names."""
+    previous = f"{staging}-previous"
+    os.replace(directory, previous)
+    try:
+        os.replace(staging, directory)
+    except BaseException:
+        os.replace(previous, directory)
+        raise
+    for name in os.listdir(previous):
+        if WRITTEN_FILES.fullmatch(name):
+            os.unlink(os.path.join(previous, name))
+    try:
+        os.rmdir(previous)
+    except OSError:
+        raise FileExistsError(f"{directory} was replaced, but files appeared in it meanwhile; they are in "
+                              f"{previous}") from None

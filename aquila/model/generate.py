@@ -3,6 +3,7 @@
 """
 
 import dataclasses
+import math
 from collections.abc import Callable, Iterator, Sequence
 from typing import Optional
 
@@ -28,6 +29,9 @@ class Sampling:
     seed: Optional[int] = None
 
     def __post_init__(self):
+        for name in ("temperature", "top_p", "repetition_penalty"):
+            if not math.isfinite(getattr(self, name)):  # NaN passes every comparison below and samples garbage
+                raise ValueError(f"Sampling: {name} must be a finite number, got {getattr(self, name)}")
         if self.temperature < 0:
             raise ValueError(f"Sampling: temperature must be >= 0, got {self.temperature}")
         if self.top_k < 0:
@@ -70,15 +74,35 @@ def next_tokens(logits: Tensor, history: Tensor, sampling: Sampling, generator: 
     return torch.multinomial(probabilities, 1, generator=generator).squeeze(-1)
 
 
+def fit_prompts(prompts: Sequence[Sequence[int]], max_new_tokens: int, context: int,
+                truncate_prompt: bool = False) -> list[list[int]]:
+    """The prompts, checked to leave room for max_new_tokens within the model's context (beyond it the model's
+    output is meaningless, not an error): a ValueError when one does not, or with truncate_prompt its last
+    context - max_new_tokens tokens (the start of a long prompt matters least for what comes next)."""
+    room = context - max_new_tokens
+    if room < 1:
+        raise ValueError(f"generate: max_new_tokens ({max_new_tokens}) leaves no room for a prompt in the model's "
+                         f"context of {context} tokens")
+    longest = max(len(p) for p in prompts)
+    if longest > room and not truncate_prompt:
+        raise ValueError(f"generate: a prompt of {longest} tokens and max_new_tokens ({max_new_tokens}) exceed the "
+                         f"model's context of {context} tokens; shorten the prompt, lower max_new_tokens or truncate "
+                         "the prompt from the left (truncate_prompt=True)")
+    return [list(p)[-room:] for p in prompts]
+
+
 @torch.no_grad()
 def generate_tokens(model: Aquila, prompts: Sequence[Sequence[int]], sampling: Sampling = Sampling(),
-                    stop: Optional[Callable[[list[int]], list[bool]]] = None) -> Iterator[Tensor]:
+                    stop: Optional[Callable[[list[int]], list[bool]]] = None,
+                    truncate_prompt: bool = False) -> Iterator[Tensor]:
     """Yields, step by step, the next token of each prompt ([batch] ids; -1 for a sequence that has stopped), until
     every sequence has stopped or max_new_tokens are out. Prompts of different lengths are prefilled one by one into
     a shared cache, then decoded together. stop, given each step's tokens, says which sequences end there (for
-    conditions beyond stop tokens, such as stop strings)."""
+    conditions beyond stop tokens, such as stop strings). A prompt that leaves no room for max_new_tokens in the
+    model's context is a ValueError, or with truncate_prompt loses its first tokens (see fit_prompts)."""
     if not prompts or any(len(p) == 0 for p in prompts):
         raise ValueError("generate_tokens: prompts must be non-empty lists of token ids")
+    prompts = fit_prompts(prompts, sampling.max_new_tokens, model.config.max_seq_len, truncate_prompt)
     device = model.output.weight.device
     batch = len(prompts)
     longest = max(len(p) for p in prompts)
@@ -113,10 +137,11 @@ def generate_tokens(model: Aquila, prompts: Sequence[Sequence[int]], sampling: S
         logits = decode(tokens.clamp(min=0)[:, None])[:, -1]
 
 
-def generate(model: Aquila, prompts: Sequence[Sequence[int]], sampling: Sampling = Sampling()) -> list[list[int]]:
+def generate(model: Aquila, prompts: Sequence[Sequence[int]], sampling: Sampling = Sampling(),
+             truncate_prompt: bool = False) -> list[list[int]]:
     """The new tokens of each prompt (stop tokens included), as lists of ids."""
     outputs = [[] for _ in prompts]
-    for tokens in generate_tokens(model, prompts, sampling):
+    for tokens in generate_tokens(model, prompts, sampling, truncate_prompt=truncate_prompt):
         for row, token in enumerate(tokens.tolist()):
             if token >= 0:
                 outputs[row].append(token)
@@ -153,7 +178,7 @@ class _TextStream:
 
 
 def stream_text(model: Aquila, tokenizer, prompts: Sequence[Sequence[int]], sampling: Sampling = Sampling(),
-                stop_strings: Sequence[str] = ()) -> Iterator[list[str]]:
+                stop_strings: Sequence[str] = (), truncate_prompt: bool = False) -> Iterator[list[str]]:
     """Yields, step by step, the new text of each prompt (possibly empty): whole UTF-8 characters only, so Chinese
     never streams broken bytes, and nothing from a stop string on (the sequence ends there). Special tokens are not
     shown; stop tokens end a sequence as in generate_tokens."""
@@ -162,15 +187,16 @@ def stream_text(model: Aquila, tokenizer, prompts: Sequence[Sequence[int]], samp
     def stopped_by_text(tokens: list[int]) -> list[bool]:
         return [stream.stopped for stream in streams]
 
-    for tokens in generate_tokens(model, prompts, sampling, stop=stopped_by_text if stop_strings else None):
+    for tokens in generate_tokens(model, prompts, sampling, stop=stopped_by_text if stop_strings else None,
+                                  truncate_prompt=truncate_prompt):
         yield [stream.push(token) for stream, token in zip(streams, tokens.tolist())]
     yield [stream.finish() for stream in streams]
 
 
 def generate_text(model: Aquila, tokenizer, prompts: Sequence[Sequence[int]], sampling: Sampling = Sampling(),
-                  stop_strings: Sequence[str] = ()) -> list[str]:
+                  stop_strings: Sequence[str] = (), truncate_prompt: bool = False) -> list[str]:
     """The new text of each prompt, up to (not including) the first stop string."""
     texts = [""] * len(prompts)
-    for pieces in stream_text(model, tokenizer, prompts, sampling, stop_strings):
+    for pieces in stream_text(model, tokenizer, prompts, sampling, stop_strings, truncate_prompt):
         texts = [text + piece for text, piece in zip(texts, pieces)]
     return texts

@@ -208,6 +208,50 @@ def test_ctrl_c_on_the_process_group(tokenizer_dir, tmp_path):
         os.killpg(process.pid, 0)
 
 
+def test_a_killed_worker_stops_the_run_instead_of_hanging(tokenizer_dir, tmp_path):
+    """A worker killed mid-run (as by the out-of-memory killer) stops the run with a one-line error from the command,
+    leaving no output and no process behind; a multiprocessing Pool used to wait forever for the lost batch."""
+    out = tmp_path / "out"
+    source = write_jsonl(tmp_path / "docs.jsonl", TEXTS)  # must exist; its documents are replaced below
+    script = textwrap.dedent(f"""
+        import itertools, multiprocessing, os, signal, threading, time
+        from aquila.cli import main
+        from aquila.data import preprocess as module
+
+        def endless_documents(paths, key):
+            for number in itertools.count():
+                time.sleep(0.001)
+                yield f"document {{number}} 床前明月光"
+
+        def kill_a_worker():
+            time.sleep(1)  # the workers are busy by then
+            while not multiprocessing.active_children():
+                time.sleep(0.1)
+            os.kill(multiprocessing.active_children()[0].pid, signal.SIGKILL)
+
+        module.read_documents = endless_documents
+        threading.Thread(target=kill_a_worker, daemon=True).start()
+        main(["data", "preprocess", {source!r}, "--out", {str(out / "corpus")!r}, "--tokenizer", {tokenizer_dir!r},
+              "--workers", "2"])
+    """)
+    process = subprocess.Popen([sys.executable, "-c", script], stdout=subprocess.PIPE, stderr=subprocess.PIPE,
+                               start_new_session=True)
+    try:
+        _, stderr = process.communicate(timeout=60)
+    except subprocess.TimeoutExpired:
+        os.killpg(process.pid, signal.SIGKILL)
+        pytest.fail("the run still waits 60 s after one of its workers was killed")
+    last_line = stderr.decode().strip().splitlines()[-1]
+    assert process.returncode == 1
+    assert last_line == ("aquila data preprocess: preprocess: a worker process died (killed, e.g. by the out-of-memory "
+                         "killer, or crashed); stopped without writing the output")
+    assert "Traceback" not in stderr.decode()
+    assert files_in(out) == []
+    time.sleep(0.2)
+    with pytest.raises(ProcessLookupError):  # no worker outlived the parent
+        os.killpg(process.pid, 0)
+
+
 def test_progress_bar_goes_to_stderr(small_tokenizer, tmp_path, capsys):
     source = write_jsonl(tmp_path / "docs.jsonl", TEXTS)
     preprocess([source], str(tmp_path / "corpus"), small_tokenizer, workers=1)

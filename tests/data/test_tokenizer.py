@@ -1,6 +1,8 @@
 import os
 
+import numpy as np
 import pytest
+import torch
 
 from aquila.data.tokenizer import SPECIAL_TOKENS, StreamDecoder, Tokenizer, byte_to_unicode
 
@@ -125,3 +127,38 @@ def test_load_errors(tmp_path):
         Tokenizer.load(str(tmp_path / "missing.json"))
     with pytest.raises(ValueError, match="vocab_size must be at least"):
         Tokenizer.train(["abc"], vocab_size=100)
+
+
+def test_decode_refuses_ids_that_are_not_integers(small_tokenizer):
+    with pytest.raises(TypeError, match=r"Tokenizer.decode: ids\[1\] is 100.9, not an integer token id"):
+        small_tokenizer.decode([5, 100.9])
+    ids = small_tokenizer.encode("床前明月光")  # integer ids of any kind still decode
+    assert small_tokenizer.decode(np.array(ids, dtype=np.uint16)) == small_tokenizer.decode(torch.tensor(ids)) == \
+        "床前明月光"
+
+
+def test_decode_refuses_ids_outside_the_vocabulary(small_tokenizer):
+    size = small_tokenizer.vocab_size
+    with pytest.raises(ValueError, match=rf"decode: ids\[0\] = {size} is outside the vocabulary \[0, {size}\)"):
+        small_tokenizer.decode([size])
+    with pytest.raises(ValueError, match=r"ids\[2\] = -1 is outside the vocabulary"):
+        small_tokenizer.decode([1, 2, -1])
+
+
+def test_encode_refuses_an_unknown_errors_value(small_tokenizer):
+    for encode in (small_tokenizer.encode, small_tokenizer.encode_batch):
+        with pytest.raises(ValueError, match="errors must be one of 'strict', 'replace', got 'bogus'"):
+            encode("plain text" if encode == small_tokenizer.encode else [], errors="bogus")
+
+
+def test_training_on_no_text_is_refused():
+    with pytest.raises(ValueError, match="Tokenizer.train: no text to learn from"):
+        Tokenizer.train(["", ""], vocab_size=300, show_progress=False)
+
+
+@pytest.mark.parametrize("content", [b"", b"{not json", b"\xff\xfe garbage", b'{"model": {"type": "BPE"}}'])
+def test_a_corrupt_tokenizer_json_is_a_value_error_naming_it(tmp_path, content):
+    path = tmp_path / "tokenizer.json"
+    path.write_bytes(content)
+    with pytest.raises(ValueError, match=f"Tokenizer.load: {path}"):
+        Tokenizer.load(str(tmp_path))

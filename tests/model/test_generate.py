@@ -82,7 +82,7 @@ class ScriptedModel:
 def scripted_tokens(monkeypatch, script, vocab_size):
     from aquila.model import generate as module
 
-    def fake_generate_tokens(model, prompts, sampling=None, stop=None):
+    def fake_generate_tokens(model, prompts, sampling=None, stop=None, truncate_prompt=False):
         sampling = sampling or Sampling()
         active = [True] * len(prompts)
         for token in script[:sampling.max_new_tokens]:
@@ -151,3 +151,25 @@ def test_decoding_on_gpu_runs_the_cuda_decode_kernel(model, monkeypatch):
     assert on_gpu == generate(model, prompts, sampling)
     decoding_steps = sampling.max_new_tokens - 1
     assert len(launches) >= decoding_steps * TINY.n_layers
+
+
+@pytest.mark.parametrize("name", ["temperature", "top_p", "repetition_penalty"])
+@pytest.mark.parametrize("value", [float("nan"), float("inf")])
+def test_non_finite_sampling_parameters_are_refused(name, value):
+    with pytest.raises(ValueError, match=f"Sampling: {name} must be a finite number, got {value}"):
+        Sampling(**{name: value})
+
+
+def test_a_prompt_longer_than_the_context_is_refused(model):
+    prompt = list(range(1, 61))  # 60 tokens + 6 new ones > the context of 64
+    with pytest.raises(ValueError, match=r"a prompt of 60 tokens and max_new_tokens \(6\) exceed the model's context "
+                                         r"of 64 tokens.*truncate_prompt=True"):
+        generate(model, [prompt], Sampling(max_new_tokens=6))
+    with pytest.raises(ValueError, match=r"max_new_tokens \(64\) leaves no room for a prompt"):
+        generate(model, [[1]], Sampling(max_new_tokens=64))
+
+
+def test_truncate_prompt_keeps_the_prompts_last_tokens(model):
+    prompt = list(range(1, 61))
+    truncated = generate(model, [prompt], Sampling(max_new_tokens=6), truncate_prompt=True)
+    assert truncated == generate(model, [prompt[-58:]], Sampling(max_new_tokens=6))
