@@ -29,10 +29,10 @@ METADATA_CLASSES = {
     ("torch", "Size"),
     ("torch.serialization", "_get_layout"),  # maps a layout's name to the layout, nothing else
     ("collections", "OrderedDict"),
-    ("pathlib", "PosixPath"),
-    ("pathlib", "PurePosixPath"),
-    ("pathlib", "WindowsPath"),
-    ("pathlib", "PureWindowsPath"),
+} | {
+    (module, name)  # Python 3.13 moved the classes into pathlib._local
+    for module in ("pathlib", "pathlib._local")
+    for name in ("PosixPath", "PurePosixPath", "WindowsPath", "PureWindowsPath")
 }
 
 
