@@ -273,7 +273,10 @@ def parser() -> argparse.ArgumentParser:
     for kind, text in (("pretrain", "pretrain a model (default: the demo run)"),
                        ("sft", "supervised fine-tuning on FlagAI-format conversations")):
         command = commands.add_parser(kind, help=text, epilog="Any config key can follow as --key value, e.g. "
-                                                              "--lr 1e-4 --steps 100 --output-dir runs/x")
+                                                              "--lr 1e-4 --steps 100 --output-dir runs/x; a "
+                                                              "boolean key alone means true: --overwrite (replace "
+                                                              "the run in the output directory), "
+                                                              "--allow-config-change (resume despite changed keys)")
         command.add_argument("--config", required=kind == "sft", help="YAML config (configs/*.yaml)")
         command.add_argument("--resume", action="store_true", help="continue from the latest checkpoint")
         command.set_defaults(run=lambda args, kind=kind: run_training(args, kind), overrides=[])

@@ -18,6 +18,10 @@ PRECISIONS = ("auto", "fp32", "bf16", "fp16")
 KINDS = ("pretrain", "sft")
 BUDGETS = ("steps", "train_tokens", "epochs")
 DEFAULT_STEPS = 600  # the demo run's length when no budget is given
+INVOCATION_KEYS = ("overwrite", "allow_config_change")  # how to start this run, not what the run is
+# Keys that existed once, with what to do instead: their configs get that, not a bare "unknown key".
+REMOVED_KEYS = {"num_workers": "removed: the data is read by the training process itself, without loader workers; "
+                               "delete the key"}
 
 
 @dataclasses.dataclass
@@ -62,8 +66,10 @@ class TrainConfig:
     max_nonfinite_steps: int = 5  # consecutive skipped steps before the run stops
     peak_tflops: Optional[float] = None  # per device, for MFU; None: measured matmul rate on CPU, 989 on H100/H200
     tensorboard: bool = False
-    num_workers: int = 0
     progress: bool = True
+    # --- this invocation only (not saved with the run) ---------------------------------------------------------------
+    overwrite: bool = False  # replace an earlier run in output_dir (its checkpoints and metrics are deleted)
+    allow_config_change: bool = False  # resume although keys that change the run's meaning differ from its checkpoint
 
     def __post_init__(self):
         def need(condition, message):
@@ -75,6 +81,7 @@ class TrainConfig:
             need(isinstance(getattr(self, name), int) and getattr(self, name) >= 1,
                  f"{name} must be an int >= 1, got {getattr(self, name)!r}")
         need(self.lr > 0, f"lr must be > 0, got {self.lr}")
+        need(self.weight_decay >= 0, f"weight_decay must be >= 0, got {self.weight_decay}")
         need(self.warm_up >= 0, f"warm_up must be >= 0, got {self.warm_up}")
         need(0 <= self.min_lr_ratio <= 1, f"min_lr_ratio must be in [0, 1], got {self.min_lr_ratio}")
         need(self.save_interval >= 0 and self.keep_checkpoints >= 1, "save_interval must be >= 0 and "
@@ -114,27 +121,36 @@ class TrainConfig:
     @classmethod
     def _check_keys(cls, values: dict, where: str) -> None:
         known = {field.name for field in dataclasses.fields(cls)}
+        removed = sorted(set(values) & set(REMOVED_KEYS))
+        if removed:
+            raise ValueError(f"{where}: {removed[0]}: {REMOVED_KEYS[removed[0]]}")
         unknown = sorted(set(values) - known)
         if unknown:
             raise ValueError(f"{where}: unknown keys {unknown}; the known keys are {sorted(known)}")
 
     @classmethod
     def _parse_overrides(cls, overrides: Sequence[str]) -> dict:
-        fields = {field.name: field for field in dataclasses.fields(cls)}
+        hints = typing.get_type_hints(cls)
         values, items = {}, list(overrides)
         while items:
             flag = items.pop(0)
             if not flag.startswith("--"):
                 raise ValueError(f"override {flag!r}: expected --key value")
-            name = flag[2:].replace("-", "_")
+            name, text = flag[2:], None
             if "=" in name:
                 name, text = name.split("=", 1)
-            elif items:
-                text = items.pop(0)
-            else:
-                raise ValueError(f"override --{name}: missing its value")
-            if name not in fields:
-                raise ValueError(f"override --{name}: unknown key; the known keys are {sorted(fields)}")
+            name = name.replace("-", "_")
+            if name in REMOVED_KEYS:
+                raise ValueError(f"override --{name}: {REMOVED_KEYS[name]}")
+            if name not in hints:
+                raise ValueError(f"override --{name}: unknown key; the known keys are {sorted(hints)}")
+            if text is None:
+                if hints[name] is bool and (not items or items[0].startswith("--")):
+                    text = "true"  # a boolean key alone is a flag: --overwrite
+                elif items:
+                    text = items.pop(0)
+                else:
+                    raise ValueError(f"override --{name}: missing its value")
             # YAML parses the value, so "true", "[a, 1, b, 2]" and "null" mean what they would in the file.
             values[name] = yaml.safe_load(text)
         return values
@@ -157,5 +173,11 @@ class TrainConfig:
     def to_dict(self) -> dict:
         return dataclasses.asdict(self)
 
+    def run_dict(self) -> dict:
+        """The run's values, without how this invocation starts it (INVOCATION_KEYS)."""
+        return {name: value for name, value in self.to_dict().items() if name not in INVOCATION_KEYS}
+
     def save(self, path: str) -> None:
-        write_text_atomically(path, yaml.safe_dump(self.to_dict(), sort_keys=False, allow_unicode=True))
+        """The run's config as YAML, which `--config` loads back (INVOCATION_KEYS left out: reusing the file must not
+        overwrite a run)."""
+        write_text_atomically(path, yaml.safe_dump(self.run_dict(), sort_keys=False, allow_unicode=True))

@@ -209,9 +209,11 @@ class TorchOptimization(Optimization):
         import torch.distributed.checkpoint as dcp
         from torch.distributed.checkpoint.state_dict import get_state_dict, set_state_dict
 
+        from aquila.train.safe_dcp import SafeFileSystemReader, SafeLoadPlanner
+
         model_state, optimizer_state = get_state_dict(self.model, self.optimizer)
         state = {"model": model_state, "optimizer": optimizer_state}
-        _quiet_dcp(dcp.load, state, checkpoint_id=directory)
+        _quiet_dcp(dcp.load, state, storage_reader=SafeFileSystemReader(directory), planner=SafeLoadPlanner())
         set_state_dict(self.model, self.optimizer, model_state_dict=state["model"],
                        optim_state_dict=state["optimizer"])
 

@@ -10,8 +10,9 @@ import json
 import math
 import os
 import resource
+import sys
 import time
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
 from typing import Optional
 
 import torch
@@ -19,6 +20,7 @@ import torch
 from aquila.files import AtomicFile
 from aquila.model.config import AquilaConfig
 
+TAIL_BYTES = 1 << 16  # more than any record's line
 PEAK_TFLOPS = {"H100": 989.0, "H200": 989.0, "A100": 312.0}  # dense bf16 per GPU, vendor figures
 
 
@@ -80,12 +82,43 @@ class MetricsWindow:
             self.start += time.perf_counter() - paused_at
 
 
+def warn_on_stderr(message: str) -> None:
+    print(message, file=sys.stderr)
+
+
+def drop_torn_tail(path: str, warn: Callable[[str], None]) -> None:
+    """Ends metrics.jsonl with a whole line before more are appended: a last line without its newline is a record
+    whose writer was killed. Complete, it gets its newline; cut short, it is removed (with a warning), since the next
+    record would otherwise be glued to it."""
+    if not os.path.isfile(path):
+        return
+    with open(path, "rb+") as handle:
+        size = handle.seek(0, os.SEEK_END)
+        start = max(0, size - TAIL_BYTES)
+        handle.seek(start)
+        tail = handle.read()
+        if not tail or tail.endswith(b"\n"):
+            return
+        newline = tail.rfind(b"\n")
+        if newline < 0 and start > 0:
+            raise ValueError(f"{path}: its last line is over {TAIL_BYTES} bytes long: not a metrics file")
+        fragment = tail[newline + 1:]
+        try:
+            json.loads(fragment)
+        except ValueError:
+            handle.truncate(start + newline + 1)
+            warn(f"warning: {path}: removed its last line, {len(fragment)} bytes cut short by a killed run")
+        else:
+            handle.write(b"\n")
+
+
 class MetricsLog:
     """Appends one JSON object per record to metrics.jsonl (main process only)."""
 
-    def __init__(self, output_dir: str, enabled: bool, tensorboard: bool):
-        self.enabled = enabled
+    def __init__(self, output_dir: str, enabled: bool, tensorboard: bool, warn: Callable[[str], None]):
+        self.enabled, self.warn = enabled, warn
         self.path = os.path.join(output_dir, "metrics.jsonl")
+        self.tail_checked = False
         self.writer = None
         if enabled and tensorboard:
             try:
@@ -97,6 +130,9 @@ class MetricsLog:
     def write(self, record: dict) -> None:
         if not self.enabled:
             return
+        if not self.tail_checked:
+            drop_torn_tail(self.path, self.warn)
+            self.tail_checked = True
         with open(self.path, "a", encoding="utf-8") as handle:
             handle.write(json.dumps(record) + "\n")
         if self.writer is not None:
@@ -109,19 +145,34 @@ class MetricsLog:
             self.writer.close()
 
 
-def read_metrics(path: str) -> list[dict]:
-    with open(path, encoding="utf-8") as handle:
-        return [json.loads(line) for line in handle if line.strip()]
+def read_metrics(path: str, warn: Callable[[str], None] = warn_on_stderr) -> list[dict]:
+    """The records of a metrics file. Its last line, cut short when a run was killed writing it, is skipped with a
+    warning; any other line that is not a JSON object is an error naming path:line."""
+    with open(path, encoding="utf-8", errors="replace") as handle:
+        lines = [(number, line) for number, line in enumerate(handle, 1) if line.strip()]
+    records = []
+    for index, (number, line) in enumerate(lines):
+        try:
+            record = json.loads(line)
+        except ValueError as error:
+            if index == len(lines) - 1:
+                warn(f"warning: {path}:{number}: skipped its last line, cut short by a killed run")
+                break
+            raise ValueError(f"{path}:{number}: not a JSON record ({error})") from None
+        if not isinstance(record, dict):
+            raise ValueError(f"{path}:{number}: not a JSON object")
+        records.append(record)
+    return records
 
 
-def plot(metrics_path: str, output: str) -> str:
+def plot(metrics_path: str, output: str, warn: Callable[[str], None] = warn_on_stderr) -> str:
     """Loss (training and validation) and throughput against steps, as a PNG."""
     import matplotlib
 
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
 
-    records = read_metrics(metrics_path)
+    records = read_metrics(metrics_path, warn)
     train = [r for r in records if r.get("kind") == "train"]
     valid = [r for r in records if r.get("kind") == "valid"]
     if not train:

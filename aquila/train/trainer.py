@@ -12,6 +12,10 @@ Semantics (FlagAI got several of these wrong):
   (no update) and logged; max_nonfinite_steps of them in a row stop the run with a message.
 - SIGTERM or Ctrl-C: the step in flight finishes, a checkpoint is written, the run exits cleanly (a second Ctrl-C
   aborts at once).
+- One run per output directory at a time (a lock), and a fresh run never into an earlier one's: --resume continues
+  it, --overwrite replaces it (aquila/train/run_directory.py). A resumed run is the run its checkpoint was saved by:
+  keys that change what it trains on or what a step is (RUN_DEFINING_KEYS, the global batch) must match, unless
+  allow_config_change.
 """
 
 import contextlib
@@ -30,11 +34,17 @@ from aquila.data.tokenizer import Tokenizer
 from aquila.model.config import AquilaConfig
 from aquila.model.model import Aquila
 from aquila.train import engine as engines
-from aquila.train.checkpoint import Checkpoints
+from aquila.train.checkpoint import Checkpoints, ConfigChangedError
 from aquila.train.checkpoint import resolve as resolve_checkpoint
 from aquila.train.config import DEFAULT_STEPS, TrainConfig
 from aquila.train.data import TrainingData, make_data, to_device
 from aquila.train.metrics import MetricsLog, MetricsWindow, flops_per_token, memory_mb, peak_flops, plot
+from aquila.train.run_directory import RunLock, check_earlier_run, remove_earlier_run
+
+# What a resumed run must share with its checkpoint's, beside the global batch: the data and its order, the model,
+# the tokens of a sample. (The budget, learning rate and intervals may change on resume.)
+RUN_DEFINING_KEYS = ("kind", "model", "model_overrides", "tokenizer", "train_data", "corpus", "sft_data",
+                     "valid_fraction", "seq_len", "seed")
 
 
 class NonFiniteLossError(RuntimeError):
@@ -174,9 +184,12 @@ class Trainer:
                                                  parameter_groups(self.wrapped, config.weight_decay), config,
                                                  self.dtype, self.device)
         self.checkpoints = Checkpoints(config.output_dir, processes, config.keep_checkpoints)
+        if processes.is_main:
+            self.checkpoints.recover(log)
+        engines.barrier(processes)
         self.step = 0  # optimizer steps done
         self.skipped_in_a_row = 0
-        self.metrics = MetricsLog(config.output_dir, processes.is_main, config.tensorboard)
+        self.metrics = MetricsLog(config.output_dir, processes.is_main, config.tensorboard, log)
         self.flops_per_token = flops_per_token(self.model.config, config.seq_len)
         self.peak_flops, self.peak_source = peak_flops(self.device, config.peak_tflops)
 
@@ -251,12 +264,12 @@ class Trainer:
     def save_checkpoint(self) -> str:
         """A checkpoint of the steps done so far (every process calls this); returns its directory."""
         state = {"skipped_in_a_row": self.skipped_in_a_row, "optimization": self.optimization.state_dict(),
-                 "total_steps": self.total_steps}
+                 "total_steps": self.total_steps, "global_batch": self.global_batch, "config": self.config.run_dict()}
         return self.checkpoints.save(self.step, self.optimization, state, self.model.config, self.tokenizer)
 
     def load_checkpoint(self) -> None:
         """Continues from the newest loadable checkpoint of the output directory, if it has one."""
-        state = self.checkpoints.load_latest(self.optimization, self.log)
+        state = self.checkpoints.load_latest(self.optimization, self.log, self.check_same_run)
         if state is None:
             self.log(f"no checkpoint in {self.checkpoints.directory}: starting from scratch")
             return
@@ -264,10 +277,33 @@ class Trainer:
         self.optimization.load_state_dict(state["optimization"])
         self.log(f"resumed from {state['path']} at step {self.step}")
 
+    def check_same_run(self, trainer_state: dict, path: str) -> None:
+        """Raises ConfigChangedError when the checkpoint's run differs from this one in a key that changes its
+        meaning (RUN_DEFINING_KEYS, the global batch); with allow_config_change, logs the differences instead."""
+        saved = trainer_state.get("config")
+        if saved is None:
+            self.log(f"{path} predates stored configs: its run's settings cannot be compared with this one's")
+            return
+        changes = [f"{key}: {saved[key]!r} -> {getattr(self.config, key)!r}" for key in RUN_DEFINING_KEYS
+                   if key in saved and saved[key] != getattr(self.config, key)]
+        if trainer_state.get("global_batch", self.global_batch) != self.global_batch:
+            changes.append(f"global batch (batch_size x gradient_accumulation_steps x processes): "
+                           f"{trainer_state['global_batch']} -> {self.global_batch}")
+        if not changes:
+            return
+        if self.config.allow_config_change:
+            self.log(f"warning: resuming {path} with changed settings (allow_config_change): {'; '.join(changes)}")
+            return
+        raise ConfigChangedError(f"cannot resume {path}: its run was configured differently: {'; '.join(changes)}. "
+                                 "Resume with its values, or give --allow-config-change to go on with these")
+
     def fit(self, resume: bool = False) -> dict:
         """Trains to the last step, or until SIGTERM or Ctrl-C, then writes a checkpoint; returns a summary (steps,
         losses, checkpoint path, ...)."""
         config = self.config
+        if config.overwrite and self.processes.is_main:
+            remove_earlier_run(config.output_dir, self.log)
+        engines.barrier(self.processes)
         if resume:
             self.load_checkpoint()
         if self.processes.is_main:
@@ -312,7 +348,10 @@ class Trainer:
         summary = {"steps": self.step, "total_steps": self.total_steps, "losses": losses, "checkpoint": path,
                    "metrics": self.metrics.path, "interrupted": self.step < self.total_steps}
         if self.processes.is_main and os.path.isfile(self.metrics.path):
-            summary["plot"] = plot(self.metrics.path, os.path.join(config.output_dir, "loss.png"))
+            try:
+                summary["plot"] = plot(self.metrics.path, os.path.join(config.output_dir, "loss.png"), self.log)
+            except ValueError as error:  # the checkpoint is saved: a metrics file that cannot be drawn fails no run
+                self.log(f"warning: no loss curve: {error}")
         self.log(f"checkpoint: {path}" + (f"\nloss curve: {summary['plot']}" if "plot" in summary else ""))
         return summary
 
@@ -335,9 +374,14 @@ class Trainer:
 
 
 def train(config: TrainConfig, resume: bool = False, log: Callable[[str], None] = print) -> dict:
-    """Runs the configured training; returns a summary (steps, losses, checkpoint path, ...)."""
+    """Runs the configured training; returns a summary (steps, losses, checkpoint path, ...). The main process holds
+    the output directory's lock throughout."""
     processes = engines.init_processes(config.engine, config.seed)
+    log = log if processes.is_main else (lambda message: None)
     try:
-        return Trainer(config, processes, log if processes.is_main else (lambda message: None)).fit(resume)
+        os.makedirs(config.output_dir, exist_ok=True)
+        with RunLock(config.output_dir, log) if processes.is_main else contextlib.nullcontext():
+            check_earlier_run(config.output_dir, resume, config.overwrite)
+            return Trainer(config, processes, log).fit(resume)
     finally:
         engines.close(processes)

@@ -20,7 +20,7 @@ PRETRAINING_AT_SCALE = dict(kind="pretrain", tokenizer="tokenizers/aquila-100k",
                            train_data=["data/corpus_text_document", 1.0], valid_fraction=0.001, seq_len=2048,
                            train_tokens=100_000_000_000, warm_up=2000, precision="bf16", engine="fsdp",
                            activation_checkpointing=True, eval_interval=1000, eval_batches=20, save_interval=1000,
-                           keep_checkpoints=3, num_workers=2)
+                           keep_checkpoints=3)
 # Each shipped config's values that differ from the defaults, as its comments document them.
 SHIPPED_CONFIGS = {
     "chat-demo.yaml": dict(kind="sft", model="runs/demo", sft_data=None, valid_fraction=0.05, batch_size=8, epochs=3.0,
@@ -77,6 +77,41 @@ def test_unknown_and_bad_values_are_errors(tmp_path):
         TrainConfig(engine="deepspeed")
     with pytest.raises(ValueError, match="zero_stage must be 2 or 3"):
         TrainConfig(zero_stage=1)
+
+
+def test_negative_weight_decay_is_refused_naming_the_key():
+    with pytest.raises(ValueError, match=r"^TrainConfig: weight_decay must be >= 0, got -0.1$"):
+        TrainConfig.load(None, ["--weight-decay", "-0.1"])
+
+
+def test_num_workers_is_refused_saying_what_to_do(tmp_path):
+    path = tmp_path / "old.yaml"
+    path.write_text("batch_size: 4\nnum_workers: 2\n")
+    removed = ("num_workers: removed: the data is read by the training process itself, without loader workers; "
+               "delete the key")
+    with pytest.raises(ValueError, match=f"^{path}: {removed}$"):
+        TrainConfig.load(str(path))
+    with pytest.raises(ValueError, match=f"^override --{removed}$"):
+        TrainConfig.load(None, ["--num-workers", "2"])
+
+
+def test_a_boolean_key_alone_is_a_flag():
+    assert TrainConfig.load(None, ["--overwrite"]).overwrite is True
+    config = TrainConfig.load(None, ["--allow-config-change", "--steps", "3", "--progress", "false"])
+    assert (config.allow_config_change, config.steps, config.progress) == (True, 3, False)
+    with pytest.raises(ValueError, match="override --seq_len: missing its value"):
+        TrainConfig.load(None, ["--seq-len"])
+
+
+def test_an_override_after_equals_keeps_its_dashes():
+    config = TrainConfig.load(None, ["--output-dir=runs/my-run"])
+    assert config.output_dir == "runs/my-run"
+
+
+def test_the_saved_config_leaves_out_how_the_run_was_started(tmp_path):
+    config = TrainConfig(overwrite=True, allow_config_change=True, steps=5)
+    config.save(str(tmp_path / "config.yaml"))
+    assert TrainConfig.load(str(tmp_path / "config.yaml")) == TrainConfig(steps=5)
 
 
 def test_schedule_warms_up_linearly_then_decays_by_cosine_to_a_tenth():
