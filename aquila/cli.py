@@ -180,24 +180,9 @@ def run_training(args, kind: str):
     config = TrainConfig.load(args.config, ["--kind", kind, *args.overrides] if kind == "sft" else args.overrides)
     if config.kind != kind:
         raise ValueError(f"{args.config} is a {config.kind} config; run it with `aquila {config.kind}`")
-    check_whole_numbers(config)
     summary = train(config, resume=args.resume)
     if summary["interrupted"]:
         sys.exit(f"stopped at step {summary['steps']} of {summary['total_steps']}; continue with --resume")
-
-
-def check_whole_numbers(config) -> None:
-    """Refuses a float such as 1.5 for an int key (TrainConfig keeps what YAML parsed, and steps=1.5 would start a
-    run that fails later)."""
-    import dataclasses
-    import typing
-
-    hints = typing.get_type_hints(type(config))
-    for field in dataclasses.fields(config):
-        types = typing.get_args(hints[field.name]) or (hints[field.name],)
-        value = getattr(config, field.name)
-        if int in types and float not in types and isinstance(value, float):
-            raise ValueError(f"{field.name} must be a whole number, got {value!r}")
 
 
 def plot(args):

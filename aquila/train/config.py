@@ -164,8 +164,10 @@ class TrainConfig:
             wanted = [t for t in typing.get_args(hints[name]) or (hints[name],) if t in (int, float)]
             if not wanted or value is None or isinstance(value, bool):
                 continue
+            if wanted[0] is int and isinstance(value, float) and not value.is_integer():
+                raise ValueError(f"{name} must be a whole number, got {value!r}")
             try:
-                out[name] = wanted[0](value) if wanted[0] is float or isinstance(value, str) else value
+                out[name] = wanted[0](value) if wanted[0] is float or isinstance(value, (str, float)) else value
             except ValueError:
                 raise ValueError(f"TrainConfig: {name} must be a {wanted[0].__name__}, got {value!r}") from None
         return out
