@@ -367,7 +367,7 @@ def cross_entropy(logits: Tensor, targets: Tensor, *, ignore_index: int = IGNORE
     backward = _backend.needs_backward(logits)
     backend = _backend.resolve(IMPLEMENTATIONS, logits, backend, op=op, backward=backward)
     rows = _backend.as_rows(logits)
-    if inplace_backward and backward:
+    if inplace_backward and backward and not torch.compiler.is_compiling():  # autograd's graph is not traceable
         _check_overwritable(op, logits, rows)
     flat_targets = targets.reshape(-1).to(torch.int64)
     grad_scale = _grad_scale(flat_targets, ignore_index, reduction, num_tokens, logits.device)

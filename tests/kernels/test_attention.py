@@ -89,6 +89,19 @@ def test_batched(backend, device, dtype, shape, causal):
 
 
 @pytest.mark.parametrize("backend, device", TRAINING_BACKENDS)
+@pytest.mark.parametrize("shape", [(2, 113, 203, 6, 1, 64), (2, 256, 512, 6, 1, 32), (2, 108, 256, 6, 2, 32)], ids=str)
+@pytest.mark.parametrize("causal", [False, True], ids=["full", "causal"])
+def test_group_gradients_as_accurate_as_torchs(backend, device, shape, causal):
+    """MQA/GQA cases of flash-attn's own test grid, fp32: dK and dV sum over every query of every head of a group,
+    the longest sums in attention."""
+    batch, seq_q, seq_k, heads_q, heads_k, head_dim = shape
+    q = torch.randn(batch, seq_q, heads_q, head_dim, device=device)
+    k, v = (torch.randn(batch, seq_k, heads_k, head_dim, device=device) for _ in range(2))
+    sequences = [(b * seq_q, seq_q, b * seq_k, seq_k) for b in range(batch)]
+    check(q, k, v, sequences, causal, backend, lambda *t: attention(*t, causal=causal, backend=backend))
+
+
+@pytest.mark.parametrize("backend, device", TRAINING_BACKENDS)
 @pytest.mark.parametrize("seq, head_dim", [(1000, 64), (2049, 128)])
 @pytest.mark.parametrize("causal", [False, True], ids=["full", "causal"])
 def test_long_sequences(backend, device, seq, head_dim, causal):
