@@ -140,6 +140,7 @@ KV_CACHE_IMPLEMENTATIONS = Implementations(
 )
 
 
+@_backend.autocast_off
 def _forward(q, k, v, seq, scale, causal, backend, table=IMPLEMENTATIONS):
     """Returns out (q's shape, contiguous) and lse fp32 [total_q, heads_q]."""
     out = torch.zeros_like(q, memory_format=torch.contiguous_format)
@@ -150,6 +151,7 @@ def _forward(q, k, v, seq, scale, causal, backend, table=IMPLEMENTATIONS):
     return out, lse
 
 
+@_backend.autocast_off
 def _backward(grad_out, q, k, v, out, lse, seq, scale, causal, backend):
     grad_q, grad_k, grad_v = (torch.zeros_like(t, memory_format=torch.contiguous_format) for t in (q, k, v))
     if seq.batch and seq.max_q_len:
@@ -232,7 +234,7 @@ def _checked_max(op, name, given, lengths):
 def _check_heads(op, q, k, v):
     _backend.check_tensor(op, "q", q)
     for name, t in (("k", k), ("v", v)):
-        _backend.check_tensor(op, name, t, device=q.device, dtype=q.dtype)
+        _backend.check_tensor(op, name, t, device=q.device)
     head_dim = q.shape[-1]
     if k.shape[-1] != head_dim or v.shape[-1] != head_dim:
         raise ValueError(f"{op}: q, k and v must have the same head_dim (last dimension), got {q.shape[-1]}, "
@@ -257,10 +259,13 @@ def attention(q: Tensor, k: Tensor, v: Tensor, *, causal: bool = False, scale: O
         cu_seqlens_k (default: cu_seqlens_q) the cumulative sequence lengths [batch + 1] as flash-attn takes them;
         max_seqlen_q/k are computed when not given.
     heads_q must be a multiple of heads_k (GQA/MQA). scale defaults to head_dim^-0.5. causal: bottom-right aligned.
-    fp16, bf16 or fp32; head_dim up to 256. The output has q's shape.
+    fp16, bf16 or fp32; head_dim up to 256. The output has q's shape, in autocast's dtype under autocast (as
+    scaled_dot_product_attention), else in the common dtype of q, k and v.
     """
     op = "attention"
     _check_heads(op, q, k, v)
+    cast = _backend.autocast_dtype(q)
+    q, k, v = (t.to(cast) for t in (q, k, v)) if cast is not None else _backend.promoted(q, k, v)
     scale = q.shape[-1] ** -0.5 if scale is None else _backend.check_number(op, "scale", scale)
     if cu_seqlens_q is None:
         if cu_seqlens_k is not None:
@@ -330,9 +335,13 @@ def attention_with_kv_cache(q: Tensor, k_cache: Tensor, v_cache: Tensor, cache_s
     """Generation: q [batch, new_tokens, heads_q, d] against a KV cache k_cache, v_cache [batch, max_len, heads_k, d]
     of which the first cache_seqlens[b] tokens (the new ones included) are valid. Causal by default (the new tokens
     are the last ones of each sequence). On GPU the CUDA split-K decode kernel runs it, reading the cache once.
-    Not differentiable: a call that would need a gradient raises UnsupportedBackend."""
+    Not differentiable: a call that would need a gradient raises UnsupportedBackend. q is cast to the caches' dtype
+    (the output's), which the model chose when it built them."""
     op = "attention_with_kv_cache"
     _check_heads(op, q, k_cache, v_cache)
+    if k_cache.dtype != v_cache.dtype:
+        raise TypeError(f"{op}: k_cache and v_cache must have one dtype, got {k_cache.dtype} and {v_cache.dtype}")
+    q = q.to(k_cache.dtype)
     if q.dim() != 4 or k_cache.dim() != 4 or v_cache.shape != k_cache.shape or k_cache.shape[0] != q.shape[0]:
         raise ValueError(f"{op}: q must be [batch, new_tokens, heads_q, d] and the caches [batch, max_len, heads_k, "
                          f"d], got q {tuple(q.shape)}, k_cache {tuple(k_cache.shape)}, v_cache {tuple(v_cache.shape)}")

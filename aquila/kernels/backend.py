@@ -18,6 +18,7 @@ The native kernels see addresses and sizes only, so every tensor is checked befo
 """
 
 import contextlib
+import functools
 import math
 import os
 from collections.abc import Callable
@@ -147,6 +148,42 @@ def resolve(table: Implementations, tensor: torch.Tensor, backend: Optional[str]
                              + "; ".join(f"{name} {reason}" for name, reason in reasons.items()))
 
 
+# --- Mixed precision ------------------------------------------------------------------------------------------------
+# The ops compute in fp32 whatever their inputs' dtypes. torch.autocast casts nothing for a custom op, so the ops set
+# their own rule (docs/numerics.md): attention and linear_cross_entropy, matmuls at heart, run in autocast's dtype as
+# torch's scaled_dot_product_attention and linear do; the others run in their inputs' dtypes, inputs of different
+# float dtypes promoted to a common one. Inside, the kernels and the torch backends run with autocast off, so that
+# the torch backends' own matmuls keep fp32 and a backward called under autocast computes what the forward promised.
+
+
+def autocast_dtype(tensor):
+    """The dtype autocast runs matmuls in on `tensor`'s device, or None when autocast is off there."""
+    device_type = tensor.device.type
+    if device_type not in ("cpu", "cuda") or not torch.is_autocast_enabled(device_type):
+        return None
+    return torch.get_autocast_dtype(device_type)
+
+
+def promoted(*tensors):
+    """`tensors` (None passes through) cast to their common float dtype: only those of another dtype are copied."""
+    present = [t for t in tensors if t is not None]
+    dtype = functools.reduce(torch.promote_types, (t.dtype for t in present))
+    return [None if t is None else t.to(dtype) for t in tensors]
+
+
+def autocast_off(function):
+    """Runs `function` with autocast off on every device (a no-op, and no cost, when it is off already)."""
+
+    @functools.wraps(function)
+    def wrapper(*args, **kwargs):
+        if not (torch.is_autocast_enabled("cpu") or torch.is_autocast_enabled("cuda")):
+            return function(*args, **kwargs)
+        with torch.autocast("cpu", enabled=False), torch.autocast("cuda", enabled=False):
+            return function(*args, **kwargs)
+
+    return wrapper
+
+
 def needs_backward(*tensors):
     """True when autograd will ask a call on these tensors for gradients."""
     return torch.is_grad_enabled() and any(t is not None and t.requires_grad for t in tensors)
@@ -159,12 +196,10 @@ def direct_call(backward):
     return not backward and not torch.compiler.is_compiling()
 
 
-def check_tensor(op, name, tensor, *, dtypes=FLOAT_DTYPES, device=None, shape=None, dtype=None):
+def check_tensor(op, name, tensor, *, dtypes=FLOAT_DTYPES, device=None, shape=None):
     """Raises a clear error if `tensor` is not a tensor of one of `dtypes`, on `device`, of `shape`."""
     if not isinstance(tensor, torch.Tensor):
         raise TypeError(f"{op}: {name} must be a torch.Tensor, got {type(tensor).__name__}")
-    if dtype is not None and tensor.dtype != dtype:
-        raise TypeError(f"{op}: {name} must have dtype {dtype} (like x), got {tensor.dtype}")
     if dtypes is not None and tensor.dtype not in dtypes:
         names = ", ".join(str(d) for d in dtypes)
         raise TypeError(f"{op}: {name} must have one of the dtypes {names}, got {tensor.dtype}")

@@ -74,6 +74,7 @@ IMPLEMENTATIONS = Implementations(
 )
 
 
+@_backend.autocast_off
 def _row_losses(logits, targets, grad_scale, grad, ignore_index, label_smoothing, z_loss, backend):
     """Returns the per-row loss and lse in fp32, and fills grad (None: loss only)."""
     rows = logits.shape[0]
@@ -216,6 +217,7 @@ def default_chunk_size(tokens, hidden, vocab, device_type="cpu"):
     return max(1, min(tokens, max(lean, MIN_CHUNK_TOKENS.get(device_type, 256))))
 
 
+@_backend.autocast_off
 def _linear_pass(hidden, weight, bias, targets, grad_scale, row_grad_scale, ignore_index, label_smoothing, z_loss,
                  compute_grad, chunk_size, backend):
     """Loss rows and, if compute_grad, the gradients of sum_i scale_i loss_i (scale_i: grad_scale, times
@@ -389,13 +391,13 @@ def linear_cross_entropy(hidden: Tensor, weight: Tensor, targets: Tensor, bias: 
     _backend.check_tensor(op, "hidden", hidden)
     if hidden.dim() == 0 or hidden.shape[-1] == 0:
         raise ValueError(f"{op}: hidden must have a non-empty last dimension, got {tuple(hidden.shape)}")
-    _backend.check_tensor(op, "weight", weight, device=hidden.device, dtype=hidden.dtype)
+    _backend.check_tensor(op, "weight", weight, device=hidden.device)
     if weight.dim() != 2 or weight.shape[1] != hidden.shape[-1] or weight.shape[0] == 0:
         raise ValueError(f"{op}: weight must have shape (vocab, {hidden.shape[-1]}) with vocab >= 1, got "
                          f"{tuple(weight.shape)}")
     vocab = weight.shape[0]
     if bias is not None:
-        _backend.check_tensor(op, "bias", bias, device=hidden.device, shape=(vocab,), dtype=hidden.dtype)
+        _backend.check_tensor(op, "bias", bias, device=hidden.device, shape=(vocab,))
     if not isinstance(targets, Tensor) or targets.shape != hidden.shape[:-1]:
         shape = tuple(targets.shape) if isinstance(targets, Tensor) else type(targets).__name__
         raise ValueError(f"{op}: targets must have shape {tuple(hidden.shape[:-1])} (hidden without its last "
@@ -403,6 +405,12 @@ def linear_cross_entropy(hidden: Tensor, weight: Tensor, targets: Tensor, bias: 
     _check_options(op, targets, hidden.device, ignore_index, label_smoothing, z_loss, reduction, num_tokens)
     if chunk_size is not None and (not isinstance(chunk_size, int) or chunk_size < 1):
         raise ValueError(f"{op}: chunk_size must be a positive int, got {chunk_size!r}")
+    # A matmul at heart: in autocast's dtype under autocast, as torch's linear; else in the inputs' common dtype.
+    cast = _backend.autocast_dtype(hidden)
+    if cast is not None:
+        hidden, weight, bias = (None if t is None else t.to(cast) for t in (hidden, weight, bias))
+    else:
+        hidden, weight, bias = _backend.promoted(hidden, weight, bias)
     backend = _backend.resolve(IMPLEMENTATIONS, hidden, backend, op=op,
                                backward=_backend.needs_backward(hidden, weight, bias))
     rows = hidden.reshape(-1, hidden.shape[-1])

@@ -72,6 +72,7 @@ IMPLEMENTATIONS = Implementations(
 )
 
 
+@_backend.autocast_off
 def _forward(x, residual, weight, eps, backend):
     """x, residual: (rows, hidden) with unit last stride. Returns out, residual_out (empty without residual), rstd."""
     rows, hidden = x.shape
@@ -84,6 +85,7 @@ def _forward(x, residual, weight, eps, backend):
     return out, residual_out, rstd
 
 
+@_backend.autocast_off
 def _backward(grad_out, x, weight, rstd, grad_residual, backend):
     """Returns grad_x and grad_weight (in weight's dtype) for the normalised input x."""
     grad_x = torch.empty_like(x, memory_format=torch.contiguous_format)
@@ -148,8 +150,12 @@ def _apply(op, x, residual, weight, eps, backend):
         raise ValueError(f"{op}: x must have a non-empty last (hidden) dimension, got shape {tuple(x.shape)}")
     hidden = x.shape[-1]
     _backend.check_tensor(op, "weight", weight, device=x.device, shape=(hidden,))
+    out_dtype = x.dtype
     if residual is not None:
-        _backend.check_tensor(op, "residual", residual, device=x.device, shape=x.shape, dtype=x.dtype)
+        _backend.check_tensor(op, "residual", residual, device=x.device, shape=x.shape)
+        # A residual stream kept in higher precision than the block's output (fp32 under bf16 autocast): the sum and
+        # the stream stay in the wider dtype, the normalised output comes in x's.
+        x, residual = _backend.promoted(x, residual)
     if not isinstance(eps, (int, float)) or not eps >= 0:
         raise ValueError(f"{op}: eps must be a number >= 0, got {eps!r}")
     backward = _backend.needs_backward(x, residual, weight)
@@ -160,7 +166,7 @@ def _apply(op, x, residual, weight, eps, backend):
         out, residual_out, _ = _forward(rows, residual_rows, weight, float(eps), backend)
     else:
         out, residual_out = RMSNormFunction.apply(rows, residual_rows, weight, float(eps), backend)
-    return out.view(x.shape), residual_out.view(x.shape) if residual is not None else None
+    return out.view(x.shape).to(out_dtype), residual_out.view(x.shape) if residual is not None else None
 
 
 def rms_norm(x: Tensor, weight: Tensor, eps: float = 1e-6, *, backend: Optional[str] = None) -> Tensor:

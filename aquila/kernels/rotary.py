@@ -57,6 +57,7 @@ IMPLEMENTATIONS = Implementations(
 )
 
 
+@_backend.autocast_off
 def _rotate(x, positions, offset, theta, interleaved, inverse, backend):
     """The output has x's layout (torch.empty_like keeps the strides of a dense tensor)."""
     out = torch.empty_like(x)

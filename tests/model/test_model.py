@@ -224,3 +224,24 @@ except RuntimeError as error:
         assert message == f"(1, 1, {TINY.vocab_size})"
     else:
         assert "the model's weights or its cache moved" in message
+
+
+@pytest.mark.parametrize("backend", [None, "torch"])
+def test_the_model_trains_under_bf16_autocast_with_an_fp32_residual_stream(backend):
+    """torch.autocast("cpu", bf16) around the model: matmuls in bf16, the residual stream, the norms' sums and the
+    loss in fp32, gradients in the fp32 parameters' dtype and close to the fp32 run's."""
+    torch.manual_seed(0)
+    model = Aquila(TINY, backend=backend)
+    tokens, targets = torch.randint(0, TINY.vocab_size, (2, 23)), torch.randint(0, TINY.vocab_size, (2, 23))
+    losses, grads = [], []
+    for autocast in (False, True):
+        model.zero_grad()
+        with torch.autocast("cpu", dtype=torch.bfloat16, enabled=autocast):
+            loss = model(tokens, targets)
+        loss.backward()
+        losses.append(loss.item())
+        grads.append(torch.cat([p.grad.flatten() for p in model.parameters()]))
+        assert loss.dtype == torch.float32 and all(p.grad.dtype == torch.float32 for p in model.parameters())
+    eps = torch.finfo(torch.bfloat16).eps
+    assert abs(losses[1] - losses[0]) <= 4 * eps * losses[0], losses
+    assert torch.nn.functional.cosine_similarity(grads[0], grads[1], dim=0) > 1 - 4 * eps
