@@ -11,6 +11,7 @@ import pytest
 import torch
 
 from aquila.kernels import attention, attention_with_kv_cache, reference
+from aquila.kernels import backend as _backend
 from tests.helpers import backend_params
 
 
@@ -236,3 +237,26 @@ def test_cache_lengths_are_checked_before_the_cast_to_int32():
 def test_unusable_arguments_are_named(call, words):
     with pytest.raises(ValueError, match=words):
         call()
+
+
+@pytest.mark.skipif(not _backend.HAS_TRITON, reason="triton is not installed")
+def test_the_triton_grid_launches_any_batch():
+    """A packed batch of 4,096 documents at 32 heads (131,072 sequence-head pairs) fits the grid's unlimited axis 0;
+    only the blocks along one sequence go on axis 1, whose CUDA limit is 65,535."""
+    from aquila.kernels.triton.attention import MAX_GRID_Y, grid
+
+    assert grid(4096 * 32, 2048, 128) == (131072, 16)
+    assert grid(1, MAX_GRID_Y * 64, 64) == (1, MAX_GRID_Y)
+    with pytest.raises(ValueError, match="sequences of up to"):
+        grid(1, MAX_GRID_Y * 64 + 1, 64)
+
+
+def test_the_cuda_decode_kernel_gives_way_for_head_dims_it_lacks():
+    """It needs head_dim % 8 == 0: other head dims go to the next entry of the table (Triton on GPU)."""
+    from aquila.kernels.attention import KV_CACHE_IMPLEMENTATIONS
+
+    cuda = KV_CACHE_IMPLEMENTATIONS["cuda"]
+    assert cuda.limits(head_dim=128) is None
+    assert cuda.limits(head_dim=72) is None
+    assert "multiple of 8" in cuda.limits(head_dim=60)
+    assert list(KV_CACHE_IMPLEMENTATIONS)[:2] == ["cuda", "triton"]

@@ -22,10 +22,9 @@ def _load_rows(BASE, tokens, token_stride, head_offset, dims, token_mask, dim_ma
 
 @triton.jit
 def _program_query_block(Q_LEN, heads_q):
-    """(block of queries, sequence, query head, the sequence's query count) of this program: grid axis 0 is the
-    block, axis 1 sequence x head."""
-    sequence = tl.program_id(1) // heads_q
-    return tl.program_id(0), sequence, tl.program_id(1) % heads_q, tl.load(Q_LEN + sequence)
+    """(block of queries, sequence, query head, the sequence's query count) of this program (see grid)."""
+    sequence = tl.program_id(0) // heads_q
+    return tl.program_id(1), sequence, tl.program_id(0) % heads_q, tl.load(Q_LEN + sequence)
 
 
 @triton.jit
@@ -112,9 +111,9 @@ def _attention_backward_kv_kernel(Q, K, V, GRAD_OUT, LSE, DELTA, GRAD_K, GRAD_V,
                                   BLOCK_D: tl.constexpr, PRECISION: tl.constexpr):
     """dK and dV of one block of keys of one key/value head: a sum over the query blocks of every query head of
     its group, in a fixed order (deterministic)."""
-    block_n = tl.program_id(0)
-    sequence = tl.program_id(1) // heads_k
-    kv_head = tl.program_id(1) % heads_k
+    block_n = tl.program_id(1)
+    sequence = tl.program_id(0) // heads_k
+    kv_head = tl.program_id(0) % heads_k
     k_len = tl.load(K_LEN + sequence)
     if block_n * BLOCK_N >= k_len:
         return
@@ -186,6 +185,20 @@ def _attention_backward_q_kernel(Q, K, V, GRAD_OUT, LSE, DELTA, GRAD_Q, q_token_
              mask=row_mask[:, None] & dim_mask[None, :])
 
 
+# CUDA caps grid axes 1 and 2 at 65,535 blocks, axis 0 at 2^31 - 1.
+MAX_GRID_Y = 65535
+
+
+def grid(sequence_heads, length, block):
+    """The launch grid: axis 0 (sequence, head) pairs, any number of them (a packed batch of thousands of documents
+    at 32 heads); axis 1 the blocks along the longest sequence, up to MAX_GRID_Y."""
+    blocks = triton.cdiv(length, block)
+    if blocks > MAX_GRID_Y:
+        raise ValueError(f"attention: the triton backend takes sequences of up to {MAX_GRID_Y * block} tokens here, "
+                         f"got {length}")
+    return sequence_heads, blocks
+
+
 def _block_dim(head_dim):
     return max(16, triton.next_power_of_2(head_dim))
 
@@ -251,8 +264,7 @@ def compile_cases():
 def forward(q, k, v, seq, scale, causal, out, lse):
     heads_q, head_dim = q.shape[1], q.shape[2]
     block_m, block_n, num_warps, num_stages = _forward_config(head_dim, q.dtype)
-    grid = (triton.cdiv(seq.max_q_len, block_m), seq.batch * heads_q)
-    _attention_forward_kernel[grid](
+    _attention_forward_kernel[grid(seq.batch * heads_q, seq.max_q_len, block_m)](
         q, k, v, out, lse, *q.stride()[:2], *k.stride()[:2], *v.stride()[:2], *out.stride()[:2],
         seq.q_start, seq.q_len, seq.k_start, seq.k_len, heads_q, heads_q // k.shape[1], head_dim,
         scale * LOG2E, CAUSAL=causal, BLOCK_M=block_m, BLOCK_N=block_n, BLOCK_D=_block_dim(head_dim),
@@ -267,11 +279,11 @@ def backward(grad_out, q, k, v, out, lse, seq, scale, causal, grad_q, grad_k, gr
     common = dict(CAUSAL=causal, BLOCK_M=block_m, BLOCK_N=block_n, BLOCK_D=_block_dim(head_dim),
                   PRECISION=_precision(q.dtype), num_warps=num_warps, num_stages=num_stages)
     sequences = (seq.q_start, seq.q_len, seq.k_start, seq.k_len)
-    _attention_backward_kv_kernel[(triton.cdiv(seq.max_k_len, block_n), seq.batch * heads_k)](
+    _attention_backward_kv_kernel[grid(seq.batch * heads_k, seq.max_k_len, block_n)](
         q, k, v, grad_out, lse, delta, grad_k, grad_v, *q.stride()[:2], *k.stride()[:2], *v.stride()[:2],
         *grad_out.stride()[:2], *grad_k.stride()[:2], *grad_v.stride()[:2], *sequences, heads_q, heads_k,
         heads_q // heads_k, head_dim, scale, **common)
-    _attention_backward_q_kernel[(triton.cdiv(seq.max_q_len, block_m), seq.batch * heads_q)](
+    _attention_backward_q_kernel[grid(seq.batch * heads_q, seq.max_q_len, block_m)](
         q, k, v, grad_out, lse, delta, grad_q, *q.stride()[:2], *k.stride()[:2], *v.stride()[:2],
         *grad_out.stride()[:2], *grad_q.stride()[:2], *sequences, heads_q, heads_q // heads_k, head_dim,
         scale, **common)
