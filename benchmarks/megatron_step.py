@@ -4,9 +4,11 @@ original Aquila was trained with Megatron + DeepSpeed ZeRO-2, so this is the see
 A LLaMA-shaped GPTModel from Megatron-core's local layer spec (its own modules, no Transformer Engine or Apex):
 RMSNorm, SwiGLU, rotary over halves (Hugging Face's layout, as Aquila's default), fused QKV, no biases, separate input
 embedding and output layer. Under Megatron's DistributedDataParallel (contiguous gradient buffers, bucketed
-reductions overlapped with backward) with either its distributed optimizer (optimizer states and fp32 main params
-sharded over the processes, gradients reduce-scattered and parameters all-gathered: ZeRO-1 with ZeRO-2's
-communication, the full gradient buffer kept on every process) or its plain optimizer (gradients all-reduced).
+reductions overlapped with backward) with either its distributed optimizer (optimizer states, and in bf16 the fp32
+main params, sharded over the processes; gradients reduce-scattered and parameters all-gathered: ZeRO-1 with ZeRO-2's
+communication, the full gradient buffer kept on every process) or its plain optimizer (gradients all-reduced). In
+bf16 (on GPU) it trains as Megatron does, bf16 parameters with fp32 main params in the optimizer, where Aquila keeps
+fp32 parameters and computes in bf16; both reduce gradients in fp32.
 Megatron's training loop, in one function: zero the gradient buffers, forward, backward, finish the gradient sync,
 the optimizer's step with clipping.
 
@@ -18,7 +20,8 @@ the local multi-tensor fallbacks), to 1.0.
 Megatron-core assumes CUDA in places that have nothing to do with the model's math; on CPU, cuda_on_cpu() points
 those at the CPU, in this process only (the library never sees it):
 - torch.cuda.current_device(), the device of its gradient buffers and rotary frequencies: the CPU;
-- device="cuda" written out in tensor factories (the optimizer's found-inf flag, the norm of the clipping): the CPU;
+- device="cuda" written out in tensor factories (the causal attention mask, the optimizer's found-inf flag, the norm
+  of the clipping): the CPU;
 - tensor.type() == "torch.cuda.FloatTensor", how its optimizers and clipping tell fp32 parameters: a CPU tensor
   reports the CUDA name of its type;
 - the CUDA RNG state that model_parallel_cuda_manual_seed seeds and its RNG tracker forks (weight init, dropout
