@@ -1,10 +1,11 @@
 """The whole training step, side by side: Aquila (fused kernels, FSDP2 ZeRO-2) against transformers'
 LlamaForCausalLM (eager attention, eager loss) under DeepSpeed ZeRO-2, the stack FlagAI's users would otherwise run,
-and against the same transformers model with SDPA under torch.compile and DDP (Aquila under DDP too: on CPU, gloo's
+against the same transformers model with SDPA under torch.compile and DDP (Aquila under DDP too: on CPU, gloo's
 collectives make FSDP's per-block gathers and reduce-scatters cost more than DDP's one overlapped all-reduce; on GPU
-FSDP is the engine to use). Same model shape, global batch,
-sequence length, number of processes and optimizer (fused AdamW, clipping at 1.0); each contender runs in its own
-torchrun launch of benchmarks/training_step.py.
+FSDP is the engine to use), and against Megatron-core's GPTModel, the original Aquila's own stack, under its DDP with
+its distributed optimizer and with its plain one (benchmarks/megatron_step.py). Same model shape and parameter count,
+global batch, sequence length, number of processes and optimizer (fused AdamW, clipping at 1.0); each contender runs
+in its own torchrun launch of benchmarks/training_step.py, and each must start from a loss near ln(vocab).
 
 On CPU: 2 processes over gloo with one thread each (the machine's 2 cores), a 45M-parameter model (dim 512, 4 layers,
 8 heads, SwiGLU 1376, vocab 32000), 2 x 512 tokens per process, fp32. On GPU: one process, dim 1024, 8 layers, 8 x
@@ -13,7 +14,9 @@ On CPU: 2 processes over gloo with one thread each (the machine's 2 cores), a 45
 (resident set on CPU, allocator peak on GPU, MB). --quick: a tiny model, two steps, to keep the benchmark working.
 """
 
+import importlib.metadata
 import json
+import math
 import os
 import subprocess
 import sys
@@ -26,6 +29,7 @@ from aquila.train.metrics import flops_per_token
 HERE = os.path.dirname(os.path.abspath(__file__))
 IMPLS = {"transformers + deepspeed zero-2": ("deepspeed", "fsdp"),
          "transformers sdpa + torch.compile, ddp": ("compile", "fsdp"),
+         "megatron-core distributed optimizer": ("megatron", "distopt"), "megatron-core ddp": ("megatron", "ddp"),
          "aquila fsdp2 zero-2": ("aquila", "fsdp"), "aquila ddp": ("aquila", "ddp")}
 
 
@@ -43,7 +47,13 @@ def test_training_step(benchmark, record, device, quick, impl):
     if contender == "deepspeed":
         pytest.importorskip("deepspeed", reason="DeepSpeed is a benchmark extra: DS_BUILD_OPS=0 pip install "
                                                 "--no-build-isolation deepspeed")
-    pytest.importorskip("transformers")
+    if contender == "megatron":
+        try:  # asked of its metadata, not imported: no side effects in this process
+            importlib.metadata.version("megatron-core")
+        except importlib.metadata.PackageNotFoundError:
+            pytest.skip("Megatron-core is a benchmark extra: pip install megatron-core==0.16.1")
+    else:
+        pytest.importorskip("transformers")
     shape = sizes(quick, device)
     processes = 1 if device == "cuda" else 2
     command = [sys.executable, "-m", "torch.distributed.run", "--standalone", f"--nproc-per-node={processes}",
@@ -65,6 +75,8 @@ def test_training_step(benchmark, record, device, quick, impl):
                           vocab_size=shape["vocab"])
     flops = flops_per_token(config, shape["seq"]) * shape["batch"] * processes * shape["seq"]
     params = config.num_parameters()
+    assert outcome["parameters"] == params, f"{impl}: {outcome['parameters']} parameters, Aquila's shape has {params}"
+    assert outcome["losses"][0] == pytest.approx(math.log(shape["vocab"]), rel=0.05), outcome["losses"]
     record(f"training step {processes}x{shape['batch']}x{shape['seq']}, {params / 1e6:.0f}M params, {processes} proc",
            impl, outcome["seconds_per_step"], flops=flops, tokens_per_s=outcome["tokens_per_s"],
            peak_memory_bytes=outcome["peak_memory_bytes"], losses=outcome["losses"])

@@ -1,7 +1,9 @@
 """One contender of the whole-training-step benchmark, run by torchrun in each of its processes (benchmarks/
 test_training_step.py launches it). Every contender trains the same LLaMA-shaped model from the same seed on the same
 random batches, with the same global batch, AdamW settings and clipping, for warm-up steps then timed steps, and the
-main process prints one JSON line: seconds per step, tokens/s, the largest peak memory of any process, the loss.
+main process prints one JSON line: seconds per step, tokens/s, the largest peak memory of any process, the loss, the
+number of parameters. --same-batch trains every step on the first batch: a check that a contender learns, its loss
+falling from about ln(vocab) as it memorizes the batch.
 
 Contenders:
 - aquila: Aquila's model on its fused kernels (RMSNorm + residual, rotary, flash attention, linear cross-entropy),
@@ -11,6 +13,8 @@ Contenders:
   CPU with DS_ACCELERATOR=cpu, over gloo), the stack FlagAI users were pointed to. Its optimizer is torch's fused
   AdamW, the same as ours (DeepSpeed's CPU Adam needs a compiled op), so the comparison is of everything else.
 - compile: the same transformers model with SDPA attention, torch.compile'd, under DDP, fused AdamW.
+- megatron: Megatron-core's LLaMA-shaped GPTModel under its DDP with its distributed optimizer (--engine distopt) or
+  its plain one (--engine ddp), torch's fused AdamW inside (benchmarks/megatron_step.py).
 """
 
 import argparse
@@ -68,7 +72,11 @@ def build(args, device, world):
         model = Aquila(config).to(device)
         processes = Processes(dist.get_rank(), world, int(os.environ.get("LOCAL_RANK", 0)), device)
         model = wrap(model, args.engine, 2, processes, torch.bfloat16 if device.type == "cuda" else None)
-        return torch_step(model, lambda tokens, targets: model(tokens, targets))
+        return torch_step(model, lambda tokens, targets: model(tokens, targets)), model
+    if args.impl == "megatron":
+        import megatron_step
+
+        return megatron_step.build(args, device, args.engine)
     import transformers
 
     if args.impl == "deepspeed":
@@ -87,7 +95,7 @@ def build(args, device, world):
             engine.step()
             return loss
 
-        return step
+        return step, model
     if args.impl == "compile":
         model = transformers.LlamaForCausalLM(llama_config(args, "sdpa")).to(device)
         model = torch.nn.parallel.DistributedDataParallel(model)
@@ -98,7 +106,7 @@ def build(args, device, world):
             with autocast:
                 return compiled(input_ids=tokens, labels=targets).loss
 
-        return torch_step(model, loss_of)
+        return torch_step(model, loss_of), model
     raise ValueError(f"unknown contender {args.impl!r}")
 
 
@@ -108,7 +116,9 @@ def main():
                           ("batch", 2), ("seq", 512), ("warmup", 2), ("steps", 5)):
         parser.add_argument(f"--{name}", type=int, default=default)
     parser.add_argument("--impl", required=True)
-    parser.add_argument("--engine", default="fsdp", choices=("fsdp", "ddp"), help="aquila's engine")
+    parser.add_argument("--same-batch", action="store_true", help="train every step on the first batch")
+    parser.add_argument("--engine", default="fsdp", choices=("fsdp", "ddp", "distopt"),
+                        help="aquila's engine (fsdp, ddp); megatron's (distopt: its distributed optimizer, ddp)")
     args = parser.parse_args()
     cuda = torch.cuda.is_available()
     device = torch.device("cuda", int(os.environ.get("LOCAL_RANK", 0))) if cuda else torch.device("cpu")
@@ -116,10 +126,15 @@ def main():
         torch.cuda.set_device(device)
     dist.init_process_group("nccl" if cuda else "gloo")
     rank, world = dist.get_rank(), dist.get_world_size()
-    step = build(args, device, world)
+    step, model = build(args, device, world)
+    parameters = sum(parameter.numel() for parameter in model.parameters())  # FSDP's DTensors count whole
+    del model
     generator = torch.Generator().manual_seed(1 + rank)  # each process its own share of the global batch
+    count = args.warmup + args.steps
     batches = [torch.randint(0, args.vocab, (args.batch, args.seq + 1), generator=generator)
-               for _ in range(args.warmup + args.steps)]
+               for _ in range(1 if args.same_batch else count)]
+    if args.same_batch:
+        batches *= count
     losses = []
     for index, batch in enumerate(batches):
         if index == args.warmup:
@@ -138,7 +153,7 @@ def main():
     if rank == 0:
         print(json.dumps({"impl": args.impl, "seconds_per_step": seconds, "processes": world,
                           "tokens_per_s": world * args.batch * args.seq / seconds, "peak_memory_bytes": peak.item(),
-                          "losses": losses}))
+                          "losses": losses, "parameters": parameters}))
     # The model, its optimizer and FSDP's state (in reference cycles that hold process groups) go before the
     # process groups do: left to the interpreter's exit, a gloo group can be torn down with its worker threads
     # joinable (an abort).
