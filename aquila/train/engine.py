@@ -85,8 +85,14 @@ def wrap(model: nn.Module, engine: str, zero_stage: int, processes: Processes, c
         from torch.distributed.fsdp import MixedPrecisionPolicy, fully_shard
 
         mesh = init_device_mesh(processes.device.type, (processes.world_size,))
-        policy = MixedPrecisionPolicy(param_dtype=compute_dtype, reduce_dtype=torch.float32)
+        # Half-precision compute runs under autocast as with the other engines: the policy gathers the parameters in
+        # compute_dtype but leaves the blocks' inputs alone (cast_forward_inputs would round the residual stream to
+        # bf16 at every block), and the embeddings gathered in bf16 start the residual stream in fp32, as autocast's
+        # fp32 embeddings do (fused_add_rms_norm then keeps the sums in fp32).
+        policy = MixedPrecisionPolicy(param_dtype=compute_dtype, reduce_dtype=torch.float32, cast_forward_inputs=False)
         reshard = zero_stage == 3
+        if compute_dtype is not None:
+            model.tok_embeddings.register_forward_hook(lambda module, args, output: output.float())
         for block in model.layers:
             fully_shard(block, mesh=mesh, reshard_after_forward=reshard, mp_policy=policy)
         return fully_shard(model, mesh=mesh, reshard_after_forward=reshard, mp_policy=policy)
