@@ -4,8 +4,9 @@
 - ddp: DistributedDataParallel, every process holding the whole model and optimizer.
 - fsdp: PyTorch FSDP2 `fully_shard` on every decoder block and on the root. zero_stage 3 frees each block's gathered
   parameters after its forward (ZeRO-3); zero_stage 2 keeps them until the backward (ZeRO-2: sharded gradients and
-  optimizer state, parameters gathered once per step). On GPU the parameters are gathered in bf16 and gradients
-  reduced in fp32 (MixedPrecisionPolicy), the master weights and optimizer state staying fp32 shards.
+  optimizer state, parameters gathered once per step). In bf16 (GPU, or CPU: gloo all-gathers bf16) the parameters
+  are gathered in bf16 and gradients reduced in fp32 (MixedPrecisionPolicy), the master weights and optimizer state
+  staying fp32 shards; the compute runs under autocast with an fp32 residual stream, as with the other engines.
 - bmtrain: BMTrain's ZeRO-3 (aquila/train/bmtrain_engine.py; CUDA + NCCL only, verified only where it can run).
 
 Launch with torchrun: `torchrun --nproc-per-node 8 -m aquila.cli pretrain --config ...`. Processes talk over nccl on
