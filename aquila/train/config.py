@@ -56,7 +56,7 @@ class TrainConfig:
     steps: Optional[int] = None  # optimizer steps; or train_tokens, or epochs; none of them: DEFAULT_STEPS
     train_tokens: Optional[int] = None
     min_lr_ratio: float = 0.1  # cosine decay to this fraction of lr
-    precision: str = "auto"  # auto: bf16 on GPU, fp32 on CPU
+    precision: str = "auto"  # auto: bf16 on GPU and on CPUs with AMX-BF16 or AVX512-BF16, else fp32
     engine: str = "auto"  # auto: fsdp with several processes, else single
     zero_stage: int = 2  # fsdp: 2 keeps parameters gathered after forward, 3 reshards them
     activation_checkpointing: bool = False

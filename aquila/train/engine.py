@@ -4,8 +4,9 @@
 - ddp: DistributedDataParallel, every process holding the whole model and optimizer.
 - fsdp: PyTorch FSDP2 `fully_shard` on every decoder block and on the root. zero_stage 3 frees each block's gathered
   parameters after its forward (ZeRO-3); zero_stage 2 keeps them until the backward (ZeRO-2: sharded gradients and
-  optimizer state, parameters gathered once per step). On GPU the parameters are gathered in bf16 and gradients
-  reduced in fp32 (MixedPrecisionPolicy), the master weights and optimizer state staying fp32 shards.
+  optimizer state, parameters gathered once per step). In bf16 (GPU, or CPU: gloo all-gathers bf16) the parameters
+  are gathered in bf16 and gradients reduced in fp32 (MixedPrecisionPolicy), the master weights and optimizer state
+  staying fp32 shards; the compute runs under autocast with an fp32 residual stream, as with the other engines.
 - bmtrain: BMTrain's ZeRO-3 (aquila/train/bmtrain_engine.py; CUDA + NCCL only, verified only where it can run).
 
 Launch with torchrun: `torchrun --nproc-per-node 8 -m aquila.cli pretrain --config ...`. Processes talk over nccl on
@@ -85,8 +86,14 @@ def wrap(model: nn.Module, engine: str, zero_stage: int, processes: Processes, c
         from torch.distributed.fsdp import MixedPrecisionPolicy, fully_shard
 
         mesh = init_device_mesh(processes.device.type, (processes.world_size,))
-        policy = MixedPrecisionPolicy(param_dtype=compute_dtype, reduce_dtype=torch.float32)
+        # Half-precision compute runs under autocast as with the other engines: the policy gathers the parameters in
+        # compute_dtype but leaves the blocks' inputs alone (cast_forward_inputs would round the residual stream to
+        # bf16 at every block), and the embeddings gathered in bf16 start the residual stream in fp32, as autocast's
+        # fp32 embeddings do (fused_add_rms_norm then keeps the sums in fp32).
+        policy = MixedPrecisionPolicy(param_dtype=compute_dtype, reduce_dtype=torch.float32, cast_forward_inputs=False)
         reshard = zero_stage == 3
+        if compute_dtype is not None:
+            model.tok_embeddings.register_forward_hook(lambda module, args, output: output.float())
         for block in model.layers:
             fully_shard(block, mesh=mesh, reshard_after_forward=reshard, mp_policy=policy)
         return fully_shard(model, mesh=mesh, reshard_after_forward=reshard, mp_policy=policy)

@@ -29,8 +29,9 @@ def flops_per_token(config: AquilaConfig, seq_len: int) -> float:
     return 6.0 * matrices + 6.0 * config.n_layers * config.dim * seq_len
 
 
-def peak_flops(device: torch.device, configured_tflops: Optional[float]) -> tuple[float, str]:
-    """Peak FLOP/s per device and where the figure comes from."""
+def peak_flops(device: torch.device, configured_tflops: Optional[float], dtype: torch.dtype = torch.float32
+               ) -> tuple[float, str]:
+    """Peak FLOP/s per device and where the figure comes from (on CPU: a matmul in the training's dtype, measured)."""
     if configured_tflops:
         return configured_tflops * 1e12, "configured"
     if device.type == "cuda":
@@ -39,12 +40,13 @@ def peak_flops(device: torch.device, configured_tflops: Optional[float]) -> tupl
             if key in name:
                 return tflops * 1e12, f"{key} bf16 dense"
         return 312e12, "unknown GPU: A100 bf16 assumed"
-    a, b = torch.randn(1024, 1024), torch.randn(1024, 1024)
+    a, b = torch.randn(1024, 1024, dtype=dtype), torch.randn(1024, 1024, dtype=dtype)
     a @ b
     start, repeats = time.perf_counter(), 8
     for _ in range(repeats):
         a @ b
-    return repeats * 2 * 1024 ** 3 / (time.perf_counter() - start), "measured fp32 matmul"
+    name = {torch.float32: "fp32", torch.bfloat16: "bf16", torch.float16: "fp16"}.get(dtype, str(dtype))
+    return repeats * 2 * 1024 ** 3 / (time.perf_counter() - start), f"measured {name} matmul"
 
 
 def memory_mb(device: torch.device) -> float:

@@ -7,8 +7,9 @@ Semantics (FlagAI got several of these wrong):
   batch.
 - Gradients are clipped once per optimizer step, by their global norm; the learning rate (linear warm-up, then cosine
   to min_lr_ratio of the peak) is set once per optimizer step; norms and biases get no weight decay.
-- Precision: fp32 on CPU; on GPU bf16 autocast (FSDP: bf16 parameter gathers, fp32 gradient reduction) with fp32 master
-  weights and AdamW state; fp16 with dynamic loss scaling. A step whose loss or gradient norm is not finite is skipped
+- Precision (aquila/train/precision.py): bf16 autocast (FSDP: bf16 parameter gathers, fp32 gradient reduction) with
+  fp32 master weights and AdamW state, on GPU and on CPUs with AMX-BF16 or AVX512-BF16 (auto), fp32 on other CPUs;
+  fp16 (GPU only) with dynamic loss scaling. A step whose loss or gradient norm is not finite is skipped
   (no update) and logged; max_nonfinite_steps of them in a row stop the run with a message.
 - SIGTERM or Ctrl-C: the step in flight finishes, a checkpoint is written, the run exits cleanly (a second Ctrl-C
   aborts at once).
@@ -39,6 +40,7 @@ from aquila.train.checkpoint import resolve as resolve_checkpoint
 from aquila.train.config import DEFAULT_STEPS, TrainConfig
 from aquila.train.data import TrainingData, make_data, to_device
 from aquila.train.metrics import MetricsLog, MetricsWindow, flops_per_token, memory_mb, peak_flops, plot
+from aquila.train.precision import resolve_precision
 from aquila.train.run_directory import RunLock, check_earlier_run, remove_earlier_run
 
 # What a resumed run must share with its checkpoint's, beside the global batch: the data and its order, the model,
@@ -100,13 +102,6 @@ def build_model(config: TrainConfig, tokenizer: Tokenizer, device: torch.device)
                          f"{model.config.vocab_size}")
     model.activation_checkpointing = config.activation_checkpointing
     return model
-
-
-def resolve_precision(config: TrainConfig, device: torch.device) -> torch.dtype:
-    precision = config.precision
-    if precision == "auto":
-        precision = "bf16" if device.type == "cuda" else "fp32"
-    return {"fp32": torch.float32, "bf16": torch.bfloat16, "fp16": torch.float16}[precision]
 
 
 def total_steps(config: TrainConfig, tokens_per_epoch: int, samples_per_epoch: Optional[int],
@@ -174,10 +169,8 @@ class Trainer:
 
         self.model = build_model(config, self.tokenizer, self.device)
         self.data.check_vocabulary(self.model.config.vocab_size)
-        self.dtype = resolve_precision(config, self.device)
-        if self.dtype != torch.float32 and self.device.type != "cuda":
-            raise ValueError(f"precision {config.precision} needs a GPU; on CPU train in fp32 (precision: fp32 or "
-                             "auto)")
+        self.precision = resolve_precision(config.precision, self.device)
+        self.dtype = self.precision.dtype
         self.wrapped = engines.wrap(self.model, self.engine, config.zero_stage, processes,
                                     None if self.dtype == torch.float32 else self.dtype)
         self.optimization = engines.optimization(self.engine, self.wrapped,
@@ -191,10 +184,10 @@ class Trainer:
         self.skipped_in_a_row = 0
         self.metrics = MetricsLog(config.output_dir, processes.is_main, config.tensorboard, log)
         self.flops_per_token = flops_per_token(self.model.config, config.seq_len)
-        self.peak_flops, self.peak_source = peak_flops(self.device, config.peak_tflops)
+        self.peak_flops, self.peak_source = peak_flops(self.device, config.peak_tflops, self.dtype)
 
     def autocast(self) -> contextlib.AbstractContextManager:
-        if self.engine == "fsdp" or self.dtype == torch.float32:  # FSDP casts through its policy; fp32 needs none
+        if self.dtype == torch.float32:
             return contextlib.nullcontext()
         return torch.autocast(self.device.type, dtype=self.dtype)
 
@@ -308,7 +301,8 @@ class Trainer:
             self.load_checkpoint()
         if self.processes.is_main:
             config.save(os.path.join(config.output_dir, "config.yaml"))
-        self.log(f"{self.engine} on {self.processes.world_size} x {self.device.type}, {self.dtype}: "
+        self.log(self.precision.header())
+        self.log(f"{self.engine} on {self.processes.world_size} x {self.device.type}, {self.precision.name}: "
                  f"{self.model.config.num_parameters() / 1e6:.1f}M parameters, {self.total_steps} steps of "
                  f"{self.global_batch} x {config.seq_len} tokens (MFU against {self.peak_flops / 1e12:.2f} TFLOP/s "
                  f"per device, {self.peak_source})")

@@ -12,14 +12,19 @@ import torch
 
 from aquila.train.config import TrainConfig
 from aquila.train.trainer import NonFiniteLossError, train
-from tests.helpers import tiny_overrides
+from tests.helpers import tiny_overrides as any_precision_overrides
 
 ROOT = os.path.dirname(os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 
 
-def run(inputs, output_dir, resume=False, **changes):
+def tiny_overrides(inputs, output_dir, **changes):
+    """The tiny run in fp32 unless a test asks otherwise: precision auto would choose bf16 on some hosts only."""
+    return any_precision_overrides(inputs, output_dir, **{"precision": "fp32", **changes})
+
+
+def run(inputs, output_dir, resume=False, log=lambda message: None, **changes):
     config = TrainConfig.load(None, tiny_overrides(inputs, output_dir, **changes))
-    return train(config, resume=resume, log=lambda message: None)
+    return train(config, resume=resume, log=log)
 
 
 def train_losses(output_dir):
@@ -110,11 +115,60 @@ def test_non_finite_steps_are_skipped_then_stop_the_run(tiny_run_inputs, tmp_pat
     assert [r["step"] for r in skipped] == [2, 3, 4]
 
 
-def test_cpu_rejects_half_precision(tiny_run_inputs, tmp_path):
+def test_cpu_rejects_fp16(tiny_run_inputs, tmp_path):
     if torch.cuda.is_available():
         pytest.skip("CPU-only behaviour")
-    with pytest.raises(ValueError, match="precision bf16 needs a GPU"):
-        run(tiny_run_inputs, tmp_path, precision="bf16")
+    with pytest.raises(ValueError, match="precision fp16 needs a GPU"):
+        run(tiny_run_inputs, tmp_path, precision="fp16")
+
+
+@pytest.fixture(scope="module")
+def bf16_run(tiny_run_inputs, tmp_path_factory):
+    if torch.cuda.is_available():
+        pytest.skip("CPU bf16 (the GPU's is test_half_precision_training_on_gpu)")
+    output, messages = tmp_path_factory.mktemp("bf16"), []
+    return output, run(tiny_run_inputs, output, steps=8, precision="bf16", log=messages.append), messages
+
+
+# bf16 keeps 8 significant bits: eps 2^-7 (the gap above 1), a rounding's relative error up to eps / 2. A step's loss
+# is the mean of 128 token losses whose bf16 roundings (of activations, weights, gradients) are uncorrelated, so two
+# runs that round differently differ by about eps / 2 / sqrt(128) = eps / 23 in a step, drifting over 8 steps of
+# updates: eps / 8 (~1e-3, 50x fp32's 2e-5; measured on an AVX512-BF16 host: 9e-5 fp32 against bf16, 4e-5 DDP and
+# 1.7e-4 FSDP against 1 process, all in bf16).
+BF16_EPS = torch.finfo(torch.bfloat16).eps
+BF16_RTOL = BF16_EPS / 8
+
+
+def test_bf16_on_cpu_trains_over_fp32_master_weights(bf16_run, reference_run):
+    from aquila.model.checkpoint import load
+    from aquila.train.precision import cpu_bf16_isa
+
+    output, summary, messages = bf16_run
+    losses, fp32_losses = summary["losses"], reference_run[1]["losses"]
+    assert len(losses) == 8 and losses[-1] < losses[0] - 0.25
+    # The same run as fp32's but for bf16's rounding: each step's loss within a few bf16 ulps of fp32's.
+    assert losses == pytest.approx(fp32_losses, rel=BF16_RTOL)
+    assert losses != fp32_losses  # bf16 did run: fp32 would match bitwise
+    isa = cpu_bf16_isa()
+    expected = f"this CPU has {isa}" if isa else "warning: this CPU has no AMX or AVX512-BF16"
+    assert any(m.startswith(f"precision bf16 (configured; {expected}") for m in messages), messages
+    assert any(m.startswith("single on 1 x cpu, bf16:") for m in messages)
+    model = load(summary["checkpoint"])
+    assert {p.dtype for p in model.parameters()} == {torch.float32}  # master weights stay fp32
+    from safetensors.torch import load_file
+
+    stored = load_file(str(output / "checkpoints" / "step-000008" / "model.safetensors"))
+    assert {t.dtype for t in stored.values()} == {torch.float32}
+
+
+def test_bf16_resume_continues_exactly(tiny_run_inputs, bf16_run, tmp_path):
+    _, summary, _ = bf16_run
+    run(tiny_run_inputs, tmp_path, steps=8, save_interval=4, precision="bf16")
+    checkpoints = tmp_path / "checkpoints"
+    (checkpoints / "step-000008").rename(tmp_path / "lost")
+    (checkpoints / "latest").write_text("step-000008\n")
+    resumed = run(tiny_run_inputs, tmp_path, resume=True, steps=8, save_interval=4, precision="bf16")
+    assert resumed["losses"] == summary["losses"][4:]  # bitwise: fp32 master weights and AdamW state restored
 
 
 def cli(*args, **popen):
@@ -154,6 +208,21 @@ def test_two_processes_match_one_with_the_same_global_batch(tiny_run_inputs, ref
     losses = torchrun(tiny_run_inputs, tmp_path, 2, steps=8, batch_size=2, engine=engine, zero_stage=zero_stage)
     assert losses == pytest.approx(summary["losses"], rel=2e-5)
     assert (tmp_path / "checkpoints" / "step-000008" / "model.safetensors").exists()
+
+
+@pytest.mark.parametrize("engine,zero_stage", [("fsdp", 2), ("fsdp", 3), ("ddp", 2)])
+def test_two_processes_in_bf16_match_one(tiny_run_inputs, bf16_run, tmp_path, engine, zero_stage):
+    """bf16 on 2 gloo processes against 1 process in bf16. Not bitwise: each process rounds its half-batch gradient
+    to bf16 before the fp32 reduction, where 1 process rounds the whole batch's, and FSDP gathers the parameters in
+    bf16 (gloo all-gathers bf16 on CPU), so its embeddings and residual stream are bf16 where autocast keeps fp32."""
+    _, summary, _ = bf16_run
+    losses = torchrun(tiny_run_inputs, tmp_path, 2, steps=8, batch_size=2, engine=engine, zero_stage=zero_stage,
+                      precision="bf16")
+    assert losses == pytest.approx(summary["losses"], rel=BF16_RTOL)
+    from aquila.model.checkpoint import load
+
+    model = load(str(tmp_path / "checkpoints" / "step-000008"))
+    assert {p.dtype for p in model.parameters()} == {torch.float32}
 
 
 def test_sft_fine_tunes_a_pretraining_run_then_chat_uses_it(tiny_run_inputs, reference_run, tmp_path, capsys,
