@@ -173,8 +173,7 @@ def ceilings(device, quick):
         best, runs[DTYPE_NAMES[dtype]] = matmul_seconds(n, dtype, device)
         rates[DTYPE_NAMES[dtype]] = 2 * n**3 / best
     src = torch.randn((4 if quick else 64) * 2**20, device=device)
-    dst = torch.empty_like(src)
-    dst.copy_(src)  # written before any timing, like src
+    dst = torch.empty_like(src)  # written by the copy's warm-up run, before any timed one
     size = src.numel() * src.element_size()
     read = size / best_seconds(lambda: src.sum(), device, repeats=15)
     copy = 2 * size / best_seconds(lambda: dst.copy_(src), device, repeats=15)
