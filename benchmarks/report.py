@@ -28,17 +28,63 @@ HISTORY = os.path.join(RESULTS, "history.csv")
 
 
 
+def machine_of(report):
+    """The results file's machine section: a dict since the ceilings and ISA are recorded; before that, a description
+    string, with the copy bandwidth and the matmul rate of the benchmarks' dtype (fp32 on CPU, bf16 on GPU) at the
+    top level. Fields a file lacks stay None: nothing is filled in."""
+    machine = report["machine"]
+    if isinstance(machine, dict):
+        return machine
+    rate = report.get("matmul_flop_per_s")
+    dtype = "bf16" if report["device"] == "cuda" else "fp32"
+    return {"description": machine, "cpu_flags": None, "native_isa": None,
+            "ceilings": {"read_bytes_per_s": None, "copy_bytes_per_s": report.get("copy_bandwidth_bytes_per_s"),
+                         "matmul_flop_per_s": {dtype: rate} if rate else {}, "matmul_size": None,
+                         "statistic": "best of the runs"}}
+
+
+def describe_machine(report):
+    """The sentences under a results table's title: the host's ISA, the ceilings measured in the run, and what the
+    file does not record."""
+    machine = machine_of(report)
+    ceilings = machine.get("ceilings") or {}
+    rates = ceilings.get("matmul_flop_per_s") or {}
+    size = f" ({ceilings['matmul_size']}^3)" if ceilings.get("matmul_size") else ""
+    measured, missing = [], []
+    for value, text, name in [
+            (ceilings.get("read_bytes_per_s"), "read bandwidth {:.1f} GB/s", "the read bandwidth"),
+            (ceilings.get("copy_bytes_per_s"), "copy bandwidth {:.1f} GB/s (read + write)", "the copy bandwidth"),
+            (rates.get("fp32"), "fp32 matmul {:.0f} GFLOP/s" + size, "the fp32 matmul rate"),
+            (rates.get("bf16"), "bf16 matmul {:.0f} GFLOP/s" + size, "the bf16 matmul rate")]:
+        if value:
+            measured.append(text.format(value / 1e9))
+        else:
+            missing.append(name)
+    text = f"Ceilings measured in the run, {ceilings.get('statistic', 'best of the runs')}: {', '.join(measured)}."
+    if machine.get("cpu_flags") is None:
+        missing.append("the CPU's ISA flags and the kernels' ISA path")
+    else:
+        present = [flag for flag, on in machine["cpu_flags"].items() if on]
+        absent = [flag for flag, on in machine["cpu_flags"].items() if not on]
+        text += " CPU flags: " + (", ".join(present) or "none") + (f" (not {', '.join(absent)})" if absent else "")
+        text += f"; Aquila's CPU kernels take the {machine.get('native_isa') or '-'} path"
+        if machine.get("aquila_cpu_isa_env"):
+            text += f" (AQUILA_CPU_ISA={machine['aquila_cpu_isa_env']})"
+        text += "."
+    if missing:
+        text += f" Not recorded (results from before they were measured): {', '.join(missing)}."
+    return text
+
+
 def render(report):
     """The Markdown table of one results JSON."""
     interrupted = " Interrupted: a partial run." if report.get("interrupted") else ""
-    lines = [f"Machine: {report['machine']} ({report['device']}); torch {report['torch']}, "
-             f"triton {report.get('triton', '-')}; {report['date']}. Copy bandwidth "
-             f"{report['copy_bandwidth_bytes_per_s'] / 1e9:.1f} GB/s (read + write).{interrupted}", "",
-             "| op | implementation | ms | GB/s | of copy bandwidth | GFLOP/s | of matmul rate | vs baseline | "
-             "peak MB |",
+    lines = [f"Machine: {machine_of(report)['description']} ({report['device']}); torch {report['torch']}, "
+             f"triton {report.get('triton', '-')}; {report['date']}.{interrupted} {describe_machine(report)}", "",
+             "| op | implementation | ms | GB/s | of bandwidth | GFLOP/s | of matmul rate | vs baseline | peak MB |",
              "| --- | --- | ---: | ---: | ---: | ---: | ---: | ---: | ---: |"]
     for r in report["results"]:
-        cells = [cell(r.get("gb_per_s"), "{:.1f}"), cell(r.get("fraction_of_copy"), "{:.0%}"),
+        cells = [cell(r.get("gb_per_s"), "{:.1f}"), bandwidth_cell(r),
                  cell(r.get("gflop_per_s"), "{:.0f}"), cell(r.get("fraction_of_matmul"), "{:.0%}"),
                  cell(r.get("speedup_vs_baseline", r.get("speedup_vs_eager")), "{:.2f}x"),
                  cell(r.get("peak_extra_bytes", r.get("peak_memory_bytes")), "{:.0f}", 1e-6)]
@@ -48,6 +94,15 @@ def render(report):
 
 def cell(value, pattern, scale=1.0):
     return "-" if value is None else pattern.format(value * scale)
+
+
+def bandwidth_cell(r):
+    """The fraction of the bandwidth that bounds the result: reads alone against the read bandwidth, reads and writes
+    against the copy bandwidth (every result of a file from before the read bandwidth was measured)."""
+    for kind in ("read", "copy"):
+        if r.get(f"fraction_of_{kind}") is not None:
+            return f"{r[f'fraction_of_{kind}']:.0%} of {kind}"
+    return "-"
 
 
 def chart_svg(report):
@@ -70,7 +125,7 @@ def chart_svg(report):
         axes.invert_yaxis()
         axes.set_xlabel("speed relative to the op's baseline (torch eager, SDPA, transformers or DeepSpeed); "
                         "> 1 is faster")
-        axes.set_title(f"{report['machine']}, {report['date']}", fontsize=9)
+        axes.set_title(f"{machine_of(report)['description']}, {report['date']}", fontsize=9)
         figure.tight_layout()
         out = io.StringIO()
         figure.savefig(out, format="svg", metadata={"Date": None})
@@ -98,15 +153,26 @@ def rows_of_report(report):
     for r in report["results"]:
         peak = r.get("peak_extra_bytes", r.get("peak_memory_bytes"))
         rows.append({"date": report["date"], "op": r["op"], "impl": r["impl"], "ms": r["seconds"] * 1e3,
+                     "dtype": r.get("dtype", default_dtype(report["device"])),
                      "vs_baseline": r.get("speedup_vs_baseline"), "of_copy": r.get("fraction_of_copy"),
-                     "of_matmul": r.get("fraction_of_matmul"), "peak_mb": None if peak is None else peak / 1e6})
+                     "of_read": r.get("fraction_of_read"), "of_matmul": r.get("fraction_of_matmul"),
+                     "peak_mb": None if peak is None else peak / 1e6})
     return rows
+
+
+def default_dtype(device):
+    """The dtype of results that do not name one: every benchmark ran in fp32 on CPU and bf16 on GPU until bf16 ran
+    on CPU too."""
+    return "bf16" if device == "cuda" else "fp32"
 
 
 def read_history(device):
     with open(HISTORY, newline="") as f:
-        return [{key: (value if key in ("date", "device", "op", "impl") else float(value) if value else None)
+        rows = [{key: (value if key in ("date", "device", "op", "impl", "dtype") else float(value) if value else None)
                  for key, value in row.items()} for row in csv.DictReader(f) if row["device"] == device]
+    for row in rows:
+        row["dtype"] = row.get("dtype") or default_dtype(device)
+    return rows
 
 
 def pick(rows, op, impl):
@@ -140,7 +206,20 @@ def memory(mine, theirs):
     return mine["peak_mb"] / theirs["peak_mb"]
 
 
-def cpu_figures(latest, history):
+def ceiling_of(rows):
+    """'N% of the read bandwidth' (or of the copy bandwidth, in results from before the read bandwidth was
+    measured)."""
+    reads = [r["of_read"] for r in rows if r.get("of_read") is not None]
+    if reads:
+        return span(reads, "{:.0%}") + " of the read bandwidth"
+    return span([r["of_copy"] for r in rows], "{:.0%}") + " of the copy bandwidth"
+
+
+def cpu_figures(report, history):
+    """The page's figures: the fp32 rows of the newest CPU run and of the history (the readings on CPU are about
+    fp32; bf16 results are in the table)."""
+    latest = [r for r in rows_of_report(report) if r["dtype"] == "fp32"]
+    history = [r for r in history if r["dtype"] == "fp32"]
     every = latest + history
     ratio = "{:.2f}x"
     norms = r"(rms_norm|rms_norm\+residual|rotary q\+k)"
@@ -150,6 +229,7 @@ def cpu_figures(latest, history):
     step = r"training step 2x2x512"
     patched = r"llama (training step|forward\+backward) "
     return {
+        "machine": machine_of(report)["description"],
         "norm_fwd": span([r["vs_baseline"] for r in pick(latest, norm_fwd, "aquila cpu")], ratio),
         "norm_fwd_copy": span([r["of_copy"] for r in pick(latest, norm_fwd, "aquila cpu")], "{:.0%}"),
         "norm_fwd_compile": span(paired(latest, norm_fwd, "aquila cpu", "torch.compile", faster), ratio),
@@ -184,7 +264,7 @@ def cpu_figures(latest, history):
         "generation_1_transformers_ms": span([r["ms"] for r in pick(every, generation_1, "transformers generate")],
                                              "{:.0f}"),
         "generation_1_aquila_ms": span([r["ms"] for r in pick(every, generation_1, "aquila")], "{:.0f}"),
-        "generation_1_copy": span([r["of_copy"] for r in pick(every, generation_1, "aquila")], "{:.0%}"),
+        "generation_1_ceiling": ceiling_of(pick(every, generation_1, "aquila")),
         "generation_8": span([r["vs_baseline"] for r in pick(every, generation_8, "aquila")], ratio),
         "patch_step": span([r["vs_baseline"] for r in pick(every, r"llama training step ", "transformers + aquila")],
                            ratio),
@@ -219,7 +299,7 @@ def page():
                         f"chart: [`{chart}`]({chart}).\n\n{render(report)}")
         charts[os.path.join(HERE, chart)] = chart_svg(report)
         if kind == "cpu":
-            figures = cpu_figures(rows_of_report(report), read_history("cpu"))
+            figures = cpu_figures(report, read_history("cpu"))
     with open(TEMPLATE, encoding="utf-8") as f:
         template = f.read()
     return template.format_map({"results": "\n\n".join(sections), **figures}), charts

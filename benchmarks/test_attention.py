@@ -2,7 +2,8 @@
 transformers' "eager" attention does), torch.compile of it, and torch's scaled_dot_product_attention (on GPU its flash
 backend; the baseline of the ratios) in the same run, forward and forward+backward, in TFLOP/s (4 B H N^2 D, halved
 when causal, x2.5 for the backward) and as a fraction of the machine's measured matmul rate; and generation against a
-KV cache, in bytes of cache read per second as a fraction of the measured copy bandwidth.
+KV cache, in bytes of cache read per second as a fraction of the measured read bandwidth. Each runs in fp32 and bf16 on
+CPU, in bf16 on GPU, every contender in the same precision.
 """
 
 import pytest
@@ -55,7 +56,7 @@ IMPLS = ["torch eager", "torch.compile", "torch sdpa", "aquila cpu", "aquila tri
 @pytest.mark.parametrize("seq", [1024, 2048])
 @pytest.mark.parametrize("causal", [False, True], ids=["full", "causal"])
 @pytest.mark.parametrize("backward", [False, True], ids=["fwd", "fwd+bwd"])
-def test_attention(measure, device, quick, impl, seq, causal, backward):
+def test_attention(measure, device, quick, dtype, dtype_name, impl, seq, causal, backward):
     fn = implementations(device).get(impl)
     if fn is None:
         pytest.skip(f"{impl} does not run on {device}")
@@ -63,7 +64,6 @@ def test_attention(measure, device, quick, impl, seq, causal, backward):
         pytest.skip("quick mode runs one size")
     batch, heads, head_dim = (4, 32, 128) if device == "cuda" else (1, 8, 128)
     seq = 128 if quick else (seq * 2 if device == "cuda" else seq)  # GPU: 2048 and 4096
-    dtype = torch.bfloat16 if device == "cuda" else torch.float32
     q, k, v = (torch.randn(batch, seq, heads, head_dim, device=device, dtype=dtype, requires_grad=backward)
                for _ in range(3))
     grad = torch.randn_like(q)
@@ -76,16 +76,15 @@ def test_attention(measure, device, quick, impl, seq, causal, backward):
 
     flops = 4 * batch * heads * seq * seq * head_dim * (0.5 if causal else 1.0) * (3.5 if backward else 1.0)
     label = (f"attention {'causal' if causal else 'full'} {'fwd+bwd' if backward else 'fwd'} "
-             f"{batch}x{heads}x{seq}x{head_dim}")
-    measure(label, impl, step, flops=flops, memory=True, rounds=5)
+             f"{batch}x{heads}x{seq}x{head_dim}, {dtype_name}")
+    measure(label, impl, step, flops=flops, memory=True, rounds=5, dtype=dtype)
 
 
 @pytest.mark.parametrize("impl", ["torch eager", "torch.compile", "torch sdpa", "aquila"])
-def test_decode_attention(measure, device, quick, impl):
+def test_decode_attention(measure, device, quick, dtype, dtype_name, impl):
     """One new token per sequence against a 4096-token cache, 16 sequences (GQA 4:1 on CPU to keep it short)."""
     batch, cache, heads_q, heads_k, head_dim = (2, 256, 8, 2, 128) if quick else (
         (16, 4096, 32, 8, 128) if device == "cuda" else (16, 4096, 8, 2, 128))
-    dtype = torch.bfloat16 if device == "cuda" else torch.float32
     q = torch.randn(batch, 1, heads_q, head_dim, device=device, dtype=dtype)
     k_cache, v_cache = (torch.randn(batch, cache, heads_k, head_dim, device=device, dtype=dtype) for _ in range(2))
     lengths = torch.full((batch,), cache, dtype=torch.int32, device=device)
@@ -98,5 +97,6 @@ def test_decode_attention(measure, device, quick, impl):
     else:
         fn = eager_attention if impl == "torch eager" else compiled_attention
         step = lambda: fn(q, k_cache, v_cache, False)
-    moved = 2 * k_cache.numel() * k_cache.element_size()
-    measure(f"decode attention {batch}x{cache} cache, heads {heads_q}/{heads_k}", impl, step, moved, rounds=15)
+    moved = 2 * k_cache.numel() * k_cache.element_size()  # the cache's keys and values, read once
+    measure(f"decode attention {batch}x{cache} cache, heads {heads_q}/{heads_k}, {dtype_name}", impl, step, moved,
+            rounds=15, dtype=dtype, reads_only=True)

@@ -2,6 +2,7 @@
 #include <vector>
 
 #include "bind.h"
+#include "cpu/common.h"
 
 namespace {
 
@@ -20,7 +21,8 @@ aquila::DecodeStep read_decode_step(aquila::Fields& f, std::vector<aquila::Decod
           f.i64("vocab"), f.i64("max_len"), static_cast<int64_t>(layers.size()), static_cast<float>(f.f64("eps")),
           f.f64("theta"), f.flag("interleaved"), f.ptr<const float>("embeddings"), f.ptr<const float>("final_norm"),
           f.ptr<const float>("output"), layers.data(), f.ptr<const int64_t>("tokens"),
-          f.ptr<const int32_t>("lengths"), f.ptr<float>("logits"), f.ptr<float>("workspace")};
+          f.ptr<const int32_t>("lengths"), f.ptr<float>("logits"), f.ptr<float>("workspace"),
+          f.i64("prefetch_bytes")};
 }
 
 }  // namespace
@@ -45,4 +47,13 @@ PYBIND11_MODULE(_C, m) {
         cpu::decode_step(args, threads);
       },
       pybind11::arg("args"), pybind11::arg("threads"));
+  m.def(
+      "cpu_isa",
+      [] {
+        const cpu::SimdLevel level = cpu::simd_level();
+        return level == cpu::SimdLevel::avx512 ? "avx512" : level == cpu::SimdLevel::avx2 ? "avx2" : "baseline";
+      },
+      "The ISA path the attention and decoding kernels take in this process: avx512 (x86-64-v4), avx2 (x86-64-v3) "
+      "or baseline, chosen once from the CPU and capped by AQUILA_CPU_ISA. (The norms, rotary and cross-entropy are "
+      "target_clones, whose clone the loader picks from the CPU alone.)");
 }

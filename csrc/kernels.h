@@ -141,7 +141,8 @@ struct DecodeLayer {
 
 // logits[b] of the token tokens[b] placed at position lengths[b] of sequence b (its filled cache length, which the
 // caller then advances). workspace: batch * (3 dim + 2 heads head_dim + 2 kv_heads head_dim + 2 hidden_dim +
-// heads * max_len) floats.
+// heads * max_len) floats. prefetch_bytes: how far ahead of its reads a projection prefetches its weights (0: not at
+// all); the best distance depends on the host, so the caller chooses it.
 struct DecodeStep {
   int64_t batch, dim, heads, kv_heads, head_dim, hidden_dim, vocab, max_len, n_layers;
   float eps;
@@ -155,6 +156,7 @@ struct DecodeStep {
   const int32_t* lengths;
   float* logits;
   float* workspace;
+  int64_t prefetch_bytes;
 };
 
 namespace cpu {

@@ -12,24 +12,24 @@
 namespace aquila::cpu {
 namespace {
 
-// How far ahead of the rows it reads a projection asks for the weights. The hardware prefetchers alone fall behind a
-// loop that consumes a cache line every cycle or two: without this the output projection of aquila-100m (154 MB)
-// took 6.8 ms instead of 5.0 on the 2-core Xeon this was tuned on, where 2, 8 and 32 KB all did about as well.
-constexpr int64_t kPrefetchBytes = 8192;
-
 // x . row over `cols` floats, in A vector accumulators (A independent FMA chains: one would expose the FMA latency,
 // 24 dependent FMAs for a 384-long row, which at batch 8 makes the step compute-bound) while the row streams through
-// in order. Reading past the end of w is harmless: a prefetch never faults.
+// in order. It also asks for the row's lines `prefetch` bytes ahead of those it reads (0: no prefetch): the hardware
+// prefetchers alone can fall behind a loop that consumes a cache line every cycle or two, and the distance that pays
+// differs from CPU to CPU, so the caller chooses it (aquila/model/native_decode.py tunes it once per host). Reading
+// past the end of w is harmless: a prefetch never faults.
 template <int W, int A>
-AQUILA_INLINE float dot(const float* __restrict row, int64_t cols, const float* __restrict x) {
+AQUILA_INLINE float dot(const float* __restrict row, int64_t cols, const float* __restrict x, int64_t prefetch) {
   using V = typename Lanes<W>::type;
   V acc[A];
 #pragma GCC unroll 16
   for (int a = 0; a < A; ++a) acc[a] = V{};
   int64_t j = 0;
   for (; j + A * W <= cols; j += A * W) {
-    const char* ahead = reinterpret_cast<const char*>(row + j) + kPrefetchBytes;
-    for (int line = 0; line < A * W * 4; line += 64) __builtin_prefetch(ahead + line, 0, 3);
+    if (prefetch > 0) {
+      const char* ahead = reinterpret_cast<const char*>(row + j) + prefetch;
+      for (int line = 0; line < A * W * 4; line += 64) __builtin_prefetch(ahead + line, 0, 3);
+    }
 #pragma GCC unroll 16
     for (int a = 0; a < A; ++a) {
       V wv, xv;
@@ -63,10 +63,12 @@ AQUILA_INLINE float dot(const float* __restrict row, int64_t cols, const float* 
 // once for the whole batch: a row stays in L1 while every input uses it).
 template <int W, int A>
 AQUILA_INLINE void project(const float* __restrict w, int64_t rows, int64_t cols, const float* __restrict in,
-                           int64_t in_stride, float* __restrict out, int64_t out_stride, int64_t batch) {
+                           int64_t in_stride, float* __restrict out, int64_t out_stride, int64_t batch,
+                           int64_t prefetch) {
 #pragma omp for schedule(static)
   for (int64_t r = 0; r < rows; ++r) {
-    for (int64_t b = 0; b < batch; ++b) out[b * out_stride + r] = dot<W, A>(w + r * cols, cols, in + b * in_stride);
+    for (int64_t b = 0; b < batch; ++b)
+      out[b * out_stride + r] = dot<W, A>(w + r * cols, cols, in + b * in_stride, prefetch);
   }
 }
 
@@ -138,9 +140,9 @@ AQUILA_INLINE void decode_in_team(const DecodeStep& a, const float* cos_sin) {
 #pragma omp for schedule(static)
     for (int64_t b = 0; b < B; ++b)
       add_and_norm(x + b * dim, residual + b * dim, normed + b * dim, w.attention_norm, dim, a.eps, l == 0);
-    project<W, A>(w.wq, H * D, dim, normed, dim, q, H * D, B);
-    project<W, A>(w.wk, KV * D, dim, normed, dim, k, KV * D, B);
-    project<W, A>(w.wv, KV * D, dim, normed, dim, v, KV * D, B);
+    project<W, A>(w.wq, H * D, dim, normed, dim, q, H * D, B, a.prefetch_bytes);
+    project<W, A>(w.wk, KV * D, dim, normed, dim, k, KV * D, B, a.prefetch_bytes);
+    project<W, A>(w.wv, KV * D, dim, normed, dim, v, KV * D, B, a.prefetch_bytes);
 #pragma omp for schedule(static)
     for (int64_t b = 0; b < B; ++b) {
       const float* c = &cos_sin[(b * 2) * half];
@@ -185,20 +187,20 @@ AQUILA_INLINE void decode_in_team(const DecodeStep& a, const float* cos_sin) {
         for (int64_t d = 0; d < D; ++d) out[d] += weight * value[d];
       }
     }
-    project<W, A>(w.wo, dim, H * D, attended, H * D, x, dim, B);
+    project<W, A>(w.wo, dim, H * D, attended, H * D, x, dim, B, a.prefetch_bytes);
 #pragma omp for schedule(static)
     for (int64_t b = 0; b < B; ++b)
       add_and_norm(x + b * dim, residual + b * dim, normed + b * dim, w.ffn_norm, dim, a.eps, false);
-    project<W, A>(w.w1, F, dim, normed, dim, gate, F, B);
-    project<W, A>(w.w3, F, dim, normed, dim, up, F, B);
+    project<W, A>(w.w1, F, dim, normed, dim, gate, F, B, a.prefetch_bytes);
+    project<W, A>(w.w3, F, dim, normed, dim, up, F, B, a.prefetch_bytes);
 #pragma omp for schedule(static)
     for (int64_t i = 0; i < B * F; ++i) gate[i] = gate[i] / (1.0f + std::exp(-gate[i])) * up[i];
-    project<W, A>(w.w2, dim, F, gate, F, x, dim, B);
+    project<W, A>(w.w2, dim, F, gate, F, x, dim, B, a.prefetch_bytes);
   }
 #pragma omp for schedule(static)
   for (int64_t b = 0; b < B; ++b)
     add_and_norm(x + b * dim, residual + b * dim, normed + b * dim, a.final_norm, dim, a.eps, a.n_layers == 0);
-  project<W, A>(a.output, a.vocab, dim, normed, dim, a.logits, a.vocab, B);
+  project<W, A>(a.output, a.vocab, dim, normed, dim, a.logits, a.vocab, B, a.prefetch_bytes);
 }
 
 // One body per ISA (the projections' vector width and accumulators), chosen at run time.
@@ -217,6 +219,10 @@ void decode_step(const DecodeStep& args, int threads) {
                                   std::to_string(args.tokens[b]) + ", outside the vocabulary [0, " +
                                   std::to_string(args.vocab) + ")");
     }
+  }
+  if (args.prefetch_bytes < 0) {
+    throw std::invalid_argument("aquila decode_step: prefetch_bytes is " + std::to_string(args.prefetch_bytes) +
+                                ", must be >= 0");
   }
   const SimdLevel level = simd_level();
   auto* step = level == SimdLevel::avx512 ? decode_avx512 : level == SimdLevel::avx2 ? decode_avx2 : decode_baseline;

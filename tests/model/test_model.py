@@ -1,4 +1,5 @@
 import dataclasses
+import json
 import os
 import subprocess
 import sys
@@ -153,6 +154,114 @@ def test_native_decoding_step_on_narrower_isas(isa):
     result = subprocess.run([sys.executable, "-m", "pytest", "-q", "-p", "no:cacheprovider", test],
                             env={**os.environ, "AQUILA_CPU_ISA": isa}, capture_output=True, text=True, timeout=300)
     assert result.returncode == 0 and "3 passed" in result.stdout, result.stdout + result.stderr
+
+
+@pytest.mark.parametrize("config", [TINY, ODD], ids=["gqa", "odd-widths"])
+def test_every_prefetch_distance_gives_the_same_logits(config):
+    """A prefetch only moves data into cache: each distance (none, the candidates, one past every row's end) gives
+    bit-identical logits and caches."""
+    from aquila.model.model import KVCache
+
+    torch.manual_seed(0)
+    model = Aquila(config).eval()
+    tokens = torch.randint(0, config.vocab_size, (2, 4))
+    outcomes = []
+    for distance in (0, *native_decode.PREFETCH_CANDIDATES, 1 << 20):
+        cache = KVCache(config, batch=2, max_len=8)
+        step = native_decode.decoder(model, cache, prefetch_bytes=distance)
+        assert step.prefetch == (distance, "argument")
+        outcomes.append((torch.cat([step(tokens[:, i:i + 1]) for i in range(4)], 1), cache.k, cache.v))
+    for logits, k, v in outcomes[1:]:
+        assert torch.equal(logits, outcomes[0][0]) and torch.equal(k, outcomes[0][1]) and torch.equal(v, outcomes[0][2])
+    with pytest.raises(ValueError, match="prefetch_bytes must be >= 0"):
+        native_decode.decoder(model, KVCache(config, batch=2, max_len=8), prefetch_bytes=-1)
+
+
+@pytest.fixture
+def tuning(monkeypatch, tmp_path):
+    """A fresh process's view of the prefetch choice: no choice made yet, the cache directory empty, the environment
+    variable unset, TINY's weights counted as larger than the CPU's cache (so that they are tuned), and a record of the
+    distance each C++ step gets."""
+    monkeypatch.setenv("AQUILA_CACHE_DIR", str(tmp_path))
+    monkeypatch.delenv(native_decode.PREFETCH_ENV, raising=False)
+    monkeypatch.setattr(native_decode, "_choices", {})
+    monkeypatch.setattr(native_decode, "last_level_cache_bytes", lambda: 0)
+    distances = []
+    run = native_decode._backend.cpu_extension.decode_step
+
+    def recording(arguments, threads):
+        distances.append(arguments["prefetch_bytes"])
+        return run(arguments, threads)
+
+    monkeypatch.setattr(native_decode._backend.cpu_extension, "decode_step", recording)
+    return tmp_path / native_decode.TUNING_FILE, distances
+
+
+def test_the_prefetch_distance_is_tuned_once_per_host_saved_and_used(tuning, monkeypatch):
+    from aquila.model.model import KVCache
+
+    path, distances = tuning
+    model = Aquila(TINY).eval()
+    step = model.decoder(KVCache(TINY, batch=1, max_len=8))
+    choice, source = step.prefetch
+    assert source == "tuned" and choice in native_decode.PREFETCH_CANDIDATES
+    # Each candidate warmed once, then timed TUNING_ROUNDS times.
+    assert sorted(set(distances)) == sorted(native_decode.PREFETCH_CANDIDATES)
+    assert len(distances) == len(native_decode.PREFETCH_CANDIDATES) * (1 + native_decode.TUNING_ROUNDS)
+    saved = json.loads(path.read_text())[native_decode.host_key()]
+    assert saved["prefetch_bytes"] == choice
+    assert set(saved["median_ms"]) == {str(c) for c in native_decode.PREFETCH_CANDIDATES}
+
+    distances.clear()
+    step(torch.ones(1, 1, dtype=torch.long))
+    assert distances == [choice]  # the step runs with the choice
+
+    # Another process reads the file instead of tuning: a saved choice other than the tuned one shows which is used.
+    other = next(c for c in native_decode.PREFETCH_CANDIDATES if c != choice)
+    path.write_text(json.dumps({native_decode.host_key(): {"prefetch_bytes": other}}))
+    monkeypatch.setattr(native_decode, "_choices", {})
+    distances.clear()
+    cache = KVCache(TINY, batch=1, max_len=8)
+    model.forward_with_cache(torch.ones(1, 1, dtype=torch.long), cache, last_only=True)
+    assert distances == [other]
+    assert model.decoder(cache).prefetch == (other, "cache file")
+
+
+@pytest.mark.parametrize("content", ["{not json", '{"other host": {"prefetch_bytes": 0}}', '{"HOST": {}}',
+                                     '{"HOST": {"prefetch_bytes": -5}}', "[]"])
+def test_an_unusable_tuning_file_is_tuned_again_and_rewritten(tuning, content):
+    from aquila.model.model import KVCache
+
+    path, _ = tuning
+    path.write_text(content.replace("HOST", native_decode.host_key()))
+    step = Aquila(TINY).eval().decoder(KVCache(TINY, batch=1, max_len=8))
+    assert step.prefetch[1] == "tuned"
+    assert json.loads(path.read_text())[native_decode.host_key()]["prefetch_bytes"] == step.prefetch[0]
+
+
+def test_the_environment_forces_a_prefetch_distance_and_nothing_is_tuned(tuning, monkeypatch):
+    from aquila.model.model import KVCache
+
+    path, distances = tuning
+    monkeypatch.setenv(native_decode.PREFETCH_ENV, "4096")
+    step = Aquila(TINY).eval().decoder(KVCache(TINY, batch=1, max_len=8))
+    assert step.prefetch == (4096, "env")
+    step(torch.ones(1, 1, dtype=torch.long))
+    assert distances == [4096] and not path.exists()
+    for bad in ("-1", "8k"):
+        monkeypatch.setenv(native_decode.PREFETCH_ENV, bad)
+        with pytest.raises(ValueError, match=f"PREFETCH must be a whole number of bytes >= 0, got '{bad}'"):
+            Aquila(TINY).eval().decoder(KVCache(TINY, batch=1, max_len=8))
+
+
+def test_weights_that_fit_in_the_cpu_cache_are_not_tuned(tuning, monkeypatch):
+    from aquila.model.model import KVCache
+
+    path, distances = tuning
+    model = Aquila(TINY).eval()
+    monkeypatch.setattr(native_decode, "last_level_cache_bytes", lambda: native_decode.weight_bytes_per_step(model))
+    step = model.decoder(KVCache(TINY, batch=1, max_len=8))
+    assert step.prefetch == (0, "fits in cache") and distances == [] and not path.exists()
 
 
 def test_native_decoding_step_rejects_token_ids_outside_the_vocabulary():
