@@ -7,9 +7,9 @@ of the 240 MB fp32 are the output projection), and a batch of 8 chat-length prom
 tokens), where transformers pads the batch, masks it, and grows its cache by concatenation every step while Aquila's
 cache is preallocated and each sequence attends to its own length only.
 
-How Aquila decodes differs by precision, and each record says which way it took (`decode_step`): on CPU in fp32 each
-step is one C++ call (csrc/cpu/decode.cpp), with its prefetch distance and where that came from; in bf16 the steps run
-the model's modules (the C++ step is fp32 only).
+Each record says which way Aquila decoded (`decode_step`): on CPU, in fp32 and in bf16, each step is one C++ call
+(csrc/cpu/decode.cpp), with its prefetch distance and where that came from; elsewhere the steps run the model's
+modules.
 
 `bytes` records the weights read per generated token at batch 1, so the summary shows the fraction of the measured
 read bandwidth that decoding reaches.

@@ -11,18 +11,16 @@ namespace {
 aquila::DecodeStep read_decode_step(aquila::Fields& f, std::vector<aquila::DecodeLayer>& layers) {
   for (const auto& item : f.list("layers")) {
     aquila::Fields layer = f.nested(item);
-    layers.push_back({layer.ptr<const float>("attention_norm"), layer.ptr<const float>("wq"),
-                      layer.ptr<const float>("wk"), layer.ptr<const float>("wv"), layer.ptr<const float>("wo"),
-                      layer.ptr<const float>("ffn_norm"), layer.ptr<const float>("w1"), layer.ptr<const float>("w2"),
-                      layer.ptr<const float>("w3"), layer.ptr<float>("k_cache"), layer.ptr<float>("v_cache")});
+    layers.push_back({layer.ptr("attention_norm"), layer.ptr("wq"), layer.ptr("wk"), layer.ptr("wv"), layer.ptr("wo"),
+                      layer.ptr("ffn_norm"), layer.ptr("w1"), layer.ptr("w2"), layer.ptr("w3"),
+                      layer.ptr("k_cache"), layer.ptr("v_cache")});
     layer.done();
   }
   return {f.i64("batch"), f.i64("dim"), f.i64("heads"), f.i64("kv_heads"), f.i64("head_dim"), f.i64("hidden_dim"),
           f.i64("vocab"), f.i64("max_len"), static_cast<int64_t>(layers.size()), static_cast<float>(f.f64("eps")),
-          f.f64("theta"), f.flag("interleaved"), f.ptr<const float>("embeddings"), f.ptr<const float>("final_norm"),
-          f.ptr<const float>("output"), layers.data(), f.ptr<const int64_t>("tokens"),
-          f.ptr<const int32_t>("lengths"), f.ptr<float>("logits"), f.ptr<float>("workspace"),
-          f.i64("prefetch_bytes")};
+          f.f64("theta"), f.flag("interleaved"), f.ptr("embeddings"), f.ptr("final_norm"), f.ptr("output"),
+          layers.data(), f.ptr<const int64_t>("tokens"), f.ptr<const int32_t>("lengths"), f.ptr<float>("logits"),
+          f.ptr<float>("workspace"), f.i64("prefetch_bytes"), f.dtype()};
 }
 
 }  // namespace

@@ -123,20 +123,21 @@ struct AttentionBackward {
   DType dtype;
 };
 
-// One decoding step of a whole Aquila model, fp32, one new token per sequence (CPU): the weights of a layer, as the
-// model holds them ([out, in] row-major), and its cache [batch, max_len, kv_heads, head_dim].
+// One decoding step of a whole Aquila model with fp32 or bf16 weights, one new token per sequence (CPU): the weights
+// of a layer, as the model holds them ([out, in] row-major), and its cache [batch, max_len, kv_heads, head_dim], all
+// in the step's dtype; the activations stay fp32 between the layers.
 struct DecodeLayer {
-  const float* attention_norm;
-  const float* wq;
-  const float* wk;
-  const float* wv;
-  const float* wo;
-  const float* ffn_norm;
-  const float* w1;  // gate
-  const float* w2;  // down
-  const float* w3;  // up
-  float* k_cache;
-  float* v_cache;
+  const void* attention_norm;
+  const void* wq;
+  const void* wk;
+  const void* wv;
+  const void* wo;
+  const void* ffn_norm;
+  const void* w1;  // gate
+  const void* w2;  // down
+  const void* w3;  // up
+  void* k_cache;
+  void* v_cache;
 };
 
 // logits[b] of the token tokens[b] placed at position lengths[b] of sequence b (its filled cache length, which the
@@ -148,15 +149,16 @@ struct DecodeStep {
   float eps;
   double theta;
   bool interleaved;
-  const float* embeddings;
-  const float* final_norm;
-  const float* output;
+  const void* embeddings;
+  const void* final_norm;
+  const void* output;
   const DecodeLayer* layers;
   const int64_t* tokens;
   const int32_t* lengths;
   float* logits;
   float* workspace;
   int64_t prefetch_bytes;
+  DType dtype;  // of every weight and the cache: f32 or bf16 (activations, logits and workspace are fp32)
 };
 
 namespace cpu {

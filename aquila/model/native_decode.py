@@ -2,8 +2,9 @@
 choice of its one host-dependent setting.
 
 At batch 1 a decoding step reads every weight once and does little else, so the Python and dispatch overhead of ~200
-op calls would otherwise cost a third of its time. The kernel runs where it can: CPU, fp32 weights and cache, the CPU
-kernels chosen (not the reference), everything contiguous.
+op calls would otherwise cost a third of its time. The kernel runs where it can: CPU, fp32 or bf16 weights and cache
+(all of one dtype; the activations stay fp32 inside the step), the CPU kernels chosen (not the reference), everything
+contiguous.
 
 The step's projections prefetch their weights some distance ahead of their reads. The distance that pays depends on
 the CPU (a distance tuned on one host ran a step at a fraction of its speed on another), so it is chosen per host:
@@ -39,6 +40,10 @@ TUNING_ROUNDS = 5  # timed steps per candidate, taken in turns so that a load th
 
 # This process's choice for models that stream their weights: {host key: (bytes, where it came from)}.
 _choices: dict = {}
+
+
+# The weight and cache dtypes the C++ step takes.
+STEP_DTYPES = (torch.float32, torch.bfloat16)
 
 
 def workspace_floats(config, batch: int, max_len: int) -> int:
@@ -176,7 +181,7 @@ def _arguments(model, caches, lengths, batch, max_len, workspace):
             "hidden_dim": c.hidden_dim, "vocab": c.vocab_size, "max_len": max_len, "eps": c.norm_eps,
             "theta": c.rope_theta, "interleaved": c.rope_interleaved,
             "embeddings": model.tok_embeddings.weight.data_ptr(), "final_norm": model.norm.weight.data_ptr(),
-            "output": model.output.weight.data_ptr(),
+            "output": model.output.weight.data_ptr(), "dtype": _backend.DTYPE_CODES[model.output.weight.dtype],
             "lengths": lengths.data_ptr(), "workspace": workspace.data_ptr(),
             "layers": [{name: t.data_ptr() for name, t in layer.items()} for layer in layers]}
 
@@ -191,7 +196,9 @@ def _scratch_runner(model) -> Callable[[int], None]:
     """run(prefetch_bytes): one step of `model` at batch 1 on a one-position cache of its own (its length stays 0), so
     that tuning leaves the caller's cache alone."""
     c = model.config
-    caches = [(torch.zeros(1, 1, c.kv_heads, c.head_dim), torch.zeros(1, 1, c.kv_heads, c.head_dim))
+    dtype = model.output.weight.dtype
+    caches = [(torch.zeros(1, 1, c.kv_heads, c.head_dim, dtype=dtype), torch.zeros(1, 1, c.kv_heads, c.head_dim,
+                                                                                  dtype=dtype))
               for _ in model.layers]
     lengths = torch.zeros(1, dtype=torch.int32)
     workspace = torch.empty(workspace_floats(c, 1, 1))
@@ -217,7 +224,9 @@ def decoder(model, cache, prefetch_bytes: Optional[int] = None) -> Optional[Call
     caches = [(cache.k[index], cache.v[index]) for index in range(len(model.layers))]
     tensors = [t for layer, (k, v) in zip(model.layers, caches) for t in _layer_tensors(layer, k, v).values()]
     tensors += [model.tok_embeddings.weight, model.norm.weight, model.output.weight]
-    if not all(t.dtype == torch.float32 and t.device.type == "cpu" and t.is_contiguous() for t in tensors):
+    dtype = model.output.weight.dtype
+    if dtype not in STEP_DTYPES or not all(
+            t.dtype == dtype and t.device.type == "cpu" and t.is_contiguous() for t in tensors):
         return None
     if prefetch_bytes is not None and prefetch_bytes < 0:
         raise ValueError(f"Aquila: prefetch_bytes must be >= 0, got {prefetch_bytes}")

@@ -1,6 +1,6 @@
-// A whole decoding step of the model in one call (CPU, fp32): embeddings, every block (RMSNorm with the residual
-// add, q/k/v projections, rotary, the cache write, attention over the cache, output projection, SwiGLU) and the
-// output projection, inside one OpenMP team. A decoding step at batch 1 reads every weight once and does little else,
+// A whole decoding step of the model in one call (CPU, fp32 or bf16 weights and cache, fp32 activations):
+// embeddings, every block (RMSNorm with the residual add, q/k/v projections, rotary, the cache write, attention over
+// the cache, output projection, SwiGLU) and the output projection, inside one OpenMP team. A decoding step at batch 1 reads every weight once and does little else,
 // so what it costs beyond the weight reads is overhead: here that is a barrier per stage instead of a Python call,
 // a tensor allocation and a dispatch per op.
 #include <algorithm>
@@ -18,8 +18,29 @@ namespace {
 // prefetchers alone can fall behind a loop that consumes a cache line every cycle or two, and the distance that pays
 // differs from CPU to CPU, so the caller chooses it (aquila/model/native_decode.py tunes it once per host). Reading
 // past the end of w is harmless: a prefetch never faults.
-template <int W, int A>
-AQUILA_INLINE float dot(const float* __restrict row, int64_t cols, const float* __restrict x, int64_t prefetch) {
+// W weights from memory as W fp32 lanes: fp32 as they are, bf16 widened (its bits are fp32's upper half).
+template <typename V>
+AQUILA_INLINE void load_weights(V& v, const float* p) {
+  load(v, p);
+}
+
+template <int W>
+struct Bf16Lanes {
+  typedef uint16_t halves __attribute__((vector_size(2 * W)));
+  typedef uint32_t words __attribute__((vector_size(4 * W)));
+};
+
+template <typename V>
+AQUILA_INLINE void load_weights(V& v, const bf16* p) {
+  using Lanes16 = Bf16Lanes<sizeof(V) / sizeof(float)>;
+  typename Lanes16::halves halves;
+  std::memcpy(&halves, p, sizeof halves);
+  const typename Lanes16::words words = __builtin_convertvector(halves, typename Lanes16::words) << 16;
+  std::memcpy(&v, &words, sizeof v);
+}
+
+template <int W, int A, typename T>
+AQUILA_INLINE float dot(const T* __restrict row, int64_t cols, const float* __restrict x, int64_t prefetch) {
   using V = typename Lanes<W>::type;
   V acc[A];
 #pragma GCC unroll 16
@@ -28,19 +49,21 @@ AQUILA_INLINE float dot(const float* __restrict row, int64_t cols, const float* 
   for (; j + A * W <= cols; j += A * W) {
     if (prefetch > 0) {
       const char* ahead = reinterpret_cast<const char*>(row + j) + prefetch;
-      for (int line = 0; line < A * W * 4; line += 64) __builtin_prefetch(ahead + line, 0, 3);
+      for (int line = 0; line < A * W * static_cast<int>(sizeof(T)); line += 64) {
+        __builtin_prefetch(ahead + line, 0, 3);
+      }
     }
 #pragma GCC unroll 16
     for (int a = 0; a < A; ++a) {
       V wv, xv;
-      load(wv, row + j + a * W);
+      load_weights(wv, row + j + a * W);
       load(xv, x + j + a * W);
       acc[a] += wv * xv;
     }
   }
   for (; j + W <= cols; j += W) {
     V wv, xv;
-    load(wv, row + j);
+    load_weights(wv, row + j);
     load(xv, x + j);
     acc[0] += wv * xv;
   }
@@ -55,26 +78,27 @@ AQUILA_INLINE float dot(const float* __restrict row, int64_t cols, const float* 
     for (int lane = 0; lane < width; ++lane) lanes[lane] += lanes[lane + width];
   }
   float total = lanes[0];
-  for (; j < cols; ++j) total += row[j] * x[j];
+  for (; j < cols; ++j) total += to_float(row[j]) * x[j];
   return total;
 }
 
 // out[b * out_stride + r] = in[b] . w[r] for the rows r, split over the team (each thread streams its own rows of w,
 // once for the whole batch: a row stays in L1 while every input uses it).
-template <int W, int A>
-AQUILA_INLINE void project(const float* __restrict w, int64_t rows, int64_t cols, const float* __restrict in,
+template <int W, int A, typename T>
+AQUILA_INLINE void project(const T* __restrict w, int64_t rows, int64_t cols, const float* __restrict in,
                            int64_t in_stride, float* __restrict out, int64_t out_stride, int64_t batch,
                            int64_t prefetch) {
 #pragma omp for schedule(static)
   for (int64_t r = 0; r < rows; ++r) {
     for (int64_t b = 0; b < batch; ++b)
-      out[b * out_stride + r] = dot<W, A>(w + r * cols, cols, in + b * in_stride, prefetch);
+      out[b * out_stride + r] = dot<W, A, T>(w + r * cols, cols, in + b * in_stride, prefetch);
   }
 }
 
 // normed = (residual (+)= x) / rms * weight, over one token's features.
+template <typename T>
 AQUILA_INLINE void add_and_norm(const float* __restrict x, float* __restrict residual, float* __restrict normed,
-                                const float* __restrict weight, int64_t dim, float eps, bool first) {
+                                const T* __restrict weight, int64_t dim, float eps, bool first) {
   if (first) {
     for (int64_t j = 0; j < dim; ++j) residual[j] = x[j];
   } else {
@@ -82,7 +106,7 @@ AQUILA_INLINE void add_and_norm(const float* __restrict x, float* __restrict res
   }
   const double sum = sum_over(dim, [&](int64_t j) { return residual[j] * residual[j]; });
   const float inverse = 1.0f / std::sqrt(static_cast<float>(sum / dim) + eps);
-  for (int64_t j = 0; j < dim; ++j) normed[j] = residual[j] * inverse * weight[j];
+  for (int64_t j = 0; j < dim; ++j) normed[j] = residual[j] * inverse * to_float(weight[j]);
 }
 
 AQUILA_INLINE void rotate(float* __restrict x, const float* __restrict c, const float* __restrict s, int64_t half,
@@ -114,7 +138,7 @@ std::vector<float> rotations(const DecodeStep& a) {
 // The step, run by every thread of the team: the work of each stage is split with orphaned `omp for`s. It is not
 // itself the parallel region because GCC outlines a parallel region before inlining, into a function that would not
 // carry the caller's ISA attributes.
-template <int W, int A>
+template <int W, int A, typename T>
 AQUILA_INLINE void decode_in_team(const DecodeStep& a, const float* cos_sin) {
   const int64_t B = a.batch, dim = a.dim, H = a.heads, KV = a.kv_heads, D = a.head_dim, F = a.hidden_dim;
   const int64_t half = D / 2, group = H / KV;
@@ -132,17 +156,20 @@ AQUILA_INLINE void decode_in_team(const DecodeStep& a, const float* cos_sin) {
 
 #pragma omp for schedule(static)
   for (int64_t b = 0; b < B; ++b) {
-    const float* row = a.embeddings + a.tokens[b] * dim;
-    for (int64_t j = 0; j < dim; ++j) x[b * dim + j] = row[j];
+    const T* row = static_cast<const T*>(a.embeddings) + a.tokens[b] * dim;
+    for (int64_t j = 0; j < dim; ++j) x[b * dim + j] = to_float(row[j]);
   }
   for (int64_t l = 0; l < a.n_layers; ++l) {
     const DecodeLayer& w = a.layers[l];
+    const auto weights = [](const void* p) { return static_cast<const T*>(p); };
+    T* k_cache = static_cast<T*>(w.k_cache);
+    T* v_cache = static_cast<T*>(w.v_cache);
 #pragma omp for schedule(static)
     for (int64_t b = 0; b < B; ++b)
-      add_and_norm(x + b * dim, residual + b * dim, normed + b * dim, w.attention_norm, dim, a.eps, l == 0);
-    project<W, A>(w.wq, H * D, dim, normed, dim, q, H * D, B, a.prefetch_bytes);
-    project<W, A>(w.wk, KV * D, dim, normed, dim, k, KV * D, B, a.prefetch_bytes);
-    project<W, A>(w.wv, KV * D, dim, normed, dim, v, KV * D, B, a.prefetch_bytes);
+      add_and_norm(x + b * dim, residual + b * dim, normed + b * dim, weights(w.attention_norm), dim, a.eps, l == 0);
+    project<W, A, T>(weights(w.wq), H * D, dim, normed, dim, q, H * D, B, a.prefetch_bytes);
+    project<W, A, T>(weights(w.wk), KV * D, dim, normed, dim, k, KV * D, B, a.prefetch_bytes);
+    project<W, A, T>(weights(w.wv), KV * D, dim, normed, dim, v, KV * D, B, a.prefetch_bytes);
 #pragma omp for schedule(static)
     for (int64_t b = 0; b < B; ++b) {
       const float* c = &cos_sin[(b * 2) * half];
@@ -152,8 +179,8 @@ AQUILA_INLINE void decode_in_team(const DecodeStep& a, const float* cos_sin) {
       for (int64_t h = 0; h < KV; ++h) {
         rotate(k + (b * KV + h) * D, c, s, half, a.interleaved);
         for (int64_t d = 0; d < D; ++d) {
-          w.k_cache[slot + h * D + d] = k[(b * KV + h) * D + d];
-          w.v_cache[slot + h * D + d] = v[(b * KV + h) * D + d];
+          k_cache[slot + h * D + d] = from_float<T>(k[(b * KV + h) * D + d]);
+          v_cache[slot + h * D + d] = from_float<T>(v[(b * KV + h) * D + d]);
         }
       }
     }
@@ -162,14 +189,14 @@ AQUILA_INLINE void decode_in_team(const DecodeStep& a, const float* cos_sin) {
       const int64_t b = bh / H, kv_head = (bh % H) / group, keys = a.lengths[b] + 1;
       const float* query = q + bh * D;
       float* p = scores + bh * a.max_len;
-      const float* k_rows = w.k_cache + (b * a.max_len * KV + kv_head) * D;
-      const float* v_rows = w.v_cache + (b * a.max_len * KV + kv_head) * D;
+      const T* k_rows = k_cache + (b * a.max_len * KV + kv_head) * D;
+      const T* v_rows = v_cache + (b * a.max_len * KV + kv_head) * D;
       float best = -__builtin_inff();
       for (int64_t j = 0; j < keys; ++j) {
-        const float* key = k_rows + j * KV * D;
+        const T* key = k_rows + j * KV * D;
         float dot = 0.0f;
 #pragma omp simd reduction(+ : dot)
-        for (int64_t d = 0; d < D; ++d) dot += query[d] * key[d];
+        for (int64_t d = 0; d < D; ++d) dot += query[d] * to_float(key[d]);
         p[j] = dot * scale;
         best = p[j] > best ? p[j] : best;
       }
@@ -181,33 +208,53 @@ AQUILA_INLINE void decode_in_team(const DecodeStep& a, const float* cos_sin) {
       float* out = attended + bh * D;
       for (int64_t d = 0; d < D; ++d) out[d] = 0.0f;
       for (int64_t j = 0; j < keys; ++j) {
-        const float* value = v_rows + j * KV * D;
+        const T* value = v_rows + j * KV * D;
         const float weight = static_cast<float>(p[j] / total);
 #pragma omp simd
-        for (int64_t d = 0; d < D; ++d) out[d] += weight * value[d];
+        for (int64_t d = 0; d < D; ++d) out[d] += weight * to_float(value[d]);
       }
     }
-    project<W, A>(w.wo, dim, H * D, attended, H * D, x, dim, B, a.prefetch_bytes);
+    project<W, A, T>(weights(w.wo), dim, H * D, attended, H * D, x, dim, B, a.prefetch_bytes);
 #pragma omp for schedule(static)
     for (int64_t b = 0; b < B; ++b)
-      add_and_norm(x + b * dim, residual + b * dim, normed + b * dim, w.ffn_norm, dim, a.eps, false);
-    project<W, A>(w.w1, F, dim, normed, dim, gate, F, B, a.prefetch_bytes);
-    project<W, A>(w.w3, F, dim, normed, dim, up, F, B, a.prefetch_bytes);
+      add_and_norm(x + b * dim, residual + b * dim, normed + b * dim, weights(w.ffn_norm), dim, a.eps, false);
+    project<W, A, T>(weights(w.w1), F, dim, normed, dim, gate, F, B, a.prefetch_bytes);
+    project<W, A, T>(weights(w.w3), F, dim, normed, dim, up, F, B, a.prefetch_bytes);
 #pragma omp for schedule(static)
     for (int64_t i = 0; i < B * F; ++i) gate[i] = gate[i] / (1.0f + std::exp(-gate[i])) * up[i];
-    project<W, A>(w.w2, dim, F, gate, F, x, dim, B, a.prefetch_bytes);
+    project<W, A, T>(weights(w.w2), dim, F, gate, F, x, dim, B, a.prefetch_bytes);
   }
 #pragma omp for schedule(static)
   for (int64_t b = 0; b < B; ++b)
-    add_and_norm(x + b * dim, residual + b * dim, normed + b * dim, a.final_norm, dim, a.eps, a.n_layers == 0);
-  project<W, A>(a.output, a.vocab, dim, normed, dim, a.logits, a.vocab, B, a.prefetch_bytes);
+    add_and_norm(x + b * dim, residual + b * dim, normed + b * dim, static_cast<const T*>(a.final_norm), dim, a.eps,
+                 a.n_layers == 0);
+  project<W, A, T>(static_cast<const T*>(a.output), a.vocab, dim, normed, dim, a.logits, a.vocab, B,
+                   a.prefetch_bytes);
 }
 
-// One body per ISA (the projections' vector width and accumulators), chosen at run time.
-void decode_baseline(const DecodeStep& a, const float* cos_sin) { decode_in_team<4, 4>(a, cos_sin); }
-AQUILA_TARGET_AVX2 void decode_avx2(const DecodeStep& a, const float* cos_sin) { decode_in_team<8, 4>(a, cos_sin); }
+// One body per ISA (the projections' vector width and accumulators) and weight dtype, chosen at run time.
+template <typename T>
+void decode_baseline(const DecodeStep& a, const float* cos_sin) {
+  decode_in_team<4, 4, T>(a, cos_sin);
+}
+template <typename T>
+AQUILA_TARGET_AVX2 void decode_avx2(const DecodeStep& a, const float* cos_sin) {
+  decode_in_team<8, 4, T>(a, cos_sin);
+}
+template <typename T>
 AQUILA_TARGET_AVX512 void decode_avx512(const DecodeStep& a, const float* cos_sin) {
-  decode_in_team<16, 4>(a, cos_sin);
+  decode_in_team<16, 4, T>(a, cos_sin);
+}
+
+template <typename T>
+void run(const DecodeStep& a, int threads) {
+  const SimdLevel level = simd_level();
+  auto* step = level == SimdLevel::avx512 ? decode_avx512<T>
+               : level == SimdLevel::avx2 ? decode_avx2<T>
+                                           : decode_baseline<T>;
+  const std::vector<float> cos_sin = rotations(a);
+#pragma omp parallel num_threads(threads)
+  step(a, cos_sin.data());
 }
 
 }  // namespace
@@ -224,11 +271,13 @@ void decode_step(const DecodeStep& args, int threads) {
     throw std::invalid_argument("aquila decode_step: prefetch_bytes is " + std::to_string(args.prefetch_bytes) +
                                 ", must be >= 0");
   }
-  const SimdLevel level = simd_level();
-  auto* step = level == SimdLevel::avx512 ? decode_avx512 : level == SimdLevel::avx2 ? decode_avx2 : decode_baseline;
-  const std::vector<float> cos_sin = rotations(args);
-#pragma omp parallel num_threads(threads)
-  step(args, cos_sin.data());
+  if (args.dtype == DType::f32) {
+    run<float>(args, threads);
+  } else if (args.dtype == DType::bf16) {
+    run<bf16>(args, threads);
+  } else {
+    throw std::invalid_argument("aquila decode_step: takes fp32 or bf16 weights");
+  }
 }
 
 }  // namespace aquila::cpu

@@ -149,11 +149,12 @@ def test_native_decoding_step_matches_the_module_path(config):
 @pytest.mark.parametrize("isa", ["avx2", "baseline"])
 def test_native_decoding_step_on_narrower_isas(isa):
     """The decoding step is compiled once per ISA; this machine may run AVX-512, so force each narrower one in a
-    fresh process (the choice is made once per process) and rerun the comparison there."""
-    test = f"{__file__}::test_native_decoding_step_matches_the_module_path"
-    result = subprocess.run([sys.executable, "-m", "pytest", "-q", "-p", "no:cacheprovider", test],
+    fresh process (the choice is made once per process) and rerun the fp32 and bf16 comparisons there."""
+    tests = [f"{__file__}::{name}" for name in ("test_native_decoding_step_matches_the_module_path",
+                                               "test_the_native_step_decodes_bf16_weights_closer_to_fp32_than_the_bf16_modules")]
+    result = subprocess.run([sys.executable, "-m", "pytest", "-q", "-p", "no:cacheprovider", *tests],
                             env={**os.environ, "AQUILA_CPU_ISA": isa}, capture_output=True, text=True, timeout=300)
-    assert result.returncode == 0 and "3 passed" in result.stdout, result.stdout + result.stderr
+    assert result.returncode == 0 and "4 passed" in result.stdout, result.stdout + result.stderr
 
 
 @pytest.mark.parametrize("config", [TINY, ODD], ids=["gqa", "odd-widths"])
@@ -354,3 +355,31 @@ def test_the_model_trains_under_bf16_autocast_with_an_fp32_residual_stream(backe
     eps = torch.finfo(torch.bfloat16).eps
     assert abs(losses[1] - losses[0]) <= 4 * eps * losses[0], losses
     assert torch.nn.functional.cosine_similarity(grads[0], grads[1], dim=0) > 1 - 4 * eps
+
+
+def test_the_native_step_decodes_bf16_weights_closer_to_fp32_than_the_bf16_modules():
+    """bf16 weights and cache, fp32 activations: against the fp32 model on the same (bf16-valued) weights, the C++
+    step's logits are within the bf16 cache's rounding, closer than the bf16 modules' (which round every
+    activation), and its cache holds the same keys and values to bf16's rounding."""
+    torch.manual_seed(0)
+    bf16_model = Aquila(TINY).eval().to(torch.bfloat16)
+    exact = Aquila(TINY).eval()
+    exact.load_state_dict({name: t.float() for name, t in bf16_model.state_dict().items()})
+    from aquila.model.model import KVCache
+
+    native_cache, module_cache, exact_cache = (KVCache(TINY, 2, 12, dtype=dtype)
+                                                for dtype in (torch.bfloat16, torch.bfloat16, torch.float32))
+    step = bf16_model.decoder(native_cache)
+    assert native_decode.decoder(bf16_model, native_cache) is not None
+    tokens = torch.randint(0, TINY.vocab_size, (2, 1))
+    eps = torch.finfo(torch.bfloat16).eps
+    for _ in range(8):
+        native = step(tokens)
+        with torch.no_grad():
+            module = bf16_model.forward_with_cache(tokens, module_cache)  # last_only=False: the module path
+        expected = exact.forward_with_cache(tokens, exact_cache, last_only=True)
+        native_error, module_error = ((t.float() - expected).abs().max().item() for t in (native, module))
+        assert native.dtype == torch.float32 and native_error <= module_error
+        assert native_error <= 8 * eps * expected.abs().max().item()
+        tokens = expected.argmax(-1)
+    torch.testing.assert_close(native_cache.k.float(), exact_cache.k, rtol=eps, atol=eps)
