@@ -52,12 +52,67 @@ def test_native_arguments_are_read_by_name(extension, change, words):
         module.rms_norm_forward(fields, 1)
 
 
-def test_triton_kernels_compile_for_sm80_and_sm90():
-    """Every Triton configuration, compiled ahead of time for both targets, within their shared memory, with the
-    attention forward on tensor cores (wgmma at sm_90, mma at sm_80)."""
+def _compile_check(*arguments, timeout=600):
     pytest.importorskip("triton")
     env = {k: v for k, v in os.environ.items() if k != "TRITON_INTERPRET"}
-    result = subprocess.run([sys.executable, os.path.join(REPO, "tests", "kernels", "triton_compile_check.py")],
-                            env=env, capture_output=True, text=True, timeout=900)
+    env["PYTHONPATH"] = REPO + os.pathsep + env.get("PYTHONPATH", "")
+    return subprocess.run([sys.executable, os.path.join(REPO, "tests", "kernels", "triton_compile_check.py"),
+                           *arguments], env=env, capture_output=True, text=True, timeout=timeout)
+
+
+def test_triton_kernels_compile_for_sm80_and_sm90():
+    """Every Triton kernel as the launchers launch it (the CI set of cases), compiled for both targets under a
+    stand-in driver: within their shared memory as launched, no spill in 16-bit kernels, fp32 within its budget, the
+    attention forward on tensor cores (wgmma at sm_90, mma at sm_80). Under 5 minutes on 2 cores."""
+    result = _compile_check("--workers", "2")
     assert result.returncode == 0, result.stdout[-3000:] + result.stderr[-3000:]
-    assert "0 failed the checks" in result.stdout
+    assert " 0 failed the checks" in result.stdout
+
+
+def test_compile_check_fails_on_a_spill_and_on_too_much_shared_memory():
+    """The check catches what it is for: tests/kernels/bad_kernels.py has a kernel that spills and one that needs
+    more shared memory than an H100 gives a block, launched through their own launchers."""
+    result = _compile_check("--modules", "tests.kernels.bad_kernels", "--targets", "90", "--workers", "1")
+    assert result.returncode == 1, result.stdout[-3000:] + result.stderr[-3000:]
+    lines = result.stdout.splitlines()
+    assert any(line.startswith("_spilling_kernel") and "SPILLS" in line for line in lines), result.stdout
+    assert any(line.startswith("_shared_memory_kernel") and "shared memory" in line and "232448" in line
+               for line in lines), result.stdout
+    assert "2 failed the checks" in result.stdout
+
+
+GPU_WHEELS = os.path.join(REPO, "scripts", "gpu_wheels.txt")
+WHEEL_LIMIT = 50 * 1024 * 1024
+
+
+def _wheel_list():
+    with open(GPU_WHEELS) as f:
+        return [line.split() for line in f if line.strip() and not line.lstrip().startswith("#")]
+
+
+def test_gpu_wheels_are_pinned_explicit_and_within_50_mib():
+    """scripts/gpu_check.sh installs each wheel of scripts/gpu_wheels.txt with --no-deps: every one pinned, for
+    CPython 3.12 on manylinux x86_64 (or pure Python), with deepspeed's and pydantic's dependencies listed; the listed
+    sizes, and the files in .wheels/ where present, within 50 MiB."""
+    entries = _wheel_list()
+    names = {requirement.split("==")[0].lower() for requirement, *_ in entries}
+    assert all("==" in requirement for requirement, *_ in entries)
+    assert {"pybind11", "ninja", "setuptools", "deepspeed", "pydantic", "pydantic-core", "annotated-types",
+            "typing-inspection", "hjson", "msgpack", "py-cpuinfo", "psutil", "einops", "liger-kernel"} <= names
+    assert not names & {"torch", "triton"} and not any(n.startswith("nvidia") for n in names)
+    for _, _, wheel, *_ in entries:
+        assert wheel.endswith(".whl") and ("-py3-none-any" in wheel or "manylinux" in wheel and
+                                           ("cp312-cp312" in wheel or "abi3" in wheel or "py3-none" in wheel)), wheel
+    assert sum(int(size) for _, size, *_ in entries) <= WHEEL_LIMIT
+    shipped = [os.path.join(REPO, ".wheels", wheel) for _, _, wheel, *_ in entries]
+    assert sum(os.path.getsize(p) for p in shipped if os.path.exists(p)) <= WHEEL_LIMIT
+
+
+@pytest.mark.skipif(not shutil.which("bash"), reason="needs bash")
+def test_gpu_check_dry_run_prints_the_plan():
+    result = subprocess.run(["bash", os.path.join(REPO, "scripts", "gpu_check.sh"), "--dry-run"],
+                            capture_output=True, text=True, timeout=60)
+    assert result.returncode == 0, result.stdout + result.stderr
+    for words in ("tests and benchmarks", "compute-sanitizer --tool memcheck", "racecheck", "total listed",
+                  "limit 50 MiB", "deepspeed==0.19.8"):
+        assert words in result.stdout

@@ -203,20 +203,30 @@ def _block_dim(head_dim):
     return max(16, triton.next_power_of_2(head_dim))
 
 
-# (BLOCK_M, BLOCK_N, num_warps, num_stages) by (16-bit or fp32 inputs, head_dim up to 128 or 256). The compile
-# check (tests/kernels/triton_compile_check.py) holds each within A100's and H100's shared memory.
-_FORWARD_CONFIGS = {(2, 128): (128, 64, 8, 3), (2, 256): (64, 32, 8, 2), (4, 128): (64, 64, 8, 2),
-                    (4, 256): (32, 32, 4, 1)}
-_BACKWARD_CONFIGS = {(2, 128): (64, 64, 8, 2), (2, 256): (32, 32, 8, 1), (4, 128): (32, 64, 4, 1),
-                     (4, 256): (16, 32, 4, 1)}
+# (BLOCK_M, BLOCK_N, num_warps, num_stages) by (16-bit or fp32 inputs, head-dim class: head_dim up to 64, 128 or
+# 256). The launch-time compile check (tests/kernels/triton_compile_check.py) holds each within A100's and H100's shared
+# memory as launched, 16-bit ones without a spill and fp32 ones within its FP32_SPILL_BUDGET (128 bytes of spill
+# stores), at sm_80 and sm_90. fp32 dots are IEEE (no tensor cores): the FMA dot keeps a thread's share of both
+# operands in registers for the whole reduction, so fp32 takes small tiles over 8 warps (64x64 and 32x64 tiles over
+# 4-8 warps spilled 15-41 KB per thread at head dim 128). 16-bit at head dim 128: a 128x64 forward tile spilled at
+# sm_80 and a 64x64 dK/dV tile at both; at 256 a 32x32 dQ tile.
+_FORWARD_CONFIGS = {(2, 64): (128, 64, 8, 3), (2, 128): (128, 32, 8, 3), (2, 256): (64, 32, 8, 2),
+                    (4, 64): (64, 16, 8, 1), (4, 128): (32, 16, 8, 1), (4, 256): (16, 16, 8, 1)}
+_BACKWARD_CONFIGS = {(2, 64): (64, 64, 8, 2), (2, 128): (32, 64, 8, 2), (2, 256): (16, 32, 4, 1),
+                     (4, 64): (64, 32, 8, 1), (4, 128): (16, 16, 8, 1), (4, 256): (16, 16, 8, 1)}
+
+
+def _head_dim_class(head_dim):
+    block_d = _block_dim(head_dim)
+    return 64 if block_d <= 64 else block_d
 
 
 def _forward_config(head_dim, dtype):
-    return _FORWARD_CONFIGS[(dtype.itemsize, 128 if _block_dim(head_dim) <= 128 else 256)]
+    return _FORWARD_CONFIGS[(dtype.itemsize, _head_dim_class(head_dim))]
 
 
 def _backward_config(head_dim, dtype):
-    return _BACKWARD_CONFIGS[(dtype.itemsize, 128 if _block_dim(head_dim) <= 128 else 256)]
+    return _BACKWARD_CONFIGS[(dtype.itemsize, _head_dim_class(head_dim))]
 
 
 def _precision(dtype):
@@ -224,42 +234,34 @@ def _precision(dtype):
     return "ieee" if dtype == torch.float32 else "tf32"
 
 
-def compile_cases():
-    """Each Triton configuration the launchers below can pick, for the ahead-of-time compile check."""
-    cases = []
-    common = {"CAUSAL": "constexpr", "BLOCK_M": "constexpr", "BLOCK_N": "constexpr", "BLOCK_D": "constexpr",
-              "PRECISION": "constexpr"}
-    for dtype, torch_dtype in (("bf16", torch.bfloat16), ("fp16", torch.float16), ("fp32", torch.float32)):
-        for head_dim in (64, 80, 128, 256):
-            block_d = _block_dim(head_dim)
-            precision = _precision(torch_dtype)
-            tensors = lambda names, dtype=dtype: {name: f"*{dtype}" for name in names}
-            ints = lambda names: {name: "i32" for name in names}
-            sequences = {name: "*i32" for name in ("Q_START", "Q_LEN", "K_START", "K_LEN")}
-            m, n, warps, stages = _forward_config(head_dim, torch_dtype)
-            signature = {**tensors(["Q", "K", "V", "OUT"]), "LSE": "*fp32",
-                         **ints(["q_token_stride", "q_head_stride", "k_token_stride", "k_head_stride",
-                                 "v_token_stride", "v_head_stride", "out_token_stride", "out_head_stride"]),
-                         **sequences, **ints(["heads_q", "group", "head_dim"]), "scale_log2": "fp32", **common}
-            constexprs = {"CAUSAL": True, "BLOCK_M": m, "BLOCK_N": n, "BLOCK_D": block_d, "PRECISION": precision}
-            cases.append((_attention_forward_kernel, signature, constexprs, warps, stages))
-            m, n, warps, stages = _backward_config(head_dim, torch_dtype)
-            constexprs = {"CAUSAL": True, "BLOCK_M": m, "BLOCK_N": n, "BLOCK_D": block_d, "PRECISION": precision}
-            signature = {**tensors(["Q", "K", "V", "GRAD_OUT"]), "LSE": "*fp32", "DELTA": "*fp32",
-                         **tensors(["GRAD_K", "GRAD_V"]),
-                         **ints(["q_token_stride", "q_head_stride", "k_token_stride", "k_head_stride",
-                                 "v_token_stride", "v_head_stride", "do_token_stride", "do_head_stride",
-                                 "dk_token_stride", "dk_head_stride", "dv_token_stride", "dv_head_stride"]),
-                         **sequences, **ints(["heads_q", "heads_k", "group", "head_dim"]), "scale": "fp32", **common}
-            cases.append((_attention_backward_kv_kernel, signature, constexprs, warps, stages))
-            signature = {**tensors(["Q", "K", "V", "GRAD_OUT"]), "LSE": "*fp32", "DELTA": "*fp32",
-                         **tensors(["GRAD_Q"]),
-                         **ints(["q_token_stride", "q_head_stride", "k_token_stride", "k_head_stride",
-                                 "v_token_stride", "v_head_stride", "do_token_stride", "do_head_stride",
-                                 "dq_token_stride", "dq_head_stride"]),
-                         **sequences, **ints(["heads_q", "group", "head_dim"]), "scale": "fp32", **common}
-            cases.append((_attention_backward_q_kernel, signature, constexprs, warps, stages))
-    return cases
+# What the launch-time compile check (tests/kernels/triton_compile_check.py) drives the launchers over: every head-dim
+# class with head dims that are and are not multiples of 16 (Triton specialises on it), MHA, GQA and MQA (heads_k 1),
+# a single query head (strides and head counts equal to 1), causal or not, in each dtype.
+LAUNCH_HEAD_DIMS = (1, 8, 16, 24, 32, 40, 64, 72, 80, 128, 160, 256)
+LAUNCH_HEADS = ((4, 4), (8, 2), (4, 1), (1, 1))
+LAUNCH_DTYPES = (torch.bfloat16, torch.float16, torch.float32)
+
+
+def launch_cases(head_dims=LAUNCH_HEAD_DIMS, heads=LAUNCH_HEADS, dtypes=LAUNCH_DTYPES, causals=(True, False)):
+    """[(name, thunk)]: each thunk runs forward and backward below on small CPU tensors of one shape, dtype and
+    causality, as aquila.kernels.attention calls them ([tokens, heads, head_dim] with unit last stride)."""
+    from aquila.kernels.attention import Sequences
+
+    def case(dtype, head_dim, heads_q, heads_k, causal):
+        def run():
+            lengths = torch.tensor([5, 3], dtype=torch.int32)
+            starts = torch.tensor([0, 5], dtype=torch.int32)
+            seq = Sequences(starts, lengths, starts, lengths, 5, 5)
+            q, grad_out, out, grad_q = (torch.zeros(8, heads_q, head_dim, dtype=dtype) for _ in range(4))
+            k, v, grad_k, grad_v = (torch.zeros(8, heads_k, head_dim, dtype=dtype) for _ in range(4))
+            lse = torch.zeros(8, heads_q, dtype=torch.float32)
+            forward(q, k, v, seq, head_dim ** -0.5, causal, out, lse)
+            backward(grad_out, q, k, v, out, lse, seq, head_dim ** -0.5, causal, grad_q, grad_k, grad_v)
+        return f"attention {str(dtype)[6:]} d={head_dim} heads={heads_q}/{heads_k} causal={causal}", run
+
+    return [case(dtype, head_dim, heads_q, heads_k, causal) for dtype in dtypes for head_dim in head_dims
+            for heads_q, heads_k in heads for causal in causals]
+
 
 def forward(q, k, v, seq, scale, causal, out, lse):
     heads_q, head_dim = q.shape[1], q.shape[2]

@@ -3,6 +3,8 @@
 One program per row: an online-softmax pass for the loss, then, when asked, a second pass writing the gradient.
 """
 
+import torch
+
 from aquila.kernels.triton_compat import tl, triton
 
 
@@ -71,20 +73,26 @@ def _config(vocab):
     return min(triton.next_power_of_2(vocab), 4096), 8
 
 
-def compile_cases():
-    """Each Triton configuration the launcher below can pick, for the ahead-of-time compile check."""
-    cases = []
-    for dtype in ("fp32", "bf16"):
-        for vocab in (50, 100008):
-            block, num_warps = _config(vocab)
-            for grad, smoothing in ((False, False), (True, False), (True, True)):
-                signature = {"LOGITS": f"*{dtype}", "logits_row_stride": "i64", "TARGETS": "*i64", "LOSS": "*fp32",
-                             "LSE": "*fp32", "GRAD": f"*{dtype}", "grad_row_stride": "i64", "GRAD_SCALE": "*fp32",
-                             "vocab": "i32", "ignore_index": "i64", "label_smoothing": "fp32", "z_loss": "fp32",
-                             "COMPUTE_GRAD": "constexpr", "SMOOTHING": "constexpr", "BLOCK": "constexpr"}
-                constexprs = {"COMPUTE_GRAD": grad, "SMOOTHING": smoothing, "BLOCK": block}
-                cases.append((_cross_entropy_kernel, signature, constexprs, num_warps))
-    return cases
+# What the launch-time compile check drives the launcher over: vocabularies below, at and above the 4096 block
+# (blocks 64 to 4096), loss only, with the gradient (in place or not), with label smoothing, in each dtype.
+LAUNCH_VOCABS = (50, 1000, 4096, 32000, 100008)
+
+
+def launch_cases(vocabs=LAUNCH_VOCABS, dtypes=(torch.float32, torch.float16, torch.bfloat16)):
+    """[(name, thunk)]: each thunk runs row_losses below on small CPU tensors of one vocabulary and dtype, as
+    aquila.kernels.cross_entropy calls it: the loss alone, the gradient into its own tensor or into the logits, label
+    smoothing."""
+    def case(dtype, vocab):
+        def run():
+            logits = torch.zeros(2, vocab, dtype=dtype)
+            targets = torch.zeros(2, dtype=torch.int64)
+            grad_scale = torch.ones(1, dtype=torch.float32)
+            loss, lse = torch.zeros(2, dtype=torch.float32), torch.zeros(2, dtype=torch.float32)
+            for grad, smoothing in ((None, 0.0), (torch.zeros_like(logits), 0.0), (logits, 0.1)):
+                row_losses(logits, targets, grad_scale, grad, -100, smoothing, 1e-4, loss, lse)
+        return f"cross_entropy {str(dtype)[6:]} vocab={vocab}", run
+
+    return [case(dtype, vocab) for dtype in dtypes for vocab in vocabs]
 
 
 def row_losses(logits, targets, grad_scale, grad, ignore_index, label_smoothing, z_loss, loss, lse):

@@ -60,26 +60,32 @@ def _config(heads, half):
     return block_heads, block_half, 4
 
 
-def compile_cases():
-    """Each Triton configuration the launcher below can pick, for the ahead-of-time compile check: every shape with
-    each flag on and off (positions given or not, either pair layout, forward or inverse)."""
-    cases = []
-    flags = ((False, False, False), (True, False, True), (False, True, True), (True, True, False))
-    for dtype in ("fp32", "bf16"):
-        for heads, head_dim in ((32, 128), (8, 128), (1, 2), (40, 80), (16, 256)):
-            block_heads, block_half, num_warps = _config(heads, head_dim // 2)
-            for has_positions, interleaved, inverse in flags:
-                signature = {"X": f"*{dtype}", "x_stride_batch": "i32", "x_stride_seq": "i32", "x_stride_head": "i32",
-                             "OUT": f"*{dtype}", "out_stride_batch": "i32", "out_stride_seq": "i32",
-                             "out_stride_head": "i32", "POSITIONS": "*i64", "positions_stride_batch": "i32",
-                             "positions_stride_seq": "i32", "INV_FREQ": "*fp64", "TURN": "*fp64", "offset": "i32",
-                             "seq": "i32", "heads": "i32", "half": "i32", "HAS_POSITIONS": "constexpr",
-                             "INTERLEAVED": "constexpr", "INVERSE": "constexpr", "BLOCK_HEADS": "constexpr",
-                             "BLOCK_HALF": "constexpr"}
-                constexprs = {"HAS_POSITIONS": has_positions, "INTERLEAVED": interleaved, "INVERSE": inverse,
-                              "BLOCK_HEADS": block_heads, "BLOCK_HALF": block_half}
-                cases.append((_rotary_kernel, signature, constexprs, num_warps))
-    return cases
+# What the launch-time compile check drives the launcher over: each block shape (heads, head_dim), positions given
+# (int64 for one row, int32 per row) or not, either pair layout, forward and inverse, in each dtype.
+LAUNCH_SHAPES = ((32, 128), (8, 128), (1, 2), (40, 80), (16, 256), (4, 64))
+LAUNCH_POSITIONS = (None, "int64", "int32")
+
+
+def launch_cases(shapes=LAUNCH_SHAPES, positions_kinds=LAUNCH_POSITIONS,
+                 dtypes=(torch.float32, torch.float16, torch.bfloat16)):
+    """[(name, thunk)]: each thunk runs rotate below on a small CPU tensor [batch 2, seq 3, heads, head_dim] of one
+    shape, dtype and kind of positions, with each pair layout, forward and inverse, as aquila.kernels.rotary calls
+    it."""
+    def case(dtype, heads, head_dim, kind):
+        def run():
+            x = torch.zeros(2, 3, heads, head_dim, dtype=dtype)
+            positions = None
+            if kind == "int64":
+                positions = torch.arange(3, dtype=torch.int64)[None]
+            elif kind == "int32":
+                positions = torch.arange(6, dtype=torch.int32).view(2, 3)
+            for interleaved in (False, True):
+                for inverse in (False, True):
+                    rotate(x, positions, 0, 10000.0, interleaved, inverse, torch.empty_like(x))
+        return f"rotary {str(dtype)[6:]} heads={heads} head_dim={head_dim} positions={kind}", run
+
+    return [case(dtype, heads, head_dim, kind) for dtype in dtypes for heads, head_dim in shapes
+            for kind in positions_kinds]
 
 
 @functools.lru_cache(maxsize=64)
