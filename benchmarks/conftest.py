@@ -19,6 +19,7 @@ import time
 import pytest
 import torch
 
+from aquila import host
 from aquila.files import AtomicFile
 
 if not torch.cuda.is_available():
@@ -134,12 +135,8 @@ CPU_FLAGS = ("amx_bf16", "amx_tile", "avx512_bf16", "avx512f", "avx2")
 def cpu_flags():
     """{flag: present} for the ISA extensions that decide the CPU's fp32 and bf16 speed; {} where /proc/cpuinfo
     cannot be read."""
-    try:
-        with open("/proc/cpuinfo") as f:
-            flags = set(next(line for line in f if line.startswith("flags")).split(":", 1)[1].split())
-    except (OSError, StopIteration):
-        return {}
-    return {flag: flag in flags for flag in CPU_FLAGS}
+    flags = host.cpu_flags()
+    return {} if flags is None else {flag: flag in flags for flag in CPU_FLAGS}
 
 
 def native_isa():
@@ -259,24 +256,16 @@ def record(device):
     return add
 
 
-def cpu_model():
-    try:
-        with open("/proc/cpuinfo") as f:
-            return next(line.split(":", 1)[1].strip() for line in f if line.startswith("model name"))
-    except (OSError, StopIteration):
-        return platform.processor() or platform.machine()
-
-
 def machine_description(device):
     if device == "cuda":
         return torch.cuda.get_device_name()
-    return f"{cpu_model()}, {os.cpu_count()} cores"
+    return f"{host.cpu_model()}, {os.cpu_count()} cores"
 
 
 def machine_section(device):
     """The host the numbers hold for: what it is, the ISA extensions that set its fp32 and bf16 speed, the path
     Aquila's kernels take on it, and the ceilings measured on it in this session."""
-    section = {"description": machine_description(device), "cpu_model": cpu_model(), "cores": os.cpu_count(),
+    section = {"description": machine_description(device), "cpu_model": host.cpu_model(), "cores": os.cpu_count(),
                "cpu_flags": cpu_flags(), "native_isa": native_isa(),
                "aquila_cpu_isa_env": os.environ.get("AQUILA_CPU_ISA"), "ceilings": SESSION.get("ceilings")}
     if device == "cuda":

@@ -20,7 +20,6 @@ import datetime
 import functools
 import json
 import os
-import platform
 import statistics
 import time
 import warnings
@@ -30,6 +29,7 @@ from typing import Optional
 import torch
 from torch import Tensor
 
+from aquila import host
 from aquila.files import AtomicFile
 from aquila.kernels import backend as _backend
 
@@ -58,17 +58,9 @@ def cache_directory() -> str:
 
 # forward_with_cache makes a decoder for every step: what the choice reads from the system is read once.
 @functools.cache
-def cpu_model() -> str:
-    try:
-        with open("/proc/cpuinfo") as f:
-            return next(line.split(":", 1)[1].strip() for line in f if line.startswith("model name"))
-    except (OSError, StopIteration):
-        return platform.processor() or platform.machine()
-
-
 def host_key() -> str:
     """What a tuned choice holds for: the CPU model and the ISA path the kernels take (AQUILA_CPU_ISA can narrow it)."""
-    return f"{cpu_model()} | {_backend.cpu_extension.cpu_isa()}"
+    return f"{host.cpu_model()} | {_backend.cpu_extension.cpu_isa()}"
 
 
 @functools.cache

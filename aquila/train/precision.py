@@ -16,20 +16,11 @@ from typing import Optional
 
 import torch
 
+from aquila import host
+
 DTYPES = {"fp32": torch.float32, "bf16": torch.bfloat16, "fp16": torch.float16}
 NAMES = {dtype: name for name, dtype in DTYPES.items()}
 NO_BF16 = "this CPU has no AMX or AVX512-BF16, where bf16 is slower than fp32"
-
-
-def _cpuinfo_flags(path: str = "/proc/cpuinfo") -> Optional[set]:
-    try:
-        with open(path, encoding="utf-8", errors="replace") as handle:
-            for line in handle:
-                if line.startswith(("flags", "Features")):
-                    return set(line.split(":", 1)[1].split())
-    except OSError:
-        pass
-    return None
 
 
 def _torch_probe(name: str) -> Optional[bool]:
@@ -53,13 +44,13 @@ def cpu_bf16_isa() -> Optional[str]:
     flags = None
     amx = _torch_probe("_is_amx_tile_supported")
     if amx is None:
-        flags = _cpuinfo_flags()
+        flags = host.cpu_flags()
         amx = flags is not None and "amx_bf16" in flags
     if amx:
         return "AMX-BF16"
     avx512 = _torch_probe("_is_avx512_bf16_supported")
     if avx512 is None:
-        flags = _cpuinfo_flags() if flags is None else flags
+        flags = host.cpu_flags() if flags is None else flags
         avx512 = flags is not None and "avx512_bf16" in flags
     return "AVX512-BF16" if avx512 else None
 

@@ -4,6 +4,7 @@ explicit values, and the run header's reason."""
 import pytest
 import torch
 
+from aquila import host
 from aquila.train import precision
 from aquila.train.precision import cpu_bf16_isa, resolve_precision
 
@@ -63,14 +64,14 @@ def test_a_gpu_keeps_its_rules():
 
 
 def test_the_detection_asks_torch_first_then_proc_cpuinfo(monkeypatch, tmp_path):
-    reader = precision._cpuinfo_flags
+    reader = host.cpu_flags
 
     def detect(probes, flags):
         cpuinfo = tmp_path / "cpuinfo"
         line = f"flags\t\t: fpu sse2 {' '.join(flags)}\n" if flags is not None else ""
         cpuinfo.write_text("processor\t: 0\n" + line)
         monkeypatch.setattr(precision, "_torch_probe", lambda name: probes.get(name))
-        monkeypatch.setattr(precision, "_cpuinfo_flags", lambda: reader(str(cpuinfo)))
+        monkeypatch.setattr(host, "cpu_flags", lambda: reader(str(cpuinfo)))
         cpu_bf16_isa.cache_clear()
         try:
             return cpu_bf16_isa()
@@ -89,7 +90,7 @@ def test_the_detection_asks_torch_first_then_proc_cpuinfo(monkeypatch, tmp_path)
 
 
 def test_this_hosts_detection_agrees_with_its_cpu_flags():
-    flags = precision._cpuinfo_flags()
+    flags = host.cpu_flags()
     if flags is None:
         pytest.skip("no /proc/cpuinfo flags")
     expected = "AMX-BF16" if "amx_bf16" in flags else "AVX512-BF16" if "avx512_bf16" in flags else None
