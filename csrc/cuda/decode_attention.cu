@@ -41,6 +41,7 @@
 #include <type_traits>
 
 #include "cuda/common.cuh"
+#include "cuda/mma_fragments.h"
 
 namespace aquila::cuda {
 namespace {
@@ -242,7 +243,9 @@ __device__ __forceinline__ void copy_wait() {
 }
 
 // Fragment maps, for lane = 4 * g + t (g = lane / 4, t = lane % 4). The head dimension is cut into pieces of 8
-// elements (16 bytes); words are the 4 element pairs of a piece.
+// elements (16 bytes); words are the 4 element pairs of a piece. The kernel takes every index below from the
+// functions of cuda/mma_fragments.h (frag::), which tests/kernels/test_mma_replay.py replays on the CPU against the
+// PTX ISA's fragment layouts.
 //
 // S = Q K^T, one mma.m16n8k16 per (8 keys, 16 head elements): rows 0-15 of the block as m, keys as n. Thread (g, t)
 // takes piece 4u + t of key g of each 8-key tile (u < 2 kDimTiles), and piece 4u + t of rows g and g + 8 of Q. The
@@ -267,10 +270,11 @@ __device__ __forceinline__ void copy_wait() {
 // pieces are in flight while the thread computes on this one (8 to 16 KiB a warp), and none of them holds a
 // register meanwhile.
 template <int kDimTiles, int kRowTiles>
-struct MmaShape {
-  static constexpr int kRows = 8 * kRowTiles;
+struct MmaShape : frag::Tiling<kDimTiles, kRowTiles> {
+  using Tiling = frag::Tiling<kDimTiles, kRowTiles>;
+  static constexpr int kRows = Tiling::kRows;
   static constexpr int kDimP = 64 * kDimTiles;
-  static constexpr int kPieces = 16;  // K and V pieces a thread takes per step
+  static constexpr int kPieces = Tiling::kPieces;  // K and V pieces a thread takes per step
   static constexpr int kStages = 2;
   static constexpr size_t kStageBytes = size_t{kStages} * kPieces * kThreads * sizeof(uint4);
   static constexpr size_t kOutBytes = size_t{kWarps} * kRows * kDimP * sizeof(float);
@@ -283,14 +287,11 @@ __global__ void __launch_bounds__(kThreads, 3) mma_kernel(const __grid_constant_
   using Shape = MmaShape<kDimTiles, kRowTiles>;
   constexpr int kRows = Shape::kRows;
   constexpr int kDimP = Shape::kDimP;
-  constexpr int kKeys = 32 / kDimTiles;           // keys a warp takes per step
-  constexpr int kTiles = kKeys / 8;               // 8-key tiles of S per step
-  constexpr int kPvSteps = kKeys >= 16 ? kKeys / 16 : 1;
-  constexpr int kVKeys = kKeys >= 16 ? 4 : 2;     // V keys a thread takes per PV step
-  constexpr int kQPieces = 2 * kDimTiles;         // pieces 4u + t of a Q or K row a thread takes
-  static_assert(kKeys == 8 || kKeys % 16 == 0, "a step is 8 keys or whole 16-key PV steps");
-  static_assert(kTiles * kQPieces == Shape::kPieces / 2 && kPvSteps * kVKeys * kDimTiles == Shape::kPieces / 2,
-                "8 K and 8 V pieces a thread per step");
+  constexpr int kKeys = Shape::kKeys;        // keys a warp takes per step
+  constexpr int kTiles = Shape::kTiles;      // 8-key tiles of S per step
+  constexpr int kPvSteps = Shape::kPvSteps;  // PV k steps per step
+  constexpr int kVKeys = Shape::kVKeys;      // V keys a thread takes per PV step
+  constexpr int kQPieces = Shape::kQPieces;  // pieces qk_piece(u, t) of a Q or K row a thread takes
 
   extern __shared__ uint4 dynamic_s[];
   // Q's rows as 16-byte pieces. The 4 pieces of padding put rows g and g + 1 64 bytes apart in the banks, so the
@@ -305,17 +306,17 @@ __global__ void __launch_bounds__(kThreads, 3) mma_kernel(const __grid_constant_
 
   const int lane = threadIdx.x % 32;
   const int warp = threadIdx.x / 32;
-  const int g = lane / 4;
-  const int t = lane % 4;
+  const int g = frag::lane_group(lane);
+  const int t = frag::lane_in_group(lane);
   const int pieces = static_cast<int>(a.head_dim / 8);
   const int64_t blocks = a.splits * a.seq.batch * a.heads_k * x.row_chunks;
 
   bool k_piece_ok[kQPieces];
 #pragma unroll
-  for (int u = 0; u < kQPieces; ++u) k_piece_ok[u] = 4 * u + t < pieces;
+  for (int u = 0; u < kQPieces; ++u) k_piece_ok[u] = frag::qk_piece(u, t) < pieces;
   bool v_piece_ok[kDimTiles];
 #pragma unroll
-  for (int v = 0; v < kDimTiles; ++v) v_piece_ok[v] = 8 * v + g < pieces;
+  for (int v = 0; v < kDimTiles; ++v) v_piece_ok[v] = frag::pv_piece(v, g) < pieces;
 
   for (int64_t id = blockIdx.x; id < blocks; id += gridDim.x) {
     Work w;
@@ -345,7 +346,7 @@ __global__ void __launch_bounds__(kThreads, 3) mma_kernel(const __grid_constant_
     int limit[kRowTiles];  // clamped to [-1, k_len - 1]
 #pragma unroll
     for (int rt = 0; rt < kRowTiles; ++rt) {
-      const int64_t row = w.row0 + g + 8 * rt;
+      const int64_t row = frag::qk_row(w.row0 + g, rt);
       const int64_t last = row < w.rows ? key_limit(a, w, row / x.group) : -1;
       limit[rt] = static_cast<int>(last < -1 ? -1 : last);
     }
@@ -353,11 +354,12 @@ __global__ void __launch_bounds__(kThreads, 3) mma_kernel(const __grid_constant_
     if (threadIdx.x == 0) work_s = w;
     __syncthreads();
 
-    // Thread bases: K key g of a tile at piece t; V key 2t at piece g.
-    const T* k_lane = static_cast<const T*>(a.k.data) + (w.k_start + g) * a.k.token_stride +
-                      w.kv_head * a.k.head_stride + t * 8;
-    const T* v_lane = static_cast<const T*>(a.v.data) + (w.k_start + 2 * t) * a.v.token_stride +
-                      w.kv_head * a.v.head_stride + g * 8;
+    // Thread bases: K key qk_key(g) of a tile at piece qk_piece(0, t); V key pv_key_base(t) of a PV step at piece
+    // pv_piece(0, g).
+    const T* k_lane = static_cast<const T*>(a.k.data) + (w.k_start + frag::qk_key(g)) * a.k.token_stride +
+                      w.kv_head * a.k.head_stride + frag::qk_piece(0, t) * 8;
+    const T* v_lane = static_cast<const T*>(a.v.data) + (w.k_start + frag::pv_key_base(t)) * a.v.token_stride +
+                      w.kv_head * a.v.head_stride + frag::pv_piece(0, g) * 8;
     const int64_t kts = a.k.token_stride;
     const int64_t vts = a.v.token_stride;
 
@@ -365,23 +367,25 @@ __global__ void __launch_bounds__(kThreads, 3) mma_kernel(const __grid_constant_
     const auto issue = [&](int j0, int st) {
 #pragma unroll
       for (int jt = 0; jt < kTiles; ++jt) {
-        const bool key_ok = j0 + 8 * jt + g < w.key_end;
-        const T* p = k_lane + static_cast<int64_t>(j0 + 8 * jt) * kts;
+        const bool key_ok = j0 + frag::qk_tile_key(jt) + frag::qk_key(g) < w.key_end;
+        const T* p = k_lane + static_cast<int64_t>(j0 + frag::qk_tile_key(jt)) * kts;
 #pragma unroll
         for (int u = 0; u < kQPieces; ++u) {
-          copy_piece(slot(st, jt * kQPieces + u), p + u * 32, key_ok && k_piece_ok[u]);
+          copy_piece(slot(st, Shape::k_slot(jt, u)), p + (frag::qk_piece(u, t) - frag::qk_piece(0, t)) * 8,
+                     key_ok && k_piece_ok[u]);
         }
       }
 #pragma unroll
       for (int ks = 0; ks < kPvSteps; ++ks) {
 #pragma unroll
         for (int e = 0; e < kVKeys; ++e) {
-          const int offset = 16 * ks + (e & 1) + 8 * (e >> 1);  // keys 2t, 2t + 1, 2t + 8, 2t + 9 of the PV step
-          const bool key_ok = j0 + offset + 2 * t < w.key_end;
+          // keys 2t, 2t + 1 (, 2t + 8, 2t + 9) of the PV step
+          const int offset = frag::pv_step_key(ks) + frag::pv_key_offset(e);
+          const bool key_ok = j0 + offset + frag::pv_key_base(t) < w.key_end;
           const T* p = v_lane + static_cast<int64_t>(j0 + offset) * vts;
 #pragma unroll
           for (int v = 0; v < kDimTiles; ++v) {
-            copy_piece(slot(st, Shape::kPieces / 2 + (ks * kVKeys + e) * kDimTiles + v), p + v * 64,
+            copy_piece(slot(st, Shape::v_slot(ks, e, v)), p + (frag::pv_piece(v, g) - frag::pv_piece(0, g)) * 8,
                        key_ok && v_piece_ok[v]);
           }
         }
@@ -417,15 +421,22 @@ __global__ void __launch_bounds__(kThreads, 3) mma_kernel(const __grid_constant_
         for (int c = 0; c < 4; ++c) s[jt][c] = 0.0f;
 #pragma unroll
       for (int u = 0; u < kQPieces; ++u) {
-        const uint4 q_lo = q_s[g][4 * u + t];
-        const uint4 q_hi = kRowTiles > 1 ? q_s[kRowTiles > 1 ? g + 8 : g][4 * u + t] : make_uint4(0u, 0u, 0u, 0u);
+        const int piece = frag::qk_piece(u, t);
+        // Q rows of row tiles 0 and 1 (zeros for a block of one row tile: its rows 8-15 are not rows).
+        const uint4 q_lo = q_s[frag::qk_row(g, 0)][piece];
+        const uint4 q_hi =
+            kRowTiles > 1 ? q_s[frag::qk_row(g, kRowTiles > 1 ? 1 : 0)][piece] : make_uint4(0u, 0u, 0u, 0u);
 #pragma unroll
         for (int jt = 0; jt < kTiles; ++jt) {
-          const uint4 kp = *slot(st, jt * kQPieces + u);
+          const uint4 kp = *slot(st, Shape::k_slot(jt, u));
 #pragma unroll
           for (int h = 0; h < 2; ++h) {
-            mma_k16<T>(s[jt], word(q_lo, 2 * h), word(q_hi, 2 * h), word(q_lo, 2 * h + 1), word(q_hi, 2 * h + 1),
-                       word(kp, 2 * h), word(kp, 2 * h + 1));
+            uint32_t qa[4], kb[2];
+#pragma unroll
+            for (int i = 0; i < 4; ++i) qa[i] = word(frag::qk_a_row_tile(i) == 0 ? q_lo : q_hi, frag::qk_a_word(h, i));
+#pragma unroll
+            for (int i = 0; i < 2; ++i) kb[i] = word(kp, frag::qk_b_word(h, i));
+            mma_k16<T>(s[jt], qa[0], qa[1], qa[2], qa[3], kb[0], kb[1]);
           }
         }
       }
@@ -435,8 +446,9 @@ __global__ void __launch_bounds__(kThreads, 3) mma_kernel(const __grid_constant_
         for (int c = 0; c < 4; ++c) {
           s[jt][c] *= x.scale_log2;
           if constexpr (kMasked) {
-            const int key = j0 + 8 * jt + 2 * t + (c & 1);
-            if (key >= w.key_end || key > limit[(c / 2) % kRowTiles]) s[jt][c] = -INFINITY;  // c >= 2: rows g + 8
+            const int key = frag::qk_c_key(j0 + frag::qk_tile_key(jt), t, c);
+            // (a row tile past kRowTiles holds no row: its scores are never read)
+            if (key >= w.key_end || key > limit[frag::qk_c_row_tile(c) % kRowTiles]) s[jt][c] = -INFINITY;
           }
         }
       }
@@ -447,7 +459,9 @@ __global__ void __launch_bounds__(kThreads, 3) mma_kernel(const __grid_constant_
       for (int rt = 0; rt < kRowTiles; ++rt) {
         float mx = -INFINITY;
 #pragma unroll
-        for (int jt = 0; jt < kTiles; ++jt) mx = fmaxf(mx, fmaxf(s[jt][2 * rt], s[jt][2 * rt + 1]));
+        for (int jt = 0; jt < kTiles; ++jt) {
+          mx = fmaxf(mx, fmaxf(s[jt][frag::qk_c_index(rt, 0)], s[jt][frag::qk_c_index(rt, 1)]));
+        }
         mx = fmaxf(mx, __shfl_xor_sync(0xffffffffu, mx, 1));
         mx = fmaxf(mx, __shfl_xor_sync(0xffffffffu, mx, 2));
         const float m_new = fmaxf(m[rt], mx);
@@ -459,26 +473,26 @@ __global__ void __launch_bounds__(kThreads, 3) mma_kernel(const __grid_constant_
         for (int jt = 0; jt < kTiles; ++jt) {
 #pragma unroll
           for (int e = 0; e < 2; ++e) {
-            s[jt][2 * rt + e] = exp2f(s[jt][2 * rt + e] - base);
-            sum += s[jt][2 * rt + e];
+            float& p = s[jt][frag::qk_c_index(rt, e)];
+            p = exp2f(p - base);
+            sum += p;
           }
         }
         l[rt] = l[rt] * alpha[rt] + sum;  // this thread's keys only; the quad is summed at the end
       }
 
-      // Rescale O: its rows 2t and 2t + 1 of each row tile take the alpha of lanes 8t and 8t + 4 (rows g = 2t, 2t + 1).
+      // Rescale O: its rows pv_c_row(t, 0) and pv_c_row(t, 1) of each row tile (2t and 2t + 1) take the alpha of
+      // the lanes that hold those rows of S (lanes 8t and 8t + 4).
 #pragma unroll
       for (int rt = 0; rt < kRowTiles; ++rt) {
-        const float alpha0 = __shfl_sync(0xffffffffu, alpha[rt], 8 * t);
-        const float alpha1 = __shfl_sync(0xffffffffu, alpha[rt], 8 * t + 4);
+        const float alpha0 = __shfl_sync(0xffffffffu, alpha[rt], frag::qk_row_lane(frag::pv_c_row(t, 0)));
+        const float alpha1 = __shfl_sync(0xffffffffu, alpha[rt], frag::qk_row_lane(frag::pv_c_row(t, 1)));
 #pragma unroll
         for (int v = 0; v < kDimTiles; ++v) {
 #pragma unroll
           for (int wd = 0; wd < 4; ++wd) {
-            acc[v][wd][rt][0] *= alpha0;
-            acc[v][wd][rt][1] *= alpha1;
-            acc[v][wd][rt][2] *= alpha0;
-            acc[v][wd][rt][3] *= alpha1;
+#pragma unroll
+            for (int c = 0; c < 4; ++c) acc[v][wd][rt][c] *= frag::pv_c_row_slot(c) == 0 ? alpha0 : alpha1;
           }
         }
       }
@@ -490,9 +504,10 @@ __global__ void __launch_bounds__(kThreads, 3) mma_kernel(const __grid_constant_
 #pragma unroll
         for (int ks = 0; ks < kPvSteps; ++ks) {
 #pragma unroll
-          for (int half = 0; half < (kKeys >= 16 ? 2 : 1); ++half) {
-            const int jt = kKeys >= 16 ? 2 * ks + half : 0;
-            split_pair<T>(s[jt][2 * rt], s[jt][2 * rt + 1], p_hi[rt][ks][half], p_lo[rt][ks][half]);
+          for (int half = 0; half < (Shape::kK16 ? 2 : 1); ++half) {
+            const int jt = frag::pv_b_tile(ks, half);
+            split_pair<T>(s[jt][frag::qk_c_index(rt, 0)], s[jt][frag::qk_c_index(rt, 1)], p_hi[rt][ks][half],
+                          p_lo[rt][ks][half]);
           }
         }
       }
@@ -504,28 +519,27 @@ __global__ void __launch_bounds__(kThreads, 3) mma_kernel(const __grid_constant_
         for (int v = 0; v < kDimTiles; ++v) {
           uint4 vp[kVKeys];
 #pragma unroll
-          for (int e = 0; e < kVKeys; ++e) vp[e] = *slot(st, Shape::kPieces / 2 + (ks * kVKeys + e) * kDimTiles + v);
+          for (int e = 0; e < kVKeys; ++e) vp[e] = *slot(st, Shape::v_slot(ks, e, v));
 #pragma unroll
           for (int wd = 0; wd < 4; ++wd) {
-            const uint32_t x0 = word(vp[0], wd);
-            const uint32_t x1 = word(vp[1], wd);
-            const uint32_t a0 = __byte_perm(x0, x1, 0x5410);  // element 2wd of keys 2t, 2t + 1
-            const uint32_t a1 = __byte_perm(x0, x1, 0x7632);  // element 2wd + 1
-            if constexpr (kKeys >= 16) {
-              const uint32_t x2 = word(vp[kVKeys > 2 ? 2 : 0], wd);
-              const uint32_t x3 = word(vp[kVKeys > 2 ? 3 : 1], wd);
-              const uint32_t a2 = __byte_perm(x2, x3, 0x5410);
-              const uint32_t a3 = __byte_perm(x2, x3, 0x7632);
+            // Elements 2wd (selector 0x5410) and 2wd + 1 (0x7632) of keys 2t, 2t + 1 (, and 2t + 8, 2t + 9).
+            uint32_t va[Shape::kPvAWords];
+#pragma unroll
+            for (int i = 0; i < Shape::kPvAWords; ++i) {
+              va[i] = __byte_perm(word(vp[frag::pv_a_source(i, 0)], wd), word(vp[frag::pv_a_source(i, 1)], wd),
+                                  frag::pv_a_selector(i));
+            }
+            if constexpr (Shape::kK16) {
 #pragma unroll
               for (int rt = 0; rt < kRowTiles; ++rt) {
-                mma_k16<T>(acc[v][wd][rt], a0, a1, a2, a3, p_hi[rt][ks][0], p_hi[rt][ks][1]);
-                mma_k16<T>(acc[v][wd][rt], a0, a1, a2, a3, p_lo[rt][ks][0], p_lo[rt][ks][1]);
+                mma_k16<T>(acc[v][wd][rt], va[0], va[1], va[2], va[3], p_hi[rt][ks][0], p_hi[rt][ks][1]);
+                mma_k16<T>(acc[v][wd][rt], va[0], va[1], va[2], va[3], p_lo[rt][ks][0], p_lo[rt][ks][1]);
               }
             } else {
 #pragma unroll
               for (int rt = 0; rt < kRowTiles; ++rt) {
-                mma_k8<T>(acc[v][wd][rt], a0, a1, p_hi[rt][ks][0]);
-                mma_k8<T>(acc[v][wd][rt], a0, a1, p_lo[rt][ks][0]);
+                mma_k8<T>(acc[v][wd][rt], va[0], va[1], p_hi[rt][ks][0]);
+                mma_k8<T>(acc[v][wd][rt], va[0], va[1], p_lo[rt][ks][0]);
               }
             }
           }
@@ -563,17 +577,20 @@ __global__ void __launch_bounds__(kThreads, 3) mma_kernel(const __grid_constant_
 #pragma unroll
     for (int rt = 0; rt < kRowTiles; ++rt) {
       if (t == 0) {
-        m_s[warp][g + 8 * rt] = m[rt];
-        l_s[warp][g + 8 * rt] = l[rt];
+        m_s[warp][frag::qk_row(g, rt)] = m[rt];
+        l_s[warp][frag::qk_row(g, rt)] = l[rt];
       }
 #pragma unroll
       for (int v = 0; v < kDimTiles; ++v) {
 #pragma unroll
         for (int wd = 0; wd < 4; ++wd) {
-          const int d = 8 * (8 * v + g) + 2 * wd;
+          const int d = frag::pv_c_element(v, g, wd, 0);  // element slot 1 is d + 1: one float2 per row
           const float(&c)[4] = acc[v][wd][rt];
-          *reinterpret_cast<float2*>(&o_s[warp][8 * rt + 2 * t][d]) = make_float2(c[0], c[2]);
-          *reinterpret_cast<float2*>(&o_s[warp][8 * rt + 2 * t + 1][d]) = make_float2(c[1], c[3]);
+#pragma unroll
+          for (int r = 0; r < 2; ++r) {
+            *reinterpret_cast<float2*>(&o_s[warp][frag::qk_row(frag::pv_c_row(t, r), rt)][d]) =
+                make_float2(c[frag::pv_c_index(r, 0)], c[frag::pv_c_index(r, 1)]);
+          }
         }
       }
     }
