@@ -46,12 +46,9 @@ PYBIND11_MODULE(_C, m) {
       },
       pybind11::arg("args"), pybind11::arg("threads"));
   m.def(
-      "cpu_isa",
-      [] {
-        const cpu::SimdLevel level = cpu::simd_level();
-        return level == cpu::SimdLevel::avx512 ? "avx512" : level == cpu::SimdLevel::avx2 ? "avx2" : "baseline";
-      },
-      "The ISA path the attention and decoding kernels take in this process: avx512 (x86-64-v4), avx2 (x86-64-v3) "
-      "or baseline, chosen once from the CPU and capped by AQUILA_CPU_ISA. (The norms, rotary and cross-entropy are "
+      "cpu_isa", [] { return cpu::simd_level_name(cpu::simd_level()); },
+      "The ISA path the attention and decoding kernels take in this process: avx512_bf16 (x86-64-v4 with "
+      "AVX512-BF16: bf16 attention multiplies bf16 operands), avx512 (x86-64-v4), avx2 (x86-64-v3) or baseline, "
+      "chosen once from the CPU and capped by AQUILA_CPU_ISA. (The norms, rotary and cross-entropy are "
       "target_clones, whose clone the loader picks from the CPU alone.)");
 }

@@ -94,46 +94,123 @@ AQUILA_INLINE void product_tile(int64_t depth, const float* __restrict a, int64_
     for (int n = 0; n < N; ++n) store(c + r * ldc + n * W, acc[r][n]);
 }
 
+// The fp32 product's tiles, for the walk over C below.
+template <int W>
+struct Fp32Tiles {
+  using Args = Product;
+  template <int R, int N>
+  static AQUILA_INLINE void tile(const Product& p, int64_t row, int64_t n) {
+    product_tile<W, R, N>(p.depth, p.a + row * p.a_rs, p.a_rs, p.a_ks, p.b + n * W, p.ldb, p.c + row * p.ldc + n * W,
+                          p.ldc, p.accumulate);
+  }
+};
+
+// ------------------------------------------------------------------------------------------------------------------
+// The bf16 product (AVX512-BF16): C (m rows, ldc apart; nv vectors of 16 floats) = or += A B in fp32, from bf16 A and
+// B. vdpbf16ps adds to each fp32 lane the two products of a pair of bf16 (adjacent k) from each operand, so the depth
+// runs in pairs: A[r][k] at a[r * a_rs + k] with k contiguous (a pair is one 32-bit word, broadcast to every lane),
+// and B stored as pairs, the word of k-pair kp and column x at b[kp * ldb + x] holding B[2kp][x] in its low half and
+// B[2kp + 1][x] in its high half. Products of bf16 are exact in fp32; the instruction rounds each pair's sum to
+// nearest even and treats subnormal inputs and results as zero (which softmax probabilities and gradients that
+// small do not notice).
+struct Bf16Product {
+  int64_t m, nv, pairs;
+  const uint16_t* a;
+  int64_t a_rs;
+  const uint32_t* b;
+  int64_t ldb;
+  float* c;
+  int64_t ldc;
+  bool accumulate;
+};
+
+// acc += the pairwise bf16 dot products of a and b, lane by lane. Inline assembly rather than the intrinsic, whose
+// target attribute would forbid inlining it into the generic tile walk; the caller is compiled for AVX-512 and runs
+// only where the CPU has AVX512-BF16.
+using Words16 = uint32_t __attribute__((vector_size(64)));
+AQUILA_INLINE void dot_pairs(Lanes<16>::type& acc, const Words16& a, const Words16& b) {
+  asm("vdpbf16ps %[b], %[a], %[acc]" : [acc] "+v"(acc) : [a] "v"(a), [b] "v"(b));
+}
+
+struct Bf16Tiles {
+  using Args = Bf16Product;
+  template <int R, int N>
+  static AQUILA_INLINE void tile(const Bf16Product& p, int64_t row, int64_t n) {
+    using V = Lanes<16>::type;
+    const uint16_t* __restrict a = p.a + row * p.a_rs;
+    const uint32_t* __restrict b = p.b + n * 16;
+    float* __restrict c = p.c + row * p.ldc + n * 16;
+    V acc[R][N];
+#pragma GCC unroll 32
+    for (int r = 0; r < R; ++r)
+#pragma GCC unroll 32
+      for (int v = 0; v < N; ++v) {
+        if (p.accumulate) {
+          load(acc[r][v], c + r * p.ldc + v * 16);
+        } else {
+          acc[r][v] = V{};
+        }
+      }
+    for (int64_t kp = 0; kp < p.pairs; ++kp) {
+      Words16 bv[N];
+#pragma GCC unroll 32
+      for (int v = 0; v < N; ++v) std::memcpy(&bv[v], b + kp * p.ldb + v * 16, sizeof bv[v]);
+#pragma GCC unroll 32
+      for (int r = 0; r < R; ++r) {
+        uint32_t word;
+        std::memcpy(&word, a + r * p.a_rs + 2 * kp, sizeof word);
+        const Words16 av = Words16{} + word;
+#pragma GCC unroll 32
+        for (int v = 0; v < N; ++v) dot_pairs(acc[r][v], av, bv[v]);
+      }
+    }
+#pragma GCC unroll 32
+    for (int r = 0; r < R; ++r)
+#pragma GCC unroll 32
+      for (int v = 0; v < N; ++v) store(c + r * p.ldc + v * 16, acc[r][v]);
+  }
+};
+
+// ------------------------------------------------------------------------------------------------------------------
+// The walk over C: tiles of R rows x N vectors, then narrower and shorter tiles for the edges, each a compile-time
+// shape.
+
 // The last nv - n vectors (fewer than N) of R rows, as one tile of Tail vectors when that is how many are left.
-template <int W, int R, int Tail>
-AQUILA_INLINE void product_cols_tail(const Product& p, int64_t row, int64_t n) {
+template <typename Tiles, int R, int Tail>
+AQUILA_INLINE void product_cols_tail(const typename Tiles::Args& p, int64_t row, int64_t n) {
   if constexpr (Tail > 0) {
     if (p.nv - n == Tail) {
-      product_tile<W, R, Tail>(p.depth, p.a + row * p.a_rs, p.a_rs, p.a_ks, p.b + n * W, p.ldb,
-                               p.c + row * p.ldc + n * W, p.ldc, p.accumulate);
+      Tiles::template tile<R, Tail>(p, row, n);
     } else {
-      product_cols_tail<W, R, Tail - 1>(p, row, n);
+      product_cols_tail<Tiles, R, Tail - 1>(p, row, n);
     }
   }
 }
 
 // The vectors of R rows: tiles of N vectors, then one narrower tile for the rest.
-template <int W, int R, int N>
-AQUILA_INLINE void product_rows(const Product& p, int64_t row) {
-  const float* a = p.a + row * p.a_rs;
-  float* c = p.c + row * p.ldc;
+template <typename Tiles, int R, int N>
+AQUILA_INLINE void product_rows(const typename Tiles::Args& p, int64_t row) {
   int64_t n = 0;
-  for (; n + N <= p.nv; n += N)
-    product_tile<W, R, N>(p.depth, a, p.a_rs, p.a_ks, p.b + n * W, p.ldb, c + n * W, p.ldc, p.accumulate);
-  product_cols_tail<W, R, N - 1>(p, row, n);
+  for (; n + N <= p.nv; n += N) Tiles::template tile<R, N>(p, row, n);
+  product_cols_tail<Tiles, R, N - 1>(p, row, n);
 }
 
-template <int W, int Rows, int N>
-AQUILA_INLINE void product_tail_rows(const Product& p, int64_t row) {
+template <typename Tiles, int Rows, int N>
+AQUILA_INLINE void product_tail_rows(const typename Tiles::Args& p, int64_t row) {
   if constexpr (Rows > 0) {
     if (p.m - row == Rows) {
-      product_rows<W, Rows, N>(p, row);
+      product_rows<Tiles, Rows, N>(p, row);
     } else {
-      product_tail_rows<W, Rows - 1, N>(p, row);
+      product_tail_rows<Tiles, Rows - 1, N>(p, row);
     }
   }
 }
 
-template <int W, int R, int N>
-AQUILA_INLINE void product(const Product& p) {
+template <typename Tiles, int R, int N>
+AQUILA_INLINE void product(const typename Tiles::Args& p) {
   int64_t row = 0;
-  for (; row + R <= p.m; row += R) product_rows<W, R, N>(p, row);
-  product_tail_rows<W, R - 1, N>(p, row);
+  for (; row + R <= p.m; row += R) product_rows<Tiles, R, N>(p, row);
+  product_tail_rows<Tiles, R - 1, N>(p, row);
 }
 
 // ------------------------------------------------------------------------------------------------------------------
@@ -143,22 +220,32 @@ AQUILA_INLINE void product(const Product& p) {
 struct Baseline {
   static constexpr int W = 4, R = 4, N = 2;
   static constexpr int64_t BQ = 32, BK = 64;
+  static constexpr bool kBf16Dot = false;
   static void product(const Product& p);
 };
 struct Avx2 {
   static constexpr int W = 8, R = 6, N = 2;
   static constexpr int64_t BQ = 64, BK = 64;
+  static constexpr bool kBf16Dot = false;
   AQUILA_TARGET_AVX2 static void product(const Product& p);
 };
 struct Avx512 {
   static constexpr int W = 16, R = 6, N = 4;
   static constexpr int64_t BQ = 64, BK = 64;
+  static constexpr bool kBf16Dot = false;
   AQUILA_TARGET_AVX512 static void product(const Product& p);
 };
+// bf16 inputs on a CPU with AVX512-BF16: the products take bf16 operands (the fp32 tiling of AVX-512 for the one
+// product that stays fp32, dQ in the backward).
+struct Avx512Bf16 : Avx512 {
+  static constexpr bool kBf16Dot = true;
+  AQUILA_TARGET_AVX512 static void product_bf16(const Bf16Product& p);
+};
 
-void Baseline::product(const Product& p) { cpu::product<W, R, N>(p); }
-AQUILA_TARGET_AVX2 void Avx2::product(const Product& p) { cpu::product<W, R, N>(p); }
-AQUILA_TARGET_AVX512 void Avx512::product(const Product& p) { cpu::product<W, R, N>(p); }
+void Baseline::product(const Product& p) { cpu::product<Fp32Tiles<W>, R, N>(p); }
+AQUILA_TARGET_AVX2 void Avx2::product(const Product& p) { cpu::product<Fp32Tiles<W>, R, N>(p); }
+AQUILA_TARGET_AVX512 void Avx512::product(const Product& p) { cpu::product<Fp32Tiles<W>, R, N>(p); }
+AQUILA_TARGET_AVX512 void Avx512Bf16::product_bf16(const Bf16Product& p) { cpu::product<Bf16Tiles, R, N>(p); }
 
 // ------------------------------------------------------------------------------------------------------------------
 // Tiles: packing to fp32, masking, softmax.
@@ -198,6 +285,71 @@ AQUILA_INLINE void pack_transposed(const T* __restrict src, int64_t stride, int6
   }
   for (int64_t x = 0; x < d; ++x)
     for (int64_t r = rows; r < width; ++r) dst[x * ld + r] = 0.0f;
+}
+
+// The bf16 operands of Bf16Product, copied from bf16 rows (no rounding: the inputs are the operands).
+
+// Two bf16 in one word, `low` first: the order in which vdpbf16ps pairs them.
+AQUILA_INLINE uint32_t word_of(uint16_t low, uint16_t high) {
+  return static_cast<uint32_t>(low) | static_cast<uint32_t>(high) << 16;
+}
+
+// An A operand: dst[r][x] = src row r element x, x < d, zeros from d to dp (dp even).
+AQUILA_INLINE void pack_bf16_rows(const bf16* __restrict src, int64_t stride, int64_t rows, int64_t d, int64_t dp,
+                                  uint16_t* __restrict dst) {
+  for (int64_t r = 0; r < rows; ++r) {
+    const bf16* __restrict s = src + r * stride;
+    if (r + kPrefetchRows < rows) prefetch_row(s + kPrefetchRows * stride, d);
+    std::memcpy(dst + r * dp, s, d * sizeof(uint16_t));
+    std::fill(dst + r * dp + d, dst + (r + 1) * dp, uint16_t{0});
+  }
+}
+
+// A B operand whose depth is the row's elements: word [x / 2][r] (ld words apart in x / 2) = elements x, x + 1 of row
+// r, for x < dp (zeros from d) and r < width (zeros from rows).
+AQUILA_INLINE void pack_bf16_element_pairs(const bf16* __restrict src, int64_t stride, int64_t rows, int64_t width,
+                                           int64_t d, int64_t dp, int64_t ld, uint32_t* __restrict dst) {
+  for (int64_t r = 0; r < rows; ++r) {
+    const uint16_t* __restrict s = &src[r * stride].bits;
+    if (r + kPrefetchRows < rows) prefetch_row(src + (r + kPrefetchRows) * stride, d);
+    for (int64_t x = 0; x + 1 < d; x += 2) dst[x / 2 * ld + r] = word_of(s[x], s[x + 1]);
+    if (d % 2) dst[d / 2 * ld + r] = word_of(s[d - 1], 0);
+    for (int64_t x = (d + 1) / 2; x < dp / 2; ++x) dst[x * ld + r] = 0;
+  }
+  for (int64_t x = 0; x < dp / 2; ++x) std::fill(dst + x * ld + rows, dst + x * ld + width, 0u);
+}
+
+// A B operand whose depth is the rows: word [r / 2][x] (dp words apart in r / 2) = element x of rows r and r + 1, for
+// x < dp (zeros from d), and a row of zeros after an odd number of rows.
+AQUILA_INLINE void pack_bf16_row_pairs(const bf16* __restrict src, int64_t stride, int64_t rows, int64_t d, int64_t dp,
+                                       uint32_t* __restrict dst) {
+  for (int64_t r = 0; r < rows; r += 2) {
+    const uint16_t* __restrict even = &src[r * stride].bits;
+    const uint16_t* __restrict odd = r + 1 < rows ? &src[(r + 1) * stride].bits : nullptr;
+    for (int64_t ahead = r + kPrefetchRows; ahead < std::min(rows, r + kPrefetchRows + 2); ++ahead)
+      prefetch_row(src + ahead * stride, d);
+    uint32_t* __restrict out = dst + r / 2 * dp;
+    if (odd) {
+#pragma omp simd
+      for (int64_t x = 0; x < d; ++x) out[x] = word_of(even[x], odd[x]);
+    } else {
+#pragma omp simd
+      for (int64_t x = 0; x < d; ++x) out[x] = word_of(even[x], 0);
+    }
+    std::fill(out + d, out + dp, 0u);
+  }
+}
+
+// dst[r][i] = src[r][i] rounded to bf16 (to nearest even), r < rows, i < width: probabilities and their gradients as
+// the A operand of a bf16 product.
+AQUILA_INLINE void round_to_bf16(const float* __restrict src, int64_t ld, int64_t rows, int64_t width,
+                                 uint16_t* __restrict dst, int64_t ldd) {
+  for (int64_t r = 0; r < rows; ++r) {
+    const float* __restrict in = src + r * ld;
+    uint16_t* __restrict out = dst + r * ldd;
+#pragma omp simd
+    for (int64_t i = 0; i < width; ++i) out[i] = from_float<bf16>(in[i]).bits;
+  }
 }
 
 // Scores s[j][i] (keys j < cols, queries i < width, rows ld apart): key j is hidden from query i when
@@ -245,12 +397,13 @@ AQUILA_INLINE void online_softmax(float* __restrict s, int64_t ld, int64_t cols,
   for (int64_t i = 0; i < width; ++i) l[i] = l[i] * alpha[i] + sum[i];
 }
 
-// Carves per-thread scratch into 64-byte aligned fp32 arrays.
+// Carves per-thread scratch into 64-byte aligned fp32 arrays; with no scratch (base null) it only counts the floats.
 struct Carver {
-  float* next;
+  float* base;
+  int64_t used = 0;
   AQUILA_INLINE float* take(int64_t n) {
-    float* p = next;
-    next += round_up(n, 16);
+    float* p = base ? base + used : nullptr;
+    used += round_up(n, 16);
     return p;
   }
 };
@@ -279,13 +432,126 @@ inline std::vector<Scratch> allocate_each(int count, int64_t floats) {
 template <typename I>
 int64_t forward_scratch(int64_t d, int64_t tiles) {
   const int64_t dp = round_up(d, I::W);
+  if constexpr (I::kBf16Dot) {  // see forward_bf16_item
+    return tiles * (I::BQ * dp / 2 + I::BQ * dp + 2 * I::BQ) + 2 * round_up(I::BK * dp / 2, 16) + I::BQ * I::BK +
+           I::BQ * I::BK / 2 + 16;
+  }
   return tiles * (d * I::BQ + I::BQ * dp + 2 * I::BQ) + 2 * round_up(I::BK * dp, 16) + I::BK * I::BQ + 3 * I::BQ;
 }
 
+// The output O / l and the log-sum-exp m + log l of queries [q_lo, q_hi) of sequence b, every q head of kv head hk,
+// from the per-tile accumulators (tile t: q head hk * group + t / blocks, query block t % blocks).
+template <typename T>
+AQUILA_INLINE void store_output(const AttentionForward& a, int64_t b, int64_t hk, int64_t q_lo, int64_t q_hi,
+                                int64_t bq, int64_t dp, const float* o, const float* m, const float* l) {
+  const int64_t d = a.head_dim, group = a.heads_q / a.heads_k, blocks = (q_hi - q_lo + bq - 1) / bq;
+  const int64_t q_len = a.seq.q_len[b], q_start = a.seq.q_start[b];
+  for (int64_t t = 0; t < group * blocks; ++t) {
+    const int64_t h = hk * group + t / blocks, i0 = q_lo + t % blocks * bq;
+    const int64_t rows = std::min(bq, q_len - i0);
+    T* out = static_cast<T*>(a.out.data) + (q_start + i0) * a.out.token_stride + h * a.out.head_stride;
+    for (int64_t i = 0; i < rows; ++i) {
+      const float total = l[t * bq + i];
+      const float inv = total > 0.0f ? 1.0f / total : 0.0f;
+      const float* __restrict row = o + (t * bq + i) * dp;
+      T* __restrict dst = out + i * a.out.token_stride;
+#pragma omp simd
+      for (int64_t x = 0; x < d; ++x) dst[x] = from_float<T>(row[x] * inv);
+      if (a.lse) a.lse[(q_start + i0 + i) * a.heads_q + h] = total > 0.0f ? m[t * bq + i] + std::log(total) : -kInf;
+    }
+  }
+}
+
 // Queries [q_lo, q_hi) of sequence b (q_lo a multiple of BQ), for every q head of kv head hk.
+// The forward with bf16 products (bf16 inputs, AVX512-BF16): the work items, blocks and online softmax of
+// forward_item, but the scores are kept by rows (queries x keys), so that the probabilities, rounded to bf16, are the
+// A operand of O += P V as they lie; each query's softmax statistics are then a reduction along its row. The scale is
+// applied to the fp32 scores rather than folded into Q, which would round Q a second time. As in flash-attention on
+// tensor cores, the sum l adds the probabilities before their rounding to bf16.
+template <typename I>
+AQUILA_INLINE void forward_bf16_item(const AttentionForward& a, int64_t b, int64_t hk, int64_t q_lo, int64_t q_hi,
+                                     float* ws) {
+  constexpr int64_t BQ = I::BQ, BK = I::BK;
+  const int64_t d = a.head_dim, dp = round_up(d, I::W), nd = dp / I::W;
+  const int64_t group = a.heads_q / a.heads_k;
+  const int64_t blocks = (q_hi - q_lo + BQ - 1) / BQ, tiles = group * blocks;
+  const int64_t q_len = a.seq.q_len[b], k_len = a.seq.k_len[b], shift = k_len - q_len;
+  const int64_t q_start = a.seq.q_start[b], k_token = a.seq.k_start[b];
+  const float scale = static_cast<float>(a.scale);
+  const bf16* k = static_cast<const bf16*>(a.k.data) + k_token * a.k.token_stride + hk * a.k.head_stride;
+  const bf16* v = static_cast<const bf16*>(a.v.data) + k_token * a.v.token_stride + hk * a.v.head_stride;
+
+  Carver carve{ws};
+  uint16_t* qr = reinterpret_cast<uint16_t*>(carve.take(tiles * BQ * dp / 2));  // per tile, Q by rows: [BQ][dp]
+  float* o = carve.take(tiles * BQ * dp);  // per tile, the output accumulator: [BQ][dp]
+  float* m = carve.take(tiles * BQ);       // per tile, running max and sum of each query
+  float* l = carve.take(tiles * BQ);
+  uint32_t* kp = reinterpret_cast<uint32_t*>(carve.take(BK * dp / 2));  // the key block's element pairs: [dp/2][BK]
+  uint32_t* vp = reinterpret_cast<uint32_t*>(carve.take(BK * dp / 2));  // the value block's row pairs: [BK/2][dp]
+  float* s = carve.take(BQ * BK);                                        // a tile's scores: [BQ][BK]
+  uint16_t* p = reinterpret_cast<uint16_t*>(carve.take(BQ * BK / 2));    // its probabilities in bf16: [BQ][BK]
+
+  for (int64_t t = 0; t < tiles; ++t) {
+    const int64_t h = hk * group + t / blocks, i0 = q_lo + t % blocks * BQ;
+    const int64_t rows = std::min(BQ, q_len - i0);
+    const bf16* q = static_cast<const bf16*>(a.q.data) + (q_start + i0) * a.q.token_stride + h * a.q.head_stride;
+    pack_bf16_rows(q, a.q.token_stride, rows, d, dp, qr + t * BQ * dp);
+    std::fill(o + t * BQ * dp, o + t * BQ * dp + rows * dp, 0.0f);
+    std::fill(m + t * BQ, m + (t + 1) * BQ, -kInf);
+    std::fill(l + t * BQ, l + (t + 1) * BQ, 0.0f);
+  }
+
+  const int64_t k_end = a.causal ? std::clamp<int64_t>(q_hi + shift, 0, k_len) : k_len;
+  for (int64_t j0 = 0; j0 < k_end; j0 += BK) {
+    const int64_t cols = std::min(BK, k_end - j0);
+    pack_bf16_element_pairs(k + j0 * a.k.token_stride, a.k.token_stride, cols, round_up(cols, I::W), d, dp, BK, kp);
+    pack_bf16_row_pairs(v + j0 * a.v.token_stride, a.v.token_stride, cols, d, dp, vp);
+    for (int64_t t = 0; t < tiles; ++t) {
+      const int64_t i0 = q_lo + t % blocks * BQ;
+      const int64_t rows = std::min(BQ, q_len - i0);
+      const int64_t tile_end = a.causal ? std::clamp<int64_t>(i0 + rows + shift, 0, k_len) : k_len;
+      if (j0 >= tile_end) continue;
+      const int64_t tile_cols = std::min(cols, tile_end - j0), depth = round_up(tile_cols, 2);
+      float* to = o + t * BQ * dp;
+      I::product_bf16({rows, (tile_cols + I::W - 1) / I::W, dp / 2, qr + t * BQ * dp, dp, kp, BK, s, BK, false});
+      for (int64_t i = 0; i < rows; ++i) {
+        const float* __restrict row = s + i * BK;
+        // The keys this query sees: all of the tile's, or under the causal mask those up to i0 + i + shift.
+        const int64_t seen = a.causal ? std::clamp<int64_t>(i0 + i + shift - j0 + 1, 0, tile_cols) : tile_cols;
+        float& running_max = m[t * BQ + i];
+        const float new_max = std::max(running_max, max_over(seen, [&](int64_t j) { return scale * row[j]; }));
+        const float base = new_max == -kInf ? 0.0f : new_max;  // a query that has seen no key yet: its exps are 0
+        const float alpha = exp_nonpositive(running_max - base);
+        running_max = new_max;
+        uint16_t* __restrict prow = p + i * BK;
+        float sum = 0.0f;
+#pragma omp simd reduction(+ : sum)
+        for (int64_t j = 0; j < seen; ++j) {
+          const float e = exp_nonpositive(scale * row[j] - base);
+          prow[j] = from_float<bf16>(e).bits;
+          sum += e;
+        }
+        std::fill(prow + seen, prow + depth, uint16_t{0});
+        l[t * BQ + i] = l[t * BQ + i] * alpha + sum;
+        if (alpha != 1.0f) {
+          float* __restrict out = to + i * dp;
+#pragma omp simd
+          for (int64_t x = 0; x < dp; ++x) out[x] *= alpha;
+        }
+      }
+      I::product_bf16({rows, nd, depth / 2, p, BK, vp, dp, to, dp, true});  // O += P V
+    }
+  }
+  store_output<bf16>(a, b, hk, q_lo, q_hi, BQ, dp, o, m, l);
+}
+
 template <typename T, typename I>
 AQUILA_INLINE void forward_item(const AttentionForward& a, int64_t b, int64_t hk, int64_t q_lo, int64_t q_hi,
                                 float* ws) {
+  if constexpr (I::kBf16Dot) {
+    static_assert(std::is_same_v<T, bf16>, "the bf16 products take bf16 inputs");
+    return forward_bf16_item<I>(a, b, hk, q_lo, q_hi, ws);
+  }
   constexpr int W = I::W;
   constexpr int64_t BQ = I::BQ, BK = I::BK;
   const int64_t d = a.head_dim, dp = round_up(d, W), nd = dp / W;
@@ -346,20 +612,7 @@ AQUILA_INLINE void forward_item(const AttentionForward& a, int64_t b, int64_t hk
     }
   }
 
-  for (int64_t t = 0; t < tiles; ++t) {
-    const int64_t h = hk * group + t / blocks, i0 = q_lo + t % blocks * BQ;
-    const int64_t rows = std::min(BQ, q_len - i0);
-    T* out = static_cast<T*>(a.out.data) + (q_start + i0) * a.out.token_stride + h * a.out.head_stride;
-    for (int64_t i = 0; i < rows; ++i) {
-      const float total = l[t * BQ + i];
-      const float inv = total > 0.0f ? 1.0f / total : 0.0f;
-      const float* __restrict row = o + (t * BQ + i) * dp;
-      T* __restrict dst = out + i * a.out.token_stride;
-#pragma omp simd
-      for (int64_t x = 0; x < d; ++x) dst[x] = from_float<T>(row[x] * inv);
-      if (a.lse) a.lse[(q_start + i0 + i) * a.heads_q + h] = total > 0.0f ? m[t * BQ + i] + std::log(total) : -kInf;
-    }
-  }
+  store_output<T>(a, b, hk, q_lo, q_hi, BQ, dp, o, m, l);
 }
 
 // ------------------------------------------------------------------------------------------------------------------
@@ -374,40 +627,63 @@ AQUILA_INLINE void forward_item(const AttentionForward& a, int64_t b, int64_t hk
 constexpr int64_t kSpan = 256;
 
 // A capacity of q_rows packed queries (a multiple of BQ) and k_rows packed keys.
+//
+// With bf16 products (Avx512Bf16) the operands are packed in bf16 instead (see Bf16Product): Q and dO as element pairs
+// (qe, doe: [q_rows / BQ][dp / 2][BQ] words) for S^T and dP^T, as row pairs (qrp, dorp: [q_rows / BQ][BQ / 2][dp]
+// words) for dK and dV; K and V by rows (k16, v16: [k_rows][dp]); P^T and dS^T rounded to bf16 (p16, ds16:
+// [BK][BQ]). dQ += dS K stays an fp32 product on fp32 K (kt): its A operand would be dS transposed.
 struct BackwardScratch {
   float *qt, *dot, *qr, *dor, *dq, *lse, *delta;  // qt, dot: [q_rows / BQ][d][BQ]; qr, dor, dq: [q_rows][dp]
   float *kt, *vt, *dk, *dv;                       // [k_rows][dp]
   float *dk_head, *dv_head;                       // [k_rows][dp]: the partial sums of one span of queries
   float *p, *ds;                                  // [BK][BQ]: P^T, then dP^T and dS^T
+  uint32_t *qe, *doe, *qrp, *dorp;                // bf16 products only
+  uint16_t *k16, *v16, *p16, *ds16;
 };
 
+// Carves the scratch of carve_backward from ws, or with ws null counts the floats it takes.
 template <typename I>
-int64_t backward_scratch(int64_t d, int64_t q_rows, int64_t k_rows) {
+AQUILA_INLINE BackwardScratch carve_backward(float* ws, int64_t d, int64_t q_rows, int64_t k_rows,
+                                             int64_t* floats = nullptr) {
   const int64_t dp = round_up(d, I::W);
-  return 2 * q_rows * d + 3 * q_rows * dp + 2 * q_rows + 6 * round_up(k_rows * dp, 16) + 2 * I::BK * I::BQ;
-}
-
-template <typename I>
-AQUILA_INLINE BackwardScratch carve_backward(float* ws, int64_t d, int64_t q_rows, int64_t k_rows) {
-  const int64_t dp = round_up(d, I::W);
+  const int64_t fp32_q = I::kBf16Dot ? 0 : q_rows, bf16_q = I::kBf16Dot ? q_rows : 0;
+  const int64_t bf16_k = I::kBf16Dot ? k_rows : 0, bf16_tile = I::kBf16Dot ? I::BK * I::BQ : 0;
   Carver c{ws};
+  const auto words = [&](int64_t n) { return reinterpret_cast<uint32_t*>(c.take(n)); };
+  const auto halves = [&](int64_t n) { return reinterpret_cast<uint16_t*>(c.take((n + 1) / 2)); };
   BackwardScratch s;
-  s.qt = c.take(q_rows * d);
-  s.dot = c.take(q_rows * d);
-  s.qr = c.take(q_rows * dp);
-  s.dor = c.take(q_rows * dp);
+  s.qt = c.take(fp32_q * d);
+  s.dot = c.take(fp32_q * d);
+  s.qr = c.take(fp32_q * dp);
+  s.dor = c.take(fp32_q * dp);
   s.dq = c.take(q_rows * dp);
   s.lse = c.take(q_rows);
   s.delta = c.take(q_rows);
   s.kt = c.take(k_rows * dp);
-  s.vt = c.take(k_rows * dp);
+  s.vt = c.take((k_rows - bf16_k) * dp);
   s.dk = c.take(k_rows * dp);
   s.dv = c.take(k_rows * dp);
   s.dk_head = c.take(k_rows * dp);
   s.dv_head = c.take(k_rows * dp);
   s.p = c.take(I::BK * I::BQ);
   s.ds = c.take(I::BK * I::BQ);
+  s.qe = words(bf16_q * dp / 2);
+  s.doe = words(bf16_q * dp / 2);
+  s.qrp = words(bf16_q * dp / 2);
+  s.dorp = words(bf16_q * dp / 2);
+  s.k16 = halves(bf16_k * dp);
+  s.v16 = halves(bf16_k * dp);
+  s.p16 = halves(bf16_tile);
+  s.ds16 = halves(bf16_tile);
+  if (floats) *floats = c.used;
   return s;
+}
+
+template <typename I>
+int64_t backward_scratch(int64_t d, int64_t q_rows, int64_t k_rows) {
+  int64_t floats = 0;
+  carve_backward<I>(nullptr, d, q_rows, k_rows, &floats);
+  return floats;
 }
 
 // Packs queries [q_lo, q_hi) of sequence b, head h (q_lo a multiple of BQ) into block 0 onwards of s; Q and dO by rows
@@ -425,11 +701,20 @@ AQUILA_INLINE void pack_queries(const AttentionBackward& a, int64_t b, int64_t h
     const T* q = static_cast<const T*>(a.q.data) + q_token * a.q.token_stride + h * a.q.head_stride;
     const T* dout =
         static_cast<const T*>(a.grad_out.data) + q_token * a.grad_out.token_stride + h * a.grad_out.head_stride;
-    pack_transposed(q, a.q.token_stride, rows, width, d, BQ, scale, s.qt + blk * d * BQ);
-    pack_transposed(dout, a.grad_out.token_stride, rows, width, d, BQ, 1.0f, s.dot + blk * d * BQ);
-    if (by_rows) {
-      pack_rows(q, a.q.token_stride, rows, d, dp, s.qr + blk * BQ * dp);
-      pack_rows(dout, a.grad_out.token_stride, rows, d, dp, s.dor + blk * BQ * dp);
+    if constexpr (I::kBf16Dot) {
+      pack_bf16_element_pairs(q, a.q.token_stride, rows, width, d, dp, BQ, s.qe + blk * dp / 2 * BQ);
+      pack_bf16_element_pairs(dout, a.grad_out.token_stride, rows, width, d, dp, BQ, s.doe + blk * dp / 2 * BQ);
+      if (by_rows) {
+        pack_bf16_row_pairs(q, a.q.token_stride, rows, d, dp, s.qrp + blk * BQ / 2 * dp);
+        pack_bf16_row_pairs(dout, a.grad_out.token_stride, rows, d, dp, s.dorp + blk * BQ / 2 * dp);
+      }
+    } else {
+      pack_transposed(q, a.q.token_stride, rows, width, d, BQ, scale, s.qt + blk * d * BQ);
+      pack_transposed(dout, a.grad_out.token_stride, rows, width, d, BQ, 1.0f, s.dot + blk * d * BQ);
+      if (by_rows) {
+        pack_rows(q, a.q.token_stride, rows, d, dp, s.qr + blk * BQ * dp);
+        pack_rows(dout, a.grad_out.token_stride, rows, d, dp, s.dor + blk * BQ * dp);
+      }
     }
     for (int64_t i = 0; i < width; ++i) {
       const bool real = i < rows;
@@ -451,28 +736,66 @@ AQUILA_INLINE void backward_tile(const AttentionBackward& a, const BackwardScrat
   const int64_t d = a.head_dim, dp = round_up(d, I::W), nd = dp / I::W;
   const int64_t nq = (rows + I::W - 1) / I::W, width = nq * I::W;
   const float* kt = s.kt + key * dp;
-  const float* vt = s.vt + key * dp;
   const float* lse = s.lse + blk * BQ;
   const float* delta = s.delta + blk * BQ;
-  I::product({cols, nq, d, kt, dp, 1, s.qt + blk * d * BQ, BQ, s.p, BQ, false});  // S^T = K (scale Q)^T
+  // The scale is in the packed Q of the fp32 products, applied to the scores with bf16 ones.
+  float scale = 1.0f;
+  if constexpr (I::kBf16Dot) {
+    scale = static_cast<float>(a.scale);
+    I::product_bf16({cols, nq, dp / 2, s.k16 + key * dp, dp, s.qe + blk * dp / 2 * BQ, BQ, s.p, BQ, false});
+  } else {
+    I::product({cols, nq, d, kt, dp, 1, s.qt + blk * d * BQ, BQ, s.p, BQ, false});  // S^T = K (scale Q)^T
+  }
   if (a.causal && j0 + cols - 1 > i0 + shift) causal_mask(s.p, BQ, cols, width, j0 - i0 - shift);
   for (int64_t j = 0; j < cols; ++j) {
     float* __restrict row = s.p + j * BQ;
 #pragma omp simd
-    for (int64_t i = 0; i < width; ++i) row[i] = exp_nonpositive(row[i] - lse[i]);
+    for (int64_t i = 0; i < width; ++i) row[i] = exp_nonpositive(scale * row[i] - lse[i]);
   }
-  // dV += P^T dO
-  if (kv) I::product({cols, nd, rows, s.p, BQ, 1, s.dor + blk * BQ * dp, dp, s.dv_head + key * dp, dp, true});
-  I::product({cols, nq, d, vt, dp, 1, s.dot + blk * d * BQ, BQ, s.ds, BQ, false});  // dP^T = V dO^T
+  const int64_t query_pairs = (rows + 1) / 2;
+  if constexpr (I::kBf16Dot) {
+    if (kv) {  // dV += P^T dO
+      round_to_bf16(s.p, BQ, cols, width, s.p16, BQ);
+      I::product_bf16({cols, nd, query_pairs, s.p16, BQ, s.dorp + blk * BQ / 2 * dp, dp, s.dv_head + key * dp, dp,
+                       true});
+    }
+    I::product_bf16({cols, nq, dp / 2, s.v16 + key * dp, dp, s.doe + blk * dp / 2 * BQ, BQ, s.ds, BQ, false});
+  } else {
+    if (kv) I::product({cols, nd, rows, s.p, BQ, 1, s.dor + blk * BQ * dp, dp, s.dv_head + key * dp, dp, true});
+    I::product({cols, nq, d, s.vt + key * dp, dp, 1, s.dot + blk * d * BQ, BQ, s.ds, BQ, false});  // dP^T = V dO^T
+  }
   for (int64_t j = 0; j < cols; ++j) {
     const float* __restrict prow = s.p + j * BQ;
     float* __restrict row = s.ds + j * BQ;
 #pragma omp simd
     for (int64_t i = 0; i < width; ++i) row[i] = prow[i] * (row[i] - delta[i]);
   }
-  // dK += dS^T Q
-  if (kv) I::product({cols, nd, rows, s.ds, BQ, 1, s.qr + blk * BQ * dp, dp, s.dk_head + key * dp, dp, true});
+  if (kv) {  // dK += dS^T Q
+    if constexpr (I::kBf16Dot) {
+      round_to_bf16(s.ds, BQ, cols, width, s.ds16, BQ);
+      I::product_bf16({cols, nd, query_pairs, s.ds16, BQ, s.qrp + blk * BQ / 2 * dp, dp, s.dk_head + key * dp, dp,
+                       true});
+    } else {
+      I::product({cols, nd, rows, s.ds, BQ, 1, s.qr + blk * BQ * dp, dp, s.dk_head + key * dp, dp, true});
+    }
+  }
   if (dq) I::product({rows, nd, cols, s.ds, 1, BQ, kt, dp, dq, dp, true});  // dQ += dS K
+}
+
+// Keys and values [0, rows) from k and v into the scratch, as the products take them; fp32 keys with bf16 products
+// only when dQ is computed (with_dq).
+template <typename T, typename I>
+AQUILA_INLINE void pack_keys(const T* k, int64_t k_stride, const T* v, int64_t v_stride, int64_t rows, int64_t d,
+                             const BackwardScratch& s, bool with_dq) {
+  const int64_t dp = round_up(d, I::W);
+  if constexpr (I::kBf16Dot) {
+    pack_bf16_rows(k, k_stride, rows, d, dp, s.k16);
+    pack_bf16_rows(v, v_stride, rows, d, dp, s.v16);
+    if (with_dq) pack_rows(k, k_stride, rows, d, dp, s.kt);
+  } else {
+    pack_rows(k, k_stride, rows, d, dp, s.kt);
+    pack_rows(v, v_stride, rows, d, dp, s.vt);
+  }
 }
 
 template <typename T>
@@ -508,8 +831,7 @@ AQUILA_INLINE void key_item(const AttentionBackward& a, int64_t b, int64_t hk, i
   const T* k = static_cast<const T*>(a.k.data) + k_token * a.k.token_stride + hk * a.k.head_stride;
   const T* v = static_cast<const T*>(a.v.data) + k_token * a.v.token_stride + hk * a.v.head_stride;
   const int64_t keys = k_hi - k_lo;
-  pack_rows(k, a.k.token_stride, keys, d, dp, s.kt);
-  pack_rows(v, a.v.token_stride, keys, d, dp, s.vt);
+  pack_keys<T, I>(k, a.k.token_stride, v, a.v.token_stride, keys, d, s, with_dq);
   std::fill(s.dk, s.dk + keys * dp, 0.0f);
   std::fill(s.dv, s.dv + keys * dp, 0.0f);
 
@@ -583,8 +905,8 @@ AQUILA_INLINE void query_item(const AttentionBackward& a, int64_t b, int64_t h, 
   const int64_t k_end = a.causal ? std::clamp<int64_t>(q_hi + shift, 0, k_len) : k_len;
   for (int64_t j0 = 0; j0 < k_end; j0 += BK) {
     const int64_t cols = std::min(BK, k_len - j0);  // as key_item cuts it
-    pack_rows(k + j0 * a.k.token_stride, a.k.token_stride, cols, d, dp, s.kt);
-    pack_rows(v + j0 * a.v.token_stride, a.v.token_stride, cols, d, dp, s.vt);
+    pack_keys<T, I>(k + j0 * a.k.token_stride, a.k.token_stride, v + j0 * a.v.token_stride, a.v.token_stride, cols,
+                    d, s, true);
     for (int64_t i0 = q_lo; i0 < q_hi; i0 += BQ) {
       const int64_t rows = std::min(BQ, q_hi - i0);
       if (sees(a, j0, i0, rows, shift))
@@ -633,11 +955,15 @@ struct Kernels {
 AQUILA_ATTENTION_ENTRIES(Baseline, )
 AQUILA_ATTENTION_ENTRIES(Avx2, AQUILA_TARGET_AVX2)
 AQUILA_ATTENTION_ENTRIES(Avx512, AQUILA_TARGET_AVX512)
+AQUILA_ATTENTION_ENTRIES(Avx512Bf16, AQUILA_TARGET_AVX512)
 #undef AQUILA_ATTENTION_ENTRIES
 
 template <typename T>
 Kernels<T> kernels() {
   switch (simd_level()) {
+    case SimdLevel::avx512_bf16:
+      if constexpr (std::is_same_v<T, bf16>) return kernels_Avx512Bf16<T>();
+      return kernels_Avx512<T>();
     case SimdLevel::avx512: return kernels_Avx512<T>();
     case SimdLevel::avx2: return kernels_Avx2<T>();
     default: return kernels_Baseline<T>();

@@ -3,6 +3,7 @@
 
 #include <cstdint>
 #include <cstdlib>
+#include <algorithm>
 #include <cstring>
 #include <stdexcept>
 #include <string>
@@ -139,9 +140,19 @@ AQUILA_INLINE float exp_nonpositive(float x) {
   return x < -87.0f ? 0.0f : p * scale;
 }
 
-// The widest of the x86-64 levels AQUILA_TARGET_AVX2 (x86-64-v3) and AQUILA_TARGET_AVX512 (x86-64-v4) that this CPU
-// runs. The environment variable AQUILA_CPU_ISA=avx2 or =baseline caps it, to test the narrower paths on a wider CPU.
-enum class SimdLevel : int { baseline = 0, avx2 = 1, avx512 = 2 };
+// The widest of the kernels' ISA levels that this CPU runs: x86-64 baseline, AVX2 (AQUILA_TARGET_AVX2, x86-64-v3),
+// AVX-512 (AQUILA_TARGET_AVX512, x86-64-v4), and AVX-512 with AVX512-BF16, where the attention takes bf16 operands in
+// its products (vdpbf16ps: see csrc/cpu/attention.cpp); AMX hosts have AVX512-BF16 and take that path, as no kernel
+// here uses AMX tiles. The environment variable AQUILA_CPU_ISA=avx512, =avx2 or =baseline caps the level, to test
+// the narrower paths on a wider CPU; another value is an error at the first kernel call.
+enum class SimdLevel : int { baseline = 0, avx2 = 1, avx512 = 2, avx512_bf16 = 3 };
+
+constexpr const char* simd_level_name(SimdLevel level) {
+  return level == SimdLevel::avx512_bf16 ? "avx512_bf16"
+         : level == SimdLevel::avx512    ? "avx512"
+         : level == SimdLevel::avx2      ? "avx2"
+                                         : "baseline";
+}
 
 inline SimdLevel simd_level() {
   static const SimdLevel level = [] {
@@ -149,14 +160,22 @@ inline SimdLevel simd_level() {
 #if AQUILA_HAVE_SIMD_TARGETS
     __builtin_cpu_init();
     if (__builtin_cpu_supports("x86-64-v4")) {
-      best = SimdLevel::avx512;
+      best = __builtin_cpu_supports("avx512bf16") ? SimdLevel::avx512_bf16 : SimdLevel::avx512;
     } else if (__builtin_cpu_supports("x86-64-v3")) {
       best = SimdLevel::avx2;
     }
 #endif
-    const char* cap = std::getenv("AQUILA_CPU_ISA");
-    if (cap && std::strcmp(cap, "baseline") == 0) best = SimdLevel::baseline;
-    if (cap && std::strcmp(cap, "avx2") == 0 && best > SimdLevel::avx2) best = SimdLevel::avx2;
+    if (const char* cap = std::getenv("AQUILA_CPU_ISA")) {
+      bool known = false;
+      for (SimdLevel level : {SimdLevel::baseline, SimdLevel::avx2, SimdLevel::avx512, SimdLevel::avx512_bf16}) {
+        if (std::strcmp(cap, simd_level_name(level)) != 0) continue;
+        known = true;
+        best = std::min(best, level);
+      }
+      if (!known)
+        throw std::invalid_argument(std::string("aquila: AQUILA_CPU_ISA=") + cap +
+                                    " is not one of avx512_bf16, avx512, avx2, baseline");
+    }
     return best;
   }();
   return level;

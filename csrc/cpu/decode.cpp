@@ -12,12 +12,6 @@
 namespace aquila::cpu {
 namespace {
 
-// x . row over `cols` floats, in A vector accumulators (A independent FMA chains: one would expose the FMA latency,
-// 24 dependent FMAs for a 384-long row, which at batch 8 makes the step compute-bound) while the row streams through
-// in order. It also asks for the row's lines `prefetch` bytes ahead of those it reads (0: no prefetch): the hardware
-// prefetchers alone can fall behind a loop that consumes a cache line every cycle or two, and the distance that pays
-// differs from CPU to CPU, so the caller chooses it (aquila/model/native_decode.py tunes it once per host). Reading
-// past the end of w is harmless: a prefetch never faults.
 // W weights from memory as W fp32 lanes: fp32 as they are, bf16 widened (its bits are fp32's upper half).
 template <typename V>
 AQUILA_INLINE void load_weights(V& v, const float* p) {
@@ -39,12 +33,24 @@ AQUILA_INLINE void load_weights(V& v, const bf16* p) {
   std::memcpy(&v, &words, sizeof v);
 }
 
-template <int W, int A, typename T>
-AQUILA_INLINE float dot(const T* __restrict row, int64_t cols, const float* __restrict x, int64_t prefetch) {
+// out[n * out_stride] = x_n . row over `cols` floats, for the NB inputs x_n = x + n * x_stride, in A vector
+// accumulators per input (A independent FMA chains: one would expose the FMA latency, 24 dependent FMAs for a
+// 384-long row) while the row streams through in order. Each vector of weights is loaded, and widened from bf16, once
+// for all NB inputs: at batch 8, a dot per input would load and widen every weight eight times, and the step would be
+// bound by those instructions instead of by the weight reads. It also asks for the row's lines `prefetch` bytes ahead
+// of those it reads (0: no prefetch): the hardware prefetchers alone can fall behind a loop that consumes a cache line
+// every cycle or two, and the distance that pays differs from CPU to CPU, so the caller chooses it
+// (aquila/model/native_decode.py tunes it once per host). Reading past the end of w is harmless: a prefetch never
+// faults.
+template <int W, int A, int NB, typename T>
+AQUILA_INLINE void dots(const T* __restrict row, int64_t cols, const float* __restrict x, int64_t x_stride,
+                        float* __restrict out, int64_t out_stride, int64_t prefetch) {
   using V = typename Lanes<W>::type;
-  V acc[A];
+  V acc[NB][A];
 #pragma GCC unroll 16
-  for (int a = 0; a < A; ++a) acc[a] = V{};
+  for (int n = 0; n < NB; ++n)
+#pragma GCC unroll 16
+    for (int a = 0; a < A; ++a) acc[n][a] = V{};
   int64_t j = 0;
   for (; j + A * W <= cols; j += A * W) {
     if (prefetch > 0) {
@@ -55,44 +61,67 @@ AQUILA_INLINE float dot(const T* __restrict row, int64_t cols, const float* __re
     }
 #pragma GCC unroll 16
     for (int a = 0; a < A; ++a) {
-      V wv, xv;
+      V wv;
       load_weights(wv, row + j + a * W);
-      load(xv, x + j + a * W);
-      acc[a] += wv * xv;
+#pragma GCC unroll 16
+      for (int n = 0; n < NB; ++n) {
+        V xv;
+        load(xv, x + n * x_stride + j + a * W);
+        acc[n][a] += wv * xv;
+      }
     }
   }
   for (; j + W <= cols; j += W) {
-    V wv, xv;
+    V wv;
     load_weights(wv, row + j);
-    load(xv, x + j);
-    acc[0] += wv * xv;
+#pragma GCC unroll 16
+    for (int n = 0; n < NB; ++n) {
+      V xv;
+      load(xv, x + n * x_stride + j);
+      acc[n][0] += wv * xv;
+    }
   }
 #pragma GCC unroll 16
-  for (int a = 1; a < A; ++a) acc[0] += acc[a];
-  // The lanes summed pairwise, as a tree: W dependent scalar adds would cost as much as the row's FMAs.
-  float lanes[W];
-  store(lanes, acc[0]);
+  for (int n = 0; n < NB; ++n) {
 #pragma GCC unroll 16
-  for (int width = W / 2; width >= 1; width /= 2) {
+    for (int a = 1; a < A; ++a) acc[n][0] += acc[n][a];
+    // The lanes summed pairwise, as a tree: W dependent scalar adds would cost as much as the row's FMAs.
+    float lanes[W];
+    store(lanes, acc[n][0]);
 #pragma GCC unroll 16
-    for (int lane = 0; lane < width; ++lane) lanes[lane] += lanes[lane + width];
+    for (int width = W / 2; width >= 1; width /= 2) {
+#pragma GCC unroll 16
+      for (int lane = 0; lane < width; ++lane) lanes[lane] += lanes[lane + width];
+    }
+    float total = lanes[0];
+    for (int64_t t = j; t < cols; ++t) total += to_float(row[t]) * x[n * x_stride + t];
+    out[n * out_stride] = total;
   }
-  float total = lanes[0];
-  for (; j < cols; ++j) total += to_float(row[j]) * x[j];
-  return total;
+}
+
+// The inputs [b, batch) of one row: NB at a time, then the rest by a narrower instance.
+template <int W, int A, int NB, typename T>
+AQUILA_INLINE void dots_over_batch(const T* __restrict row, int64_t cols, const float* __restrict in,
+                                   int64_t in_stride, float* __restrict out, int64_t out_stride, int64_t b,
+                                   int64_t batch, int64_t prefetch) {
+  for (; b + NB <= batch; b += NB)
+    dots<W, A, NB, T>(row, cols, in + b * in_stride, in_stride, out + b * out_stride, out_stride, prefetch);
+  if constexpr (NB > 1) {
+    if (b < batch) dots_over_batch<W, A, NB / 2, T>(row, cols, in, in_stride, out, out_stride, b, batch, prefetch);
+  }
 }
 
 // out[b * out_stride + r] = in[b] . w[r] for the rows r, split over the team (each thread streams its own rows of w,
-// once for the whole batch: a row stays in L1 while every input uses it).
+// once for the whole batch: a row stays in L1 while every input uses it). NB inputs share each load of the weights:
+// as many as the registers hold with A accumulators each (32 vector registers with AVX-512, 16 below).
 template <int W, int A, typename T>
 AQUILA_INLINE void project(const T* __restrict w, int64_t rows, int64_t cols, const float* __restrict in,
                            int64_t in_stride, float* __restrict out, int64_t out_stride, int64_t batch,
                            int64_t prefetch) {
+  constexpr int NB = W == 16 ? 4 : 2;
 #pragma omp for schedule(static)
-  for (int64_t r = 0; r < rows; ++r) {
-    for (int64_t b = 0; b < batch; ++b)
-      out[b * out_stride + r] = dot<W, A, T>(w + r * cols, cols, in + b * in_stride, prefetch);
-  }
+  for (int64_t r = 0; r < rows; ++r)
+    dots_over_batch<W, A, NB, T>(w + r * cols, cols, in, in_stride, out + r, out_stride, 0, batch, prefetch);
 }
 
 // normed = (residual (+)= x) / rms * weight, over one token's features.
@@ -249,7 +278,7 @@ AQUILA_TARGET_AVX512 void decode_avx512(const DecodeStep& a, const float* cos_si
 template <typename T>
 void run(const DecodeStep& a, int threads) {
   const SimdLevel level = simd_level();
-  auto* step = level == SimdLevel::avx512 ? decode_avx512<T>
+  auto* step = level >= SimdLevel::avx512 ? decode_avx512<T>
                : level == SimdLevel::avx2 ? decode_avx2<T>
                                            : decode_baseline<T>;
   const std::vector<float> cos_sin = rotations(a);

@@ -14,6 +14,8 @@ from aquila.kernels import attention, attention_with_kv_cache, reference
 from aquila.kernels import backend as _backend
 from tests.helpers import backend_params
 
+REPO = os.path.dirname(os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
+
 
 def error(actual, expected):
     return (actual.double() - expected.double()).abs().max().item()
@@ -192,29 +194,49 @@ def test_bad_input_gets_a_clear_error(call, error, words):
         call()
 
 
-@pytest.mark.parametrize("isa", ["avx2", "baseline"])
-def test_narrower_cpu_paths(isa):
-    """The CPU attention has its own AVX2 and baseline tilings; this machine may run AVX-512, so force each one in
-    a fresh process (the choice is made once per process) and compare with the float64 reference."""
-    script = """
+@pytest.mark.parametrize("dtype", ["float32", "bfloat16"])
+@pytest.mark.parametrize("isa", ["avx512", "avx2", "baseline"])
+def test_narrower_cpu_paths(isa, dtype):
+    """The CPU attention has a path per ISA level (csrc/cpu/common.h): bf16 products on AVX512-BF16, and fp32 tilings
+    for AVX-512, AVX2 and the baseline. The widest this machine has runs in the other tests; force each narrower one
+    in a fresh process (the choice is made once per process), forward and backward, by the criterion of
+    test_batched, split and unsplit backward alike (one kv head, then eight)."""
+    script = f"""
+import sys
+sys.path.insert(0, {REPO!r})
 import torch
-from aquila.kernels import attention, reference
+from aquila.kernels import attention
+from aquila.kernels import backend
+from tests.kernels.test_attention import check
 torch.manual_seed(0)
-q = torch.randn(2, 70, 4, 80, requires_grad=True)
-k, v = (torch.randn(2, 70, 2, 80, requires_grad=True) for _ in range(2))
-out = attention(q, k, v, causal=True, backend="cpu")
-out.sum().backward()
-leaves = [t.detach().double().reshape(-1, *t.shape[2:]).requires_grad_() for t in (q, k, v)]
-expected, _ = reference.attention(*leaves, [(0, 70, 0, 70), (70, 70, 70, 70)], 80 ** -0.5, True)
-expected.sum().backward()
-errors = [(a.double().reshape(b.shape) - b).abs().max().item() for a, b in
-          [(out, expected), (q.grad, leaves[0].grad), (k.grad, leaves[1].grad), (v.grad, leaves[2].grad)]]
-assert max(errors) < 1e-4, errors
-print("ok", errors)
+for heads_k in (1, 8):
+    q = torch.randn(2, 70, 8, 80).to(torch.{dtype})
+    k, v = (torch.randn(2, 70, heads_k, 80).to(torch.{dtype}) for _ in range(2))
+    check(q, k, v, [(0, 70, 0, 70), (70, 70, 70, 70)], True, "cpu",
+          lambda *t: attention(*t, causal=True, backend="cpu"))
+print(backend.cpu_extension.cpu_isa())
 """
     result = subprocess.run([sys.executable, "-c", script], env={**os.environ, "AQUILA_CPU_ISA": isa},
                             capture_output=True, text=True, timeout=300)
-    assert result.returncode == 0 and result.stdout.startswith("ok"), result.stdout + result.stderr
+    assert result.returncode == 0, result.stdout + result.stderr
+    levels = ["baseline", "avx2", "avx512", "avx512_bf16"]
+    assert levels.index(result.stdout.split()[-1]) <= levels.index(isa), result.stdout
+
+
+def test_an_unknown_cpu_isa_is_named():
+    script = """
+import torch
+from aquila.kernels import attention
+q = torch.randn(1, 4, 1, 8)
+try:
+    attention(q, q, q, backend="cpu")
+except ValueError as error:
+    print(error)
+"""
+    result = subprocess.run([sys.executable, "-c", script], env={**os.environ, "AQUILA_CPU_ISA": "avx9"},
+                            capture_output=True, text=True, timeout=300)
+    assert "AQUILA_CPU_ISA=avx9 is not one of avx512_bf16, avx512, avx2, baseline" in result.stdout, (
+        result.stdout + result.stderr)
 
 
 def test_cache_lengths_are_checked_before_the_cast_to_int32():
