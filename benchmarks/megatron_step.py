@@ -7,8 +7,12 @@ embedding and output layer. Under Megatron's DistributedDataParallel (contiguous
 reductions overlapped with backward) with either its distributed optimizer (optimizer states, and in bf16 the fp32
 main params, sharded over the processes; gradients reduce-scattered and parameters all-gathered: ZeRO-1 with ZeRO-2's
 communication, the full gradient buffer kept on every process) or its plain optimizer (gradients all-reduced). In
-bf16 (on GPU) it trains as Megatron does, bf16 parameters with fp32 main params in the optimizer, where Aquila keeps
-fp32 parameters and computes in bf16; both reduce gradients in fp32.
+bf16 (args.precision, on CPU as on GPU) it trains as Megatron does with bf16=True: bf16 parameters (params_dtype)
+behind its Float16Module (which casts floating-point inputs to bf16 and the per-token loss back to fp32); gradients
+accumulated and reduced in fp32 (grad_reduce_in_fp32, Megatron's --accumulate-allreduce-grads-in-fp32); fp32 main
+params and AdamW state in its optimizer (Float16OptimizerWithFloat16Params, or the distributed optimizer's fp32
+shards), copied into the bf16 parameters after each step. Aquila instead keeps fp32 parameters and computes in bf16
+under autocast; both reduce gradients in fp32. No part of this needs more than the shims below on CPU.
 Megatron's training loop, in one function: zero the gradient buffers, forward, backward, finish the gradient sync,
 the optimizer's step with clipping.
 
@@ -22,8 +26,8 @@ those at the CPU, in this process only (the library never sees it):
 - torch.cuda.current_device(), the device of its gradient buffers and rotary frequencies: the CPU;
 - device="cuda" written out in tensor factories (the causal attention mask, the optimizer's found-inf flag, the norm
   of the clipping): the CPU;
-- tensor.type() == "torch.cuda.FloatTensor", how its optimizers and clipping tell fp32 parameters: a CPU tensor
-  reports the CUDA name of its type;
+- tensor.type() == "torch.cuda.FloatTensor" (or "torch.cuda.BFloat16Tensor"), how its optimizers and clipping
+  tell fp32 parameters from bf16 ones, which get fp32 main params: a CPU tensor reports the CUDA name of its type;
 - the CUDA RNG state that model_parallel_cuda_manual_seed seeds and its RNG tracker forks (weight init, dropout
   regions): the CPU generator's.
 """
@@ -86,7 +90,7 @@ def build(args, device, engine):
 
     parallel_state.initialize_model_parallel()  # tensor and pipeline parallel 1: data parallel over every process
     model_parallel_cuda_manual_seed(0)
-    bf16 = device.type == "cuda"
+    bf16 = args.precision == "bf16"
     config = TransformerConfig(num_layers=args.layers, hidden_size=args.dim, num_attention_heads=args.heads,
                                ffn_hidden_size=args.ffn, normalization="RMSNorm", layernorm_epsilon=1e-5,
                                gated_linear_unit=True, activation_func=torch.nn.functional.silu,

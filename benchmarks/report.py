@@ -5,7 +5,9 @@
     python benchmarks/report.py FILE.json ...    # prints each file's table instead
 
 The page is benchmarks/README.template.md filled in: {results} becomes a table of the newest
-results/kernels-<kind>-<date>.json of every machine kind (cpu, cuda), and every other {name} a figure computed by
+results/kernels-<kind>-<date>.json of every machine kind (cpu, cuda), every op labelled with its precision (records
+from before it was recorded: fp32 on CPU, bf16 on GPU), then, where the run has the whole training step, Aquila's
+speed relative to each contender in the same precision against the targets; every other {name} is a figure computed by
 cpu_figures() from the newest CPU results and results/history.csv (earlier runs: the rows of the benchmarks whose
 spread over runs the page quotes). The prose around the figures was written for those runs: when a new run
 replaces one, read the page again. Each output is written atomically, and the same inputs give the same bytes.
@@ -76,8 +78,20 @@ def describe_machine(report):
     return text
 
 
+def dtype_of(result, device):
+    """The precision of a result: its record's, or for records from before it was recorded the benchmarks' precision
+    then (fp32 on CPU, bf16 on GPU)."""
+    return result.get("dtype") or default_dtype(device)
+
+
+def label(result, device):
+    """The op's label ending with its precision, as labels are written since bf16 runs on CPU; older labels lack it."""
+    dtype = dtype_of(result, device)
+    return result["op"] if result["op"].endswith(f", {dtype}") else f"{result['op']}, {dtype}"
+
+
 def render(report):
-    """The Markdown table of one results JSON."""
+    """The Markdown table of one results JSON, then the whole training step's ratios where the run has it."""
     interrupted = " Interrupted: a partial run." if report.get("interrupted") else ""
     lines = [f"Machine: {machine_of(report)['description']} ({report['device']}); torch {report['torch']}, "
              f"triton {report.get('triton', '-')}; {report['date']}.{interrupted} {describe_machine(report)}", "",
@@ -88,7 +102,65 @@ def render(report):
                  cell(r.get("gflop_per_s"), "{:.0f}"), cell(r.get("fraction_of_matmul"), "{:.0%}"),
                  cell(r.get("speedup_vs_baseline", r.get("speedup_vs_eager")), "{:.2f}x"),
                  cell(r.get("peak_extra_bytes", r.get("peak_memory_bytes")), "{:.0f}", 1e-6)]
-        lines.append(f"| {r['op']} | {r['impl']} | {r['seconds'] * 1e3:.2f} | " + " | ".join(cells) + " |")
+        lines.append(f"| {label(r, report['device'])} | {r['impl']} | {r['seconds'] * 1e3:.2f} | " + " | ".join(cells)
+                     + " |")
+    training = render_training_step(report)
+    return "\n".join(lines) + (f"\n\n{training}" if training else "")
+
+
+# The whole training step's contenders, in the order of their columns (others a run may add follow), and the speed
+# Aquila is to reach against each: at least 1.5x DeepSpeed ZeRO-2 and Megatron-core's distributed optimizer, and
+# ahead of transformers + torch.compile, with each of its engines and in each precision.
+STEP_CONTENDERS = ["transformers + deepspeed zero-2", "megatron-core distributed optimizer", "megatron-core ddp",
+                   "transformers sdpa + torch.compile, ddp"]
+STEP_TARGETS = {"transformers + deepspeed zero-2": (1.5, "DeepSpeed"),
+                "megatron-core distributed optimizer": (1.5, "Megatron distributed optimizer"),
+                "transformers sdpa + torch.compile, ddp": (1.0, "torch.compile")}
+
+
+def training_step_ratios(report):
+    """[(op, precision, Aquila's implementation, {contender: its seconds over Aquila's})] for each whole training
+    step of the run (one op per shape and precision; the op without its precision) and each of Aquila's engines in
+    it: ratios only between results of the same op, hence the same shape and precision."""
+    by_op = {}
+    for r in report["results"]:
+        if r["op"].startswith("training step "):
+            by_op.setdefault(r["op"], []).append(r)
+    table = []
+    for results in by_op.values():
+        contenders = [r for r in results if not r["impl"].startswith("aquila")]
+        for mine in (r for r in results if r["impl"].startswith("aquila")):
+            dtype = dtype_of(mine, report["device"])
+            table.append((label(mine, report["device"]).removesuffix(f", {dtype}"), dtype, mine["impl"],
+                          {r["impl"]: r["seconds"] / mine["seconds"] for r in contenders}))
+    return table
+
+
+def targets_cell(ratios):
+    """Whether Aquila meets the targets against the contenders that ran, and which did not run."""
+    # "Ahead of" torch.compile is strictly faster; "at least" 1.5x the others includes 1.5x.
+    missed = [f"{name} {ratios[impl]:.2f}x" for impl, (target, name) in STEP_TARGETS.items()
+              if impl in ratios and (ratios[impl] <= target if target == 1.0 else ratios[impl] < target)]
+    absent = [name for impl, (_, name) in STEP_TARGETS.items() if impl not in ratios]
+    text = "missed: " + ", ".join(missed) if missed else "met"
+    return text + (f" (not run: {', '.join(absent)})" if absent else "")
+
+
+def render_training_step(report):
+    """The whole training step's table: per shape and precision, each of Aquila's engines against each contender in
+    the same precision; "" where the run has no training step."""
+    table = training_step_ratios(report)
+    if not table:
+        return ""
+    columns = STEP_CONTENDERS + sorted({impl for *_, ratios in table for impl in ratios} - set(STEP_CONTENDERS))
+    lines = ["Whole training step: Aquila's speed relative to each contender in the same precision (the contender's "
+             "seconds per step over Aquila's; > 1 is faster). Targets: at least 1.5x transformers + DeepSpeed ZeRO-2 "
+             "and Megatron-core's distributed optimizer, ahead of transformers + torch.compile.", "",
+             "| op | precision | Aquila | " + " | ".join(f"vs {impl}" for impl in columns) + " | targets |",
+             "| --- | --- | --- | " + " | ".join("---:" for _ in columns) + " | --- |"]
+    for op, dtype, impl, ratios in table:
+        cells = [cell(ratios.get(contender), "{:.2f}x") for contender in columns]
+        lines.append(f"| {op} | {dtype} | {impl} | " + " | ".join(cells) + f" | {targets_cell(ratios)} |")
     return "\n".join(lines)
 
 
@@ -121,7 +193,7 @@ def chart_svg(report):
         colors = ["tab:green" if "aquila" in r["impl"] else "tab:gray" for r in rows]
         axes.barh(range(len(rows)), [r["speedup_vs_baseline"] for r in rows], color=colors)
         axes.axvline(1.0, color="black", linewidth=0.8)
-        axes.set_yticks(range(len(rows)), [f"{r['op']} | {r['impl']}" for r in rows], fontsize=7)
+        axes.set_yticks(range(len(rows)), [f"{label(r, report['device'])} | {r['impl']}" for r in rows], fontsize=7)
         axes.invert_yaxis()
         axes.set_xlabel("speed relative to the op's baseline (torch eager, SDPA, transformers or DeepSpeed); "
                         "> 1 is faster")
