@@ -8,6 +8,7 @@
 #include <pybind11/pybind11.h>
 
 #include <set>
+#include <stdexcept>
 #include <string>
 
 #include "kernels.h"
@@ -63,6 +64,12 @@ class Fields {
 
 // One reader per struct of kernels.h, its fields in the struct's order.
 
+inline GluActivation glu_activation(int64_t code) {
+  if (code < 0 || code > static_cast<int64_t>(GluActivation::gelu_tanh))
+    throw std::invalid_argument("aquila: unknown GLU activation code " + std::to_string(code));
+  return static_cast<GluActivation>(code);
+}
+
 inline RmsNormForward read(Fields& f, RmsNormForward*) {
   return {f.ptr("x"), f.i64("x_row_stride"), f.ptr("residual"), f.i64("residual_row_stride"), f.ptr<float>("weight"),
           f.ptr("out"), f.ptr("residual_out"), f.ptr<float>("rstd"), f.i64("rows"), f.i64("hidden"), f.f64("eps"),
@@ -82,6 +89,17 @@ inline Rotary read(Fields& f, Rotary*) {
           f.i64("positions_stride_batch"), f.i64("positions_stride_seq"), f.i64("offset"), f.i64("batch"),
           f.i64("seq"), f.i64("heads"), f.i64("head_dim"), f.f64("theta"), f.flag("interleaved"), f.flag("inverse"),
           f.dtype()};
+}
+
+inline GluForward read(Fields& f, GluForward*) {
+  return {f.ptr("gate"), f.i64("gate_row_stride"), f.ptr("up"), f.i64("up_row_stride"), f.ptr("out"), f.i64("rows"),
+          f.i64("cols"), glu_activation(f.i64("activation")), f.dtype()};
+}
+
+inline GluBackward read(Fields& f, GluBackward*) {
+  return {f.ptr("grad_out"), f.i64("grad_out_row_stride"), f.ptr("gate"), f.i64("gate_row_stride"), f.ptr("up"),
+          f.i64("up_row_stride"), f.ptr("grad_gate"), f.ptr("grad_up"), f.i64("rows"), f.i64("cols"),
+          glu_activation(f.i64("activation")), f.dtype()};
 }
 
 inline CrossEntropy read(Fields& f, CrossEntropy*) {

@@ -31,6 +31,8 @@ PYBIND11_MODULE(_C, m) {
   aquila::bind_kernel(m, "rms_norm_forward", "threads", cpu::rms_norm_forward);
   aquila::bind_kernel(m, "rms_norm_backward", "threads", cpu::rms_norm_backward);
   aquila::bind_kernel(m, "rotary", "threads", cpu::rotary);
+  aquila::bind_kernel(m, "glu_forward", "threads", cpu::glu_forward);
+  aquila::bind_kernel(m, "glu_backward", "threads", cpu::glu_backward);
   aquila::bind_kernel(m, "cross_entropy", "threads", cpu::cross_entropy);
   aquila::bind_kernel(m, "attention_forward", "threads", cpu::attention_forward);
   aquila::bind_kernel(m, "attention_backward", "threads", cpu::attention_backward);

@@ -55,6 +55,39 @@ struct Rotary {
   DType dtype;
 };
 
+// A gated linear unit, elementwise over rows x cols of a gate and an up projection (the MLP of LLaMA, Gemma):
+//   out = act(gate) * up
+// act: SwiGLU's silu(g) = g sigmoid(g), or GeGLU's gelu(g) = g Phi(g), exact (erf) or tanh-approximated. The backward
+// recomputes act from the gate, so the forward saves only its inputs:
+//   grad_gate = grad_out * up * act'(gate),   grad_up = grad_out * act(gate)
+// Arithmetic in fp32, one rounding per output element.
+enum class GluActivation : int64_t { silu = 0, gelu = 1, gelu_tanh = 2 };
+
+struct GluForward {
+  const void* gate;
+  int64_t gate_row_stride;
+  const void* up;
+  int64_t up_row_stride;
+  void* out;  // rows x cols, contiguous
+  int64_t rows, cols;
+  GluActivation activation;
+  DType dtype;
+};
+
+struct GluBackward {
+  const void* grad_out;
+  int64_t grad_out_row_stride;
+  const void* gate;
+  int64_t gate_row_stride;
+  const void* up;
+  int64_t up_row_stride;
+  void* grad_gate;  // rows x cols, contiguous
+  void* grad_up;    // rows x cols, contiguous
+  int64_t rows, cols;
+  GluActivation activation;
+  DType dtype;
+};
+
 // Softmax cross-entropy of each row of logits against its target, with label smoothing eps and z-loss lambda:
 //   lse = log sum_j exp(z_j)
 //   loss = lse - (1 - eps) z_t - (eps / vocab) sum_j z_j + lambda lse^2
@@ -166,6 +199,8 @@ void decode_step(const DecodeStep& args, int threads);
 void rms_norm_forward(const RmsNormForward& args, int threads);
 void rms_norm_backward(const RmsNormBackward& args, int threads);  // partial_rows >= threads
 void rotary(const Rotary& args, int threads);
+void glu_forward(const GluForward& args, int threads);
+void glu_backward(const GluBackward& args, int threads);
 void cross_entropy(const CrossEntropy& args, int threads);
 void attention_forward(const AttentionForward& args, int threads);
 void attention_backward(const AttentionBackward& args, int threads);

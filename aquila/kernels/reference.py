@@ -4,6 +4,8 @@ Each computes in fp32 for fp16/bf16/fp32 inputs and in float64 for float64 input
 exactly as the kernels are specified to. The tests feed them float64 copies of the kernels' inputs.
 """
 
+import math
+
 import torch
 
 from aquila import IGNORE_INDEX
@@ -11,6 +13,30 @@ from aquila import IGNORE_INDEX
 
 def compute_dtype(dtype):
     return torch.promote_types(dtype, torch.float32)
+
+
+# The activations of the gated linear units, by the codes of csrc/kernels.h's GluActivation.
+GLU_ACTIVATIONS = {0: torch.nn.functional.silu, 1: torch.nn.functional.gelu,
+                   2: lambda g: torch.nn.functional.gelu(g, approximate="tanh")}
+
+
+def glu_slope(gate, activation):
+    """act'(gate) in closed form (the torch backend's backward, where no autograd graph can be recorded)."""
+    g = gate.to(compute_dtype(gate.dtype))
+    if activation == 0:
+        sigmoid = torch.sigmoid(g)
+        return sigmoid * (1 + g * (1 - sigmoid))
+    if activation == 1:
+        return 0.5 * (1 + torch.erf(g * 0.5 ** 0.5)) + g * torch.exp(-0.5 * g * g) * (2 * math.pi) ** -0.5
+    k = (2 / math.pi) ** 0.5
+    t = torch.tanh(k * (g + 0.044715 * g ** 3))
+    return 0.5 * (1 + t) + 0.5 * g * (1 - t * t) * k * (1 + 3 * 0.044715 * g * g)
+
+
+def glu(gate, up, activation):
+    """act(gate) * up, act by its GluActivation code (0 silu, 1 exact gelu, 2 tanh-approximated gelu)."""
+    compute = compute_dtype(gate.dtype)
+    return (GLU_ACTIVATIONS[activation](gate.to(compute)) * up.to(compute)).to(gate.dtype)
 
 
 def rms_norm(x, weight, eps=1e-6, residual=None):

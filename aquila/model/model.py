@@ -18,7 +18,7 @@ import torch
 from torch import Tensor, nn
 
 from aquila import IGNORE_INDEX
-from aquila.kernels import RMSNorm, apply_rotary, attention, attention_with_kv_cache, linear_cross_entropy
+from aquila.kernels import RMSNorm, apply_rotary, attention, attention_with_kv_cache, linear_cross_entropy, swiglu
 from aquila.model import native_decode
 from aquila.model.config import AquilaConfig
 
@@ -104,16 +104,17 @@ class Attention(nn.Module):
 
 
 class FeedForward(nn.Module):
-    """SwiGLU: w2(silu(w1 x) * w3 x)."""
+    """SwiGLU: w2(silu(w1 x) * w3 x), the activation fused (recomputed in the backward rather than saved)."""
 
-    def __init__(self, config: AquilaConfig):
+    def __init__(self, config: AquilaConfig, backend: Optional[str] = None):
         super().__init__()
+        self.backend = backend
         self.w1 = nn.Linear(config.dim, config.hidden_dim, bias=False)
         self.w2 = nn.Linear(config.hidden_dim, config.dim, bias=False)
         self.w3 = nn.Linear(config.dim, config.hidden_dim, bias=False)
 
     def forward(self, x: Tensor) -> Tensor:
-        return self.w2(nn.functional.silu(self.w1(x)) * self.w3(x))
+        return self.w2(swiglu(self.w1(x), self.w3(x), backend=self.backend))
 
 
 class Block(nn.Module):
@@ -124,7 +125,7 @@ class Block(nn.Module):
         self.attention_norm = RMSNorm(config.dim, config.norm_eps, backend=backend)
         self.attention = Attention(config, backend)
         self.ffn_norm = RMSNorm(config.dim, config.norm_eps, backend=backend)
-        self.feed_forward = FeedForward(config)
+        self.feed_forward = FeedForward(config, backend)
 
     def forward(self, x, residual, positions, cu_seqlens, cache=None):
         if residual is None:  # the first block: the embeddings are the residual stream

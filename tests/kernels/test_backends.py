@@ -12,11 +12,13 @@ from aquila.kernels import (
     cross_entropy,
     linear_cross_entropy,
     rms_norm,
+    swiglu,
 )
 from aquila.kernels import backend as _backend
 from aquila.kernels.attention import IMPLEMENTATIONS as ATTENTION
 from aquila.kernels.attention import KV_CACHE_IMPLEMENTATIONS as ATTENTION_WITH_KV_CACHE
 from aquila.kernels.cross_entropy import IMPLEMENTATIONS as CROSS_ENTROPY
+from aquila.kernels.glu import IMPLEMENTATIONS as GLU
 from aquila.kernels.rms_norm import IMPLEMENTATIONS as RMS_NORM
 from aquila.kernels.rotary import IMPLEMENTATIONS as ROTARY
 
@@ -43,6 +45,11 @@ def _linear_cross_entropy(backend, grad):
     return linear_cross_entropy(hidden, weight, torch.randint(0, 33, (6,)), backend=backend), [hidden, weight]
 
 
+def _glu(backend, grad):
+    gate, up = (torch.randn(3, 40, requires_grad=grad) for _ in range(2))
+    return swiglu(gate, up, backend=backend), [gate, up]
+
+
 def _attention(backend, grad):
     q, k, v = (torch.randn(2, 7, heads, 16, requires_grad=grad) for heads in (4, 2, 2))
     return attention(q, k, v, causal=True, backend=backend), [q, k, v]
@@ -59,6 +66,7 @@ OPS = {
     "rotary": (_rotary, ROTARY),
     "cross_entropy": (_cross_entropy, CROSS_ENTROPY),
     "linear_cross_entropy": (_linear_cross_entropy, CROSS_ENTROPY),
+    "glu": (_glu, GLU),
     "attention": (_attention, ATTENTION),
     "attention_with_kv_cache": (_attention_with_kv_cache, ATTENTION_WITH_KV_CACHE),
 }
