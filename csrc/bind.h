@@ -88,6 +88,7 @@ inline Rotary read(Fields& f, Rotary*) {
           f.i64("out_stride_batch"), f.i64("out_stride_seq"), f.i64("out_stride_head"), f.ptr<int64_t>("positions"),
           f.i64("positions_stride_batch"), f.i64("positions_stride_seq"), f.i64("offset"), f.i64("batch"),
           f.i64("seq"), f.i64("heads"), f.i64("head_dim"), f.f64("theta"), f.flag("interleaved"), f.flag("inverse"),
+          f.ptr<float>("cos"), f.ptr<float>("sin"), f.i64("table_stride_batch"), f.i64("table_stride_seq"),
           f.dtype()};
 }
 

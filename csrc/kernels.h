@@ -52,6 +52,11 @@ struct Rotary {
   double theta;
   bool interleaved;  // pairs (2i, 2i+1) as in Meta/FlagAI checkpoints; else (i, i + head_dim/2) as in Hugging Face
   bool inverse;      // rotate by -angle: the backward of the forward rotation
+  // The caller's cos and sin of each pair (scaled RoPE variants: linear, NTK, YaRN, Llama 3), fp32 [batch or 1, seq,
+  // head_dim / 2] with the given strides, used instead of the angles from positions and theta; null: computed.
+  const float* cos;
+  const float* sin;
+  int64_t table_stride_batch, table_stride_seq;
   DType dtype;
 };
 

@@ -55,16 +55,19 @@ def inverse_frequencies(head_dim, theta, device=None):
     return theta ** (-torch.arange(0, head_dim, 2, dtype=torch.float64, device=device) / head_dim)
 
 
-def rotary(x, positions=None, offset=0, theta=10000.0, interleaved=False, inverse=False):
+def rotary(x, positions=None, offset=0, theta=10000.0, interleaved=False, inverse=False, cos=None, sin=None):
     """Rotary position embedding of x [..., seq, heads, head_dim]. `positions` ([seq] or [batch, seq]) defaults to
-    offset + arange(seq). Angles and their cos/sin in float64; `inverse` rotates back (the backward)."""
+    offset + arange(seq). Angles and their cos/sin in float64, or the caller's cos and sin tables ([seq, head_dim/2]
+    or [batch, seq, head_dim/2]) when given; `inverse` rotates back (the backward)."""
     seq, head_dim = x.shape[-3], x.shape[-1]
-    if positions is None:
-        positions = offset + torch.arange(seq, device=x.device)
-    angles = positions.to(torch.float64)[..., None] * inverse_frequencies(head_dim, theta, x.device)
     compute = compute_dtype(x.dtype)
-    cos = angles.cos().to(compute).unsqueeze(-2)  # broadcast over heads
-    sin = angles.sin().to(compute).unsqueeze(-2)
+    if cos is None:
+        if positions is None:
+            positions = offset + torch.arange(seq, device=x.device)
+        angles = positions.to(torch.float64)[..., None] * inverse_frequencies(head_dim, theta, x.device)
+        cos, sin = angles.cos(), angles.sin()
+    cos = cos.to(compute).unsqueeze(-2)  # broadcast over heads
+    sin = sin.to(compute).unsqueeze(-2)
     if inverse:
         sin = -sin
     xc = x.to(compute)

@@ -30,8 +30,10 @@ AQUILA_SIMD_CLONES void rotary_kernel(const Rotary& a, int threads) {
   std::vector<double> inv_freq(half);
   for (int64_t i = 0; i < half; ++i) inv_freq[i] = std::pow(a.theta, -2.0 * i / a.head_dim);
   const double sign = a.inverse ? -1.0 : 1.0;
-  // When every sequence of the batch has the same positions, a position's cos/sin serve all of the batch.
-  const bool same_positions = !a.positions || a.positions_stride_batch == 0 || a.batch == 1;
+  // When every sequence of the batch has the same positions (or the caller's table is shared by the batch), a
+  // position's cos/sin serve all of the batch.
+  const bool same_positions = a.cos ? a.table_stride_batch == 0 || a.batch == 1
+                                    : !a.positions || a.positions_stride_batch == 0 || a.batch == 1;
   const bool share = same_positions && a.seq >= threads;
   const int64_t work = share ? a.seq : a.batch * a.seq;
   const int64_t batch_per_item = share ? a.batch : 1;
@@ -40,7 +42,7 @@ AQUILA_SIMD_CLONES void rotary_kernel(const Rotary& a, int threads) {
   };
   // A table of cos/sin per distinct position, when that is less work than one per token.
   int64_t lowest = 0, span = 0;
-  if (!share && a.positions && work > 0) {
+  if (!share && a.positions && !a.cos && work > 0) {
     int64_t highest = position_of(0, 0);
     lowest = highest;
     for (int64_t item = 0; item < work; ++item) {
@@ -58,6 +60,18 @@ AQUILA_SIMD_CLONES void rotary_kernel(const Rotary& a, int threads) {
       sn[i] = static_cast<float>(sign * std::sin(angle));
     }
   };
+  // The cos/sin of token (b, s): the caller's, or from its position.
+  auto fill_token = [&](int64_t b, int64_t s, float* c, float* sn) {
+    if (a.cos) {
+      const int64_t at = b * a.table_stride_batch + s * a.table_stride_seq;
+      for (int64_t i = 0; i < half; ++i) {
+        c[i] = a.cos[at + i];
+        sn[i] = static_cast<float>(sign) * a.sin[at + i];
+      }
+    } else {
+      fill(position_of(b, s), c, sn);
+    }
+  };
 #pragma omp parallel num_threads(threads)
   {
 #pragma omp for schedule(static)
@@ -66,14 +80,14 @@ AQUILA_SIMD_CLONES void rotary_kernel(const Rotary& a, int threads) {
 #pragma omp for schedule(static)
     for (int64_t item = 0; item < work; ++item) {
       const int64_t first_b = share ? 0 : item / a.seq, s = item % a.seq;
-      const int64_t pos = position_of(first_b, s);
       const float* c = cos_buf.data();
       const float* sn = sin_buf.data();
       if (span) {
+        const int64_t pos = position_of(first_b, s);
         c = &table_cos[(pos - lowest) * half];
         sn = &table_sin[(pos - lowest) * half];
       } else {
-        fill(pos, cos_buf.data(), sin_buf.data());
+        fill_token(first_b, s, cos_buf.data(), sin_buf.data());
       }
       for (int64_t b = first_b; b < first_b + batch_per_item; ++b) {
         for (int64_t h = 0; h < a.heads; ++h) {

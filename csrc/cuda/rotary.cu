@@ -40,7 +40,12 @@ __global__ void __launch_bounds__(kMaxBlockThreads)
     const int64_t b = token / a.seq, s = token - b * a.seq;
     const int64_t pos =
         a.positions ? a.positions[b * a.positions_stride_batch + s * a.positions_stride_seq] : a.offset + s;
-    for (int i = tid; i < half; i += threads) {
+    const int64_t table_at = b * a.table_stride_batch + s * a.table_stride_seq;
+    for (int i = tid; i < half && a.cos; i += threads) {  // the caller's table
+      cos_of[i] = a.cos[table_at + i];
+      sin_of[i] = a.inverse ? -a.sin[table_at + i] : a.sin[table_at + i];
+    }
+    for (int i = tid; i < half && !a.cos; i += threads) {
       const double inv_freq = half <= kTableFreqs ? table.inv_freq[i] : pow(a.theta, -2.0 * i / a.head_dim);
       // Double trig is exact for any realistic position (fp32 would lose the angle past a few thousand tokens), is
       // untouched by --use_fast_math, and runs once per (token, pair), shared by all heads.

@@ -47,6 +47,41 @@ def test_gradients_match_autograd_of_float64_reference(backend, device, dtype, i
     assert_matches_reference(x.grad, exact.grad, "grad x")
 
 
+def scaled_table(batch, seq, head_dim, device, per_sequence):
+    """A caller's cos/sin table as a scaled RoPE makes one: Llama-3-style per-frequency scaling of the angles and a
+    YaRN-style magnitude on cos and sin; per sequence (multimodal position ids) or shared."""
+    half = head_dim // 2
+    inv_freq = reference.inverse_frequencies(head_dim, 500000.0, device) / torch.linspace(1, 8, half, device=device,
+                                                                                         dtype=torch.float64)
+    positions = torch.randint(0, 4096, (batch if per_sequence else 1, seq), device=device).double()
+    angles = positions[..., None] * inv_freq
+    magnitude = 1.0 + 0.1 * torch.rand(half, device=device, dtype=torch.float64)
+    return (angles.cos() * magnitude).float(), (angles.sin() * magnitude).float()
+
+
+@pytest.mark.parametrize("backend, device", backend_params())
+@pytest.mark.parametrize("dtype", DTYPES, ids=str)
+@pytest.mark.parametrize("shape", SHAPES, ids=str)
+@pytest.mark.parametrize("interleaved", [False, True], ids=["rotate-half", "interleaved"])
+@pytest.mark.parametrize("per_sequence", [False, True], ids=["shared", "per-sequence"])
+def test_a_callers_cos_sin_table(backend, device, dtype, shape, interleaved, per_sequence):
+    """Values and gradients with the caller's tables: the rotation with their cos and sin (in fp32, as given), and
+    its backward the rotation by the opposite sin."""
+    batch, seq, _, head_dim = shape
+    cos, sin = scaled_table(batch, seq, head_dim, device, per_sequence)
+    x = torch.randn(shape, device=device).to(dtype).requires_grad_()
+    grad_out = torch.randn(shape, device=device).to(dtype)
+    out = rotary_embedding(x, interleaved=interleaved, cos=cos if per_sequence else cos[0],
+                           sin=sin if per_sequence else sin[0], backend=backend)
+    out.backward(grad_out)
+    exact = x.detach().double().requires_grad_()
+    expected = reference.rotary(exact, interleaved=interleaved, cos=cos.double(), sin=sin.double())
+    expected.backward(grad_out.double())
+    assert out.dtype == dtype
+    assert_matches_reference(out, expected.detach())
+    assert_matches_reference(x.grad, exact.grad, "grad x")
+
+
 @pytest.mark.parametrize("backend, device", backend_params())
 def test_gqa_q_and_k_with_different_head_counts(backend, device):
     q, k = torch.randn(2, 11, 8, 64, device=device), torch.randn(2, 11, 2, 64, device=device)
@@ -102,6 +137,13 @@ def test_empty_and_three_dimensional_inputs(backend, device):
     (lambda: rotary_embedding(torch.randn(2, 3, 4, 8), offset=1.5), TypeError, "offset must be an int"),
     (lambda: apply_rotary(torch.randn(2, 3, 4, 8), torch.randn(2, 3, 4, 16)), ValueError,
      "q and k must agree in every dimension but heads"),
+    (lambda: rotary_embedding(torch.randn(1, 3, 2, 8), cos=torch.ones(3, 4)), ValueError, "both cos and sin"),
+    (lambda: rotary_embedding(torch.randn(1, 3, 2, 8), cos=torch.ones(3, 8), sin=torch.ones(3, 8)), ValueError,
+     r"cos must have shape \(3, 4\)"),
+    (lambda: rotary_embedding(torch.randn(1, 3, 2, 8), offset=2, cos=torch.ones(3, 4), sin=torch.ones(3, 4)),
+     ValueError, "or a cos/sin table, not both"),
+    (lambda: rotary_embedding(torch.randn(1, 3, 2, 8), cos=torch.ones(3, 4, requires_grad=True),
+                              sin=torch.ones(3, 4)), ValueError, "cos requires grad"),
 ])
 def test_bad_input_gets_a_clear_error(call, error, words):
     with pytest.raises(error, match=words):
