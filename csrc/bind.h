@@ -73,7 +73,7 @@ inline GluActivation glu_activation(int64_t code) {
 inline RmsNormForward read(Fields& f, RmsNormForward*) {
   return {f.ptr("x"), f.i64("x_row_stride"), f.ptr("residual"), f.i64("residual_row_stride"), f.ptr<float>("weight"),
           f.ptr("out"), f.ptr("residual_out"), f.ptr<float>("rstd"), f.i64("rows"), f.i64("hidden"), f.f64("eps"),
-          f.dtype()};
+          f.flag("round_normalized"), f.dtype()};
 }
 
 inline RmsNormBackward read(Fields& f, RmsNormBackward*) {

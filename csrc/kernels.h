@@ -21,6 +21,9 @@ struct RmsNormForward {
   float* rstd;         // rows: 1 / rms of each normalised row, kept for the backward
   int64_t rows, hidden;
   double eps;
+  // Llama's casting: x * rstd rounded to the dtype before the weight multiplies it (then out rounded again); else
+  // one rounding of x * rstd * weight.
+  bool round_normalized;
   DType dtype;
 };
 

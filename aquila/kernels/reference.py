@@ -39,13 +39,17 @@ def glu(gate, up, activation):
     return (GLU_ACTIVATIONS[activation](gate.to(compute)) * up.to(compute)).to(gate.dtype)
 
 
-def rms_norm(x, weight, eps=1e-6, residual=None):
+def rms_norm(x, weight, eps=1e-6, residual=None, round_normalized=False):
     """x / sqrt(mean(x^2) + eps) * weight over the last dimension; with `residual`, normalises x + residual (rounded
-    to x's dtype, as it is stored) and returns (out, x + residual)."""
+    to x's dtype, as it is stored) and returns (out, x + residual). round_normalized: Llama's casting, the normalised
+    x rounded to x's dtype before the weight multiplies it."""
     if residual is not None:
         x = x + residual
     h = x.to(compute_dtype(x.dtype))
-    out = h * torch.rsqrt(h.pow(2).mean(-1, keepdim=True) + eps) * weight.to(h.dtype)
+    normalised = h * torch.rsqrt(h.pow(2).mean(-1, keepdim=True) + eps)
+    if round_normalized:
+        normalised = normalised.to(x.dtype).to(h.dtype)
+    out = normalised * weight.to(h.dtype)
     out = out.to(x.dtype)
     return out if residual is None else (out, x)
 

@@ -1,9 +1,12 @@
 """RMSNorm, optionally fused with the residual add in front of it.
 
-    out = x / sqrt(mean(x^2) + eps) * weight                      rms_norm(x, weight)
+    out = x / sqrt(mean(x^2) + eps) * (offset + weight)           rms_norm(x, weight)
     h = x + residual; out = rms_norm(h, weight); return out, h     fused_add_rms_norm(x, residual, weight)
 
-Statistics and arithmetic in fp32, one rounding to x's dtype on store. The forward saves 1/rms per row, so the backward
+offset is 0 for LLaMA-family models and 1 for Gemma's (weights stored as w - 1); weight None is a norm without a
+learned scale (elementwise_affine=False). Statistics and arithmetic in fp32, one rounding to x's dtype on store
+(Gemma's casting), or with casting_mode="llama" a rounding of x / rms to x's dtype before the weight multiplies it,
+as transformers' LlamaRMSNorm does. The forward saves 1/rms per row, so the backward
 reads each row once more and never recomputes the reduction. The weight gradient is summed per program (per thread on
 CPU, per persistent block on GPU) into a row of partial sums that one torch reduction adds: deterministic, no atomics.
 """
@@ -20,16 +23,17 @@ from .backend import Implementation, Implementations
 from .triton import rms_norm as triton_rms_norm
 
 # --- Implementations ------------------------------------------------------------------------------------------------
-# forward(x, residual, weight, eps, out, residual_out, rstd) fills out, residual_out (with a residual) and rstd for
-# x, residual: (rows >= 1, hidden) with unit last stride. backward(grad_out, x, weight, rstd, grad_residual, grad_x)
+# forward(x, residual, weight, eps, out, residual_out, rstd, round_normalized) fills out, residual_out (with a
+# residual) and rstd for x, residual: (rows >= 1, hidden) with unit last stride; weight is the fp32 scale (the offset
+# added). backward(grad_out, x, weight, rstd, grad_residual, grad_x)
 # fills grad_x and returns the fp32 weight gradient, x being what the forward normalised.
 
 
-def _torch_forward(x, residual, weight, eps, out, residual_out, rstd):
+def _torch_forward(x, residual, weight, eps, out, residual_out, rstd, round_normalized):
     h = x if residual is None else residual_out.copy_(x + residual)
     hf = h.to(reference.compute_dtype(h.dtype))
     rstd.copy_(torch.rsqrt(hf.pow(2).mean(-1) + eps))
-    out.copy_(reference.rms_norm(h, weight, eps))
+    out.copy_(reference.rms_norm(h, weight, eps, round_normalized=round_normalized))
 
 
 def _torch_backward(grad_out, x, weight, rstd, grad_residual, grad_x):
@@ -43,12 +47,12 @@ def _torch_backward(grad_out, x, weight, rstd, grad_residual, grad_x):
     return (grad_out.float() * x_hat).sum(0)
 
 
-def _native_forward(backend, x, residual, weight, eps, out, residual_out, rstd):
+def _native_forward(backend, x, residual, weight, eps, out, residual_out, rstd, round_normalized):
     _backend.call_native(
         backend, "rms_norm_forward", x, x=x, x_row_stride=x.stride(0), residual=residual,
         residual_row_stride=0 if residual is None else residual.stride(0), weight=weight.float(), out=out,
         residual_out=None if residual is None else residual_out, rstd=rstd, rows=x.shape[0], hidden=x.shape[1],
-        eps=eps, dtype=x.dtype)
+        eps=eps, round_normalized=round_normalized, dtype=x.dtype)
 
 
 def _native_backward(backend, grad_out, x, weight, rstd, grad_residual, grad_x):
@@ -73,7 +77,7 @@ IMPLEMENTATIONS = Implementations(
 
 
 @_backend.autocast_off
-def _forward(x, residual, weight, eps, backend):
+def _forward(x, residual, weight, eps, round_normalized, backend):
     """x, residual: (rows, hidden) with unit last stride. Returns out, residual_out (empty without residual), rstd."""
     rows, hidden = x.shape
     out = torch.empty((rows, hidden), dtype=x.dtype, device=x.device)
@@ -81,7 +85,7 @@ def _forward(x, residual, weight, eps, backend):
     rstd = torch.empty(rows, dtype=torch.float32, device=x.device)
     if rows:
         with _backend.on_device(x):
-            IMPLEMENTATIONS[backend].forward(x, residual, weight, eps, out, residual_out, rstd)
+            IMPLEMENTATIONS[backend].forward(x, residual, weight, eps, out, residual_out, rstd, round_normalized)
     return out, residual_out, rstd
 
 
@@ -100,13 +104,13 @@ def _backward(grad_out, x, weight, rstd, grad_residual, backend):
 
 
 @torch.library.custom_op("aquila::rms_norm_forward", mutates_args=())
-def _forward_op(x: Tensor, residual: Optional[Tensor], weight: Tensor, eps: float,
+def _forward_op(x: Tensor, residual: Optional[Tensor], weight: Tensor, eps: float, round_normalized: bool,
                 backend: str) -> tuple[Tensor, Tensor, Tensor]:
-    return _forward(x, residual, weight, eps, backend)
+    return _forward(x, residual, weight, eps, round_normalized, backend)
 
 
 @_forward_op.register_fake
-def _(x, residual, weight, eps, backend):
+def _(x, residual, weight, eps, round_normalized, backend):
     rows = x.shape[0]
     residual_out = x.new_empty(x.shape) if residual is not None else x.new_empty(0)
     return x.new_empty(x.shape), residual_out, x.new_empty(rows, dtype=torch.float32)
@@ -126,8 +130,8 @@ def _(grad_out, x, weight, rstd, grad_residual, backend):
 
 class RMSNormFunction(torch.autograd.Function):
     @staticmethod
-    def forward(ctx, x, residual, weight, eps, backend):
-        out, residual_out, rstd = _forward_op(x, residual, weight, eps, backend)
+    def forward(ctx, x, residual, weight, eps, round_normalized, backend):
+        out, residual_out, rstd = _forward_op(x, residual, weight, eps, round_normalized, backend)
         ctx.save_for_backward(residual_out if residual is not None else x, weight, rstd)
         ctx.has_residual, ctx.backend = residual is not None, backend
         return out, residual_out
@@ -138,18 +142,21 @@ class RMSNormFunction(torch.autograd.Function):
         # The residual stream leaves the block as residual_out, so its gradient adds to the norm's input gradient.
         grad_residual = grad_residual_out if ctx.has_residual else None
         grad_x, grad_weight = _backward_op(grad_out, normalised, weight, rstd, grad_residual, ctx.backend)
-        return grad_x, grad_x if ctx.has_residual else None, grad_weight, None, None
+        return grad_x, grad_x if ctx.has_residual else None, grad_weight, None, None, None
 
 
 # --- Public API -----------------------------------------------------------------------------------------------------
 
+CASTING_MODES = ("gemma", "llama")
 
-def _apply(op, x, residual, weight, eps, backend):
+
+def _apply(op, x, residual, weight, eps, offset, casting_mode, backend):
     _backend.check_tensor(op, "x", x)
     if x.dim() == 0 or x.shape[-1] == 0:
         raise ValueError(f"{op}: x must have a non-empty last (hidden) dimension, got shape {tuple(x.shape)}")
     hidden = x.shape[-1]
-    _backend.check_tensor(op, "weight", weight, device=x.device, shape=(hidden,))
+    if weight is not None:
+        _backend.check_tensor(op, "weight", weight, device=x.device, shape=(hidden,))
     out_dtype = x.dtype
     if residual is not None:
         _backend.check_tensor(op, "residual", residual, device=x.device, shape=x.shape)
@@ -158,45 +165,65 @@ def _apply(op, x, residual, weight, eps, backend):
         x, residual = _backend.promoted(x, residual)
     if not isinstance(eps, (int, float)) or not eps >= 0:
         raise ValueError(f"{op}: eps must be a number >= 0, got {eps!r}")
-    backward = _backend.needs_backward(x, residual, weight)
+    offset = _backend.check_number(op, "offset", offset)
+    if casting_mode not in CASTING_MODES:
+        raise ValueError(f"{op}: casting_mode must be one of {CASTING_MODES}, got {casting_mode!r}")
+    # The scale the kernels multiply by, in fp32: (offset + weight) formed here, so autograd carries its gradient
+    # back to weight; ones for a norm without weight.
+    if weight is None:
+        scale = torch.full((hidden,), 1.0 + offset, dtype=torch.float32, device=x.device)
+    else:
+        scale = weight if offset == 0 else weight.float() + offset
+    backward = _backend.needs_backward(x, residual, scale)
     backend = _backend.resolve(IMPLEMENTATIONS, x, backend, op=op, backward=backward, hidden=hidden)
     rows = _backend.as_rows(x)
     residual_rows = None if residual is None else _backend.as_rows(residual)
+    round_normalized = casting_mode == "llama"
     if _backend.direct_call(backward):
-        out, residual_out, _ = _forward(rows, residual_rows, weight, float(eps), backend)
+        out, residual_out, _ = _forward(rows, residual_rows, scale, float(eps), round_normalized, backend)
     else:
-        out, residual_out = RMSNormFunction.apply(rows, residual_rows, weight, float(eps), backend)
+        out, residual_out = RMSNormFunction.apply(rows, residual_rows, scale, float(eps), round_normalized, backend)
     return out.view(x.shape).to(out_dtype), residual_out.view(x.shape) if residual is not None else None
 
 
-def rms_norm(x: Tensor, weight: Tensor, eps: float = 1e-6, *, backend: Optional[str] = None) -> Tensor:
-    """RMSNorm over the last dimension of x (fp32, fp16 or bf16; any leading shape); weight has x's last size and
-    any float dtype. Differentiable in x and weight."""
-    return _apply("rms_norm", x, None, weight, eps, backend)[0]
+def rms_norm(x: Tensor, weight: Optional[Tensor], eps: float = 1e-6, *, offset: float = 0.0,
+             casting_mode: str = "gemma", backend: Optional[str] = None) -> Tensor:
+    """RMSNorm over the last dimension of x (fp32, fp16 or bf16; any leading shape): x / rms * (offset + weight).
+    weight has x's last size and any float dtype, or is None (no learned scale). offset: 1 for Gemma's weights.
+    casting_mode: "gemma" (all in fp32, one rounding) or "llama" (x / rms rounded to x's dtype before the weight, as
+    transformers' LlamaRMSNorm). Differentiable in x and weight."""
+    return _apply("rms_norm", x, None, weight, eps, offset, casting_mode, backend)[0]
 
 
-def fused_add_rms_norm(x: Tensor, residual: Tensor, weight: Tensor, eps: float = 1e-6, *,
+def fused_add_rms_norm(x: Tensor, residual: Tensor, weight: Optional[Tensor], eps: float = 1e-6, *,
+                       offset: float = 0.0, casting_mode: str = "gemma",
                        backend: Optional[str] = None) -> tuple[Tensor, Tensor]:
     """h = x + residual, then rms_norm(h, weight): returns (normalised, h), h being the residual stream for the next
     block. One pass over memory instead of three."""
-    return _apply("fused_add_rms_norm", x, residual, weight, eps, backend)
+    return _apply("fused_add_rms_norm", x, residual, weight, eps, offset, casting_mode, backend)
 
 
 class RMSNorm(torch.nn.Module):
     """Drop-in RMSNorm layer (the weight is named ``weight``, as in Hugging Face and FlagAI checkpoints).
     ``forward(x)`` returns the normalised x; ``forward(x, residual)`` returns (normalised x + residual, x + residual).
+    offset and casting_mode as in rms_norm; elementwise_affine=False: no weight.
     """
 
-    def __init__(self, hidden_size: int, eps: float = 1e-6, *, backend: Optional[str] = None, device=None,
-                 dtype=None):
+    def __init__(self, hidden_size: int, eps: float = 1e-6, *, offset: float = 0.0, casting_mode: str = "gemma",
+                 elementwise_affine: bool = True, backend: Optional[str] = None, device=None, dtype=None):
         super().__init__()
-        self.weight = torch.nn.Parameter(torch.ones(hidden_size, device=device, dtype=dtype))
-        self.eps, self.backend = eps, backend
+        init = torch.zeros if offset else torch.ones  # the scale offset + weight starts at 1 either way
+        self.weight = (torch.nn.Parameter(init(hidden_size, device=device, dtype=dtype)) if elementwise_affine
+                       else None)
+        self.hidden_size, self.eps, self.offset, self.casting_mode = hidden_size, eps, offset, casting_mode
+        self.backend = backend
 
     def forward(self, x, residual=None):
+        options = dict(offset=self.offset, casting_mode=self.casting_mode, backend=self.backend)
         if residual is None:
-            return rms_norm(x, self.weight, self.eps, backend=self.backend)
-        return fused_add_rms_norm(x, residual, self.weight, self.eps, backend=self.backend)
+            return rms_norm(x, self.weight, self.eps, **options)
+        return fused_add_rms_norm(x, residual, self.weight, self.eps, **options)
 
     def extra_repr(self):
-        return f"{self.weight.shape[0]}, eps={self.eps}"
+        return (f"{self.hidden_size}, eps={self.eps}, offset={self.offset}, casting_mode={self.casting_mode}, "
+                f"elementwise_affine={self.weight is not None}")

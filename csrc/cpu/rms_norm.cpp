@@ -31,8 +31,16 @@ AQUILA_SIMD_CLONES void forward_kernel(const RmsNormForward& a, int threads) {
     });
     const float rstd = static_cast<float>(1.0 / std::sqrt(sum_sq / hidden + a.eps));
     a.rstd[row] = rstd;
+    if (a.round_normalized) {
 #pragma omp simd
-    for (int64_t j = 0; j < hidden; ++j) out[j] = from_float<T>(to_float(in[j]) * rstd * w[j]);
+      for (int64_t j = 0; j < hidden; ++j) {
+        const float normalised = to_float(from_float<T>(to_float(in[j]) * rstd));
+        out[j] = from_float<T>(normalised * w[j]);
+      }
+    } else {
+#pragma omp simd
+      for (int64_t j = 0; j < hidden; ++j) out[j] = from_float<T>(to_float(in[j]) * rstd * w[j]);
+    }
   }
 }
 

@@ -28,11 +28,16 @@ __device__ __forceinline__ void add_residual(float (&h)[kVec], const float (&r)[
   store_from_float(residual_out, h);
 }
 
+// round_normalized: Llama's casting, h * rstd rounded to T before the weight multiplies it.
 template <typename T, int kVec>
-__device__ __forceinline__ void normalise(const float (&h)[kVec], float rstd, const float (&w)[kVec], T* out) {
+__device__ __forceinline__ void normalise(const float (&h)[kVec], float rstd, const float (&w)[kVec], T* out,
+                                          bool round_normalized) {
   float y[kVec];
 #pragma unroll
-  for (int e = 0; e < kVec; ++e) y[e] = h[e] * rstd * w[e];
+  for (int e = 0; e < kVec; ++e) {
+    const float n = h[e] * rstd;
+    y[e] = (round_normalized ? to_float(from_float<T>(n)) : n) * w[e];
+  }
   store_from_float(out, y);
 }
 
@@ -109,7 +114,7 @@ __global__ void __launch_bounds__(1024) rms_norm_forward_kernel(const __grid_con
 #pragma unroll
       for (int k = 0; k < kItems; ++k) {
         const int p = threadIdx.x + k * blockDim.x;
-        if (p < packs) normalise(h[k], rstd, w[k], out + p * kVec);
+        if (p < packs) normalise(h[k], rstd, w[k], out + p * kVec, a.round_normalized);
       }
     } else {
       // The normalised values again: residual_out as this thread stored it, else x.
@@ -118,7 +123,7 @@ __global__ void __launch_bounds__(1024) rms_norm_forward_kernel(const __grid_con
         float w[kVec];
         load_as_float(in + p * kVec, h[0]);
         load_as_float(a.weight + p * kVec, w);
-        normalise(h[0], rstd, w, out + p * kVec);
+        normalise(h[0], rstd, w, out + p * kVec, a.round_normalized);
       }
     }
   }

@@ -35,7 +35,8 @@ def test_cuda_kernel_without_a_gpu_raises_instead_of_crashing():
 
 # Every field of RmsNormForward (csrc/kernels.h): null pointers, one row of 4.
 RMS_NORM_FORWARD_NULLS = {"x": 0, "x_row_stride": 4, "residual": 0, "residual_row_stride": 0, "weight": 0, "out": 0,
-                          "residual_out": 0, "rstd": 0, "rows": 1, "hidden": 4, "eps": 1e-6, "dtype": 0}
+                          "residual_out": 0, "rstd": 0, "rows": 1, "hidden": 4, "eps": 1e-6, "round_normalized": False,
+                          "dtype": 0}
 
 
 @pytest.mark.parametrize("extension", ["cpu", "cuda"])

@@ -70,6 +70,58 @@ def test_gradients_match_autograd_of_float64_reference(backend, device, dtype, s
 
 
 @pytest.mark.parametrize("backend, device", backend_params())
+@pytest.mark.parametrize("dtype", DTYPES, ids=str)
+@pytest.mark.parametrize("residual", [False, True], ids=["plain", "residual"])
+@pytest.mark.parametrize("options", [dict(offset=1.0), dict(weight=None), dict(weight=None, offset=0.5),
+                                     dict(casting_mode="llama"), dict(casting_mode="llama", offset=1.0)], ids=str)
+def test_gemma_llama_and_weightless_options(backend, device, dtype, residual, options):
+    """Gemma's offset (x / rms * (1 + w)), no weight, and Llama's casting (x / rms rounded to the dtype before the
+    weight; the backward is that of the formula without the rounding), values and gradients, against float64
+    references of the same formulas."""
+    options = dict(options)
+    x, weight, res = make_inputs((5, 300), dtype, device, residual)
+    weight = options.pop("weight", weight)
+    offset, llama = options.get("offset", 0.0), options.get("casting_mode") == "llama"
+    leaves = [t.clone().requires_grad_() for t in (x, weight) if t is not None]
+    call = fused_add_rms_norm if residual else rms_norm
+    out = call(*leaves[:1], *([res] if residual else []), leaves[1] if weight is not None else None, 1e-5,
+               backend=backend, **options)
+    stored_sum = out[1].detach() if residual else None
+    out = out[0] if residual else out
+    grad_out = torch.randn_like(out)
+    out.backward(grad_out)
+
+    h = stored_sum.double() if residual else x.double()  # the norm is of the sum as stored
+    exact = [h.requires_grad_()] + ([weight.double().requires_grad_()] if weight is not None else [])
+    normalised = exact[0] * exact[0].pow(2).mean(-1, keepdim=True).add(1e-5).rsqrt()
+    scale = offset + (exact[1] if weight is not None else 1.0)
+    expected = normalised * scale
+    if llama:  # the value of the rounded normalised x; the gradients are those of the formula without the rounding
+        expected = expected + ((normalised.to(dtype).double() - normalised) * scale).detach()
+    expected.backward(grad_out.double())
+    assert out.dtype == dtype
+    assert_matches_reference(out, expected.detach())
+    rstd = h.detach().pow(2).mean(-1, keepdim=True).add(1e-5).rsqrt()
+    scale = offset + (weight.double().abs().max().item() if weight is not None else 1.0)
+    terms = (rstd * grad_out.double()).abs().max().item() * scale
+    assert_matches_reference(leaves[0].grad, exact[0].grad, "grad x",
+                             scale=max(terms, exact[0].grad.abs().max().item()))
+    if weight is not None:
+        assert_matches_reference(leaves[1].grad, exact[1].grad, "grad weight")
+
+
+def test_module_options():
+    x = torch.randn(3, 64)
+    gemma = RMSNorm(64, offset=1.0)  # weights stored as w - 1: zeros start at a scale of 1
+    assert torch.equal(gemma.weight, torch.zeros(64))
+    assert torch.equal(gemma(x), rms_norm(x, torch.ones(64)))
+    plain = RMSNorm(64, elementwise_affine=False)
+    assert plain.weight is None and not list(plain.parameters())
+    assert torch.equal(plain(x), rms_norm(x, torch.ones(64)))
+    assert "casting_mode=gemma" in repr(gemma)
+
+
+@pytest.mark.parametrize("backend, device", backend_params())
 def test_weight_in_another_dtype(backend, device):
     """fp32 weights with bf16 activations (mixed precision): computed with the fp32 weights."""
     x = torch.randn(4, 96, device=device).bfloat16()
@@ -153,6 +205,9 @@ def test_non_contiguous_input_is_handled():
      "residual must have shape (2, 4)"),
     (lambda: fused_add_rms_norm(torch.ones(2, 4), torch.ones(2, 4, dtype=torch.int32), torch.ones(4)), TypeError,
      "residual must have one of the dtypes"),
+    (lambda: rms_norm(torch.randn(2, 4), torch.ones(4), casting_mode="fp32"), ValueError,
+     "casting_mode must be one of"),
+    (lambda: rms_norm(torch.randn(2, 4), torch.ones(4), offset="1"), ValueError, "offset must be a finite number"),
 ])
 def test_bad_input_gets_a_clear_error(call, error, words):
     with pytest.raises(error, match=words.replace("(", r"\(").replace(")", r"\)")):

@@ -37,8 +37,17 @@ def _load_sum(X, x_offset, RESIDUAL, residual_offset, RESIDUAL_OUT, out_offset, 
 
 
 @triton.jit
+def _normalised(x, rstd, weight, OUT, ROUND_NORMALIZED: tl.constexpr):
+    """x * rstd * weight in OUT's dtype; with Llama's casting, x * rstd rounded to that dtype before the weight."""
+    if ROUND_NORMALIZED:
+        return ((x * rstd).to(OUT.dtype.element_ty).to(tl.float32) * weight).to(OUT.dtype.element_ty)
+    return (x * rstd * weight).to(OUT.dtype.element_ty)
+
+
+@triton.jit
 def _forward_kernel(X, x_row_stride, RESIDUAL, residual_row_stride, WEIGHT, OUT, RESIDUAL_OUT, RSTD, hidden, eps,
-                    HAS_RESIDUAL: tl.constexpr, BLOCK: tl.constexpr, CHUNKED: tl.constexpr):
+                    HAS_RESIDUAL: tl.constexpr, ROUND_NORMALIZED: tl.constexpr, BLOCK: tl.constexpr,
+                    CHUNKED: tl.constexpr):
     row = tl.program_id(0).to(tl.int64)
     x_offset, residual_offset, out_offset = row * x_row_stride, row * residual_row_stride, row * hidden
     cols = tl.arange(0, BLOCK)
@@ -55,7 +64,7 @@ def _forward_kernel(X, x_row_stride, RESIDUAL, residual_row_stride, WEIGHT, OUT,
             x = _load_sum(X, x_offset + start, RESIDUAL, residual_offset + start, RESIDUAL_OUT, out_offset + start,
                           cols, mask, HAS_RESIDUAL, False)
             weight = tl.load(WEIGHT + start + cols, mask=mask, other=0.0).to(tl.float32)
-            tl.store(OUT + out_offset + start + cols, (x * rstd * weight).to(OUT.dtype.element_ty), mask=mask)
+            tl.store(OUT + out_offset + start + cols, _normalised(x, rstd, weight, OUT, ROUND_NORMALIZED), mask=mask)
     else:
         mask = cols < hidden
         x = _load_sum(X, x_offset, RESIDUAL, residual_offset, RESIDUAL_OUT, out_offset, cols, mask, HAS_RESIDUAL,
@@ -63,7 +72,7 @@ def _forward_kernel(X, x_row_stride, RESIDUAL, residual_row_stride, WEIGHT, OUT,
         rstd = tl.rsqrt(tl.sum(x * x, axis=0) / hidden + eps)
         tl.store(RSTD + row, rstd)
         weight = tl.load(WEIGHT + cols, mask=mask, other=0.0).to(tl.float32)
-        tl.store(OUT + out_offset + cols, (x * rstd * weight).to(OUT.dtype.element_ty), mask=mask)
+        tl.store(OUT + out_offset + cols, _normalised(x, rstd, weight, OUT, ROUND_NORMALIZED), mask=mask)
 
 
 @triton.jit
@@ -147,21 +156,24 @@ def launch_cases(widths=LAUNCH_WIDTHS, dtypes=(torch.float32, torch.float16, tor
                                                                  for _ in range(6))
             weight, rstd = torch.ones(hidden, dtype=dtype), torch.zeros(rows, dtype=torch.float32)
             for res in (None, residual):
-                forward(x, res, weight, 1e-6, out, residual_out if res is not None else None, rstd)
+                for round_normalized in (False, True):
+                    forward(x, res, weight, 1e-6, out, residual_out if res is not None else None, rstd,
+                            round_normalized)
                 backward(grad_out, x, weight, rstd, res, grad_x)
         return f"rms_norm {str(dtype)[6:]} hidden={hidden}", run
 
     return [case(dtype, hidden) for dtype in dtypes for hidden in widths]
 
 
-def forward(x, residual, weight, eps, out, residual_out, rstd):
+def forward(x, residual, weight, eps, out, residual_out, rstd, round_normalized):
     rows, hidden = x.shape
     block, num_warps, chunked = _config(hidden)
     has_residual = residual is not None
     _forward_kernel[(rows,)](
         x, x.stride(0), residual if has_residual else x, residual.stride(0) if has_residual else 0, weight.float(),
         out, residual_out if has_residual else out, rstd, hidden, eps,
-        HAS_RESIDUAL=has_residual, BLOCK=block, CHUNKED=chunked, num_warps=num_warps)
+        HAS_RESIDUAL=has_residual, ROUND_NORMALIZED=round_normalized, BLOCK=block, CHUNKED=chunked,
+        num_warps=num_warps)
 
 
 def backward(grad_out, x, weight, rstd, grad_residual, grad_x):
