@@ -100,6 +100,8 @@ struct GluBackward {
 //   lse = log sum_j exp(z_j)
 //   loss = lse - (1 - eps) z_t - (eps / vocab) sum_j z_j + lambda lse^2
 //   grad_j = scale * (p_j (1 + 2 lambda lse) - eps / vocab - (1 - eps) [j == t]),   p_j = exp(z_j - lse)
+// With softcapping c > 0 (Gemma 2's final logits) every z_j above is c tanh(x_j / c) of the row's logits x, and the
+// gradient with respect to x_j is grad_j (1 - tanh^2(x_j / c)).
 // A row whose target is ignore_index has loss 0 and gradient 0; a row whose target is out of [0, vocab) otherwise
 // has loss NaN and gradient NaN (Python rejects such targets on CPU before the call).
 struct CrossEntropy {
@@ -113,6 +115,7 @@ struct CrossEntropy {
   const float* grad_scale;  // one fp32 value on the kernel's device: d(reduced loss)/d(row loss), e.g. 1/n
   int64_t rows, vocab, ignore_index;
   double label_smoothing, z_loss;
+  double softcap;  // c > 0: logits softcapped to c tanh(x / c); 0: none
   DType dtype;
 };
 

@@ -4,6 +4,7 @@ Per row of logits z with target t, label smoothing eps and z-loss lambda:
     lse  = log sum_j exp(z_j)
     loss = lse - (1 - eps) z_t - (eps / V) sum_j z_j + lambda lse^2
     dz_j = p_j (1 + 2 lambda lse) - eps / V - (1 - eps) [j == t],      p_j = exp(z_j - lse)
+With softcapping c (Gemma 2's final logits) z_j is c tanh(x_j / c) of the logits x, and dx_j = dz_j (1 - tanh^2).
 Rows whose target is ``ignore_index`` count for nothing. The kernels make one pass over a row for the loss (online
 softmax, fp32) and, when a gradient is needed, a second that writes it: in the same launch, during the forward, so
 the backward is free; with ``inplace_backward`` the gradient is written over the logits, saving a logits-sized buffer.
@@ -31,15 +32,19 @@ from .triton import cross_entropy as triton_cross_entropy
 REDUCTIONS = ("mean", "sum", "none")
 
 # --- Implementations ------------------------------------------------------------------------------------------------
-# row_losses(logits, targets, grad_scale, grad, ignore_index, label_smoothing, z_loss, loss, lse) fills loss and lse
+# row_losses(logits, targets, grad_scale, grad, ignore_index, label_smoothing, z_loss, softcap, loss, lse) fills loss
+# and lse
 # (fp32 [rows]) for logits [rows >= 1, V] (unit last stride), targets int64 [rows], grad_scale fp32 [1] on logits'
 # device; and, when grad is a [rows, V] tensor (it may be logits), the gradient of sum_i grad_scale * loss_i. The
 # gradient is written in the forward's pass over the row, so one function serves both directions.
 
 
-def _torch_row_losses(logits, targets, grad_scale, grad, ignore_index, label_smoothing, z_loss, loss, lse):
+def _torch_row_losses(logits, targets, grad_scale, grad, ignore_index, label_smoothing, z_loss, softcap, loss, lse):
     vocab = logits.shape[1]
-    z = logits.float()
+    z, slope = logits.float(), 1.0
+    if softcap:
+        tanh = torch.tanh(z / softcap)
+        z, slope = softcap * tanh, 1 - tanh * tanh
     lse.copy_(torch.logsumexp(z, -1))
     loss.copy_(reference.cross_entropy(z, targets, ignore_index, label_smoothing, z_loss, "none"))
     if grad is not None:
@@ -54,28 +59,30 @@ def _torch_row_losses(logits, targets, grad_scale, grad, ignore_index, label_smo
         others = terms.masked_fill(is_target, 0.0).sum(-1, keepdim=True) / terms.sum(-1, keepdim=True)
         target_grad = -others * coefficient + (coefficient - 1) + label_smoothing - label_smoothing / vocab
         dz = torch.where(is_target, target_grad, dz)
-        grad.copy_(torch.where(counted, dz * grad_scale, 0.0))
+        grad.copy_(torch.where(counted, dz * grad_scale * slope, 0.0))
 
 
-def _native_row_losses(backend, logits, targets, grad_scale, grad, ignore_index, label_smoothing, z_loss, loss, lse):
+def _native_row_losses(backend, logits, targets, grad_scale, grad, ignore_index, label_smoothing, z_loss, softcap,
+                       loss, lse):
     _backend.call_native(
         backend, "cross_entropy", logits, logits=logits, logits_row_stride=logits.stride(0), targets=targets,
         loss=loss, lse=lse, grad=grad, grad_row_stride=0 if grad is None else grad.stride(0), grad_scale=grad_scale,
         rows=logits.shape[0], vocab=logits.shape[1], ignore_index=ignore_index, label_smoothing=label_smoothing,
-        z_loss=z_loss, dtype=logits.dtype)
+        z_loss=z_loss, softcap=softcap, dtype=logits.dtype)
 
 
 IMPLEMENTATIONS = Implementations(
     "cross_entropy",
     triton=Implementation.both_directions(triton_cross_entropy.row_losses),
-    cuda=Implementation.both_directions(functools.partial(_native_row_losses, "cuda")),
+    cuda=Implementation(*[functools.partial(_native_row_losses, "cuda")] * 2,
+                        limits=lambda softcap: "has no softcapping (the Triton kernel has)" if softcap else None),
     cpu=Implementation.both_directions(functools.partial(_native_row_losses, "cpu")),
     torch=Implementation.both_directions(_torch_row_losses),
 )
 
 
 @_backend.autocast_off
-def _row_losses(logits, targets, grad_scale, grad, ignore_index, label_smoothing, z_loss, backend):
+def _row_losses(logits, targets, grad_scale, grad, ignore_index, label_smoothing, z_loss, softcap, backend):
     """Returns the per-row loss and lse in fp32, and fills grad (None: loss only)."""
     rows = logits.shape[0]
     loss = torch.empty(rows, dtype=torch.float32, device=logits.device)
@@ -84,7 +91,7 @@ def _row_losses(logits, targets, grad_scale, grad, ignore_index, label_smoothing
         implementation = IMPLEMENTATIONS[backend]
         with _backend.on_device(logits):
             (implementation.forward if grad is None else implementation.backward)(
-                logits, targets, grad_scale, grad, ignore_index, label_smoothing, z_loss, loss, lse)
+                logits, targets, grad_scale, grad, ignore_index, label_smoothing, z_loss, softcap, loss, lse)
     return loss, lse
 
 
@@ -121,16 +128,16 @@ def _check_targets(op, targets, vocab, ignore_index):
 
 @torch.library.custom_op("aquila::cross_entropy_forward", mutates_args=())
 def _forward_op(logits: Tensor, targets: Tensor, grad_scale: Tensor, ignore_index: int, label_smoothing: float,
-                z_loss: float, compute_grad: bool, backend: str) -> tuple[Tensor, Tensor, Tensor]:
+                z_loss: float, softcap: float, compute_grad: bool, backend: str) -> tuple[Tensor, Tensor, Tensor]:
     _check_targets("cross_entropy", targets, logits.shape[1], ignore_index)
     grad = torch.empty_like(logits) if compute_grad else logits.new_empty(0)
     loss, lse = _row_losses(logits, targets, grad_scale, grad if compute_grad else None, ignore_index,
-                            label_smoothing, z_loss, backend)
+                            label_smoothing, z_loss, softcap, backend)
     return loss, lse, grad
 
 
 @_forward_op.register_fake
-def _(logits, targets, grad_scale, ignore_index, label_smoothing, z_loss, compute_grad, backend):
+def _(logits, targets, grad_scale, ignore_index, label_smoothing, z_loss, softcap, compute_grad, backend):
     rows = logits.shape[0]
     grad = torch.empty_like(logits) if compute_grad else logits.new_empty(0)
     return logits.new_empty(rows, dtype=torch.float32), logits.new_empty(rows, dtype=torch.float32), grad
@@ -138,13 +145,13 @@ def _(logits, targets, grad_scale, ignore_index, label_smoothing, z_loss, comput
 
 @torch.library.custom_op("aquila::cross_entropy_forward_inplace", mutates_args=("logits",))
 def _forward_inplace_op(logits: Tensor, targets: Tensor, grad_scale: Tensor, ignore_index: int,
-                        label_smoothing: float, z_loss: float, backend: str) -> tuple[Tensor, Tensor]:
+                        label_smoothing: float, z_loss: float, softcap: float, backend: str) -> tuple[Tensor, Tensor]:
     _check_targets("cross_entropy", targets, logits.shape[1], ignore_index)
-    return _row_losses(logits, targets, grad_scale, logits, ignore_index, label_smoothing, z_loss, backend)
+    return _row_losses(logits, targets, grad_scale, logits, ignore_index, label_smoothing, z_loss, softcap, backend)
 
 
 @_forward_inplace_op.register_fake
-def _(logits, targets, grad_scale, ignore_index, label_smoothing, z_loss, backend):
+def _(logits, targets, grad_scale, ignore_index, label_smoothing, z_loss, softcap, backend):
     rows = logits.shape[0]
     return logits.new_empty(rows, dtype=torch.float32), logits.new_empty(rows, dtype=torch.float32)
 
@@ -167,18 +174,18 @@ def _(grad, grad_output):
 
 class CrossEntropyFunction(torch.autograd.Function):
     @staticmethod
-    def forward(ctx, logits, targets, grad_scale, ignore_index, label_smoothing, z_loss, reduction, inplace,
+    def forward(ctx, logits, targets, grad_scale, ignore_index, label_smoothing, z_loss, softcap, reduction, inplace,
                 backend):
         compute_grad = ctx.needs_input_grad[0]
         if compute_grad and inplace:
             row_losses, _ = _forward_inplace_op(logits, targets, grad_scale, ignore_index, label_smoothing, z_loss,
-                                                backend)
+                                                softcap, backend)
             grad = logits
             # The logits now hold their gradient: any other user of them in the graph must fail loudly.
             torch.autograd.graph.increment_version(logits)
         else:
             row_losses, _, grad = _forward_op(logits, targets, grad_scale, ignore_index, label_smoothing, z_loss,
-                                              compute_grad, backend)
+                                              softcap, compute_grad, backend)
         if compute_grad:
             ctx.save_for_backward(grad)
         return _reduce(row_losses, grad_scale, reduction)
@@ -187,7 +194,7 @@ class CrossEntropyFunction(torch.autograd.Function):
     def backward(ctx, grad_output):
         (grad,) = ctx.saved_tensors
         _scale_gradient_op(grad, grad_output)
-        return grad, None, None, None, None, None, None, None, None
+        return grad, None, None, None, None, None, None, None, None, None
 
 
 # --- Fused linear cross-entropy ---------------------------------------------------------------------------------------
@@ -219,7 +226,7 @@ def default_chunk_size(tokens, hidden, vocab, device_type="cpu"):
 
 @_backend.autocast_off
 def _linear_pass(hidden, weight, bias, targets, grad_scale, row_grad_scale, ignore_index, label_smoothing, z_loss,
-                 compute_grad, chunk_size, backend):
+                 softcap, compute_grad, chunk_size, backend):
     """Loss rows and, if compute_grad, the gradients of sum_i scale_i loss_i (scale_i: grad_scale, times
     row_grad_scale[i] when given) for hidden [N, H], weight [V, H], bias [V] or None."""
     tokens = hidden.shape[0]
@@ -234,7 +241,8 @@ def _linear_pass(hidden, weight, bias, targets, grad_scale, row_grad_scale, igno
         logits = h @ weight.T if bias is None else torch.addmm(bias, h, weight.T)
         grad = logits if compute_grad else None  # the chunk's logits become its gradient, in place
         row_losses[start:start + chunk_size], _ = _row_losses(logits, targets[start:start + chunk_size], grad_scale,
-                                                              grad, ignore_index, label_smoothing, z_loss, backend)
+                                                              grad, ignore_index, label_smoothing, z_loss, softcap,
+                                                              backend)
         if not compute_grad:
             continue
         if row_grad_scale is not None:
@@ -251,15 +259,16 @@ def _linear_pass(hidden, weight, bias, targets, grad_scale, row_grad_scale, igno
 @torch.library.custom_op("aquila::linear_cross_entropy", mutates_args=())
 def _linear_op(hidden: Tensor, weight: Tensor, bias: Optional[Tensor], targets: Tensor, grad_scale: Tensor,
                row_grad_scale: Optional[Tensor], ignore_index: int, label_smoothing: float, z_loss: float,
-               compute_grad: bool, chunk_size: int, backend: str) -> tuple[Tensor, Tensor, Tensor, Tensor]:
+               softcap: float, compute_grad: bool, chunk_size: int,
+               backend: str) -> tuple[Tensor, Tensor, Tensor, Tensor]:
     _check_targets("linear_cross_entropy", targets, weight.shape[0], ignore_index)
     return _linear_pass(hidden, weight, bias, targets, grad_scale, row_grad_scale, ignore_index, label_smoothing,
-                        z_loss, compute_grad, chunk_size, backend)
+                        z_loss, softcap, compute_grad, chunk_size, backend)
 
 
 @_linear_op.register_fake
-def _(hidden, weight, bias, targets, grad_scale, row_grad_scale, ignore_index, label_smoothing, z_loss, compute_grad,
-      chunk_size, backend):
+def _(hidden, weight, bias, targets, grad_scale, row_grad_scale, ignore_index, label_smoothing, z_loss, softcap,
+      compute_grad, chunk_size, backend):
     empty = hidden.new_empty(0)
     return (hidden.new_empty(hidden.shape[0], dtype=torch.float32),
             torch.empty_like(hidden) if compute_grad else empty,
@@ -272,15 +281,15 @@ class LinearCrossEntropyFunction(torch.autograd.Function):
     anyway; for reduction='none' they depend on a per-token grad_output, so the backward runs the chunks again."""
 
     @staticmethod
-    def forward(ctx, hidden, weight, bias, targets, grad_scale, ignore_index, label_smoothing, z_loss, reduction,
-                chunk_size, backend):
+    def forward(ctx, hidden, weight, bias, targets, grad_scale, ignore_index, label_smoothing, z_loss, softcap,
+                reduction, chunk_size, backend):
         compute_grad = any(ctx.needs_input_grad[:3])
         eager_grad = compute_grad and reduction != "none"
         row_losses, grad_hidden, grad_weight, grad_bias = _linear_op(
-            hidden, weight, bias, targets, grad_scale, None, ignore_index, label_smoothing, z_loss, eager_grad,
+            hidden, weight, bias, targets, grad_scale, None, ignore_index, label_smoothing, z_loss, softcap, eager_grad,
             chunk_size, backend)
         ctx.eager_grad = eager_grad
-        ctx.options = (ignore_index, label_smoothing, z_loss, chunk_size, backend)
+        ctx.options = (ignore_index, label_smoothing, z_loss, softcap, chunk_size, backend)
         ctx.has_bias = bias is not None
         if eager_grad:
             ctx.save_for_backward(grad_hidden, grad_weight, grad_bias)
@@ -297,16 +306,16 @@ class LinearCrossEntropyFunction(torch.autograd.Function):
                     _scale_gradient_op(grad, grad_output)
         else:
             hidden, weight, bias, targets, grad_scale = ctx.saved_tensors
-            _, *grads = _linear_op(hidden, weight, bias, targets, grad_scale, grad_output.float(), *ctx.options[:3],
-                                   True, *ctx.options[3:])
+            _, *grads = _linear_op(hidden, weight, bias, targets, grad_scale, grad_output.float(), *ctx.options[:4],
+                                   True, *ctx.options[4:])
         grad_hidden, grad_weight, grad_bias = grads
-        return (grad_hidden, grad_weight, grad_bias if ctx.has_bias else None) + (None,) * 8
+        return (grad_hidden, grad_weight, grad_bias if ctx.has_bias else None) + (None,) * 9
 
 
 # --- Public API -----------------------------------------------------------------------------------------------------
 
 
-def _check_options(op, targets, device, ignore_index, label_smoothing, z_loss, reduction, num_tokens):
+def _check_options(op, targets, device, ignore_index, label_smoothing, z_loss, softcap, reduction, num_tokens):
     _backend.check_tensor(op, "targets", targets, dtypes=(torch.int64, torch.int32), device=device)
     if not isinstance(ignore_index, int):
         raise TypeError(f"{op}: ignore_index must be an int, got {type(ignore_index).__name__}")
@@ -314,6 +323,9 @@ def _check_options(op, targets, device, ignore_index, label_smoothing, z_loss, r
         raise ValueError(f"{op}: label_smoothing must be in [0, 1], got {label_smoothing!r}")
     if not isinstance(z_loss, (int, float)) or not z_loss >= 0.0:
         raise ValueError(f"{op}: z_loss must be a number >= 0, got {z_loss!r}")
+    if softcap is not None and (isinstance(softcap, bool) or not isinstance(softcap, (int, float))
+                                or not 0 < softcap < math.inf):
+        raise ValueError(f"{op}: softcap must be None or a finite number > 0, got {softcap!r}")
     if reduction not in REDUCTIONS:
         raise ValueError(f"{op}: reduction must be one of {', '.join(REDUCTIONS)}, got {reduction!r}")
     if num_tokens is not None:
@@ -341,12 +353,15 @@ def _check_overwritable(op, logits, rows):
 
 
 def cross_entropy(logits: Tensor, targets: Tensor, *, ignore_index: int = IGNORE_INDEX, label_smoothing: float = 0.0,
-                  z_loss: float = 0.0, reduction: str = "mean", num_tokens: Optional[float] = None,
-                  inplace_backward: bool = False, backend: Optional[str] = None) -> Tensor:
+                  z_loss: float = 0.0, softcap: Optional[float] = None, reduction: str = "mean",
+                  num_tokens: Optional[float] = None, inplace_backward: bool = False,
+                  backend: Optional[str] = None) -> Tensor:
     """Softmax cross-entropy of logits [..., V] (fp32, fp16 or bf16) against integer targets [...]; the loss is fp32.
 
     ignore_index: targets that count for nothing (the mean is over the others; nan if there are none, like
         F.cross_entropy). label_smoothing: as in F.cross_entropy. z_loss: adds z_loss * logsumexp^2 per token.
+    softcap: the loss of softcap * tanh(logits / softcap) (Gemma 2's final logit softcapping), differentiated through
+        the tanh.
     reduction: 'mean', 'sum' or 'none' (per token, in the targets' shape).
     num_tokens: for 'mean', divide by this count instead, e.g. the target tokens of all micro-batches of an
         optimizer step, so that gradient accumulation gives the gradient of one big batch.
@@ -365,22 +380,23 @@ def cross_entropy(logits: Tensor, targets: Tensor, *, ignore_index: int = IGNORE
         shape = tuple(targets.shape) if isinstance(targets, Tensor) else type(targets).__name__
         raise ValueError(f"{op}: targets must have shape {tuple(logits.shape[:-1])} (logits without their last "
                          f"dimension), got {shape}")
-    _check_options(op, targets, logits.device, ignore_index, label_smoothing, z_loss, reduction, num_tokens)
+    _check_options(op, targets, logits.device, ignore_index, label_smoothing, z_loss, softcap, reduction, num_tokens)
+    softcap = float(softcap or 0.0)
     backward = _backend.needs_backward(logits)
-    backend = _backend.resolve(IMPLEMENTATIONS, logits, backend, op=op, backward=backward)
+    backend = _backend.resolve(IMPLEMENTATIONS, logits, backend, op=op, backward=backward, softcap=softcap)
     rows = _backend.as_rows(logits)
     if inplace_backward and backward and not torch.compiler.is_compiling():  # autograd's graph is not traceable
         _check_overwritable(op, logits, rows)
     flat_targets = targets.reshape(-1).to(torch.int64)
     grad_scale = _grad_scale(flat_targets, ignore_index, reduction, num_tokens, logits.device)
     loss = CrossEntropyFunction.apply(rows, flat_targets, grad_scale, ignore_index, float(label_smoothing),
-                                      float(z_loss), reduction, bool(inplace_backward), backend)
+                                      float(z_loss), softcap, reduction, bool(inplace_backward), backend)
     return loss.view(targets.shape) if reduction == "none" else loss
 
 
 def linear_cross_entropy(hidden: Tensor, weight: Tensor, targets: Tensor, bias: Optional[Tensor] = None, *,
                          ignore_index: int = IGNORE_INDEX, label_smoothing: float = 0.0, z_loss: float = 0.0,
-                         reduction: str = "mean", num_tokens: Optional[float] = None,
+                         softcap: Optional[float] = None, reduction: str = "mean", num_tokens: Optional[float] = None,
                          chunk_size: Optional[int] = None, backend: Optional[str] = None) -> Tensor:
     """cross_entropy(hidden @ weight.T + bias, targets) without materialising the logits: hidden [..., H],
     weight [V, H], bias [V] or None, targets [...]. Same options as cross_entropy. Gradients for hidden, weight and
@@ -402,7 +418,8 @@ def linear_cross_entropy(hidden: Tensor, weight: Tensor, targets: Tensor, bias: 
         shape = tuple(targets.shape) if isinstance(targets, Tensor) else type(targets).__name__
         raise ValueError(f"{op}: targets must have shape {tuple(hidden.shape[:-1])} (hidden without its last "
                          f"dimension), got {shape}")
-    _check_options(op, targets, hidden.device, ignore_index, label_smoothing, z_loss, reduction, num_tokens)
+    _check_options(op, targets, hidden.device, ignore_index, label_smoothing, z_loss, softcap, reduction, num_tokens)
+    softcap = float(softcap or 0.0)
     if chunk_size is not None and (not isinstance(chunk_size, int) or chunk_size < 1):
         raise ValueError(f"{op}: chunk_size must be a positive int, got {chunk_size!r}")
     # A matmul at heart: in autocast's dtype under autocast, as torch's linear; else in the inputs' common dtype.
@@ -412,11 +429,12 @@ def linear_cross_entropy(hidden: Tensor, weight: Tensor, targets: Tensor, bias: 
     else:
         hidden, weight, bias = _backend.promoted(hidden, weight, bias)
     backend = _backend.resolve(IMPLEMENTATIONS, hidden, backend, op=op,
-                               backward=_backend.needs_backward(hidden, weight, bias))
+                               backward=_backend.needs_backward(hidden, weight, bias), softcap=softcap)
     rows = hidden.reshape(-1, hidden.shape[-1])
     flat_targets = targets.reshape(-1).to(torch.int64)
     chunk_size = chunk_size or default_chunk_size(rows.shape[0], rows.shape[1], vocab, hidden.device.type)
     grad_scale = _grad_scale(flat_targets, ignore_index, reduction, num_tokens, hidden.device)
     loss = LinearCrossEntropyFunction.apply(rows, weight, bias, flat_targets, grad_scale, ignore_index,
-                                            float(label_smoothing), float(z_loss), reduction, chunk_size, backend)
+                                            float(label_smoothing), float(z_loss), softcap, reduction, chunk_size,
+                                            backend)
     return loss.view(targets.shape) if reduction == "none" else loss

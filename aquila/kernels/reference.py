@@ -85,11 +85,14 @@ def rotary(x, positions=None, offset=0, theta=10000.0, interleaved=False, invers
 
 
 def cross_entropy(logits, targets, ignore_index=IGNORE_INDEX, label_smoothing=0.0, z_loss=0.0, reduction="mean",
-                  num_tokens=None):
-    """F.cross_entropy over the last dimension of logits, plus z_loss * logsumexp^2 per counted token; `mean` divides
-    by num_tokens when given, else by the number of targets that are not ignore_index (nan when there are none)."""
+                  num_tokens=None, softcap=0.0):
+    """F.cross_entropy over the last dimension of logits (softcapped to softcap * tanh(logits / softcap) when
+    softcap > 0), plus z_loss * logsumexp^2 per counted token; `mean` divides by num_tokens when given, else by the
+    number of targets that are not ignore_index (nan when there are none)."""
     shape = targets.shape
     z = logits.to(compute_dtype(logits.dtype)).reshape(-1, logits.shape[-1])
+    if softcap:
+        z = softcap * torch.tanh(z / softcap)
     targets = targets.flatten()
     counted = targets != ignore_index
     rows = torch.nn.functional.cross_entropy(z, targets, ignore_index=ignore_index, label_smoothing=label_smoothing,

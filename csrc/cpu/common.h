@@ -1,9 +1,10 @@
 // Shared pieces of the CPU kernels: element types, conversions to and from fp32, and runtime SIMD dispatch.
 #pragma once
 
+#include <algorithm>
+#include <cmath>
 #include <cstdint>
 #include <cstdlib>
-#include <algorithm>
 #include <cstring>
 #include <stdexcept>
 #include <string>
@@ -138,6 +139,21 @@ AQUILA_INLINE float exp_nonpositive(float x) {
   float scale;
   std::memcpy(&scale, &exponent_bits, sizeof scale);
   return x < -87.0f ? 0.0f : p * scale;
+}
+
+// tanh(y) and its derivative 1 - tanh(y)^2 in vectorisable fp32 arithmetic, each within a few ulps: from
+// e = exp(-2|y|), tanh = sign(y) (1 - e) / (1 + e) and 1 - tanh^2 = 4e / (1 + e)^2 (no cancellation as |tanh| nears
+// 1); below |y| = 0.25, where 1 - e would cancel digits, tanh from its Taylor series to y^9 (truncation < 1e-8
+// relative).
+AQUILA_INLINE void tanh_and_slope(float y, float& t, float& slope) {
+  const float a = std::fabs(y);
+  const float e = exp_nonpositive(-2.0f * a);
+  const float y2 = y * y;
+  const float series =
+      y * (1.0f + y2 * (-1.0f / 3.0f + y2 * (2.0f / 15.0f + y2 * (-17.0f / 315.0f + y2 * (62.0f / 2835.0f)))));
+  const bool small = a < 0.25f;
+  t = small ? series : std::copysign((1.0f - e) / (1.0f + e), y);
+  slope = small ? 1.0f - t * t : 4.0f * e / ((1.0f + e) * (1.0f + e));
 }
 
 // The widest of the kernels' ISA levels that this CPU runs: x86-64 baseline, AVX2 (AQUILA_TARGET_AVX2, x86-64-v3),

@@ -251,6 +251,8 @@ void run(const CrossEntropy& a, cudaStream_t stream) {
 
 void cross_entropy(const CrossEntropy& args, uintptr_t stream) {
   if (args.vocab < 1) throw std::invalid_argument("aquila: cross_entropy needs vocab >= 1");
+  // Softcapped logits go to the Triton kernel (aquila/kernels/cross_entropy.py's table says so).
+  if (args.softcap != 0.0) throw std::invalid_argument("aquila: the CUDA cross_entropy has no softcapping");
   // Columns are indexed in 32 bits inside a row, with room for the streaming loop's look-ahead.
   if (args.vocab > INT_MAX / 2) throw std::invalid_argument("aquila: cross_entropy supports vocab <= 2^30 - 1");
   if (args.rows < 0) throw std::invalid_argument("aquila: cross_entropy needs rows >= 0");

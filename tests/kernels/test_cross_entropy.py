@@ -1,7 +1,7 @@
 import pytest
 import torch
 
-from aquila.kernels import cross_entropy, linear_cross_entropy, reference
+from aquila.kernels import UnsupportedBackend, cross_entropy, linear_cross_entropy, reference
 from aquila.kernels.cross_entropy import _row_losses
 from tests.helpers import backend_params
 from tests.tolerance import assert_matches_reference
@@ -47,6 +47,33 @@ def check_against_reference(logits, targets, backend, reduction="mean", grad_out
 def test_matches_float64_reference(backend, device, dtype, vocab, reduction, options):
     logits, targets = make_problem(3 if vocab > 5000 else 9, vocab, dtype, device)
     check_against_reference(logits, targets, backend, reduction, **OPTIONS[options])
+
+
+@pytest.mark.parametrize("backend, device", backend_params())
+@pytest.mark.parametrize("dtype", DTYPES, ids=str)
+@pytest.mark.parametrize("vocab", [50, 4099])
+@pytest.mark.parametrize("options", [{}, {"label_smoothing": 0.1, "z_loss": 1e-3}], ids=str)
+@pytest.mark.parametrize("inplace", [False, True], ids=["grad", "inplace"])
+def test_softcapped_logits(backend, device, dtype, vocab, options, inplace):
+    """Gemma 2's final logit softcapping, 30 * tanh(x / 30), with logits spread far past the cap; the CUDA kernel
+    lacks it and says so."""
+    logits, targets = make_problem(9, vocab, dtype, device)
+    logits = (logits.float() * 20).to(dtype)
+    if backend == "cuda":
+        with pytest.raises(UnsupportedBackend, match="has no softcapping"):
+            cross_entropy(logits, targets, softcap=30.0, backend=backend)
+        return
+    if not inplace:
+        check_against_reference(logits, targets, backend, softcap=30.0, **options)
+        return
+    overwritten = logits.clone().requires_grad_() * 1.0  # a non-leaf the kernel may overwrite
+    loss = cross_entropy(overwritten, targets, softcap=30.0, inplace_backward=True, backend=backend, **options)
+    loss.backward()
+    exact = logits.double().requires_grad_()
+    expected = reference.cross_entropy(exact, targets, softcap=30.0, **options)
+    expected.backward()
+    assert_matches_reference(loss, expected.detach(), "loss", scale=30.0)
+    assert_matches_reference(overwritten, exact.grad, "grad written over the logits")
 
 
 @pytest.mark.parametrize("backend, device", backend_params())
@@ -135,7 +162,7 @@ def test_out_of_range_target_gives_nan_in_the_kernels(backend):
     logits = torch.randn(3, 20)
     targets = torch.tensor([4, 20, -100])
     grad = torch.empty_like(logits)
-    loss, _ = _row_losses(logits, targets, torch.ones(1), grad, -100, 0.0, 0.0, backend)
+    loss, _ = _row_losses(logits, targets, torch.ones(1), grad, -100, 0.0, 0.0, 0.0, backend)
     assert loss[0].isfinite() and loss[1].isnan() and loss[2] == 0
     assert grad[0].isfinite().all() and grad[1].isnan().all() and (grad[2] == 0).all()
 
@@ -168,6 +195,10 @@ def test_out_of_range_target_gives_nan_in_the_kernels(backend):
      r"targets\[2\] is 9"),
     (lambda: linear_cross_entropy(torch.randn(3, 4), torch.randn(5, 4), torch.tensor([0, 1, 1]), chunk_size=0),
      ValueError, "chunk_size must be a positive int"),
+    (lambda: cross_entropy(torch.randn(2, 5), torch.zeros(2, dtype=torch.long), softcap=0.0), ValueError,
+     "softcap must be None or a finite number > 0"),
+    (lambda: linear_cross_entropy(torch.randn(2, 4), torch.randn(5, 4), torch.zeros(2, dtype=torch.long),
+                                  softcap=float("inf")), ValueError, "softcap must be None"),
 ])
 def test_bad_input_gets_a_clear_error(call, error, words):
     with pytest.raises(error, match=words):
@@ -212,6 +243,24 @@ def test_linear_matches_float64_reference(backend, device, reduction, bias, chun
                        grad_output.double(), **options)
     for name, actual, expected in zip(["loss", "grad hidden", "grad weight", "grad bias"], ours, exact):
         # Matmuls of 40 and of 23 products in fp32 feed these: an fp32 error relative to the largest term.
+        assert_matches_reference(actual, expected, name, scale=expected.abs().max().item() * 8)
+
+
+@pytest.mark.parametrize("backend, device", backend_params())
+@pytest.mark.parametrize("reduction", ["mean", "none"])
+def test_linear_softcapped(backend, device, reduction):
+    h, weight, b, targets = linear_problem(23, 40, 131, torch.float32, device, bias=True)
+    weight = weight * 40  # logits well past the cap
+    options = dict(reduction=reduction, softcap=15.0)
+    if backend == "cuda":
+        with pytest.raises(UnsupportedBackend, match="has no softcapping"):
+            linear_cross_entropy(h, weight, targets, b, backend=backend, **options)
+        return
+    grad_output = torch.randn(23, device=device) if reduction == "none" else torch.tensor(1.3, device=device)
+    ours = run_linear(linear_cross_entropy, h, weight, b, targets, grad_output, chunk_size=7, backend=backend,
+                      **options)
+    exact = run_linear(unfused, h.double(), weight.double(), b.double(), targets, grad_output.double(), **options)
+    for name, actual, expected in zip(["loss", "grad hidden", "grad weight", "grad bias"], ours, exact):
         assert_matches_reference(actual, expected, name, scale=expected.abs().max().item() * 8)
 
 

@@ -9,9 +9,34 @@ from aquila.kernels.triton_compat import tl, triton
 
 
 @triton.jit
+def _tanh_and_slope(y):
+    """tanh(y) and 1 - tanh(y)^2, as csrc/cpu/common.h's tanh_and_slope: from e = exp(-2|y|), or below |y| = 0.25
+    from tanh's Taylor series (where 1 - e would cancel digits)."""
+    a = tl.abs(y)
+    e = tl.exp(-2.0 * a)
+    y2 = y * y
+    series = y * (1.0 + y2 * (-1.0 / 3.0 + y2 * (2.0 / 15.0 + y2 * (-17.0 / 315.0 + y2 * (62.0 / 2835.0)))))
+    far = (1.0 - e) / (1.0 + e)
+    small = a < 0.25
+    t = tl.where(small, series, tl.where(y >= 0, far, -far))
+    slope = tl.where(small, 1.0 - t * t, 4.0 * e / ((1.0 + e) * (1.0 + e)))
+    return t, slope
+
+
+@triton.jit
+def _logits(LOGITS, cols, mask, other, softcap, CAPPED: tl.constexpr):
+    """A block of the row's logits in fp32 as the loss sees them (softcapped when CAPPED), and their slopes."""
+    x = tl.load(LOGITS + cols, mask=mask, other=other).to(tl.float32)
+    if CAPPED:
+        t, slope = _tanh_and_slope(x / softcap)
+        return tl.where(mask, softcap * t, other), slope
+    return x, tl.full(x.shape, 1.0, tl.float32)
+
+
+@triton.jit
 def _cross_entropy_kernel(LOGITS, logits_row_stride, TARGETS, LOSS, LSE, GRAD, grad_row_stride, GRAD_SCALE, vocab,
-                          ignore_index, label_smoothing, z_loss, COMPUTE_GRAD: tl.constexpr,
-                          SMOOTHING: tl.constexpr, BLOCK: tl.constexpr):
+                          ignore_index, label_smoothing, z_loss, softcap, COMPUTE_GRAD: tl.constexpr,
+                          SMOOTHING: tl.constexpr, CAPPED: tl.constexpr, BLOCK: tl.constexpr):
     row = tl.program_id(0).to(tl.int64)
     logits = LOGITS + row * logits_row_stride
     target = tl.load(TARGETS + row)
@@ -25,7 +50,7 @@ def _cross_entropy_kernel(LOGITS, logits_row_stride, TARGETS, LOSS, LSE, GRAD, g
     logit_sum = tl.zeros([BLOCK], tl.float32)
     for start in range(0, vocab, BLOCK):
         cols = start + tl.arange(0, BLOCK)
-        z = tl.load(logits + cols, mask=cols < vocab, other=float("-inf")).to(tl.float32)
+        z, _ = _logits(logits, cols, cols < vocab, float("-inf"), softcap, CAPPED)
         running_max_before = running_max
         running_max = tl.maximum(running_max, z)
         # Lanes that have seen only -inf (padding past the vocabulary) subtract 0 instead: exp(-inf - -inf) is nan.
@@ -44,6 +69,10 @@ def _cross_entropy_kernel(LOGITS, logits_row_stride, TARGETS, LOSS, LSE, GRAD, g
     lse = row_max + log_sum
 
     target_logit = tl.load(logits + target, mask=valid & (target != ignore_index), other=0.0).to(tl.float32)
+    target_slope = 1.0
+    if CAPPED:
+        target_tanh, target_slope = _tanh_and_slope(target_logit / softcap)
+        target_logit = softcap * target_tanh
     # lse - z_t as log_sum + (max - z_t): for a confident prediction both are small and exact, where lse - z_t
     # would cancel away the digits of a loss near 0.
     loss = log_sum + (1.0 - label_smoothing) * (row_max - target_logit) + z_loss * lse * lse
@@ -60,11 +89,13 @@ def _cross_entropy_kernel(LOGITS, logits_row_stride, TARGETS, LOSS, LSE, GRAD, g
         uniform = label_smoothing / vocab
         # p_t c - (1 - eps) - eps / V as (p_t - 1) c + (c - 1) + eps - eps / V, with p_t - 1 = -others / sum.
         target_grad = row_scale * (-(others / sum_exp) * coefficient + (coefficient - 1.0) + label_smoothing - uniform)
+        target_grad *= target_slope
         for start in range(0, vocab, BLOCK):
             cols = start + tl.arange(0, BLOCK)
             mask = cols < vocab
-            z = tl.load(logits + cols, mask=mask, other=0.0).to(tl.float32)
-            dz = tl.where(cols == target, target_grad, row_scale * (tl.exp(z - lse) * coefficient - uniform))
+            z, slope = _logits(logits, cols, mask, 0.0, softcap, CAPPED)
+            dz = tl.where(cols == target, target_grad,
+                          row_scale * (tl.exp(z - lse) * coefficient - uniform) * slope)
             tl.store(grad + cols, dz.to(GRAD.dtype.element_ty), mask=mask)
 
 
@@ -74,7 +105,8 @@ def _config(vocab):
 
 
 # What the launch-time compile check drives the launcher over: vocabularies below, at and above the 4096 block
-# (blocks 64 to 4096), loss only, with the gradient (in place or not), with label smoothing, in each dtype.
+# (blocks 64 to 4096), loss only, with the gradient (in place or not), with label smoothing, softcapped (loss only and
+# with the gradient), in each dtype.
 LAUNCH_VOCABS = (50, 1000, 4096, 32000, 100008)
 
 
@@ -88,17 +120,19 @@ def launch_cases(vocabs=LAUNCH_VOCABS, dtypes=(torch.float32, torch.float16, tor
             targets = torch.zeros(2, dtype=torch.int64)
             grad_scale = torch.ones(1, dtype=torch.float32)
             loss, lse = torch.zeros(2, dtype=torch.float32), torch.zeros(2, dtype=torch.float32)
-            for grad, smoothing in ((None, 0.0), (torch.zeros_like(logits), 0.0), (logits, 0.1)):
-                row_losses(logits, targets, grad_scale, grad, -100, smoothing, 1e-4, loss, lse)
+            for grad, smoothing, softcap in ((None, 0.0, 0.0), (torch.zeros_like(logits), 0.0, 0.0), (logits, 0.1, 0.0),
+                                             (None, 0.0, 30.0), (torch.zeros_like(logits), 0.0, 30.0)):
+                row_losses(logits, targets, grad_scale, grad, -100, smoothing, 1e-4, softcap, loss, lse)
         return f"cross_entropy {str(dtype)[6:]} vocab={vocab}", run
 
     return [case(dtype, vocab) for dtype in dtypes for vocab in vocabs]
 
 
-def row_losses(logits, targets, grad_scale, grad, ignore_index, label_smoothing, z_loss, loss, lse):
+def row_losses(logits, targets, grad_scale, grad, ignore_index, label_smoothing, z_loss, softcap, loss, lse):
     rows, vocab = logits.shape
     block, num_warps = _config(vocab)
     _cross_entropy_kernel[(rows,)](
         logits, logits.stride(0), targets, loss, lse, grad if grad is not None else logits,
         grad.stride(0) if grad is not None else 0, grad_scale, vocab, ignore_index, label_smoothing, z_loss,
-        COMPUTE_GRAD=grad is not None, SMOOTHING=label_smoothing != 0.0, BLOCK=block, num_warps=num_warps)
+        softcap or 1.0, COMPUTE_GRAD=grad is not None, SMOOTHING=label_smoothing != 0.0, CAPPED=softcap > 0,
+        BLOCK=block, num_warps=num_warps)
