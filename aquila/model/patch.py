@@ -25,13 +25,28 @@ Fallbacks, chosen per call so the results stay those of transformers (each is th
 
 * Rotary: Aquila's kernel computes plain RoPE (``rope_type == "default"``) from the position ids. Scaled RoPE
   variants (linear, dynamic, yarn, llama3, ...), or a call without ``position_ids``, use transformers' cos/sin.
-* Attention: Aquila's kernel runs when the mask is plain causal: None, or a materialised 4-D mask equal to the causal
-  mask aligned to the last query (what transformers builds from an all-ones ``attention_mask``, with or without a
-  KV cache). Padding, packed sequences (position ids restarting), sliding windows, static caches (whose key tensors are
-  longer than the filled part), attention dropout in training, ``output_attentions``, flash-attention varlen kwargs or
-  a non-causal config run transformers' attention for the configured ``attn_implementation`` instead.
-  A transformers ``DynamicCache`` (the default in ``generate``) is supported by the kernels: the cached keys are
-  exactly the sequence's, and the causal mask is aligned bottom-right as with a cache.
+* Attention: Aquila's kernel runs whenever the mask transformers built for the configured ``attn_implementation``
+  (eager or sdpa) is causal with padding, or causal within packed sequences. transformers 5 hands the attention a 4-D
+  mask (None for SDPA when its ``is_causal`` suffices): the patch compares it, once per forward, with the causal mask
+  of a 2-D padding mask it reads off the mask's last row, and, when they are equal, runs the kernel the way flash-attn's
+  transformers integration does: the plain batched kernel when nothing is padded; else the varlen kernel on the real
+  tokens of each row (``cu_seqlens`` for queries and keys; with a KV cache, dynamic or static, the keys are the cached
+  positions the mask lets each row see), padded back. Padded query positions get what transformers' attention gives
+  them, so logits and gradients match at every position: a padded query after real tokens attends to them (a second
+  varlen call, without causal mask); one before any real token, whose mask row allows nothing, runs through
+  transformers' attention (eager returns the mean of the values, SDPA zeros). Left padding, right padding, padding
+  anywhere, caches, beam search and position ids (rotary takes them as given) are covered.
+  Transformers' attention runs instead (counted by ``fallback_counts()``, and logged at debug level the first time
+  for each reason; see ``FALLBACK_REASONS``) for ``output_attentions``, attention dropout in training, a
+  non-causal config, any other 4-D mask (custom masks: prefix-LM, sliding windows, ...), flex attention's BlockMask,
+  flash attention with padding or varlen keyword arguments (flash attention is then the fallback), and dtypes or
+  head dims the kernel lacks.
+  Under torch.compile nothing may read a tensor's values while tracing: the choice is made from shapes, dtypes and
+  flags, and the mask is checked with tensor ops inside the graph, where ``torch.cond`` runs the kernel (plain causal
+  masks; in inference over a static cache, generation's case, the KV-cache kernel over each row's filled keys,
+  gathered first when left padding puts them elsewhere) or transformers' attention (padding in training, whose
+  unpadding needs shapes that depend on the mask). In training, ``torch.cond``'s backward recomputes the attention
+  forward. Calls inside a compiled graph are not counted.
 * Loss: ``logits_to_keep`` other than 0 with labels uses the original forward.
 
 Numerics: the Aquila ops compute in fp32 and round once to the input dtype, where transformers rounds some
@@ -44,19 +59,26 @@ Limits: fp32, fp16 and bf16 models (the kernels' dtypes; a float64 model gets th
 accelerate dispatches the model across devices (a forward replaced per instance is refused with an error). Not
 patched: the decoder layer's residual adds (fusing them into the norms, as Aquila's own model does, would mean
 replacing LlamaDecoderLayer.forward), and transformers' rotary_emb, which still computes cos/sin once per forward
-for the fallback. torch.compile of a patched model is not covered by the tests (the mask check reads the mask).
+for the fallback.
+
+Deprecated arguments: the patched forwards sit in transformers' own deprecation wrappers of the originals (5.x:
+``past_key_values`` for ``cache``), so they rename, warn and refuse exactly as transformers does.
 """
 
+import collections
 import dataclasses
 import functools
+import logging
+import types
 import weakref
-from typing import Optional
+from typing import ClassVar, Optional
 
 import torch
 from torch import Tensor
 
 from aquila import IGNORE_INDEX
-from aquila.kernels import RMSNorm, apply_rotary, attention, linear_cross_entropy
+from aquila.kernels import RMSNorm, apply_rotary, attention, attention_with_kv_cache, linear_cross_entropy
+from aquila.kernels import backend as _backend
 from aquila.kernels.attention import IMPLEMENTATIONS as ATTENTION_IMPLEMENTATIONS
 from aquila.kernels.attention import MAX_HEAD_DIM
 from aquila.kernels.backend import BACKENDS, FLOAT_DTYPES, UnsupportedBackend
@@ -68,8 +90,8 @@ try:
 except ImportError as error:  # transformers is an optional dependency of aquila
     raise ImportError("aquila.model.patch needs transformers: pip install transformers") from error
 
-__all__ = ["AquilaLlamaAttention", "AquilaLlamaRMSNorm", "apply_aquila_kernels_to_llama",
-           "remove_aquila_kernels_from_llama"]
+__all__ = ["FALLBACK_REASONS", "AquilaLlamaAttention", "AquilaLlamaRMSNorm", "apply_aquila_kernels_to_llama",
+           "fallback_counts", "kernel_counts", "remove_aquila_kernels_from_llama", "reset_counts"]
 
 # transformers' own classes and forward, captured once at import, so that patching twice never wraps a patch and
 # removing the patch restores exactly these.
@@ -80,6 +102,39 @@ LlamaForCausalLM = modeling_llama.LlamaForCausalLM
 
 # Keyword arguments with which transformers hands pre-computed packed-sequence boundaries to flash attention.
 VARLEN_KWARGS = ("cu_seq_lens_q", "cu_seq_lens_k", "max_length_q", "max_length_k")
+
+
+def _deprecation_wrapper_code():
+    try:
+        from transformers.utils.deprecation import deprecate_kwarg
+    except ImportError:
+        return None
+    return deprecate_kwarg("unused", "0.0.1")(lambda: None).__code__
+
+
+# The code of the wrapper transformers' deprecate_kwarg puts around a function (one code object for every use), which
+# calls the function it wraps through its closure cell "func"; None where that is not so.
+DEPRECATION_WRAPPER_CODE = _deprecation_wrapper_code()
+if DEPRECATION_WRAPPER_CODE is not None and "func" not in DEPRECATION_WRAPPER_CODE.co_freevars:
+    DEPRECATION_WRAPPER_CODE = None
+
+
+def _with_deprecations_of(original, function):
+    """`function` inside the same deprecate_kwarg layers as `original` (a transformers forward): deprecated keyword
+    arguments (5.x: ``past_key_values`` for ``cache``) are renamed, refused or warned about exactly as transformers
+    does for the original, with its messages and versions. Each layer is transformers' own wrapper function, rebuilt
+    around `function` in place of the original's."""
+    layers = []
+    while original is not None:
+        if DEPRECATION_WRAPPER_CODE is not None and getattr(original, "__code__", None) is DEPRECATION_WRAPPER_CODE:
+            layers.append(original)
+        original = getattr(original, "__wrapped__", None)
+    for layer in reversed(layers):
+        closure = tuple(types.CellType(function) if name == "func" else cell
+                        for name, cell in zip(layer.__code__.co_freevars, layer.__closure__))
+        wrapper = types.FunctionType(layer.__code__, layer.__globals__, layer.__name__, layer.__defaults__, closure)
+        function = functools.update_wrapper(wrapper, function)
+    return function
 
 
 @dataclasses.dataclass(frozen=True)
@@ -134,51 +189,278 @@ def _norm_sharing_weight(norm, aquila, backend):
     return replacement
 
 
-# --- Attention --------------------------------------------------------------------------------------------------------
+# --- Counting the fallbacks -------------------------------------------------------------------------------------------
+
+logger = logging.getLogger(__name__)
+
+# Why a patched attention call ran transformers' attention instead of Aquila's kernel (the keys of fallback_counts()).
+FALLBACK_REASONS = {
+    "output_attentions": "the attention weights were asked for (output_attentions), and the kernel never forms them",
+    "dropout": "attention dropout in training mode, which the kernel does not have",
+    "not_causal": "bidirectional attention (is_causal off, or no mask at all under eager attention, which then attends "
+                  "to every key)",
+    "dtype": "a dtype other than fp32, fp16 and bf16",
+    "head_dim": f"a head_dim over {MAX_HEAD_DIM}",
+    "attn_implementation": "an attn_implementation whose masks the patch does not read (flash attention given a "
+                           "padding mask or varlen keyword arguments, flex attention's BlockMask, a custom one)",
+    "custom_mask": "a mask other than causal with padding, or causal within packed sequences",
+}
+
+_kernel_counts = collections.Counter()
+_fallback_counts = collections.Counter()
+_reported_reasons = set()
 
 
-class _MaskVerdict:
-    """Remembers whether the last mask checked was plain causal. Every layer of one forward receives the same mask
-    object, so the check (a comparison over the whole mask, and a host sync on GPU) runs once per forward, not once per
-    layer. A weak reference: a mask that is gone can never match a new one that reuses its address."""
+def kernel_counts():
+    """How many patched attention calls ran Aquila's kernel since import or reset_counts(), by path: "dense" (the
+    batch as it is), "varlen" (padding removed, cu_seqlens built from the mask), "packed" (packed sequences).
+    Calls inside a torch.compile'd graph are not counted (the choice is made in the graph, at run time)."""
+    return dict(_kernel_counts)
+
+
+def fallback_counts():
+    """How many patched attention calls ran transformers' attention instead of Aquila's kernel since import or
+    reset_counts(), by reason (see FALLBACK_REASONS); the first call for each reason is also logged at debug level on
+    the ``aquila.model.patch`` logger. Calls inside a torch.compile'd graph are not counted."""
+    return dict(_fallback_counts)
+
+
+def reset_counts():
+    """Zeroes kernel_counts() and fallback_counts(); the next fallback for each reason is logged again."""
+    _kernel_counts.clear()
+    _fallback_counts.clear()
+    _reported_reasons.clear()
+
+
+def _count_fallback(reason):
+    if torch.compiler.is_compiling():
+        return
+    _fallback_counts[reason] += 1
+    if reason not in _reported_reasons:
+        _reported_reasons.add(reason)
+        logger.debug("Aquila's attention falls back to transformers' attention: %s (%s)", reason,
+                     FALLBACK_REASONS[reason])
+
+
+# --- Attention: what the mask asks for --------------------------------------------------------------------------------
+# transformers 5 builds the mask once per forward (masking_utils.create_causal_mask) for the configured
+# attn_implementation and hands every layer that same object: a 4-D additive float mask [batch, 1, q_len, kv_len]
+# (0 where a query may attend, the dtype's minimum elsewhere) for eager; a 4-D boolean one, or None when SDPA's own
+# is_causal says the same (no padding, q_len == kv_len or q_len == 1, or the prefill of an empty static cache), for
+# sdpa; the 2-D padding mask or None for flash attention; a BlockMask for flex attention. The patch keeps the
+# configured implementation (its fallback), so it reads what that implementation would: each mask is compared, once
+# per forward, with the masks the kernel can compute, and the matching "plan" is reused by every layer.
+
+
+@dataclasses.dataclass(frozen=True)
+class _Fallback:
+    reason: str
+
+
+@dataclasses.dataclass(frozen=True)
+class _Dense:
+    """Every query attends causally (aligned bottom-right) to the first `keys` keys of its row."""
+
+    path: ClassVar[str] = "dense"
+    keys: int
+
+
+@dataclasses.dataclass(frozen=True)
+class _Packed:
+    """No padding, and rows that hold several sequences: each sequence attends causally to itself only."""
+
+    path: ClassVar[str] = "packed"
+    cu_seqlens: Tensor
+    max_seqlen: int
+
+
+@dataclasses.dataclass(frozen=True)
+class _Varlen:
+    """Causal attention with padding, over the first `keys` keys of each row. Indices are into the rows flattened:
+    [batch * q_len] queries, [batch * keys] keys; cu_* and max_* are the varlen kernel's sequence boundaries.
+
+    A real query attends to the real keys up to its own position: the varlen kernel on the real queries and real keys
+    of each row (the real queries are the row's last real tokens, so the causal mask aligned bottom-right is exact).
+    A padded query attends to whatever real keys precede it, as the mask says: the padded queries after the same
+    real keys form one sequence with those keys, without causal mask. A padded query before every real key has a mask
+    row with nothing allowed: what transformers' attention makes of it (eager: the mean of all the values; SDPA:
+    zeros) is what it computes, on the first `blind_rows` queries of the batch."""
+
+    path: ClassVar[str] = "varlen"
+    keys: int
+    query_index: Tensor
+    cu_queries: Tensor
+    max_queries: int
+    key_index: Tensor
+    cu_keys: Tensor
+    max_keys: int
+    padded_query_index: Tensor
+    cu_padded_queries: Tensor
+    max_padded_queries: int
+    padded_key_index: Tensor
+    cu_padded_keys: Tensor
+    max_padded_keys: int
+    blind_rows: int
+    blind_index: Tensor  # into the first blind_rows queries of each row, flattened [batch * blind_rows]
+    order: Tensor  # where each query's output is in the concatenated outputs (real, padded, blind)
+
+
+def _plan_without_mask(implementation, q_len, kv_len):
+    """What transformers' attention computes with no mask: SDPA's is_causal (aligned top-left: with more keys than
+    queries, the prefill of a static cache, only the first q_len keys are seen), flash attention's causal (aligned
+    bottom-right), nothing masked under eager; a single query sees every key in all of them."""
+    if q_len == 1:
+        return _Dense(kv_len)
+    if implementation == "eager":
+        return _Fallback("not_causal")
+    if implementation == "sdpa":
+        return _Dense(q_len) if q_len <= kv_len else _Fallback("custom_mask")
+    if implementation.startswith("flash_attention"):
+        return _Dense(kv_len) if q_len <= kv_len else _Fallback("custom_mask")
+    return _Fallback("attn_implementation")  # a custom implementation gets no mask even with padding
+
+
+def _allowed(mask, implementation):
+    """(allowed, readable): the boolean "may attend" form of a 4-D mask, and a 0-d boolean tensor telling whether
+    that is all the mask does; None when the implementation does not take such a mask as a mask."""
+    if mask.dtype == torch.bool:
+        # Eager attention adds the mask to the scores: a boolean one would add 0 or 1, not mask.
+        return (None, None) if implementation == "eager" else (mask, torch.ones((), dtype=torch.bool,
+                                                                                device=mask.device))
+    if not mask.is_floating_point():
+        return None, None
+    # Additive: exactly 0 where allowed, and so negative elsewhere that the softmax weight is exactly 0 (transformers
+    # writes the dtype's minimum; -inf also qualifies), unless a whole row is blocked (see _Varlen).
+    allowed = mask == 0
+    return allowed, (allowed | (mask <= torch.finfo(mask.dtype).min / 2)).all()
+
+
+def _plan_for_mask(mask, batch, q_len, kv_len, implementation):
+    """Reads a mask (a host sync on GPU) and returns the plan that computes exactly what it asks for."""
+    if implementation not in ("eager", "sdpa"):
+        return _Fallback("attn_implementation")
+    if mask.dim() != 4 or tuple(mask.shape[-2:]) != (q_len, kv_len) or mask.shape[0] not in (1, batch):
+        return _Fallback("custom_mask")
+    allowed, readable = _allowed(mask, implementation)
+    if allowed is None or not bool(readable):
+        return _Fallback("custom_mask")
+    # The last query comes after every key it may see: its row is the padding mask of the keys, if the mask is one.
+    valid = allowed[:, 0, -1, :]
+    key_positions = torch.arange(kv_len, device=mask.device)
+    query_rows = torch.arange(q_len, device=mask.device)[:, None]
+    # The queries are the last q_len positions of the keys up to the last one any row may see (the filled part of a
+    # static cache, whose later keys are masked; with a dynamic cache or none, every key), or failing that (every row
+    # ends in padding), of all the keys.
+    seen = valid.any(0).nonzero()
+    filled = int(seen[-1]) + 1 if seen.numel() else 0
+    offsets = [filled - q_len] if q_len <= filled < kv_len else []
+    for offset in offsets + [kv_len - q_len]:
+        expected = valid[:, None, None, :] & (key_positions <= query_rows + offset)
+        if torch.equal(allowed, expected.expand(allowed.shape)):
+            return _padding_plan(valid.expand(batch, kv_len)[:, :offset + q_len], offset)
+    return _packed_plan(allowed, batch, q_len, kv_len)
+
+
+def _packed_plan(allowed, batch, q_len, kv_len):
+    """Packed sequences (transformers' mask from position ids that restart, without padding or cache): causal within
+    each run of tokens of which none may see the token before it."""
+    if q_len != kv_len or q_len < 2:
+        return _Fallback("custom_mask")
+    starts = torch.ones(allowed.shape[0], q_len, dtype=torch.bool, device=allowed.device)
+    starts[:, 1:] = ~allowed[:, 0].diagonal(offset=-1, dim1=-2, dim2=-1)
+    segments = starts.cumsum(1)
+    causal = torch.ones(q_len, q_len, dtype=torch.bool, device=allowed.device).tril()
+    expected = (segments[:, :, None] == segments[:, None, :]) & causal
+    if not torch.equal(allowed, expected[:, None].expand(allowed.shape)):
+        return _Fallback("custom_mask")
+    first_tokens = starts.expand(batch, q_len).flatten().nonzero().squeeze(1)
+    cu_seqlens = torch.cat([first_tokens, first_tokens.new_tensor([batch * q_len])]).to(torch.int32)
+    return _Packed(cu_seqlens, int((cu_seqlens[1:] - cu_seqlens[:-1]).max()))
+
+
+def _cumulative(lengths):
+    """cu_seqlens (int32, from 0) and the longest, from per-sequence lengths."""
+    cu = torch.zeros(lengths.shape[0] + 1, dtype=torch.int32, device=lengths.device)
+    cu[1:] = lengths.cumsum(0)
+    return cu, int(lengths.max()) if lengths.numel() else 0
+
+
+def _padding_plan(valid, offset):
+    """valid [batch, keys]: which keys hold tokens; the queries are the last keys - offset positions."""
+    batch, keys = valid.shape
+    if bool(valid.all()):
+        return _Dense(keys)
+    q_len = keys - offset
+    real = valid[:, offset:]  # [batch, q_len]: the queries that are tokens
+    seen = valid.cumsum(1)[:, offset:]  # how many keys each query may see
+    query_index = real.flatten().nonzero().squeeze(1)
+    key_index = valid.flatten().nonzero().squeeze(1)
+    cu_queries, max_queries = _cumulative(real.sum(1))
+    cu_keys, max_keys = _cumulative(valid.sum(1))
+
+    # Padded queries that see some keys: a new sequence wherever the row or the number of keys seen changes.
+    padded = ~real & (seen > 0)
+    padded_query_index = padded.flatten().nonzero().squeeze(1)
+    rows, counts = padded_query_index // q_len, seen.flatten()[padded_query_index]
+    new = torch.ones_like(rows, dtype=torch.bool)
+    new[1:] = (rows[1:] != rows[:-1]) | (counts[1:] != counts[:-1])
+    firsts = new.nonzero().squeeze(1)
+    group_sizes = torch.diff(firsts, append=firsts.new_tensor([rows.numel()]))
+    group_rows, group_keys = rows[firsts], counts[firsts]
+    cu_padded_queries, max_padded_queries = _cumulative(group_sizes)
+    cu_padded_keys, max_padded_keys = _cumulative(group_keys)
+    # Sequence g's keys: the first group_keys[g] valid keys of its row.
+    first_key = cu_keys[:-1].long()[group_rows] - cu_padded_keys[:-1].long()
+    padded_key_index = key_index[torch.repeat_interleave(first_key, group_keys) +
+                                 torch.arange(int(group_keys.sum()), device=valid.device)]
+
+    blind = ~real & (seen == 0)  # the first queries of a row, before its first token
+    blind_rows = int(blind.sum(1).max())
+    blind_flat = blind.flatten().nonzero().squeeze(1)
+    blind_index = blind_flat - blind_flat // q_len * (q_len - blind_rows)
+    position = torch.cat([query_index, padded_query_index, blind_flat])
+    order = torch.empty_like(position)
+    order[position] = torch.arange(position.numel(), device=valid.device)
+    return _Varlen(keys, query_index, cu_queries, max_queries, key_index, cu_keys, max_keys, padded_query_index,
+                   cu_padded_queries, max_padded_queries, padded_key_index, cu_padded_keys, max_padded_keys,
+                   blind_rows, blind_index, order)
+
+
+class _PlanCache:
+    """The plan of the last mask read. Every layer of one forward receives the same mask object, so the mask is read
+    (a host sync on GPU) and the index tensors built once per forward, not once per layer. A weak reference: a mask
+    that is gone can never match a new one that reuses its address; and the mask's version counter: a mask changed
+    in place since (a caller's reused buffer) is read again (inference-mode tensors have no version counter)."""
 
     def __init__(self):
-        self._last = (None, None, False)  # (weakref to the mask, (q_len, kv_len), verdict), replaced as one tuple
+        self._last = (None, None, None)  # (weakref to the mask, sizes, plan), replaced as one tuple
 
-    def is_plain_causal(self, mask, q_len, kv_len):
-        if mask is None:
-            # transformers skips the mask when q_len == kv_len (causal, any alignment) or q_len == 1 (sees every
-            # key) and nothing is padded. A None mask with 1 < q_len < kv_len is the prefill of a static cache,
-            # aligned top-left: not what the kernel computes.
-            return q_len == kv_len or q_len == 1
-        if not isinstance(mask, Tensor):  # a flex-attention BlockMask, or anything else: let transformers run it
-            return False
-        reference, sizes, verdict = self._last
-        if reference is not None and reference() is mask and sizes == (q_len, kv_len):
-            return verdict
-        verdict = _mask_is_plain_causal(mask, q_len, kv_len)
-        self._last = (weakref.ref(mask), (q_len, kv_len), verdict)
-        return verdict
+    def plan(self, mask, batch, q_len, kv_len, implementation):
+        sizes = (batch, q_len, kv_len, implementation, None if mask.is_inference() else mask._version)
+        reference, last_sizes, plan = self._last
+        if reference is not None and reference() is mask and last_sizes == sizes:
+            return plan
+        plan = _plan_for_mask(mask, batch, q_len, kv_len, implementation)
+        self._last = (weakref.ref(mask), sizes, plan)
+        return plan
 
 
-def _mask_is_plain_causal(mask, q_len, kv_len):
-    """True when a materialised mask (4-D boolean "may attend", or additive float) is exactly the causal mask of
-    q_len queries that are the last of kv_len keys, for every batch row and head."""
-    if mask.dim() != 4 or tuple(mask.shape[-2:]) != (q_len, kv_len):
-        return False  # a 2-D padding mask (flash attention's form) is only passed when something is padded
-    query_positions = torch.arange(q_len, device=mask.device)[:, None] + (kv_len - q_len)
-    allowed = (torch.arange(kv_len, device=mask.device)[None, :] <= query_positions).expand(mask.shape)
-    if mask.dtype == torch.bool:
-        return torch.equal(mask, allowed)
-    if not mask.is_floating_point():
-        return False
-    # Additive: exactly 0 where allowed, and so negative elsewhere that the softmax weight is exactly 0 (transformers
-    # writes the dtype's minimum; -inf also qualifies).
-    blocked_enough = mask <= torch.finfo(mask.dtype).min / 2
-    return torch.equal(mask == 0, allowed) and bool((allowed | blocked_enough).all())
+_plans = _PlanCache()
 
 
-_mask_verdict = _MaskVerdict()
+class _ContiguousGradient(torch.autograd.Function):
+    """Identity whose gradient is contiguous: torch.cond needs both branches' gradients in the same layout."""
+
+    @staticmethod
+    def forward(ctx, x):
+        return x.view_as(x)
+
+    @staticmethod
+    def backward(ctx, grad):
+        return grad.contiguous()
+
+
+# --- Attention --------------------------------------------------------------------------------------------------------
 
 
 class AquilaLlamaAttention(ORIGINAL_ATTENTION):
@@ -191,8 +473,6 @@ class AquilaLlamaAttention(ORIGINAL_ATTENTION):
         self.aquila_options = class_patch_options or PatchOptions()
 
     def forward(self, hidden_states, position_embeddings=None, attention_mask=None, cache=None, **kwargs):
-        if cache is None and "past_key_values" in kwargs:  # transformers' deprecated name for the cache
-            cache = kwargs.pop("past_key_values")
         options = self.aquila_options
         token_shape = hidden_states.shape[:-1]
         # [batch, seq, heads, head_dim]: the layout of the projections' output, which the Aquila kernels take as is.
@@ -207,15 +487,10 @@ class AquilaLlamaAttention(ORIGINAL_ATTENTION):
             key, value = cache.update(key.transpose(1, 2), value.transpose(1, 2), self.layer_idx, kwargs=kwargs)
             key, value = key.transpose(1, 2), value.transpose(1, 2)
 
-        if options.attention and self._kernel_can_attend(query, key, attention_mask, cache, kwargs):
-            output = attention(query, key, value, causal=True, scale=self.scaling, backend=options.backend)
-            weights = None
-        else:
-            interface = modeling_llama.ALL_ATTENTION_FUNCTIONS.get_interface(
-                self.config._attn_implementation, modeling_llama.eager_attention_forward)
-            output, weights = interface(self, query.transpose(1, 2), key.transpose(1, 2), value.transpose(1, 2),
-                                        attention_mask, dropout=self.attention_dropout if self.training else 0.0,
-                                        scaling=self.scaling, **kwargs)
+        output = self._kernel_attention(query, key, value, attention_mask, cache, kwargs) if options.attention else None
+        weights = None
+        if output is None:
+            output, weights = self._transformers_attention(query, key, value, attention_mask, kwargs)
         output = output.reshape(*token_shape, -1).contiguous()
         return self.o_proj(output), weights
 
@@ -232,28 +507,142 @@ class AquilaLlamaAttention(ORIGINAL_ATTENTION):
         query, key = modeling_llama.apply_rotary_pos_emb(query.transpose(1, 2), key.transpose(1, 2), cos, sin)
         return query.transpose(1, 2), key.transpose(1, 2)
 
-    def _kernel_can_attend(self, query, key, attention_mask, cache, kwargs):
-        """Whether Aquila's causal attention computes exactly what transformers' would here."""
+    def _transformers_attention(self, query, key, value, attention_mask, kwargs):
+        """The configured attn_implementation, as LlamaAttention runs it: (output [b, s, heads, d], weights)."""
+        interface = modeling_llama.ALL_ATTENTION_FUNCTIONS.get_interface(
+            self.config._attn_implementation, modeling_llama.eager_attention_forward)
+        return interface(self, query.transpose(1, 2), key.transpose(1, 2), value.transpose(1, 2), attention_mask,
+                         dropout=self.attention_dropout if self.training else 0.0, scaling=self.scaling, **kwargs)
+
+    def _unsupported(self, query, kwargs):
+        """Why the kernel cannot run this call whatever the mask, or None: decided from flags, dtypes and shapes."""
         if self.training and self.attention_dropout > 0:
-            return False  # the kernel has no dropout
-        if kwargs.get("output_attentions") or getattr(self.config, "output_attentions", False):
-            return False  # the kernel never forms the attention weights
-        if any(kwargs.get(name) is not None for name in VARLEN_KWARGS):
-            return False
-        if not (getattr(self.config, "is_causal", True) and self.is_causal):
-            return False
-        if query.dtype not in FLOAT_DTYPES or not 1 <= query.shape[-1] <= MAX_HEAD_DIM:
-            return False
-        q_len, kv_len = query.shape[1], key.shape[1]
-        if cache is not None:
-            # The kernel attends to every key it is given: only right when the cache returned exactly the filled
-            # positions (a DynamicCache), not a static or sliding buffer.
-            try:
-                if cache.get_seq_length(self.layer_idx) != kv_len:
-                    return False
-            except (ValueError, IndexError, AttributeError):
-                return False
-        return _mask_verdict.is_plain_causal(attention_mask, q_len, kv_len)
+            return "dropout"
+        if kwargs.get("output_attentions", getattr(self.config, "output_attentions", False)):
+            return "output_attentions"
+        if not (getattr(self.config, "is_causal", True) and self.is_causal) or kwargs.get("is_causal") is False:
+            return "not_causal"
+        implementation = self.config._attn_implementation or "eager"
+        if implementation.startswith("flash_attention") and any(kwargs.get(name) is not None for name in
+                                                                VARLEN_KWARGS):
+            return "attn_implementation"
+        if query.dtype not in FLOAT_DTYPES:
+            return "dtype"
+        if not 1 <= query.shape[-1] <= MAX_HEAD_DIM:
+            return "head_dim"
+        return None
+
+    def _kernel_attention(self, query, key, value, attention_mask, cache, kwargs):
+        """Aquila's attention where it computes exactly what transformers' would, else None."""
+        reason = self._unsupported(query, kwargs)
+        if reason is not None:
+            _count_fallback(reason)
+            return None
+        if torch.compiler.is_compiling():
+            return self._compiled_attention(query, key, value, attention_mask, cache, kwargs)
+        (batch, q_len), kv_len = query.shape[:2], key.shape[1]
+        implementation = self.config._attn_implementation or "eager"
+        if attention_mask is None:
+            plan = _plan_without_mask(implementation, q_len, kv_len)
+        elif isinstance(attention_mask, Tensor):
+            plan = _plans.plan(attention_mask, batch, q_len, kv_len, implementation)
+        else:  # flex attention's BlockMask
+            plan = _Fallback("attn_implementation")
+        if isinstance(plan, _Fallback):
+            _count_fallback(plan.reason)
+            return None
+        _kernel_counts[plan.path] += 1
+        if isinstance(plan, _Dense):
+            return self._dense(query, key[:, :plan.keys], value[:, :plan.keys])
+        if isinstance(plan, _Packed):
+            flat = [t.reshape(-1, *t.shape[2:]) for t in (query, key, value)]
+            return self._varlen(*flat, True, plan.cu_seqlens, plan.cu_seqlens, plan.max_seqlen,
+                                plan.max_seqlen).view(query.shape)
+        return self._unpadded(plan, query, key, value, attention_mask, kwargs)
+
+    def _dense(self, query, key, value):
+        return attention(query, key, value, causal=True, scale=self.scaling, backend=self.aquila_options.backend)
+
+    def _varlen(self, query, key, value, causal, cu_queries, cu_keys, max_queries, max_keys):
+        if not query.shape[0]:
+            return query.new_zeros(query.shape)
+        return attention(query, key, value, causal=causal, scale=self.scaling, cu_seqlens_q=cu_queries,
+                         cu_seqlens_k=cu_keys, max_seqlen_q=max_queries, max_seqlen_k=max_keys,
+                         backend=self.aquila_options.backend)
+
+    def _unpadded(self, plan, query, key, value, attention_mask, kwargs):
+        """Unpad, attend with the varlen kernel, pad back (see _Varlen)."""
+        batch, q_len, heads, head_dim = query.shape
+        flat_query = query.reshape(batch * q_len, heads, head_dim)
+        flat_key, flat_value = (t[:, :plan.keys].reshape(batch * plan.keys, *t.shape[2:]) for t in (key, value))
+        outputs = [self._varlen(flat_query[plan.query_index], flat_key[plan.key_index], flat_value[plan.key_index],
+                                True, plan.cu_queries, plan.cu_keys, plan.max_queries, plan.max_keys)]
+        if plan.padded_query_index.numel():
+            outputs.append(self._varlen(flat_query[plan.padded_query_index], flat_key[plan.padded_key_index],
+                                        flat_value[plan.padded_key_index], False, plan.cu_padded_queries,
+                                        plan.cu_padded_keys, plan.max_padded_queries, plan.max_padded_keys))
+        if plan.blind_rows:
+            blind, _ = self._transformers_attention(query[:, :plan.blind_rows], key, value,
+                                                    attention_mask[:, :, :plan.blind_rows], kwargs)
+            outputs.append(blind.reshape(-1, heads, head_dim)[plan.blind_index].to(outputs[0].dtype))
+        return torch.cat(outputs)[plan.order].view(batch, q_len, heads, head_dim)
+
+    def _compiled_attention(self, query, key, value, attention_mask, cache, kwargs):
+        """Under torch.compile: no value of a tensor may decide anything while tracing, and shapes stay static. A mask
+        is checked with tensor ops and torch.cond picks the kernel or transformers' attention when the graph runs:
+        the kernel for a plain causal mask, and, in inference with a static cache (generation), the KV-cache kernel
+        over each row's filled keys, gathered first when padding makes them other than a prefix."""
+        (batch, q_len), kv_len = query.shape[:2], key.shape[1]
+        implementation = self.config._attn_implementation or "eager"
+        if attention_mask is None:
+            plan = _plan_without_mask(implementation, q_len, kv_len)
+            return self._dense(query, key[:, :plan.keys], value[:, :plan.keys]) if isinstance(plan, _Dense) else None
+        if (implementation not in ("eager", "sdpa") or not isinstance(attention_mask, Tensor)
+                or attention_mask.dim() != 4 or tuple(attention_mask.shape[-2:]) != (q_len, kv_len)):
+            return None
+        allowed, readable = _allowed(attention_mask, implementation)
+        if allowed is None:
+            return None
+        # Flat outputs: torch.cond needs both branches' outputs (and gradients) in one layout.
+        def fallback(query, key, value, attention_mask, *_):
+            query, key, value = (_ContiguousGradient.apply(t) for t in (query, key, value))
+            return self._transformers_attention(query, key, value, attention_mask, kwargs)[0].reshape(-1)
+
+        key_positions = torch.arange(kv_len, device=attention_mask.device)
+        query_rows = torch.arange(q_len, device=attention_mask.device)[:, None]
+        if _backend.needs_backward(query, key, value) or not getattr(cache, "is_compileable", False):
+            plain = readable & (allowed == (key_positions <= query_rows + (kv_len - q_len))).all()
+            return torch.cond(plain, lambda q, k, v, m: self._dense(q, k, v).reshape(-1), fallback,
+                              (query, key, value, attention_mask)).view(query.shape)
+
+        # A static cache: the keys are its whole buffer; the mask says which hold this batch's tokens.
+        valid = allowed[:, 0, -1, :].expand(batch, kv_len).clone()  # not a view of the mask: cond's operands
+        lengths = valid.sum(1)
+        filled = ((key_positions + 1) * valid.any(0)).max()
+        offset = filled - q_len
+        expected = valid[:, None, None, :] & (key_positions <= query_rows + offset)
+        query_positions = (offset + query_rows.T).clamp(0, kv_len - 1).expand(batch, q_len)
+        matches = readable & (offset >= 0) & valid.gather(1, query_positions).all() & (allowed == expected).all()
+        prefix = (valid == (key_positions < lengths[:, None])).all()
+        scale, backend = self.scaling, self.aquila_options.backend
+
+        def kv_cache(query, key, value, attention_mask, lengths, valid):
+            return attention_with_kv_cache(query, key, value, lengths, scale=scale, backend=backend).reshape(-1)
+
+        def gathered_kv_cache(query, key, value, attention_mask, lengths, valid):
+            # Each row's tokens first, in order: the KV-cache kernel reads the first `lengths` keys.
+            order = torch.argsort((~valid).to(torch.uint8), dim=1, stable=True)[:, :, None, None]
+            key, value = (t.gather(1, order.expand(t.shape)) for t in (key, value))
+            return kv_cache(query, key, value, attention_mask, lengths, valid)
+
+        def kernel(*operands):
+            return torch.cond(prefix, kv_cache, gathered_kv_cache, operands)
+
+        return torch.cond(matches, kernel, fallback,
+                          (query, key, value, attention_mask, lengths, valid)).view(query.shape)
+
+
+AquilaLlamaAttention.forward = _with_deprecations_of(ORIGINAL_ATTENTION.forward, AquilaLlamaAttention.forward)
 
 
 # --- Loss -------------------------------------------------------------------------------------------------------------
@@ -288,13 +677,10 @@ def _logits_to_keep_is_all(logits_to_keep):
     return isinstance(logits_to_keep, int) and logits_to_keep == 0
 
 
-@can_return_tuple
 def aquila_causal_lm_forward(self, input_ids=None, attention_mask=None, position_ids=None, cache=None,
                              inputs_embeds=None, labels=None, use_cache=None, logits_to_keep=0, **kwargs):
     """LlamaForCausalLM.forward with the fused linear cross-entropy: in training mode with labels, the loss comes
     from the last hidden states and returned logits are None; otherwise the original forward runs."""
-    if cache is None and "past_key_values" in kwargs:  # transformers' deprecated name for the cache
-        cache = kwargs.pop("past_key_values")
     options = self.__dict__.get("aquila_options") or class_patch_options or PatchOptions(cross_entropy=False)
     arguments = dict(input_ids=input_ids, attention_mask=attention_mask, position_ids=position_ids, cache=cache,
                      inputs_embeds=inputs_embeds, use_cache=use_cache)
@@ -308,6 +694,12 @@ def aquila_causal_lm_forward(self, input_ids=None, attention_mask=None, position
                                  num_items_in_batch=kwargs.get("num_items_in_batch"), backend=options.backend)
     return CausalLMOutputWithPast(loss=loss, logits=None, cache=outputs.cache, hidden_states=outputs.hidden_states,
                                   attentions=outputs.attentions)
+
+
+# As LlamaForCausalLM.forward: return_dict handled by can_return_tuple, deprecated arguments by transformers' own
+# deprecation wrappers (whose messages name the function "forward" of the model's class).
+aquila_causal_lm_forward.__name__ = "forward"
+aquila_causal_lm_forward = _with_deprecations_of(ORIGINAL_CAUSAL_LM_FORWARD, can_return_tuple(aquila_causal_lm_forward))
 
 
 # --- Applying and removing the patch ----------------------------------------------------------------------------------

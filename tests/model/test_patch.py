@@ -5,6 +5,8 @@ CPU, for the instance patch and the class-level patch, with GQA, and with the fa
 
 import copy
 import io
+import logging
+import warnings
 
 import pytest
 import torch
@@ -169,8 +171,8 @@ def test_each_part_alone_matches_transformers():
 
 
 def test_loss_options_of_transformers(kernel_calls):
-    """num_items_in_batch (gradient accumulation), return_dict=False, and an all-ones attention_mask (still the
-    kernels); a padded attention_mask falls back to transformers' attention and still matches."""
+    """num_items_in_batch (gradient accumulation), return_dict=False, an all-ones attention_mask and a padded one: all
+    on the kernels (a padded batch through the varlen kernel)."""
     reference = random_llama(llama_config())
     patched = apply_aquila_kernels_to_llama(copy.deepcopy(reference))
     input_ids, labels = batch()
@@ -185,10 +187,12 @@ def test_loss_options_of_transformers(kernel_calls):
     reference.zero_grad()
     patched.zero_grad()
     padded = torch.ones_like(input_ids)
-    padded[0, :4] = 0  # left padding: not a plain causal mask
+    padded[0, :4] = 0  # left padding
     kernel_calls["attention"] = 0
+    patch_module.reset_counts()
     assert_same_training_step(patched, reference, input_ids, labels, attention_mask=padded)
-    assert kernel_calls["attention"] == 0
+    assert kernel_calls["attention"] == 2
+    assert patch_module.kernel_counts() == {"varlen": 2} and patch_module.fallback_counts() == {}
 
 
 def test_gradient_checkpointing_and_whole_model_pickling():
@@ -224,9 +228,9 @@ def test_greedy_generation_matches_transformers(attn_implementation, kernel_call
             expected = reference.generate(prompt, attention_mask=attention_mask, **settings)
             kernel_calls["attention"] = 0
             assert torch.equal(patched.generate(prompt, attention_mask=attention_mask, **settings), expected)
-            # Without padding the kernels attend over transformers' DynamicCache (prefill + 9 steps, 2 layers);
-            # with left padding the mask is not plain causal and transformers' attention runs.
-            assert kernel_calls["attention"] == (20 if attention_mask.all() else 0)
+            # The kernels attend over transformers' DynamicCache (prefill + 9 steps, 2 layers), with left padding
+            # through the varlen kernel.
+            assert kernel_calls["attention"] == 20
 
 
 # --- Class-level patch --------------------------------------------------------------------------------------------
@@ -294,3 +298,104 @@ def test_bad_arguments_are_clear_errors():
     assert isinstance(custom.model.norm, AquilaLlamaRMSNorm)
     # A failed call patched nothing.
     assert type(model.model.norm) is modeling_llama.LlamaRMSNorm
+
+
+# --- Padding, caches, counters --------------------------------------------------------------------------------------
+
+
+@pytest.mark.parametrize("cache_implementation", ["dynamic", "static"])
+@pytest.mark.parametrize("attn_implementation", ["eager", "sdpa"])
+def test_random_padding_in_chunks_over_a_cache(cache_implementation, attn_implementation):
+    """Random 0/1 masks (padding anywhere, rows of padding only), fed in two chunks through transformers' caches: the
+    second chunk's queries are not the first keys, and padded queries sit among real ones. Logits at every position
+    as unpatched; every call on the kernels."""
+    reference = random_llama(llama_config(attn_implementation=attn_implementation)).eval()
+    patched = apply_aquila_kernels_to_llama(copy.deepcopy(reference))
+    patch_module.reset_counts()
+    for seed in range(3):
+        generator = torch.Generator().manual_seed(seed)
+        input_ids = torch.randint(0, VOCAB, (3, 14), generator=generator)
+        attention_mask = (torch.rand(3, 14, generator=generator) > 0.35).long()
+        caches = [transformers.DynamicCache(config=reference.config) if cache_implementation == "dynamic" else
+                  transformers.StaticCache(config=reference.config, max_cache_len=20) for _ in range(2)]
+        for chunk in (slice(0, 8), slice(8, 14)):
+            inputs = dict(input_ids=input_ids[:, chunk], attention_mask=attention_mask[:, :chunk.stop], use_cache=True)
+            with torch.no_grad():
+                expected = reference(**inputs, cache=caches[0]).logits
+                actual = patched(**inputs, cache=caches[1]).logits
+            assert relative_error(actual, expected) < 1e-5, (seed, chunk)
+    assert patch_module.fallback_counts() == {}
+    assert sum(patch_module.kernel_counts().values()) == 3 * 2 * 2
+
+
+def test_fallbacks_are_counted_and_logged_once_per_reason(caplog):
+    patched = apply_aquila_kernels_to_llama(random_llama(llama_config())).eval()
+    input_ids, _ = batch()
+    patch_module.reset_counts()
+    with caplog.at_level(logging.DEBUG, logger="aquila.model.patch"), torch.no_grad():
+        patched(input_ids, output_attentions=True)
+        patched(input_ids, output_attentions=True)
+        patched(input_ids)
+    assert patch_module.fallback_counts() == {"output_attentions": 4}
+    assert patch_module.kernel_counts() == {"dense": 2}
+    messages = [record.getMessage() for record in caplog.records if record.name == "aquila.model.patch"]
+    assert len(messages) == 1 and "output_attentions" in messages[0]
+    patch_module.reset_counts()
+    assert patch_module.fallback_counts() == {} and patch_module.kernel_counts() == {}
+
+
+# --- Deprecated arguments -------------------------------------------------------------------------------------------
+
+
+def warnings_of(model, **inputs):
+    with warnings.catch_warnings(record=True) as caught:
+        warnings.simplefilter("always")
+        model(**inputs)
+    return [(warning.category, str(warning.message), warning.filename, warning.lineno) for warning in caught]
+
+
+@pytest.mark.parametrize("training", [True, False], ids=["fused_loss", "original_forward"])
+@pytest.mark.parametrize("target", ["instance", "class"])
+def test_deprecated_arguments_warn_as_in_transformers(training, target, class_patch):
+    """transformers 5 renamed LlamaForCausalLM.forward's past_key_values to cache, with a FutureWarning (and another
+    when both are given): the patched forward warns the same, from the same place, and uses the cache given."""
+    reference = random_llama(llama_config()).train(training)
+    input_ids, labels = batch()
+
+    def calls():  # fresh caches for each model
+        return [dict(past_key_values=None), dict(past_key_values=transformers.DynamicCache(), use_cache=True),
+                dict(past_key_values=None, cache=None)]
+
+    expected = [warnings_of(reference, input_ids=input_ids, labels=labels, **call) for call in calls()]
+    assert all(len(caught) == 1 and caught[0][0] is FutureWarning for caught in expected)
+    if target == "instance":
+        patched = apply_aquila_kernels_to_llama(copy.deepcopy(reference))
+    else:
+        apply_aquila_kernels_to_llama()
+        patched = reference  # the class's forward is patched for existing instances too
+    assert [warnings_of(patched, input_ids=input_ids, labels=labels, **call) for call in calls()] == expected
+    cache = transformers.DynamicCache()
+    with pytest.warns(FutureWarning, match="past_key_values"):
+        output = patched(input_ids=input_ids, past_key_values=cache, use_cache=True)
+    assert output.cache is cache and cache.get_seq_length() == input_ids.shape[1]
+
+
+def test_a_mask_changed_in_place_and_inference_mode():
+    """The plan read from a mask is reused while the same mask comes back unchanged: a caller's 4-D mask changed in
+    place between calls is read again. Inference-mode tensors (no version counter) work too."""
+    reference = random_llama(llama_config(attn_implementation="sdpa")).eval()
+    patched = apply_aquila_kernels_to_llama(copy.deepcopy(reference))
+    input_ids = torch.randint(0, VOCAB, (2, 9))
+    mask = torch.ones(2, 1, 9, 9, dtype=torch.bool).tril()
+    with torch.no_grad():
+        for padding in (0, 3):
+            mask[0, :, :, :padding] = False
+            assert relative_error(patched(input_ids, attention_mask=mask).logits,
+                                  reference(input_ids, attention_mask=mask).logits) < 1e-5
+    padded = torch.ones_like(input_ids)
+    padded[1, :2] = 0
+    patch_module.reset_counts()
+    with torch.inference_mode():
+        expected = reference(input_ids, attention_mask=padded).logits
+        assert relative_error(patched(input_ids, attention_mask=padded).logits, expected) < 1e-5
+    assert patch_module.kernel_counts() == {"varlen": 2}
