@@ -23,8 +23,10 @@ Two ways to apply it:
 
 Fallbacks, chosen per call so the results stay those of transformers (each is the original code path, not an error):
 
-* Rotary: Aquila's kernel computes plain RoPE (``rope_type == "default"``) from the position ids. Scaled RoPE
-  variants (linear, dynamic, yarn, llama3, ...), or a call without ``position_ids``, use transformers' cos/sin.
+* Rotary: Aquila's kernel computes plain RoPE (``rope_type == "default"``) from the position ids; scaled RoPE
+  variants (linear, dynamic, yarn, llama3, ...), or a call without ``position_ids``, run on the kernel with
+  transformers' cos/sin tables. Only tables that require grad, or of another width than the head, take
+  transformers' rotation.
 * Attention: Aquila's kernel runs whenever the mask transformers built for the configured ``attn_implementation``
   (eager or sdpa) is causal with padding, or causal within packed sequences. transformers 5 hands the attention a 4-D
   mask (None for SDPA when its ``is_causal`` suffices): the patch compares it, once per forward, with the causal mask
@@ -501,9 +503,16 @@ class AquilaLlamaAttention(ORIGINAL_ATTENTION):
             # The kernel computes cos/sin itself from the positions, in fp32 with an exact angle.
             return apply_rotary(query, key, position_ids, theta=float(rope["rope_theta"]), interleaved=False,
                                 backend=options.backend)
-        # Scaled RoPE variants (or no position ids): transformers' cos/sin, through the module-level function so that
-        # whatever is installed there (the original or another library's) runs, in its own [b, h, s, d] layout.
         cos, sin = position_embeddings
+        half = query.shape[-1] // 2
+        constant = not (torch.is_grad_enabled() and (cos.requires_grad or sin.requires_grad))
+        if options.rotary and constant and cos.shape[-1] == 2 * half and cos.dim() == 3:
+            # Scaled RoPE variants (or no position ids): the kernel rotates by transformers' own cos/sin, whose two
+            # halves repeat in the rotate-half layout.
+            return apply_rotary(query, key, cos=cos[..., :half], sin=sin[..., :half], interleaved=False,
+                                backend=options.backend)
+        # Otherwise transformers' rotation, through the module-level function so that whatever is installed there
+        # (the original or another library's) runs, in its own [b, h, s, d] layout.
         query, key = modeling_llama.apply_rotary_pos_emb(query.transpose(1, 2), key.transpose(1, 2), cos, sin)
         return query.transpose(1, 2), key.transpose(1, 2)
 

@@ -208,13 +208,18 @@ def test_gradient_checkpointing_and_whole_model_pickling():
     assert_same_training_step(reloaded, reference, input_ids, labels)
 
 
-def test_scaled_rope_falls_back_to_transformers_rotary(kernel_calls):
-    config = llama_config(rope_parameters={"rope_type": "linear", "factor": 2.0, "rope_theta": 10000.0})
+@pytest.mark.parametrize("rope", [
+    {"rope_type": "linear", "factor": 2.0},
+    {"rope_type": "llama3", "factor": 8.0, "low_freq_factor": 1.0, "high_freq_factor": 4.0,
+     "original_max_position_embeddings": 32},
+], ids=lambda rope: rope["rope_type"])
+def test_scaled_rope_runs_on_the_kernel_with_transformers_tables(rope, kernel_calls):
+    config = llama_config(rope_parameters={**rope, "rope_theta": 10000.0})
     reference = random_llama(config)
     patched = apply_aquila_kernels_to_llama(copy.deepcopy(reference))
     input_ids, labels = batch()
     assert_same_training_step(patched, reference, input_ids, labels)
-    assert kernel_calls == {"rotary": 0, "attention": 2}
+    assert kernel_calls == {"rotary": 2, "attention": 2}
 
 
 @pytest.mark.parametrize("attn_implementation", ["eager", "sdpa"])

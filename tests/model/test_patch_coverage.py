@@ -140,7 +140,7 @@ def test_position_ids_with_left_padding(counted):
      "original_max_position_embeddings": 32},
 ], ids=lambda rope: rope["rope_type"])
 def test_scaled_rope_with_padding(rope, counted):
-    """Scaled RoPE: transformers' rotary, Aquila's attention."""
+    """Scaled RoPE: Aquila's rotary with transformers' cos/sin tables, Aquila's attention."""
     reference, patched = pair(llama_config(rope_parameters={**rope, "rope_theta": 10000.0}))
     input_ids = torch.randint(0, VOCAB, (3, 11))
     attention_mask = padding_masks(3, 11)["left"]
