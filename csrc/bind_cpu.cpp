@@ -25,6 +25,23 @@ aquila::DecodeStep read_decode_step(aquila::Fields& f, std::vector<aquila::Decod
 
 }  // namespace
 
+namespace aquila {
+
+// The quantized linear layer's structs (CPU only), read by bind_kernel as bind.h reads the others.
+inline QuantizedLinear read(Fields& f, QuantizedLinear*) {
+  return {f.ptr("x"), f.i64("x_row_stride"), f.ptr("qweight"), f.ptr<const float>("scales"),
+          f.ptr<const uint8_t>("zeros"), f.ptr<const float>("bias"), f.ptr("out"), f.i64("rows"),
+          f.i64("in_features"), f.i64("out_features"), f.i64("bits"), f.i64("group_size"), f.dtype()};
+}
+
+inline QuantizedLinearBackward read(Fields& f, QuantizedLinearBackward*) {
+  return {f.ptr("grad_out"), f.i64("grad_out_row_stride"), f.ptr("qweight"), f.ptr<const float>("scales"),
+          f.ptr<const uint8_t>("zeros"), f.ptr("grad_x"), f.i64("rows"), f.i64("in_features"),
+          f.i64("out_features"), f.i64("bits"), f.i64("group_size"), f.dtype()};
+}
+
+}  // namespace aquila
+
 PYBIND11_MODULE(_C, m) {
   namespace cpu = aquila::cpu;
   m.doc() = "Aquila CPU kernels (C++17, OpenMP). Called through aquila.kernels, which validates the tensors.";
@@ -36,6 +53,8 @@ PYBIND11_MODULE(_C, m) {
   aquila::bind_kernel(m, "cross_entropy", "threads", cpu::cross_entropy);
   aquila::bind_kernel(m, "attention_forward", "threads", cpu::attention_forward);
   aquila::bind_kernel(m, "attention_backward", "threads", cpu::attention_backward);
+  aquila::bind_kernel(m, "quantized_linear", "threads", cpu::quantized_linear);
+  aquila::bind_kernel(m, "quantized_linear_backward", "threads", cpu::quantized_linear_backward);
   m.def(
       "decode_step",
       [](const pybind11::dict& dict, int threads) {

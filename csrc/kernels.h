@@ -167,6 +167,37 @@ struct AttentionBackward {
   DType dtype;
 };
 
+// A linear layer with weight-only quantized weights: out = x W^T (+ bias), W [out_features, in_features] held as
+//   bits 8: qweight int8 [out, in], scales fp32 [out]                     W[n][k] = q[n][k] * scales[n]
+//   bits 4: qweight uint8 [out, in / 2], column 2j in the low nibble of byte j and 2j + 1 in the high one; scales fp32
+//           and zeros uint8 [out, in / group_size] (zeros null: symmetric, every zero 8)
+//           W[n][k] = (nibble[n][k] - zeros[n][g]) * scales[n][g],  g = k / group_size
+// group_size (4 bits: even, dividing in_features) is ignored for 8 bits. Accumulation in fp32; the output is rounded
+// once to the dtype of x.
+struct QuantizedLinear {
+  const void* x;  // rows x in_features, in dtype
+  int64_t x_row_stride;
+  const void* qweight;
+  const float* scales;
+  const uint8_t* zeros;  // null: 8 bits, or symmetric 4 bits
+  const float* bias;     // null: no bias; else out_features
+  void* out;             // rows x out_features, contiguous, in dtype
+  int64_t rows, in_features, out_features, bits, group_size;
+  DType dtype;
+};
+
+// The gradient of x through the same weights (held fixed): grad_x = grad_out W.
+struct QuantizedLinearBackward {
+  const void* grad_out;  // rows x out_features, in dtype
+  int64_t grad_out_row_stride;
+  const void* qweight;
+  const float* scales;
+  const uint8_t* zeros;
+  void* grad_x;  // rows x in_features, contiguous, in dtype
+  int64_t rows, in_features, out_features, bits, group_size;
+  DType dtype;
+};
+
 // One decoding step of a whole Aquila model with fp32 or bf16 weights, one new token per sequence (CPU): the weights
 // of a layer, as the model holds them ([out, in] row-major), and its cache [batch, max_len, kv_heads, head_dim], all
 // in the step's dtype; the activations stay fp32 between the layers.
@@ -215,6 +246,8 @@ void glu_backward(const GluBackward& args, int threads);
 void cross_entropy(const CrossEntropy& args, int threads);
 void attention_forward(const AttentionForward& args, int threads);
 void attention_backward(const AttentionBackward& args, int threads);
+void quantized_linear(const QuantizedLinear& args, int threads);
+void quantized_linear_backward(const QuantizedLinearBackward& args, int threads);
 }  // namespace cpu
 
 // Launches on the given cudaStream_t; errors (no driver, bad launch) are thrown as std::runtime_error.

@@ -11,6 +11,7 @@ from aquila.kernels import (
     attention_with_kv_cache,
     cross_entropy,
     linear_cross_entropy,
+    quantized_linear,
     rms_norm,
     swiglu,
 )
@@ -19,6 +20,7 @@ from aquila.kernels.attention import IMPLEMENTATIONS as ATTENTION
 from aquila.kernels.attention import KV_CACHE_IMPLEMENTATIONS as ATTENTION_WITH_KV_CACHE
 from aquila.kernels.cross_entropy import IMPLEMENTATIONS as CROSS_ENTROPY
 from aquila.kernels.glu import IMPLEMENTATIONS as GLU
+from aquila.kernels.quantized_linear import IMPLEMENTATIONS as QUANTIZED_LINEAR
 from aquila.kernels.rms_norm import IMPLEMENTATIONS as RMS_NORM
 from aquila.kernels.rotary import IMPLEMENTATIONS as ROTARY
 
@@ -61,6 +63,12 @@ def _attention_with_kv_cache(backend, grad):
     return attention_with_kv_cache(q, k_cache, v_cache, torch.tensor([9, 4]), backend=backend), [q]
 
 
+def _quantized_linear(backend, grad):
+    x = torch.randn(3, 64, requires_grad=grad)
+    qweight = torch.randint(0, 256, (5, 32), dtype=torch.uint8)
+    return quantized_linear(x, qweight, torch.rand(5, 2), bits=4, group_size=32, backend=backend), [x]
+
+
 OPS = {
     "rms_norm": (_rms_norm, RMS_NORM),
     "rotary": (_rotary, ROTARY),
@@ -69,6 +77,7 @@ OPS = {
     "glu": (_glu, GLU),
     "attention": (_attention, ATTENTION),
     "attention_with_kv_cache": (_attention_with_kv_cache, ATTENTION_WITH_KV_CACHE),
+    "quantized_linear": (_quantized_linear, QUANTIZED_LINEAR),
 }
 
 

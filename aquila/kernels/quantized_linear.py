@@ -1,0 +1,232 @@
+"""Linear layers with weight-only quantized weights: int8 per output channel, int4 in groups along the input.
+
+    out = x W^T + bias,   W [out_features, in_features] held as
+      bits 8:  qweight int8 [out, in], scales fp32 [out]                          W[o, i] = q[o, i] * scales[o]
+      bits 4:  qweight uint8 [out, in // 2], input column 2k in the low nibble of byte k and 2k + 1 in the high one;
+               scales fp32 [out, in // group_size]; zeros uint8 [out, in // group_size], or None when symmetric
+               W[o, i] = (nibble[o, i] - zero) * scales[o, g],   g = i // group_size, zero = zeros[o, g] or 8
+
+as aquila/model/quantize.py's QuantizedLinear holds them (group_size even, dividing in_features). x [..., in] in fp32,
+fp16 or bf16; the output is in x's dtype (autocast's under autocast, as torch's linear). Every backend accumulates in
+fp32 and rounds once to the output's dtype, and only the torch reference ever holds the dequantized W. The weights
+are frozen: the op is differentiable in x, grad_x = grad_out W (computed by the same kind of kernel, reading the
+quantized weights), and in bias, never in qweight, scales or zeros.
+
+Numerics: the kernels dequantize int4 weights exactly as the reference does ((nibble - zero) * scale, one fp32
+rounding) or, equivalently in exact arithmetic, apply the scale to a sum of x times the integers (int8's row scale,
+Triton's per-group scale on tensor cores), so they differ from the float64 reference only by fp32 accumulation error.
+
+Backends (the table below): the C++ CPU kernels (csrc/cpu/quantized.cpp: a GEMV for decoding that streams each row of
+W once for all the rows of x, a cache-blocked GEMM for prefill, the transposed product for grad_x; all dequantizing in
+vector registers), the Triton kernels (aquila/kernels/triton/quantized_linear.py: dequantization in the tile loop,
+tl.dot with fp32 accumulation), and the torch reference, which dequantizes to fp32 and calls F.linear.
+"""
+
+from typing import Optional
+
+import torch
+import torch.nn.functional as F
+from torch import Tensor
+
+from . import backend as _backend
+from .backend import Implementation, Implementations
+from .triton import quantized_linear as triton_quantized_linear
+
+BITS = (4, 8)
+WEIGHT_DTYPES = {8: torch.int8, 4: torch.uint8}
+SYMMETRIC_ZERO = 8  # a symmetric int4 value q is stored as the nibble q + 8
+
+
+def dequantize(qweight: Tensor, scales: Tensor, zeros: Optional[Tensor], bits: int, group_size: Optional[int],
+               dtype: torch.dtype = torch.float32) -> Tensor:
+    """The dense weight [out, in] in `dtype` (float32: each weight rounded once; float64: exact)."""
+    if bits == 8:
+        return qweight.to(dtype) * scales.to(dtype)[:, None]
+    nibbles = torch.stack((qweight & 15, qweight >> 4), dim=-1).view(qweight.shape[0], -1).to(dtype)
+    zero = SYMMETRIC_ZERO if zeros is None else zeros.to(dtype).repeat_interleave(group_size, dim=1)
+    return (nibbles - zero) * scales.to(dtype).repeat_interleave(group_size, dim=1)
+
+
+# --- Implementations ------------------------------------------------------------------------------------------------
+# forward(x, qweight, scales, zeros, bias, bits, group_size, out) fills out [rows, out_features] (x's dtype) for x
+# [rows >= 1, in_features] with unit last stride; zeros None for 8 bits and symmetric int4, bias fp32 [out_features]
+# or None, group_size 0 for 8 bits. backward(grad_out, qweight, scales, zeros, bits, group_size, grad_x) fills grad_x
+# [rows, in_features] for grad_out [rows >= 1, out_features] with unit last stride. Weights contiguous.
+
+
+def _torch_forward(x, qweight, scales, zeros, bias, bits, group_size, out):
+    out.copy_(F.linear(x.float(), dequantize(qweight, scales, zeros, bits, group_size), bias))
+
+
+def _torch_backward(grad_out, qweight, scales, zeros, bits, group_size, grad_x):
+    grad_x.copy_(grad_out.float() @ dequantize(qweight, scales, zeros, bits, group_size))
+
+
+def _cpu_forward(x, qweight, scales, zeros, bias, bits, group_size, out):
+    rows, in_features = x.shape
+    _backend.call_native(
+        "cpu", "quantized_linear", x, work=(rows + out.shape[1]) * in_features, x=x, x_row_stride=x.stride(0),
+        qweight=qweight, scales=scales, zeros=zeros, bias=bias, out=out, rows=rows, in_features=in_features,
+        out_features=out.shape[1], bits=bits, group_size=group_size, dtype=x.dtype)
+
+
+def _cpu_backward(grad_out, qweight, scales, zeros, bits, group_size, grad_x):
+    rows, in_features = grad_x.shape
+    _backend.call_native(
+        "cpu", "quantized_linear_backward", grad_x, work=(rows + grad_out.shape[1]) * in_features,
+        grad_out=grad_out, grad_out_row_stride=grad_out.stride(0), qweight=qweight, scales=scales, zeros=zeros,
+        grad_x=grad_x, rows=rows, in_features=in_features, out_features=grad_out.shape[1], bits=bits,
+        group_size=group_size, dtype=grad_x.dtype)
+
+
+IMPLEMENTATIONS = Implementations(
+    "quantized_linear",
+    triton=Implementation(triton_quantized_linear.forward, triton_quantized_linear.backward),
+    cpu=Implementation(_cpu_forward, _cpu_backward),
+    torch=Implementation(_torch_forward, _torch_backward),
+)
+
+
+def _in_features(qweight, bits):
+    return qweight.shape[1] * (2 if bits == 4 else 1)
+
+
+@_backend.autocast_off
+def _forward(x, qweight, scales, zeros, bias, bits, group_size, backend):
+    """x: (rows, in_features) with unit last stride. Returns out (rows, out_features) in x's dtype."""
+    out = torch.empty((x.shape[0], qweight.shape[0]), dtype=x.dtype, device=x.device)
+    if out.numel():
+        with _backend.on_device(x):
+            IMPLEMENTATIONS[backend].forward(x, qweight, scales, zeros, bias, bits, group_size, out)
+    return out
+
+
+@_backend.autocast_off
+def _backward(grad_out, qweight, scales, zeros, bits, group_size, backend):
+    grad_x = torch.empty((grad_out.shape[0], _in_features(qweight, bits)), dtype=grad_out.dtype,
+                         device=grad_out.device)
+    if not grad_out.numel():
+        return grad_x.zero_()
+    with _backend.on_device(grad_out):
+        IMPLEMENTATIONS[backend].backward(grad_out, qweight, scales, zeros, bits, group_size, grad_x)
+    return grad_x
+
+
+# --- torch.library ops (opaque to torch.compile, with fake implementations) and autograd ------------------------------
+
+
+@torch.library.custom_op("aquila::quantized_linear", mutates_args=())
+def _forward_op(x: Tensor, qweight: Tensor, scales: Tensor, zeros: Optional[Tensor], bias: Optional[Tensor],
+                bits: int, group_size: int, backend: str) -> Tensor:
+    return _forward(x, qweight, scales, zeros, bias, bits, group_size, backend)
+
+
+@_forward_op.register_fake
+def _(x, qweight, scales, zeros, bias, bits, group_size, backend):
+    return x.new_empty((x.shape[0], qweight.shape[0]))
+
+
+@torch.library.custom_op("aquila::quantized_linear_backward", mutates_args=())
+def _backward_op(grad_out: Tensor, qweight: Tensor, scales: Tensor, zeros: Optional[Tensor], bits: int,
+                 group_size: int, backend: str) -> Tensor:
+    return _backward(_backend.with_unit_stride(grad_out), qweight, scales, zeros, bits, group_size, backend)
+
+
+@_backward_op.register_fake
+def _(grad_out, qweight, scales, zeros, bits, group_size, backend):
+    return grad_out.new_empty((grad_out.shape[0], _in_features(qweight, bits)))
+
+
+class QuantizedLinearFunction(torch.autograd.Function):
+    @staticmethod
+    def forward(ctx, x, qweight, scales, zeros, bias, bits, group_size, backend):
+        ctx.save_for_backward(qweight, scales, zeros)
+        ctx.options = (bits, group_size, backend)
+        return _forward_op(x, qweight, scales, zeros, bias, bits, group_size, backend)
+
+    @staticmethod
+    def backward(ctx, grad_out):
+        qweight, scales, zeros = ctx.saved_tensors
+        grad_x = _backward_op(grad_out, qweight, scales, zeros, *ctx.options) if ctx.needs_input_grad[0] else None
+        grad_bias = grad_out.sum(0, dtype=torch.float32) if ctx.needs_input_grad[4] else None
+        return grad_x, None, None, None, grad_bias, None, None, None
+
+
+# --- Public API -----------------------------------------------------------------------------------------------------
+
+
+def _check_weights(op, qweight, scales, zeros, bits, group_size, symmetric, in_features, device):
+    """Checks the quantized tensors against x's in_features; returns out_features."""
+    if isinstance(bits, bool) or bits not in BITS:
+        raise ValueError(f"{op}: bits must be 4 or 8, got {bits!r}")
+    _backend.check_tensor(op, "qweight", qweight, dtypes=(WEIGHT_DTYPES[bits],), device=device)
+    if qweight.dim() != 2 or qweight.shape[0] == 0:
+        raise ValueError(f"{op}: qweight must be 2-D [out_features >= 1, ...], got shape {tuple(qweight.shape)}")
+    out_features = qweight.shape[0]
+    if bits == 8:
+        if group_size is not None:
+            raise ValueError(f"{op}: 8 bits have one scale per output feature; group_size is for 4 bits only, got "
+                             f"{group_size!r}")
+        if zeros is not None or symmetric is False:
+            raise ValueError(f"{op}: 8 bits are symmetric: zeros must be None")
+        if qweight.shape[1] != in_features:
+            raise ValueError(f"{op}: qweight must have shape ({out_features}, {in_features}) (in_features from x), "
+                             f"got {tuple(qweight.shape)}")
+        _backend.check_tensor(op, "scales", scales, dtypes=(torch.float32,), device=device, shape=(out_features,))
+        return out_features
+    if in_features % 2 or qweight.shape[1] != in_features // 2:
+        raise ValueError(f"{op}: 4-bit qweight packs two input features per byte: x's last dimension must be even and "
+                         f"qweight must have shape ({out_features}, {in_features // 2}) for in_features "
+                         f"{in_features}, got {tuple(qweight.shape)}")
+    if group_size is None or isinstance(group_size, bool) or not isinstance(group_size, int) or group_size < 2 or (
+            group_size % 2):
+        raise ValueError(f"{op}: 4 bits need group_size, an even int >= 2, got {group_size!r}")
+    if in_features % group_size:
+        raise ValueError(f"{op}: in_features ({in_features}) must be a multiple of group_size ({group_size})")
+    groups = (out_features, in_features // group_size)
+    _backend.check_tensor(op, "scales", scales, dtypes=(torch.float32,), device=device, shape=groups)
+    if zeros is None:
+        if symmetric is False:
+            raise ValueError(f"{op}: asymmetric 4-bit weights need zeros (uint8 {groups}), got None")
+    else:
+        if symmetric is True:
+            raise ValueError(f"{op}: symmetric 4-bit weights take no zeros (their zero is {SYMMETRIC_ZERO}), got a "
+                             "zeros tensor")
+        _backend.check_tensor(op, "zeros", zeros, dtypes=(torch.uint8,), device=device, shape=groups)
+    return out_features
+
+
+def quantized_linear(x: Tensor, qweight: Tensor, scales: Tensor, zeros: Optional[Tensor] = None, *, bits: int,
+                     group_size: Optional[int] = None, bias: Optional[Tensor] = None,
+                     symmetric: Optional[bool] = None, backend: Optional[str] = None) -> Tensor:
+    """x @ W^T + bias for x [..., in_features] (fp32, fp16 or bf16) and W quantized (this module's docstring):
+    bits 8 (group_size None, zeros None) or bits 4 (group_size given; zeros for asymmetric weights). symmetric, when
+    given, is checked against zeros. bias [out_features] in any float dtype, or None. Returns [..., out_features] in
+    x's dtype (autocast's under autocast). Differentiable in x and bias; the quantized tensors are frozen."""
+    op = "quantized_linear"
+    _backend.check_tensor(op, "x", x)
+    if x.dim() == 0 or x.shape[-1] == 0:
+        raise ValueError(f"{op}: x must have a non-empty last (in_features) dimension, got shape {tuple(x.shape)}")
+    if symmetric is not None and not isinstance(symmetric, bool):
+        raise ValueError(f"{op}: symmetric must be a bool or None, got {symmetric!r}")
+    out_features = _check_weights(op, qweight, scales, zeros, bits, group_size, symmetric, x.shape[-1], x.device)
+    if bias is not None:
+        _backend.check_tensor(op, "bias", bias, device=x.device, shape=(out_features,))
+    if torch.is_grad_enabled() and scales.requires_grad:
+        raise ValueError(f"{op}: scales requires grad, but the quantized weights are frozen: gradients flow to x and "
+                         "bias only (detach scales, or set its requires_grad to False)")
+    # A matmul at heart: in autocast's dtype under autocast, as torch's linear; else in x's dtype.
+    cast = _backend.autocast_dtype(x)
+    if cast is not None:
+        x = x.to(cast)
+    backward = _backend.needs_backward(x, bias)
+    backend = _backend.resolve(IMPLEMENTATIONS, x, backend, op=op, backward=backward)
+    rows = _backend.as_rows(x)
+    weights = [qweight.contiguous(), scales.contiguous(), None if zeros is None else zeros.contiguous()]
+    bias = None if bias is None else bias.float().contiguous()
+    group_size = 0 if bits == 8 else group_size
+    if _backend.direct_call(backward):
+        out = _forward(rows, *weights, bias, bits, group_size, backend)
+    else:
+        out = QuantizedLinearFunction.apply(rows, *weights, bias, bits, group_size, backend)
+    return out.view(*x.shape[:-1], out_features)
