@@ -10,6 +10,7 @@ import pytest
 import torch
 
 from aquila.kernels import UnsupportedBackend, quantized_linear
+from aquila.kernels import backend as _backend
 from aquila.kernels.quantized_linear import dequantize
 from tests.helpers import backend_params
 from tests.tolerance import assert_matches_reference
@@ -280,3 +281,15 @@ Q8, S8 = torch.zeros(4, 64, dtype=torch.int8), torch.ones(4)
 def test_bad_input_gets_a_clear_error(call_, error, words):
     with pytest.raises(error, match=words.replace("(", r"\(").replace(")", r"\)")):
         call_()
+
+
+@pytest.mark.skipif(_backend.cpu_extension is None, reason="aquila._C is not built")
+def test_the_cpu_kernel_checks_its_own_arguments():
+    """A direct caller of aquila._C gets an error where Python would have refused the call, not a crash."""
+    fields = dict(x=0, x_row_stride=64, qweight=0, scales=0, zeros=0, bias=0, out=0, rows=1, in_features=64,
+                  out_features=4, bits=3, group_size=32, dtype=0)
+    with pytest.raises(ValueError, match="aquila quantized_linear: bits must be 4 or 8, got 3"):
+        _backend.cpu_extension.quantized_linear(fields, 1)
+    fields.update(bits=4, group_size=24)
+    with pytest.raises(ValueError, match="group_size must be even, >= 2 and divide in_features, got 24"):
+        _backend.cpu_extension.quantized_linear(fields, 1)

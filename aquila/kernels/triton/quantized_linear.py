@@ -141,19 +141,20 @@ def _precision(dtype):
 
 
 # (BLOCK_M, BLOCK_N, widest BLOCK_K, num_warps, num_stages). Forward: a decoding step's few rows take a 16-row tile
-# (tl.dot's least) and narrow column blocks, so that a matrix's rows spread over many programs; fp32 and the
-# scale-per-element path (fp32 FMA products) take small tiles. The backward's products are fp32 for every dtype.
+# (tl.dot's least) and narrow column blocks, so that a matrix's rows spread over many programs. fp32 products (fp32
+# inputs, the scale-per-element path, every backward) are FMAs that keep each thread's share of both operands in
+# registers: small tiles over 8 warps (over 4 warps they took 200 to 255 registers a thread at sm_80/sm_90).
 # tests/kernels/triton_compile_check.py holds each within the cards' shared memory as launched, without spills.
 def _forward_config(rows, dtype, per_element):
     if dtype == torch.float32 or per_element:
-        return (16, 32, 32, 4, 2) if rows <= 16 else (32, 32, 32, 4, 2)
+        return (16, 32, 32, 8, 2) if rows <= 16 else (32, 32, 32, 8, 2)
     if rows <= 16:
         return 16, 32, 128, 4, 3
     return (64, 64, 64, 4, 3) if rows <= 64 else (128, 64, 64, 8, 3)
 
 
 def _backward_config(rows):
-    return (16, 32, 64, 4, 2) if rows <= 16 else (32, 32, 64, 4, 2)
+    return (16, 32, 64, 8, 2) if rows <= 16 else (32, 32, 64, 8, 2)
 
 
 def forward(x, qweight, scales, zeros, bias, bits, group_size, out):
@@ -177,6 +178,8 @@ def backward(grad_out, qweight, scales, zeros, bits, group_size, grad_x):
     group_size = group_size or in_features
     block_m, block_n, widest, num_warps, num_stages = _backward_config(rows)
     block_k, per_element = _block_k(bits, group_size, widest)
+    if per_element:  # the scales and zeros of a [BLOCK_N, BLOCK_K] tile gathered too: 245 registers at 64
+        block_k = 32
     grid = (triton.cdiv(rows, block_m) * triton.cdiv(in_features, block_k),)
     _backward_kernel[grid](
         grad_out, grad_out.stride(0), qweight, scales, zeros if zeros is not None else scales, grad_x, rows,
