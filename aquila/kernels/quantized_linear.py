@@ -159,7 +159,9 @@ def _check_weights(op, qweight, scales, zeros, bits, group_size, symmetric, in_f
     """Checks the quantized tensors against x's in_features; returns out_features."""
     if isinstance(bits, bool) or bits not in BITS:
         raise ValueError(f"{op}: bits must be 4 or 8, got {bits!r}")
-    _backend.check_tensor(op, "qweight", qweight, dtypes=(WEIGHT_DTYPES[bits],), device=device)
+    _backend.check_tensor(op, "qweight", qweight, dtypes=None, device=device)
+    if qweight.dtype != WEIGHT_DTYPES[bits]:
+        raise TypeError(f"{op}: qweight must be {WEIGHT_DTYPES[bits]} for {bits} bits, got {qweight.dtype}")
     if qweight.dim() != 2 or qweight.shape[0] == 0:
         raise ValueError(f"{op}: qweight must be 2-D [out_features >= 1, ...], got shape {tuple(qweight.shape)}")
     out_features = qweight.shape[0]

@@ -239,8 +239,9 @@ Q8, S8 = torch.zeros(4, 64, dtype=torch.int8), torch.ones(4)
     (lambda: quantized_linear(X, Q, S, bits=3, group_size=32), ValueError, "bits must be 4 or 8, got 3"),
     (lambda: quantized_linear(X, Q, S, bits=True, group_size=32), ValueError, "bits must be 4 or 8, got True"),
     (lambda: quantized_linear(X, Q.to(torch.int8), S, bits=4, group_size=32), TypeError,
-     "qweight must have one of the dtypes torch.uint8"),
-    (lambda: quantized_linear(X, Q, S8, bits=8), TypeError, "qweight must have one of the dtypes torch.int8"),
+     "qweight must be torch.uint8 for 4 bits, got torch.int8"),
+    (lambda: quantized_linear(X, Q, S8, bits=8), TypeError, "qweight must be torch.int8 for 8 bits, got torch.uint8"),
+    (lambda: quantized_linear(X, Q.tolist(), S, bits=4, group_size=32), TypeError, "qweight must be a torch.Tensor"),
     (lambda: quantized_linear(X, Q[0], S, bits=4, group_size=32), ValueError, "qweight must be 2-D"),
     (lambda: quantized_linear(X, Q[:, :16], S, bits=4, group_size=32), ValueError,
      "4-bit qweight packs two input features per byte: x's last dimension must be even and qweight must have shape "
