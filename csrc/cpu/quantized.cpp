@@ -16,7 +16,7 @@
 //
 // Forward. Each thread owns a contiguous range of output features (rows of W), in blocks of NB rows. x goes in
 // panels of up to 64 rows and kPanelFloats floats (converted and reordered into the thread's own buffer, to stay in
-// L2); a panel's rows run in tiles of R rows against C rows of the block at a time (R x C x A vector accumulators in
+// L2); a panel's rows run in tiles of R rows against C rows of the block at a time (R x C vector accumulators in
 // registers, R C = NB), so each block of W is read from memory once per panel and from L1 by the panel's tiles. A
 // decoding step (a few rows of x) is one panel: each thread streams its rows of W once, for all the rows. A panel
 // narrower than in (many rows, long rows) leaves fp32 partial sums per output that the next panel adds to.
@@ -188,10 +188,10 @@ struct Int8Planes {
   }
 };
 
-// One step of row c of a tile: acc[r][c][j % A] += x plane j of row r * the weights' plane j, one plane at a time (so
-// that one word and one plane of weights are live, not all of a step's).
-template <int W, int R, int C, int A, int P, int Row, int J, typename Dequant>
-AQUILA_INLINE void step_planes(typename Lanes<W>::type (&acc)[R][C][A], const Dequant& dq,
+// One step of row c of a tile: acc[r][c] += x plane j of row r * the weights' plane j, one plane at a time (so that
+// one word and one plane of weights are live, not all of a step's).
+template <int W, int R, int C, int P, int Row, int J, typename Dequant>
+AQUILA_INLINE void step_planes(typename Lanes<W>::type (&acc)[R][C], const Dequant& dq,
                                const typename Words<W>::type& words, const float* x, int64_t x_stride) {
   using F = typename Lanes<W>::type;
   if constexpr (J < P) {
@@ -201,62 +201,57 @@ AQUILA_INLINE void step_planes(typename Lanes<W>::type (&acc)[R][C][A], const De
     for (int r = 0; r < R; ++r) {
       F xv;
       load(xv, x + r * x_stride + J * W);
-      acc[r][Row][J % A] += xv * w;
+      acc[r][Row] += xv * w;
     }
-    step_planes<W, R, C, A, P, Row, J + 1>(acc, dq, words, x, x_stride);
+    step_planes<W, R, C, P, Row, J + 1>(acc, dq, words, x, x_stride);
   }
 }
 
 // One step (P W columns, from byte `offset` of each row) of every row of a tile.
-template <int W, int R, int C, int A, int P, int Row, typename Dequant>
-AQUILA_INLINE void step_rows(typename Lanes<W>::type (&acc)[R][C][A], const Dequant (&dq)[C],
+template <int W, int R, int C, int P, int Row, typename Dequant>
+AQUILA_INLINE void step_rows(typename Lanes<W>::type (&acc)[R][C], const Dequant (&dq)[C],
                              const uint8_t* const (&rows)[C], int64_t offset, const float* x, int64_t x_stride) {
   if constexpr (Row < C) {
     typename Words<W>::type words;
     std::memcpy(&words, rows[Row] + offset, sizeof words);
-    step_planes<W, R, C, A, P, Row, 0>(acc, dq[Row], words, x, x_stride);
-    step_rows<W, R, C, A, P, Row + 1>(acc, dq, rows, offset, x, x_stride);
+    step_planes<W, R, C, P, Row, 0>(acc, dq[Row], words, x, x_stride);
+    step_rows<W, R, C, P, Row + 1>(acc, dq, rows, offset, x, x_stride);
   }
 }
 
 // sums[r][c] = x row r of the panel . W row n[c] over columns [k0, k0 + cols) (int8: not yet scaled).
-template <int W, int R, int C, int A, int Bits>
+template <int W, int R, int C, int Bits>
 AQUILA_INLINE void forward_tile(const Weights& wt, const int64_t (&n)[C], const float* x, int64_t x_stride, int64_t k0,
                                 int64_t cols, float (&sums)[R][C]) {
   using F = typename Lanes<W>::type;
   constexpr int P = Bits == 4 ? 8 : 4;
   constexpr int64_t kStep = P * W;
-  F acc[R][C][A];
+  F acc[R][C];
 #pragma GCC unroll 8
   for (int r = 0; r < R; ++r)
 #pragma GCC unroll 8
-    for (int c = 0; c < C; ++c)
-#pragma GCC unroll 2
-      for (int t = 0; t < A; ++t) acc[r][c][t] = F{};
+    for (int c = 0; c < C; ++c) acc[r][c] = F{};
   const uint8_t* rows[C];
 #pragma GCC unroll 8
   for (int c = 0; c < C; ++c) rows[c] = wt.row<Bits>(n[c], k0);
   int64_t k = 0;  // from k0
   if constexpr (Bits == 4) {
-    for (; k < cols; k += wt.group_size) {
-      const int64_t g = (k0 + k) / wt.group_size;
+    for (int64_t g = k0 / wt.group_size; k < cols; k += wt.group_size, ++g) {
       Int4Group<W> groups[C];
 #pragma GCC unroll 8
       for (int c = 0; c < C; ++c) groups[c].set(wt.zero(n[c], g), wt.scale(n[c], g));
       for (int64_t s = k; s < k + wt.group_size; s += kStep)
-        step_rows<W, R, C, A, P, 0>(acc, groups, rows, s >> 1, x + s, x_stride);
+        step_rows<W, R, C, P, 0>(acc, groups, rows, s >> 1, x + s, x_stride);
     }
   } else {
     const Int8Planes<W> planes[C] = {};
-    for (; k + kStep <= cols; k += kStep) step_rows<W, R, C, A, P, 0>(acc, planes, rows, k, x + k, x_stride);
+    for (; k + kStep <= cols; k += kStep) step_rows<W, R, C, P, 0>(acc, planes, rows, k, x + k, x_stride);
   }
 #pragma GCC unroll 8
   for (int r = 0; r < R; ++r) {
 #pragma GCC unroll 8
     for (int c = 0; c < C; ++c) {
-#pragma GCC unroll 2
-      for (int t = 1; t < A; ++t) acc[r][c][0] += acc[r][c][t];
-      sums[r][c] = lane_sum<W>(acc[r][c][0]);
+      sums[r][c] = lane_sum<W>(acc[r][c]);
       if constexpr (Bits == 8) {  // the last columns, fewer than a step
         const int8_t* q = reinterpret_cast<const int8_t*>(rows[c]);
         for (int64_t j = k; j < cols; ++j) sums[r][c] += x[r * x_stride + j] * static_cast<float>(q[j]);
@@ -281,7 +276,7 @@ AQUILA_INLINE void emit(const QuantizedLinear& a, const Panels& p, int64_t m, in
 }
 
 // R rows of the panel (from its row m) against the block of NB rows of W from row n_first, C rows at a time.
-template <int W, int NB, int R, int A, int Bits>
+template <int W, int NB, int R, int Bits>
 AQUILA_INLINE void forward_rows(const QuantizedLinear& a, const Weights& wt, const Panels& p, const float* x,
                                 int64_t x_stride, int64_t m, int64_t n_first, int64_t k0, int64_t cols, bool first,
                                 bool last) {
@@ -293,14 +288,14 @@ AQUILA_INLINE void forward_rows(const QuantizedLinear& a, const Weights& wt, con
 #pragma GCC unroll 8
     for (int c = 0; c < C; ++c) n[c] = std::min(n0 + c, a.out_features - 1);  // past the end: computed, not stored
     float sums[R][C];
-    forward_tile<W, R, C, A, Bits>(wt, n, x, x_stride, k0, cols, sums);
+    forward_tile<W, R, C, Bits>(wt, n, x, x_stride, k0, cols, sums);
     for (int r = 0; r < R; ++r) {
       for (int c = 0; c < C && n0 + c < a.out_features; ++c) emit(a, p, m + r, n0 + c, sums[r][c], first, last);
     }
   }
 }
 
-template <int W, int NB, int A, int Bits>
+template <int W, int NB, int Bits>
 AQUILA_INLINE void forward_in_team(const QuantizedLinear& a, const Panels& p, int thread, int team) {
   const Weights wt = weights_of(a);
   const int64_t blocks = (a.out_features + NB - 1) / NB;
@@ -317,13 +312,13 @@ AQUILA_INLINE void forward_in_team(const QuantizedLinear& a, const Panels& p, in
       for (int64_t b = first_block; b < end_block; ++b) {
         int64_t m = 0;
         for (; m + 4 <= rows; m += 4)
-          forward_rows<W, NB, 4, A, Bits>(a, wt, p, panel + m * cols, cols, m0 + m, b * NB, k0, cols, first, last);
+          forward_rows<W, NB, 4, Bits>(a, wt, p, panel + m * cols, cols, m0 + m, b * NB, k0, cols, first, last);
         if (rows - m >= 2) {
-          forward_rows<W, NB, 2, A, Bits>(a, wt, p, panel + m * cols, cols, m0 + m, b * NB, k0, cols, first, last);
+          forward_rows<W, NB, 2, Bits>(a, wt, p, panel + m * cols, cols, m0 + m, b * NB, k0, cols, first, last);
           m += 2;
         }
         if (rows - m == 1)
-          forward_rows<W, NB, 1, A, Bits>(a, wt, p, panel + m * cols, cols, m0 + m, b * NB, k0, cols, first, last);
+          forward_rows<W, NB, 1, Bits>(a, wt, p, panel + m * cols, cols, m0 + m, b * NB, k0, cols, first, last);
       }
     }
   }
@@ -422,30 +417,31 @@ AQUILA_INLINE void backward_in_team(const QuantizedLinearBackward& a, const floa
 }
 
 // ------------------------------------------------------------------------------------------------------------------
-// One entry per ISA and vector width. Forward tiles: with W 16 (32 zmm registers), R x C = 8 with two accumulators
-// each (two chains of FMAs a step); with W 8 and 4 (16 registers for AVX2 and the baseline), R x C = 4 with one.
-// Backward tiles: up to RMAX rows of P accumulators each (16 registers of them with 32, 8 with 16). An int4 step is 8W
-// columns, so a group size that is a multiple of 64 but not of 128 takes W 8 (ymm) on AVX-512, and one of 32 W 4.
+// One entry per ISA and vector width. Forward tiles: R x C = NB accumulators, 8 with AVX-512's 32 registers, 4 with
+// the 16 of AVX2 and the baseline. Each takes a chain of P FMAs a step, and the R x C chains hide the FMA latency:
+// the dequantization, not the chains, bounds a step. Backward tiles: up to RMAX rows of P accumulators each (16
+// registers of them with 32, 8 with 16). An int4 step is 8W columns, so a group size that is a multiple of 64 but not
+// of 128 takes W 8 (ymm) on AVX-512, and one of 32 W 4.
 
 using ForwardBody = void (*)(const QuantizedLinear&, const Panels&, int, int);
 using BackwardBody = void (*)(const QuantizedLinearBackward&, const float*, int, int);
 
-#define AQUILA_QUANTIZED_ENTRIES(NAME, TARGET, W, NB, A, RMAX8, RMAX4)                                            \
+#define AQUILA_QUANTIZED_ENTRIES(NAME, TARGET, W, NB, RMAX8, RMAX4)                                               \
   template <int Bits>                                                                                             \
   TARGET void forward_##NAME(const QuantizedLinear& a, const Panels& p, int thread, int team) {                  \
-    forward_in_team<W, NB, A, Bits>(a, p, thread, team);                                                         \
+    forward_in_team<W, NB, Bits>(a, p, thread, team);                                                            \
   }                                                                                                               \
   template <int Bits>                                                                                             \
   TARGET void backward_##NAME(const QuantizedLinearBackward& a, const float* dy, int thread, int team) {         \
     backward_in_team<W, Bits == 4 ? RMAX4 : RMAX8, Bits>(a, dy, thread, team);                                   \
   }
 
-AQUILA_QUANTIZED_ENTRIES(baseline4, , 4, 4, 1, 2, 1)
-AQUILA_QUANTIZED_ENTRIES(avx2_8, AQUILA_TARGET_AVX2, 8, 4, 1, 2, 1)
-AQUILA_QUANTIZED_ENTRIES(avx2_4, AQUILA_TARGET_AVX2, 4, 4, 1, 2, 1)
-AQUILA_QUANTIZED_ENTRIES(avx512_16, AQUILA_TARGET_AVX512, 16, 8, 2, 4, 2)
-AQUILA_QUANTIZED_ENTRIES(avx512_8, AQUILA_TARGET_AVX512, 8, 4, 1, 4, 2)
-AQUILA_QUANTIZED_ENTRIES(avx512_4, AQUILA_TARGET_AVX512, 4, 4, 1, 4, 2)
+AQUILA_QUANTIZED_ENTRIES(baseline4, , 4, 4, 2, 1)
+AQUILA_QUANTIZED_ENTRIES(avx2_8, AQUILA_TARGET_AVX2, 8, 4, 2, 1)
+AQUILA_QUANTIZED_ENTRIES(avx2_4, AQUILA_TARGET_AVX2, 4, 4, 2, 1)
+AQUILA_QUANTIZED_ENTRIES(avx512_16, AQUILA_TARGET_AVX512, 16, 8, 4, 2)
+AQUILA_QUANTIZED_ENTRIES(avx512_8, AQUILA_TARGET_AVX512, 8, 8, 4, 2)
+AQUILA_QUANTIZED_ENTRIES(avx512_4, AQUILA_TARGET_AVX512, 4, 8, 4, 2)
 #undef AQUILA_QUANTIZED_ENTRIES
 
 // The vector width the kernels use for this call (0: the scalar path): the ISA's, narrowed until an int4 step (8W
