@@ -448,7 +448,7 @@ AQUILA_QUANTIZED_ENTRIES(avx512_4, AQUILA_TARGET_AVX512, 4, 8, 4, 2)
 // columns) divides the group size.
 int vector_width(int64_t bits, int64_t group_size) {
   const SimdLevel level = simd_level();
-  int w = level == SimdLevel::avx512 ? 16 : level == SimdLevel::avx2 ? 8 : 4;
+  int w = level >= SimdLevel::avx512 ? 16 : level >= SimdLevel::avx2 ? 8 : 4;
   if (bits == 8) return w;
   while (w >= 4 && group_size % (8 * w) != 0) w /= 2;
   return w >= 4 ? w : 0;
@@ -456,9 +456,9 @@ int vector_width(int64_t bits, int64_t group_size) {
 
 template <typename Body>
 Body pick(int w, Body baseline4, Body avx2_8, Body avx2_4, Body avx512_16, Body avx512_8, Body avx512_4) {
-  const SimdLevel level = simd_level();
-  if (level == SimdLevel::avx512) return w == 16 ? avx512_16 : w == 8 ? avx512_8 : avx512_4;
-  if (level == SimdLevel::avx2) return w == 8 ? avx2_8 : avx2_4;
+  const SimdLevel level = simd_level();  // levels above AVX-512 (e.g. with AVX512-BF16) take its bodies
+  if (level >= SimdLevel::avx512) return w == 16 ? avx512_16 : w == 8 ? avx512_8 : avx512_4;
+  if (level >= SimdLevel::avx2) return w == 8 ? avx2_8 : avx2_4;
   return baseline4;
 }
 
