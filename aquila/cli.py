@@ -8,6 +8,8 @@
     aquila chat --checkpoint DIR                  talk to a chat model (streaming, with history)
     aquila tokenizer train [FILES] --out DIR      train the byte-level BPE tokenizer (default: the demo corpus)
     aquila convert SOURCE DEST [--dtype bf16]     a FlagAI or Hugging Face checkpoint -> the Hugging Face layout
+    aquila quantize SOURCE DEST --bits 4|8        a checkpoint with int8 or int4 weight-only linears
+    aquila random-checkpoint --preset NAME DEST   random weights of any size (Hugging Face layout, bf16)
 
 A bad input or a failure ends the command with one line naming the argument or file, and a non-zero status; --debug
 (or AQUILA_DEBUG=1) shows the traceback instead.
@@ -24,7 +26,10 @@ from typing import Optional
 
 import torch
 
+from aquila.model.quantize import DEFAULT_GROUP_SIZE
+
 DTYPES = {"fp32": torch.float32, "bf16": torch.bfloat16, "fp16": torch.float16}
+QUANTIZE_BITS = {"int8": 8, "int4": 4}
 # What the `train` extra installs (pyproject.toml), by the name it is imported as.
 TRAIN_EXTRA_MODULES = {"safetensors", "tokenizers", "yaml", "tqdm", "matplotlib"}
 
@@ -42,16 +47,65 @@ def convert(args):
           f"{sum(p.numel() for p in model.parameters()):,} parameters)")
 
 
+def quantization_from(args, bits: Optional[int], keep_output: bool = True):
+    """The Quantization that --group-size and --asymmetric describe for `bits` (None: no quantization, and then
+    neither option may be given)."""
+    from aquila.model.quantize import Quantization
+
+    if bits is None:
+        if args.group_size is not None or args.asymmetric:
+            raise ValueError("--group-size and --asymmetric describe int4 quantization; add --quantize int4")
+        return None
+    if bits == 8 and (args.group_size is not None or args.asymmetric):
+        raise ValueError("--group-size and --asymmetric apply to int4 only: int8 is symmetric, one scale per output "
+                         "channel")
+    if args.group_size is not None and (args.group_size < 2 or args.group_size % 2):
+        raise ValueError(f"--group-size must be an even number >= 2, got {args.group_size}")
+    return Quantization(bits, args.group_size, symmetric=not args.asymmetric, keep_output=keep_output)
+
+
+def quantize(args):
+    from aquila.model.checkpoint import check_destination, checkpoint_quantization, load, save_hf
+
+    if os.path.exists(args.dest) and os.path.exists(args.source) and os.path.samefile(args.source, args.dest):
+        raise ValueError(f"SOURCE and DEST are the same directory ({os.path.realpath(args.dest)}); quantize into a "
+                         "new directory")
+    spec = quantization_from(args, args.bits, keep_output=not args.quantize_output)
+    stored = checkpoint_quantization(args.source) if os.path.isfile(os.path.join(args.source, "config.json")) else None
+    if stored is not None:
+        raise ValueError(f"{args.source} is already quantized ({stored.describe()}); quantize the original weights")
+    # Before the minutes that loading takes.
+    check_destination(os.path.realpath(args.dest), overwrite=args.overwrite, how_to_replace="--overwrite")
+    model = load(args.source, dtype=DTYPES[args.dtype], quantize=spec)
+    save_hf(model, args.dest, overwrite=args.overwrite)
+    size = sum(t.numel() * t.element_size() for t in itertools.chain(model.parameters(), model.buffers()))
+    print(f"{args.source} -> {args.dest} ({spec.describe()}, output projection "
+          f"{'quantized' if not spec.keep_output else f'in {args.dtype}'}, {size / 2**20:,.1f} MiB of weights)")
+
+
+def random_checkpoint(args):
+    from aquila.model.checkpoint import check_destination, save_random_hf
+    from aquila.model.config import AquilaConfig
+
+    config = AquilaConfig.preset(args.preset) if args.preset else AquilaConfig.from_json(args.config)
+    check_destination(os.path.realpath(args.dest), overwrite=args.overwrite, how_to_replace="--overwrite")
+    save_random_hf(config, args.dest, seed=args.seed, dtype=DTYPES[args.dtype], overwrite=args.overwrite)
+    print(f"{args.dest}: random {args.preset or args.config} weights, seed {args.seed}, {args.dtype}, "
+          f"{config.num_parameters():,} parameters")
+
+
 def load_for_inference(args):
-    """The model and tokenizer of a checkpoint directory (the tokenizer beside the weights unless --tokenizer)."""
+    """The model and tokenizer of a checkpoint directory (the tokenizer beside the weights unless --tokenizer),
+    quantized while loading with --quantize."""
     from aquila.data.tokenizer import Tokenizer
     from aquila.model.checkpoint import load
     from aquila.train.checkpoint import resolve
 
     device = args.device or ("cuda" if torch.cuda.is_available() else "cpu")
+    spec = quantization_from(args, QUANTIZE_BITS.get(args.quantize))
     checkpoint = resolve(args.checkpoint)
     tokenizer = Tokenizer.load(args.tokenizer or checkpoint)
-    model = load(checkpoint, dtype=DTYPES[args.dtype], device=device).eval()
+    model = load(checkpoint, dtype=DTYPES[args.dtype], device=device, quantize=spec).eval()
     if tokenizer.vocab_size > model.config.vocab_size:
         raise ValueError(f"the tokenizer has {tokenizer.vocab_size} tokens but the model only "
                          f"{model.config.vocab_size}: they do not belong together")
@@ -106,7 +160,7 @@ def generate(args):
     _, steps, seconds = stream_to_stdout(model, tokenizer, prompt_ids, sampling, args.stop, args.truncate_prompt)
     print()
     print(f"[{steps} tokens in {seconds:.2f} s: {steps / max(seconds, 1e-9):.1f} tokens/s, prompt "
-          f"{len(prompt_ids)} tokens, {model.output.weight.device}]", file=sys.stderr)
+          f"{len(prompt_ids)} tokens, {model.tok_embeddings.weight.device}]", file=sys.stderr)
 
 
 def chat(args):
@@ -230,7 +284,12 @@ def add_inference_arguments(command):
     command.add_argument("--checkpoint", required=True, help="checkpoint directory (Hugging Face or FlagAI layout)")
     command.add_argument("--tokenizer", help="tokenizer directory (default: the checkpoint's)")
     command.add_argument("--device", type=device_argument, help="cpu, cuda or cuda:N (default: cuda when present)")
-    command.add_argument("--dtype", choices=sorted(DTYPES), default="fp32")
+    command.add_argument("--dtype", choices=sorted(DTYPES), default="fp32",
+                         help="the weights' dtype (with --quantize: of those not quantized) and the compute dtype")
+    command.add_argument("--quantize", choices=sorted(QUANTIZE_BITS),
+                         help="quantize the linear layers while loading (weight-only; the output projection, "
+                              "embeddings and norms stay in --dtype)")
+    add_quantization_arguments(command)
     command.add_argument("--max-new-tokens", type=int, default=128)
     command.add_argument("--min-new-tokens", type=int, default=0)
     command.add_argument("--temperature", type=finite_float, default=0.7, help="0 is greedy")
@@ -243,6 +302,14 @@ def add_inference_arguments(command):
                          help="cut a prompt too long for the model's context from the left (default: an error)")
 
 
+def add_quantization_arguments(command):
+    command.add_argument("--group-size", type=int,
+                         help=f"int4: input columns per scale (default {DEFAULT_GROUP_SIZE}); must divide every "
+                              "layer's input size")
+    command.add_argument("--asymmetric", action="store_true",
+                         help="int4: a zero point per group besides its scale (default: symmetric)")
+
+
 class Parser(argparse.ArgumentParser):
     """argparse's parser with errors on one line (argparse prints the usage first)."""
 
@@ -251,6 +318,8 @@ class Parser(argparse.ArgumentParser):
 
 
 def parser() -> argparse.ArgumentParser:
+    from aquila.model.config import PRESETS
+
     parser = Parser(prog="aquila", description=__doc__.split("\n\n")[0])
     parser.add_argument("--debug", action="store_true", help="show the traceback of an error (also AQUILA_DEBUG=1)")
     commands = parser.add_subparsers(dest="command", required=True)
@@ -311,6 +380,35 @@ def parser() -> argparse.ArgumentParser:
                               "and swapped in); any other file, a tokenizer included, is never deleted, so such a "
                               "DEST is refused")
     command.set_defaults(run=convert)
+
+    command = commands.add_parser("quantize", help="a checkpoint with weight-only int8 or int4 linear layers "
+                                                   "(safetensors; format in docs/model.md)")
+    command.add_argument("source", help="checkpoint directory (Hugging Face or FlagAI layout)")
+    command.add_argument("dest", help="output directory, new or empty (written atomically)")
+    command.add_argument("--bits", type=int, choices=(4, 8), required=True,
+                         help="8: int8, one scale per output channel; 4: int4 in groups along the input")
+    add_quantization_arguments(command)
+    command.add_argument("--quantize-output", action="store_true",
+                         help="quantize the output projection too (default: kept in --dtype)")
+    command.add_argument("--dtype", choices=sorted(DTYPES), default="bf16",
+                         help="dtype of the tensors not quantized: embeddings, norms, the output projection")
+    command.add_argument("--overwrite", action="store_true",
+                         help="replace a checkpoint already in DEST (only a DEST that holds nothing but config.json "
+                              "and model*.safetensors files)")
+    command.set_defaults(run=quantize)
+
+    command = commands.add_parser("random-checkpoint", help="a checkpoint of random weights in the Hugging Face "
+                                                            "layout, for tests and benchmarks (written as drawn)")
+    command.add_argument("dest", help="output directory, new or empty (written atomically)")
+    shape = command.add_mutually_exclusive_group(required=True)
+    shape.add_argument("--preset", choices=sorted(PRESETS), help="the model's shape")
+    shape.add_argument("--config", help="the model's shape as an AquilaConfig JSON file")
+    command.add_argument("--seed", type=int, default=0, help="the same seed gives the same weights")
+    command.add_argument("--dtype", choices=sorted(DTYPES), default="bf16")
+    command.add_argument("--overwrite", action="store_true",
+                         help="replace a checkpoint already in DEST (only a DEST that holds nothing but config.json "
+                              "and model*.safetensors files)")
+    command.set_defaults(run=random_checkpoint)
     add_to_every_command(parser, "--debug", action="store_true", default=argparse.SUPPRESS,
                          help="show the traceback of an error")
     return parser

@@ -103,10 +103,11 @@ def generate_tokens(model: Aquila, prompts: Sequence[Sequence[int]], sampling: S
     if not prompts or any(len(p) == 0 for p in prompts):
         raise ValueError("generate_tokens: prompts must be non-empty lists of token ids")
     prompts = fit_prompts(prompts, sampling.max_new_tokens, model.config.max_seq_len, truncate_prompt)
-    device = model.output.weight.device
+    embeddings = model.tok_embeddings.weight  # never quantized: the device and dtype of the activations and cache
+    device = embeddings.device
     batch = len(prompts)
     longest = max(len(p) for p in prompts)
-    cache = KVCache(model.config, batch, longest + sampling.max_new_tokens, device, model.output.weight.dtype)
+    cache = KVCache(model.config, batch, longest + sampling.max_new_tokens, device, embeddings.dtype)
     generator = None
     if sampling.seed is not None:
         generator = torch.Generator(device=device).manual_seed(sampling.seed)

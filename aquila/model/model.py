@@ -8,7 +8,7 @@ output).
 
 Checkpoints live in checkpoint.py, generation in generate.py, the chat template in chat.py and the patch that puts
 these kernels into transformers' LlamaForCausalLM in patch.py; the CPU decoding step as one C++ call in
-native_decode.py.
+native_decode.py; weight-only int8/int4 linears (QuantizedLinear, which replace the nn.Linear layers) in quantize.py.
 """
 
 from collections.abc import Callable
@@ -21,6 +21,7 @@ from aquila import IGNORE_INDEX
 from aquila.kernels import RMSNorm, apply_rotary, attention, attention_with_kv_cache, linear_cross_entropy, swiglu
 from aquila.model import native_decode
 from aquila.model.config import AquilaConfig
+from aquila.model.quantize import QuantizedLinear
 
 
 class KVCache:
@@ -181,13 +182,23 @@ class Aquila(nn.Module):
         hidden, _ = self.norm(x, residual)
         if targets is None:
             return self.output(hidden)
-        return linear_cross_entropy(hidden, self.output.weight, targets, ignore_index=ignore_index,
-                                    num_tokens=num_tokens, backend=self.backend)
+        output = self.output
+        weight = output.dequantize(hidden.dtype) if isinstance(output, QuantizedLinear) else output.weight
+        return linear_cross_entropy(hidden, weight, targets, ignore_index=ignore_index, num_tokens=num_tokens,
+                                    backend=self.backend)
 
     def _check_cache(self, cache: KVCache):
-        # The cache holds what the key projections write.
-        weight = self.layers[0].attention.wk.weight if len(self.layers) else self.output.weight
+        # The cache holds what the key projections write: activations, in the embeddings' dtype (a quantized
+        # projection computes in its input's).
+        weight = self.tok_embeddings.weight
         cache.check_matches(self.config, weight.device, weight.dtype)
+
+    def _native_decoder(self, cache: KVCache) -> Optional[Callable[[Tensor], Tensor]]:
+        """The one-call C++ decoding step where it applies. It reads dense weights: a model with quantized linears
+        decodes through the modules."""
+        if any(isinstance(module, QuantizedLinear) for module in self.modules()):
+            return None
+        return native_decode.decoder(self, cache)
 
     @torch.no_grad()
     def forward_with_cache(self, tokens: Tensor, cache: KVCache, last_only: bool = False) -> Tensor:
@@ -197,7 +208,7 @@ class Aquila(nn.Module):
         vocabulary projection per prompt token)."""
         self._check_cache(cache)
         if tokens.shape[-1:] == (1,) and last_only:
-            native = native_decode.decoder(self, cache)
+            native = self._native_decoder(cache)
             if native is not None:
                 return native(tokens)
         cache.check_room(tokens)
@@ -222,7 +233,7 @@ class Aquila(nn.Module):
         pointers and its workspace). A step refuses to run once the weights have moved (another dtype, device or
         storage): make a new decoder then."""
         self._check_cache(cache)
-        native = native_decode.decoder(self, cache)
+        native = self._native_decoder(cache)
         if native is not None:
             return native
         return lambda tokens: self.forward_with_cache(tokens, cache, last_only=True)
