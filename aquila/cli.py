@@ -84,10 +84,17 @@ def quantize(args):
 
 
 def random_checkpoint(args):
-    from aquila.model.checkpoint import check_destination, save_random_hf
+    from aquila.model.checkpoint import check_destination, read_json, save_random_hf
     from aquila.model.config import AquilaConfig
 
-    config = AquilaConfig.preset(args.preset) if args.preset else AquilaConfig.from_json(args.config)
+    if args.preset:
+        config = AquilaConfig.preset(args.preset)
+    else:
+        values = read_json(args.config)  # its errors name the file
+        try:
+            config = AquilaConfig.from_dict(values)
+        except (ValueError, TypeError) as error:
+            raise ValueError(f"{args.config}: {error}") from None
     check_destination(os.path.realpath(args.dest), overwrite=args.overwrite, how_to_replace="--overwrite")
     save_random_hf(config, args.dest, seed=args.seed, dtype=DTYPES[args.dtype], overwrite=args.overwrite)
     print(f"{args.dest}: random {args.preset or args.config} weights, seed {args.seed}, {args.dtype}, "

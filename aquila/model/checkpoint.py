@@ -160,7 +160,7 @@ def quantization_from_config(values: dict, path: str) -> Optional[Quantization]:
 def checkpoint_quantization(directory: str) -> Optional[Quantization]:
     """How the checkpoint in `directory` is quantized, from its config.json (None: it is not)."""
     path = os.path.join(directory, "config.json")
-    return quantization_from_config(_read_json(path), path)
+    return quantization_from_config(read_json(path), path)
 
 
 def _check_shard_metadata(metadata: dict, spec: Optional[Quantization], path: str) -> None:
@@ -204,7 +204,7 @@ class Stored(NamedTuple):
     rows: Callable[[int, int], Tensor]
 
 
-def _read_json(path: str) -> dict:
+def read_json(path: str) -> dict:
     """A JSON object from a file; anything else is a ValueError naming the file."""
     try:
         with open(path, encoding="utf-8") as f:
@@ -222,7 +222,7 @@ def _safetensors_files(directory: str) -> list[str]:
     """model.safetensors, or the shards of model.safetensors.index.json."""
     index = os.path.join(directory, "model.safetensors.index.json")
     if os.path.exists(index):
-        weight_map = _read_json(index).get("weight_map")
+        weight_map = read_json(index).get("weight_map")
         if not isinstance(weight_map, dict) or not all(isinstance(f, str) for f in weight_map.values()):
             raise ValueError(f"{index}: expected a \"weight_map\" object of tensor names to file names")
         return [os.path.join(directory, file) for file in sorted(set(weight_map.values()))]
@@ -431,7 +431,7 @@ def load(directory: str, dtype: torch.dtype = torch.float32, device="cpu", backe
     model computes in. quantize: quantize the linears while loading (aquila.model.quantize.Quantization). A quantized
     checkpoint loads quantized as it is stored; quantize, if given, must describe the same quantization."""
     path = os.path.join(directory, "config.json")
-    values = _read_json(path)
+    values = read_json(path)
     hf = "hidden_size" in values
     stored_spec = quantization_from_config(values, path) if hf else None
     try:

@@ -209,6 +209,14 @@ class QuantizedLinear(nn.Module):
             layer.qweight, layer.scales, layer.zeros = quantize_tensor(weight, bits, group_size, symmetric, name)
         return layer
 
+    def _apply(self, fn, recurse=True):
+        # model.to(torch.bfloat16), .half() and the like cast every floating-point buffer: the scales stay float32,
+        # as the format has them (the integer buffers are never cast).
+        super()._apply(fn, recurse)
+        if self.scales.dtype != torch.float32:
+            self.scales = self.scales.float()
+        return self
+
     def dequantize(self, dtype: torch.dtype = torch.float32) -> Tensor:
         return dequantize_tensor(self.qweight, self.scales, self.zeros, self.bits, self.group_size, dtype)
 

@@ -216,6 +216,16 @@ def test_quantized_linear_matches_a_float64_reference(bits, group_size, symmetri
     assert torch.equal(out, F.linear(x, layer.dequantize(dtype)))
 
 
+def test_casting_a_quantized_model_keeps_its_scales_float32():
+    model = quantize_model(tiny_model(), 4, 16, symmetric=False).to(torch.bfloat16)
+    layer = model.layers[0].attention.wq
+    assert (layer.qweight.dtype, layer.scales.dtype, layer.zeros.dtype) == (torch.uint8, torch.float32, torch.uint8)
+    assert model.tok_embeddings.weight.dtype == torch.bfloat16
+    assert model.half().layers[1].feed_forward.w2.scales.dtype == torch.float32
+    with torch.no_grad():
+        assert model(torch.tensor([[1, 2, 3]])).dtype == torch.float16
+
+
 def tiny_model(**changes):
     config = dict(dim=64, n_layers=2, n_heads=4, n_kv_heads=2, vocab_size=97, multiple_of=16, max_seq_len=64)
     torch.manual_seed(0)

@@ -382,6 +382,19 @@ def test_random_checkpoint_command(tmp_path, capsys):
     assert torch.equal(load(str(dest), dtype=torch.bfloat16).tok_embeddings.weight, other["tok_embeddings.weight"])
 
 
+def test_random_checkpoint_names_a_bad_config_file(tmp_path):
+    shape = tmp_path / "shape.json"
+    shape.write_text(json.dumps({"dim": 64, "n_heads": 4, "layers": 2}))
+    fails_with(["random-checkpoint", "--config", str(shape), str(tmp_path / "r")],
+               f"aquila random-checkpoint: {shape}: AquilaConfig: unknown keys ['layers']; the known ones are "
+               f"{sorted(AquilaConfig.__dataclass_fields__)}")
+    shape.write_text("{")
+    fails_with(["random-checkpoint", "--config", str(shape), str(tmp_path / "r")],
+               f"aquila random-checkpoint: {shape}: invalid JSON (Expecting property name enclosed in double quotes at "
+               "line 1, column 2)")
+    assert not (tmp_path / "r").exists()
+
+
 def test_random_checkpoint_of_a_config_file_in_shards(tmp_path):
     config = AquilaConfig(dim=32, n_layers=3, n_heads=2, vocab_size=50, multiple_of=16, tie_embeddings=True)
     config.save(str(tmp_path / "shape.json"))
