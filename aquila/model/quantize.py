@@ -13,8 +13,9 @@ A QuantizedLinear holds, for a weight W [out_features, in_features]:
 
 with the attributes bits, group_size (None for 8 bits: one scale per output row), symmetric, in_features and
 out_features. in_features must be a multiple of group_size, which must be even. These buffers are the interface a
-native int8/int4 matmul implements against: quantized_linear(x, layer) below is the one place where it will be chosen.
-Until then the reference path dequantizes to x's dtype and calls F.linear.
+native int8/int4 matmul implements against (aquila.kernels.quantized_linear takes them as they are):
+quantized_linear(x, layer) below is the one place where it is to be chosen. Until then the reference path dequantizes
+to x's dtype and calls F.linear.
 
 Quantization is round-to-nearest. The scale of a row (8 bits) or group (4 bits) is its absolute maximum over 127 or 7
 (symmetric), or (max - min) / 15 over the range widened to include 0 (asymmetric, the zero point being

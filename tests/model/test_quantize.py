@@ -216,6 +216,26 @@ def test_quantized_linear_matches_a_float64_reference(bits, group_size, symmetri
     assert torch.equal(out, F.linear(x, layer.dequantize(dtype)))
 
 
+@pytest.mark.parametrize("bits, group_size, symmetric", LAYOUTS, ids=LAYOUT_IDS)
+@pytest.mark.parametrize("backend", ["cpu", "torch"])
+def test_the_kernels_quantized_linear_takes_the_layers_buffers_as_they_are(bits, group_size, symmetric, backend):
+    """aquila.kernels.quantized_linear, the native op for this interface, computes what the layer's reference path
+    does from its buffers and attributes unchanged (the hand-over point: quantize.quantized_linear)."""
+    from aquila.kernels import backend as kernel_backends
+    from aquila.kernels import quantized_linear as kernel
+
+    if backend == "cpu" and kernel_backends.cpu_extension is None:
+        pytest.skip("the CPU extension is not built")
+    layer = QuantizedLinear.from_weight(random_weight((33, 256), "outliers"), bits, group_size, symmetric)
+    x = torch.randn(5, 256)
+    out = kernel(x, layer.qweight, layer.scales, layer.zeros, bits=layer.bits, group_size=layer.group_size,
+                 symmetric=layer.symmetric, backend=backend)
+    expected = x.double() @ layer.dequantize(torch.float64).T
+    scale = (x.double().abs() @ layer.dequantize(torch.float64).abs().T).max().item()
+    assert_matches_reference(out, expected, "quantized_linear", scale=scale)
+    assert_matches_reference(layer(x), expected, "the layer's reference path", scale=scale)
+
+
 def test_casting_a_quantized_model_keeps_its_scales_float32():
     model = quantize_model(tiny_model(), 4, 16, symmetric=False).to(torch.bfloat16)
     layer = model.layers[0].attention.wq
