@@ -12,10 +12,9 @@ A QuantizedLinear holds, for a weight W [out_features, in_features]:
     W[o, i] = (nibble[o, i] - zeros[o, g]) * scales[o, g]            4 bits asymmetric, g = i // group_size
 
 with the attributes bits, group_size (None for 8 bits: one scale per output row), symmetric, in_features and
-out_features. in_features must be a multiple of group_size, which must be even. These buffers are the interface a
-native int8/int4 matmul implements against (aquila.kernels.quantized_linear takes them as they are):
-quantized_linear(x, layer) below is the one place where it is to be chosen. Until then the reference path dequantizes
-to x's dtype and calls F.linear.
+out_features. in_features must be a multiple of group_size, which must be even. These buffers are the interface of
+the native int8/int4 matmul, aquila.kernels.quantized_linear, which takes them as they are (quantized_linear(x, layer)
+below): the weights are dequantized in registers, never materialised.
 
 Quantization is round-to-nearest. The scale of a row (8 bits) or group (4 bits) is its absolute maximum over 127 or 7
 (symmetric), or (max - min) / 15 over the range widened to include 0 (asymmetric, the zero point being
@@ -34,8 +33,9 @@ import dataclasses
 from typing import NamedTuple, Optional
 
 import torch
-import torch.nn.functional as F
 from torch import Tensor, nn
+
+from aquila import kernels
 
 BITS = (4, 8)
 DEFAULT_GROUP_SIZE = 128
@@ -231,9 +231,10 @@ class QuantizedLinear(nn.Module):
 
 
 def quantized_linear(x: Tensor, layer: QuantizedLinear) -> Tensor:
-    """x @ W^T for a QuantizedLinear: where a native int8/int4 kernel will be selected. The reference path
-    dequantizes the weight to x's dtype and runs F.linear."""
-    return F.linear(x, layer.dequantize(x.dtype))
+    """x @ W^T for a QuantizedLinear, on aquila.kernels.quantized_linear: the weights dequantized in registers, never
+    materialised."""
+    return kernels.quantized_linear(x, layer.qweight, layer.scales, layer.zeros, bits=layer.bits,
+                                    group_size=layer.group_size, symmetric=layer.symmetric)
 
 
 def linears_to_quantize(model: nn.Module, keep_output: bool = True) -> list[tuple[str, nn.Linear]]:
