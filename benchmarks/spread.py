@@ -51,8 +51,12 @@ def table(runs):
         fractions = [ceiling_fraction(r) for r in records]
         label = next((name for _, name in fractions if name), None)
         of_ceiling = span([f for f, _ in fractions], "{:.0%}") + (f" of {label}" if label else "")
+        ratios = [r.get("speedup_vs_baseline") for r in records if r.get("speedup_vs_baseline") is not None]
+        # A ratio exists only in the runs where the op's baseline ran too: say so when that is not every run.
+        ratio = span(ratios, "{:.2f}x") + (f" ({len(ratios)} of {len(records)} runs)" if 0 < len(ratios) < len(records)
+                                           else "")
         lines.append(f"| {key[0]} | {key[1]} | {len(records)} | {span([r['seconds'] * 1e3 for r in records], '{:.1f}')}"
-                     f" | {span([r.get('speedup_vs_baseline') for r in records], '{:.2f}x')} | {of_ceiling} |")
+                     f" | {ratio} | {of_ceiling} |")
     return "\n".join(lines)
 
 
