@@ -34,6 +34,20 @@ def backend_params():
     return params
 
 
+
+def with_dtypes(params):
+    """(backend, device, dtype) for each (backend, device) of params, in fp32, fp16 and bf16. Triton's interpreter gets
+    bf16 tl.dot wrong (triton#11584), so bf16 Triton is tested on the GPU only."""
+    expanded = []
+    for param in params:
+        backend, device = param.values
+        for dtype in (torch.float32, torch.float16, torch.bfloat16):
+            if not (backend == "triton" and device == "cpu" and dtype == torch.bfloat16):
+                expanded.append(pytest.param(backend, device, dtype, id=f"{param.id}-{str(dtype)[6:]}",
+                                             marks=param.marks))
+    return expanded
+
+
 def bilingual_sample_texts() -> list[str]:
     """A small bilingual + code training set for test tokenizers: CPython's own sources and classical Chinese."""
     poem = "床前明月光，疑是地上霜。举头望明月，低头思故乡。白日依山尽，黄河入海流。欲穷千里目，更上一层楼。"

@@ -12,7 +12,7 @@ import torch
 
 from aquila.kernels import attention, attention_with_kv_cache, reference
 from aquila.kernels import backend as _backend
-from tests.helpers import backend_params
+from tests.helpers import backend_params, with_dtypes
 
 REPO = os.path.dirname(os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 
@@ -61,18 +61,6 @@ def check(q, k, v, sequences, causal, backend, api, scale=None, grads=True):
 # The cuda backend of attention is the decoding kernel only (attention_with_kv_cache).
 TRAINING_BACKENDS = [p for p in backend_params() if p.values[0] != "cuda"]
 
-
-def with_dtypes(params):
-    """(backend, device, dtype) for each (backend, device) of params. Triton's interpreter gets bf16 tl.dot wrong
-    (triton#11584), so bf16 Triton is tested on the GPU only."""
-    expanded = []
-    for param in params:
-        backend, device = param.values
-        for dtype in (torch.float32, torch.float16, torch.bfloat16):
-            if not (backend == "triton" and device == "cpu" and dtype == torch.bfloat16):
-                expanded.append(pytest.param(backend, device, dtype, id=f"{param.id}-{str(dtype)[6:]}",
-                                             marks=param.marks))
-    return expanded
 
 
 # (batch, seq_q, seq_k, heads_q, heads_k, head_dim): one token, odd lengths, q_len < k_len, every head dim, GQA 1/4/8.

@@ -12,25 +12,13 @@ import torch
 from aquila.kernels import UnsupportedBackend, quantized_linear
 from aquila.kernels import backend as _backend
 from aquila.kernels.quantized_linear import dequantize
-from tests.helpers import backend_params
+from tests.helpers import backend_params, with_dtypes
 from tests.tolerance import assert_matches_reference
 
 REPO = os.path.dirname(os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 # quantized_linear has no CUDA C++ kernel (on GPU the Triton one runs).
 BACKENDS = [p for p in backend_params() if p.values[0] != "cuda"]
 
-
-def with_dtypes(params):
-    """(backend, device, dtype) for each (backend, device). Triton's interpreter gets bf16 tl.dot wrong
-    (triton#11584), so bf16 Triton is tested on the GPU only."""
-    expanded = []
-    for param in params:
-        backend, device = param.values
-        for dtype in (torch.float32, torch.float16, torch.bfloat16):
-            if not (backend == "triton" and device == "cpu" and dtype == torch.bfloat16):
-                expanded.append(pytest.param(backend, device, dtype, id=f"{param.id}-{str(dtype)[6:]}",
-                                             marks=param.marks))
-    return expanded
 
 
 # (bits, group_size, asymmetric). Int4 at the default group of 128, 64 and 32 (on AVX-512 the CPU kernels take 16-,
