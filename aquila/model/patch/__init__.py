@@ -1,19 +1,33 @@
-"""Running a Hugging Face transformers ``LlamaForCausalLM`` on Aquila's fused kernels.
+"""Running Hugging Face transformers causal LMs (Llama, Qwen2, Mistral, Qwen3, Gemma, Gemma 2, Phi-3, Mixtral) on
+Aquila's fused kernels.
 
 Why: users who train with transformers (and its Trainer, PEFT, ...) should get the kernels' speed and memory savings
-without moving to Aquila's own model. ``apply_aquila_kernels_to_llama`` swaps the pieces of a Llama model that have
-a fused equivalent, leaving parameter names, parameter objects, the config and the checkpoint format untouched:
+without moving to Aquila's own model. ``apply_aquila_kernels_to_<family>`` (``_llama``, ``_qwen2``, ``_mistral``,
+``_qwen3``, ``_gemma``, ``_gemma2``, ``_phi3``, ``_mixtral``) swaps the pieces of a model of that family that have a
+fused equivalent, leaving parameter names, parameter objects, the config and the checkpoint format untouched. This
+package holds what every family shares (options, the patched norm, attention, MLP and loss, counting, applying and
+removing); each family's module (``llama.py``, ``qwen2.py``, ...) names its transformers classes, adds what is its
+own, and defines its two public functions. Described here for Llama; docs/model.md tabulates what each family gets.
 
 * RMSNorm -> :class:`AquilaLlamaRMSNorm` (an :class:`aquila.kernels.RMSNorm` holding the very same weight Parameter).
+  Gemma's norms scale by ``1 + weight`` in fp32: Aquila's ``offset=1.0`` with its all-fp32 ("gemma") casting.
 * Attention -> :class:`AquilaLlamaAttention`: q/k/v stay in the [batch, seq, heads, head_dim] layout the projections
-  produce (no transposes), rotary runs on Aquila's kernel from the position ids, and attention on Aquila's flash
-  attention (causal, GQA without repeating k/v), with transformers' KV cache.
+  produce (no transposes; Phi-3's fused qkv_proj is split into views), rotary runs on Aquila's kernel from the position
+  ids, and attention on Aquila's flash attention (causal, GQA without repeating k/v), with transformers' KV cache.
+  Qwen3's per-head q/k norms run on Aquila's rms_norm before the rotary.
+* MLP -> :class:`AquilaLlamaMLP`: the gated activation (silu(gate) * up, or gelu(gate) * up for Gemma's GeGLU) on
+  Aquila's swiglu / geglu, whose backward recomputes the activation instead of saving it, where the module's
+  activation is exactly one of theirs (SiLU; GELU exact or tanh-approximated); else transformers' MLP forward. Phi-3's
+  fused gate_up_proj is split into views; Mixtral's experts get the fused activation in their ``_apply_gate``, which
+  transformers' grouped_mm and batched_mm expert implementations call (the default; its "eager" expert loop keeps
+  transformers' activation).
 * Loss -> fused linear cross-entropy: in training mode with ``labels``, the loss comes straight from the last hidden
   states and ``lm_head.weight``, so the [tokens, vocab] logits are never materialised; the output's ``logits`` is then
-  None (as with Liger-Kernel). In eval mode, or without labels, the original forward runs and returns logits (with the
-  loss when labels are given), so evaluation loops, metrics and ``generate`` keep working.
+  None (as with Liger-Kernel). Gemma 2's final logit softcapping is the fused loss's ``softcap``; Mixtral's router
+  auxiliary loss is added as transformers adds it. In eval mode, or without labels, the original forward runs and
+  returns logits (with the loss when labels are given), so evaluation loops, metrics and ``generate`` keep working.
 
-Two ways to apply it:
+Two ways to apply it (each family alike):
 
 * ``apply_aquila_kernels_to_llama(model)``: patches that instance only (in place; returns it).
 * ``apply_aquila_kernels_to_llama()`` or ``(LlamaForCausalLM)``: patches ``transformers.models.llama.modeling_llama``:
@@ -42,7 +56,12 @@ Fallbacks, chosen per call so the results stay those of transformers (each is th
   for each reason; see ``FALLBACK_REASONS``) for ``output_attentions``, attention dropout in training, a
   non-causal config, any other 4-D mask (custom masks: prefix-LM, sliding windows, ...), flex attention's BlockMask,
   flash attention with padding or varlen keyword arguments (flash attention is then the fallback), and dtypes or
-  head dims the kernel lacks.
+  head dims the kernel lacks. Sliding windows (Mistral, Qwen2, Qwen3, Gemma 2, Phi-3, Mixtral layers): transformers'
+  sliding causal mask equals the plain causal one until the sequence outgrows the window, and then runs on the kernel
+  as above; a window that hides keys is recognised by comparing the mask with the windowed causal one, and runs on the
+  batched kernel with ``window_size=(W - 1, 0)`` when nothing is padded and the kernel has ``window_size``, else falls
+  back ("sliding_window"). Gemma 2's attention logit softcapping runs on the kernel's ``softcap`` where it has one,
+  else falls back ("softcap").
   Under torch.compile nothing may read a tensor's values while tracing: the choice is made from shapes, dtypes and
   flags, and the mask is checked with tensor ops inside the graph, where ``torch.cond`` runs the kernel (plain causal
   masks; in inference over a static cache, generation's case, the KV-cache kernel over each row's filled keys,
@@ -70,37 +89,37 @@ Deprecated arguments: the patched forwards sit in transformers' own deprecation 
 import collections
 import dataclasses
 import functools
+import inspect
 import logging
 import types
-import weakref
 from typing import ClassVar, Optional
 
 import torch
 from torch import Tensor
 
 from aquila import IGNORE_INDEX
-from aquila.kernels import RMSNorm, apply_rotary, attention, attention_with_kv_cache, linear_cross_entropy
+from aquila.kernels import (
+    RMSNorm,
+    apply_rotary,
+    attention,
+    attention_with_kv_cache,
+    geglu,
+    linear_cross_entropy,
+    swiglu,
+)
 from aquila.kernels import backend as _backend
 from aquila.kernels.attention import IMPLEMENTATIONS as ATTENTION_IMPLEMENTATIONS
 from aquila.kernels.attention import MAX_HEAD_DIM
 from aquila.kernels.backend import BACKENDS, FLOAT_DTYPES, UnsupportedBackend
 
 try:
+    from transformers import activations
     from transformers.modeling_outputs import CausalLMOutputWithPast
-    from transformers.models.llama import modeling_llama
     from transformers.utils import can_return_tuple
 except ImportError as error:  # transformers is an optional dependency of aquila
     raise ImportError("aquila.model.patch needs transformers: pip install transformers") from error
 
-__all__ = ["FALLBACK_REASONS", "AquilaLlamaAttention", "AquilaLlamaRMSNorm", "apply_aquila_kernels_to_llama",
-           "fallback_counts", "kernel_counts", "remove_aquila_kernels_from_llama", "reset_counts"]
-
-# transformers' own classes and forward, captured once at import, so that patching twice never wraps a patch and
-# removing the patch restores exactly these.
-ORIGINAL_RMS_NORM = modeling_llama.LlamaRMSNorm
-ORIGINAL_ATTENTION = modeling_llama.LlamaAttention
-ORIGINAL_CAUSAL_LM_FORWARD = modeling_llama.LlamaForCausalLM.forward
-LlamaForCausalLM = modeling_llama.LlamaForCausalLM
+from .masks import _allowed, _Dense, _Fallback, _Packed, _plan_without_mask, _plans
 
 # Keyword arguments with which transformers hands pre-computed packed-sequence boundaries to flash attention.
 VARLEN_KWARGS = ("cu_seq_lens_q", "cu_seq_lens_k", "max_length_q", "max_length_k")
@@ -139,33 +158,74 @@ def _with_deprecations_of(original, function):
     return function
 
 
+# What the attention kernels take beyond causal attention (the window_size and softcap arguments of flash-attn): read
+# off their signatures, so the patch uses them where the installed kernels have them and falls back where not.
+ATTENTION_HAS_WINDOW, ATTENTION_HAS_SOFTCAP = (
+    all(argument in inspect.signature(op).parameters for op in (attention, attention_with_kv_cache))
+    for argument in ("window_size", "softcap"))
+
+
 @dataclasses.dataclass(frozen=True)
 class PatchOptions:
-    """What a patched model (or the patched classes) run on Aquila's kernels, and on which backend."""
+    """What a patched model (or the patched classes) run on Aquila's kernels, and on which backend. mlp: the family's
+    swiglu / geglu flag."""
 
     rms_norm: bool = True
     rotary: bool = True
     attention: bool = True
     cross_entropy: bool = True
+    mlp: bool = True
     backend: Optional[str] = None
 
 
-# The options of the class-level patch; None while transformers' classes are unpatched.
-class_patch_options: Optional[PatchOptions] = None
+class Family:
+    """One transformers model family: its modeling module, its causal LM class, the names there of the classes the
+    patch swaps (norm, attention, MLP), and the options of its class-level patch (None while unpatched).
+
+    transformers' own classes and forward are captured once, at import, so that patching twice never wraps a patch
+    and removing the patch restores exactly these. The family's module then defines its Aquila classes and fused
+    forward (attributes set by ``define``)."""
+
+    PARTS = ("norm", "attention", "mlp")
+
+    def __init__(self, name, modeling, causal_lm, *, norm, attention, mlp, mlp_flag):
+        self.name, self.modeling, self.causal_lm = name, modeling, causal_lm
+        self.class_names = dict(norm=norm, attention=attention, mlp=mlp)
+        self.originals = {part: getattr(modeling, class_name) for part, class_name in self.class_names.items()}
+        self.original_forward = causal_lm.forward
+        self.mlp_flag = mlp_flag  # the name of the MLP option: "swiglu" or "geglu"
+        self.class_options: Optional[PatchOptions] = None
+        self.patched = {}
+        self.fused_forward = None
+
+    @property
+    def op(self):
+        return f"apply_aquila_kernels_to_{self.name}"
+
+    def define(self, fused_forward, **patched):
+        """The family's Aquila classes (norm=, attention=, mlp=) and fused loss forward."""
+        self.patched, self.fused_forward = patched, fused_forward
+        # The attention forward inside transformers' own deprecation wrappers of the original (see below).
+        attention_class = patched["attention"]
+        attention_class.forward = _with_deprecations_of(self.originals["attention"].forward, PatchedAttention.forward)
 
 
 # --- RMSNorm ----------------------------------------------------------------------------------------------------------
 
 
-class AquilaLlamaRMSNorm(RMSNorm):
-    """Aquila's RMSNorm with transformers' LlamaRMSNorm constructor and attribute names, so code that builds or
-    inspects Llama norms (weight init matches on "RMSNorm" in the class name; PEFT and others read
-    ``variance_epsilon``) keeps working."""
+class PatchedRMSNorm(RMSNorm):
+    """Aquila's RMSNorm with the constructor and attribute names of a family's RMSNorm (each family subclasses it), so
+    code that builds or inspects those norms (weight init matches on "RMSNorm" in the class name; PEFT and others read
+    ``variance_epsilon``, Gemma's ``eps``) keeps working. weight_offset: 1 where the scale is 1 + weight (Gemma)."""
+
+    family: ClassVar[Family]
+    weight_offset: ClassVar[float] = 0.0
 
     def __init__(self, hidden_size, eps=1e-6, *, backend=None, device=None, dtype=None):
-        if backend is None and class_patch_options is not None:  # built by a class-patched modeling_llama
-            backend = class_patch_options.backend
-        super().__init__(hidden_size, eps, backend=backend, device=device, dtype=dtype)
+        options = self.family.class_options
+        if backend is None and options is not None:  # built by a class-patched modeling module
+            backend = options.backend
+        super().__init__(hidden_size, eps, offset=self.weight_offset, backend=backend, device=device, dtype=dtype)
 
     @property
     def variance_epsilon(self):
@@ -176,16 +236,17 @@ class AquilaLlamaRMSNorm(RMSNorm):
         self.eps = value
 
 
-def _norm_sharing_weight(norm, aquila, backend):
-    """An AquilaLlamaRMSNorm (aquila) or transformers' LlamaRMSNorm holding `norm`'s weight Parameter itself (not a
-    copy), so an optimizer built before the swap still updates the weight the model uses, and the state_dict key stays
+def _norm_sharing_weight(family, norm, aquila, backend):
+    """The family's Aquila RMSNorm (aquila) or transformers' own holding `norm`'s weight Parameter itself (not a copy),
+    so an optimizer built before the swap still updates the weight the model uses, and the state_dict key stays
     ``...weight``."""
+    eps = norm.variance_epsilon if hasattr(norm, "variance_epsilon") else norm.eps
     if aquila:
-        replacement = AquilaLlamaRMSNorm(norm.weight.shape[0], norm.variance_epsilon, device="meta")
+        replacement = family.patched["norm"](norm.weight.shape[0], eps, device="meta")
         replacement.backend = backend  # this call's choice, whatever a class-level patch chose
     else:
         with torch.device("meta"):  # its fresh weight is dropped at once: never allocate it
-            replacement = ORIGINAL_RMS_NORM(norm.weight.shape[0], eps=norm.variance_epsilon)
+            replacement = family.originals["norm"](norm.weight.shape[0], eps=eps)
     replacement.weight = norm.weight
     replacement.train(norm.training)
     return replacement
@@ -206,6 +267,9 @@ FALLBACK_REASONS = {
     "attn_implementation": "an attn_implementation whose masks the patch does not read (flash attention given a "
                            "padding mask or varlen keyword arguments, flex attention's BlockMask, a custom one)",
     "custom_mask": "a mask other than causal with padding, or causal within packed sequences",
+    "sliding_window": "a sliding window that hides some keys, with padding (transformers counts the window in "
+                      "positions, padding included) or where the attention kernel has no window_size",
+    "softcap": "attention logit softcapping (Gemma 2), where the attention kernel has no softcap",
 }
 
 _kernel_counts = collections.Counter()
@@ -244,211 +308,6 @@ def _count_fallback(reason):
                      FALLBACK_REASONS[reason])
 
 
-# --- Attention: what the mask asks for --------------------------------------------------------------------------------
-# transformers 5 builds the mask once per forward (masking_utils.create_causal_mask) for the configured
-# attn_implementation and hands every layer that same object: a 4-D additive float mask [batch, 1, q_len, kv_len]
-# (0 where a query may attend, the dtype's minimum elsewhere) for eager; a 4-D boolean one, or None when SDPA's own
-# is_causal says the same (no padding, q_len == kv_len or q_len == 1, or the prefill of an empty static cache), for
-# sdpa; the 2-D padding mask or None for flash attention; a BlockMask for flex attention. The patch keeps the
-# configured implementation (its fallback), so it reads what that implementation would: each mask is compared, once
-# per forward, with the masks the kernel can compute, and the matching "plan" is reused by every layer.
-
-
-@dataclasses.dataclass(frozen=True)
-class _Fallback:
-    reason: str
-
-
-@dataclasses.dataclass(frozen=True)
-class _Dense:
-    """Every query attends causally (aligned bottom-right) to the first `keys` keys of its row."""
-
-    path: ClassVar[str] = "dense"
-    keys: int
-
-
-@dataclasses.dataclass(frozen=True)
-class _Packed:
-    """No padding, and rows that hold several sequences: each sequence attends causally to itself only."""
-
-    path: ClassVar[str] = "packed"
-    cu_seqlens: Tensor
-    max_seqlen: int
-
-
-@dataclasses.dataclass(frozen=True)
-class _Varlen:
-    """Causal attention with padding, over the first `keys` keys of each row. Indices are into the rows flattened:
-    [batch * q_len] queries, [batch * keys] keys; cu_* and max_* are the varlen kernel's sequence boundaries.
-
-    A real query attends to the real keys up to its own position: the varlen kernel on the real queries and real keys
-    of each row (the real queries are the row's last real tokens, so the causal mask aligned bottom-right is exact).
-    A padded query attends to whatever real keys precede it, as the mask says: the padded queries after the same
-    real keys form one sequence with those keys, without causal mask. A padded query before every real key has a mask
-    row with nothing allowed: what transformers' attention makes of it (eager: the mean of all the values; SDPA:
-    zeros) is what it computes, on the first `blind_rows` queries of the batch."""
-
-    path: ClassVar[str] = "varlen"
-    keys: int
-    query_index: Tensor
-    cu_queries: Tensor
-    max_queries: int
-    key_index: Tensor
-    cu_keys: Tensor
-    max_keys: int
-    padded_query_index: Tensor
-    cu_padded_queries: Tensor
-    max_padded_queries: int
-    padded_key_index: Tensor
-    cu_padded_keys: Tensor
-    max_padded_keys: int
-    blind_rows: int
-    blind_index: Tensor  # into the first blind_rows queries of each row, flattened [batch * blind_rows]
-    order: Tensor  # where each query's output is in the concatenated outputs (real, padded, blind)
-
-
-def _plan_without_mask(implementation, q_len, kv_len):
-    """What transformers' attention computes with no mask: SDPA's is_causal (aligned top-left: with more keys than
-    queries, the prefill of a static cache, only the first q_len keys are seen), flash attention's causal (aligned
-    bottom-right), nothing masked under eager; a single query sees every key in all of them."""
-    if q_len == 1:
-        return _Dense(kv_len)
-    if implementation == "eager":
-        return _Fallback("not_causal")
-    if implementation == "sdpa":
-        return _Dense(q_len) if q_len <= kv_len else _Fallback("custom_mask")
-    if implementation.startswith("flash_attention"):
-        return _Dense(kv_len) if q_len <= kv_len else _Fallback("custom_mask")
-    return _Fallback("attn_implementation")  # a custom implementation gets no mask even with padding
-
-
-def _allowed(mask, implementation):
-    """(allowed, readable): the boolean "may attend" form of a 4-D mask, and a 0-d boolean tensor telling whether
-    that is all the mask does; None when the implementation does not take such a mask as a mask."""
-    if mask.dtype == torch.bool:
-        # Eager attention adds the mask to the scores: a boolean one would add 0 or 1, not mask.
-        return (None, None) if implementation == "eager" else (mask, torch.ones((), dtype=torch.bool,
-                                                                                device=mask.device))
-    if not mask.is_floating_point():
-        return None, None
-    # Additive: exactly 0 where allowed, and so negative elsewhere that the softmax weight is exactly 0 (transformers
-    # writes the dtype's minimum; -inf also qualifies), unless a whole row is blocked (see _Varlen).
-    allowed = mask == 0
-    return allowed, (allowed | (mask <= torch.finfo(mask.dtype).min / 2)).all()
-
-
-def _plan_for_mask(mask, batch, q_len, kv_len, implementation):
-    """Reads a mask (a host sync on GPU) and returns the plan that computes exactly what it asks for."""
-    if implementation not in ("eager", "sdpa"):
-        return _Fallback("attn_implementation")
-    if mask.dim() != 4 or tuple(mask.shape[-2:]) != (q_len, kv_len) or mask.shape[0] not in (1, batch):
-        return _Fallback("custom_mask")
-    allowed, readable = _allowed(mask, implementation)
-    if allowed is None or not bool(readable):
-        return _Fallback("custom_mask")
-    # The last query comes after every key it may see: its row is the padding mask of the keys, if the mask is one.
-    valid = allowed[:, 0, -1, :]
-    key_positions = torch.arange(kv_len, device=mask.device)
-    query_rows = torch.arange(q_len, device=mask.device)[:, None]
-    # The queries are the last q_len positions of the keys up to the last one any row may see (the filled part of a
-    # static cache, whose later keys are masked; with a dynamic cache or none, every key), or failing that (every row
-    # ends in padding), of all the keys.
-    seen = valid.any(0).nonzero()
-    filled = int(seen[-1]) + 1 if seen.numel() else 0
-    offsets = [filled - q_len] if q_len <= filled < kv_len else []
-    for offset in offsets + [kv_len - q_len]:
-        expected = valid[:, None, None, :] & (key_positions <= query_rows + offset)
-        if torch.equal(allowed, expected.expand(allowed.shape)):
-            return _padding_plan(valid.expand(batch, kv_len)[:, :offset + q_len], offset)
-    return _packed_plan(allowed, batch, q_len, kv_len)
-
-
-def _packed_plan(allowed, batch, q_len, kv_len):
-    """Packed sequences (transformers' mask from position ids that restart, without padding or cache): causal within
-    each run of tokens of which none may see the token before it."""
-    if q_len != kv_len or q_len < 2:
-        return _Fallback("custom_mask")
-    starts = torch.ones(allowed.shape[0], q_len, dtype=torch.bool, device=allowed.device)
-    starts[:, 1:] = ~allowed[:, 0].diagonal(offset=-1, dim1=-2, dim2=-1)
-    segments = starts.cumsum(1)
-    causal = torch.ones(q_len, q_len, dtype=torch.bool, device=allowed.device).tril()
-    expected = (segments[:, :, None] == segments[:, None, :]) & causal
-    if not torch.equal(allowed, expected[:, None].expand(allowed.shape)):
-        return _Fallback("custom_mask")
-    first_tokens = starts.expand(batch, q_len).flatten().nonzero().squeeze(1)
-    cu_seqlens = torch.cat([first_tokens, first_tokens.new_tensor([batch * q_len])]).to(torch.int32)
-    return _Packed(cu_seqlens, int((cu_seqlens[1:] - cu_seqlens[:-1]).max()))
-
-
-def _cumulative(lengths):
-    """cu_seqlens (int32, from 0) and the longest, from per-sequence lengths."""
-    cu = torch.zeros(lengths.shape[0] + 1, dtype=torch.int32, device=lengths.device)
-    cu[1:] = lengths.cumsum(0)
-    return cu, int(lengths.max()) if lengths.numel() else 0
-
-
-def _padding_plan(valid, offset):
-    """valid [batch, keys]: which keys hold tokens; the queries are the last keys - offset positions."""
-    batch, keys = valid.shape
-    if bool(valid.all()):
-        return _Dense(keys)
-    q_len = keys - offset
-    real = valid[:, offset:]  # [batch, q_len]: the queries that are tokens
-    seen = valid.cumsum(1)[:, offset:]  # how many keys each query may see
-    query_index = real.flatten().nonzero().squeeze(1)
-    key_index = valid.flatten().nonzero().squeeze(1)
-    cu_queries, max_queries = _cumulative(real.sum(1))
-    cu_keys, max_keys = _cumulative(valid.sum(1))
-
-    # Padded queries that see some keys: a new sequence wherever the row or the number of keys seen changes.
-    padded = ~real & (seen > 0)
-    padded_query_index = padded.flatten().nonzero().squeeze(1)
-    rows, counts = padded_query_index // q_len, seen.flatten()[padded_query_index]
-    new = torch.ones_like(rows, dtype=torch.bool)
-    new[1:] = (rows[1:] != rows[:-1]) | (counts[1:] != counts[:-1])
-    firsts = new.nonzero().squeeze(1)
-    group_sizes = torch.diff(firsts, append=firsts.new_tensor([rows.numel()]))
-    group_rows, group_keys = rows[firsts], counts[firsts]
-    cu_padded_queries, max_padded_queries = _cumulative(group_sizes)
-    cu_padded_keys, max_padded_keys = _cumulative(group_keys)
-    # Sequence g's keys: the first group_keys[g] valid keys of its row.
-    first_key = cu_keys[:-1].long()[group_rows] - cu_padded_keys[:-1].long()
-    padded_key_index = key_index[torch.repeat_interleave(first_key, group_keys) +
-                                 torch.arange(int(group_keys.sum()), device=valid.device)]
-
-    blind = ~real & (seen == 0)  # the first queries of a row, before its first token
-    blind_rows = int(blind.sum(1).max())
-    blind_flat = blind.flatten().nonzero().squeeze(1)
-    blind_index = blind_flat - blind_flat // q_len * (q_len - blind_rows)
-    position = torch.cat([query_index, padded_query_index, blind_flat])
-    order = torch.empty_like(position)
-    order[position] = torch.arange(position.numel(), device=valid.device)
-    return _Varlen(keys, query_index, cu_queries, max_queries, key_index, cu_keys, max_keys, padded_query_index,
-                   cu_padded_queries, max_padded_queries, padded_key_index, cu_padded_keys, max_padded_keys,
-                   blind_rows, blind_index, order)
-
-
-class _PlanCache:
-    """The plan of the last mask read. Every layer of one forward receives the same mask object, so the mask is read
-    (a host sync on GPU) and the index tensors built once per forward, not once per layer. A weak reference: a mask
-    that is gone can never match a new one that reuses its address; and the mask's version counter: a mask changed
-    in place since (a caller's reused buffer) is read again (inference-mode tensors have no version counter)."""
-
-    def __init__(self):
-        self._last = (None, None, None)  # (weakref to the mask, sizes, plan), replaced as one tuple
-
-    def plan(self, mask, batch, q_len, kv_len, implementation):
-        sizes = (batch, q_len, kv_len, implementation, None if mask.is_inference() else mask._version)
-        reference, last_sizes, plan = self._last
-        if reference is not None and reference() is mask and last_sizes == sizes:
-            return plan
-        plan = _plan_for_mask(mask, batch, q_len, kv_len, implementation)
-        self._last = (weakref.ref(mask), sizes, plan)
-        return plan
-
-
-_plans = _PlanCache()
-
 
 class _ContiguousGradient(torch.autograd.Function):
     """Identity whose gradient is contiguous: torch.cond needs both branches' gradients in the same layout."""
@@ -465,23 +324,30 @@ class _ContiguousGradient(torch.autograd.Function):
 # --- Attention --------------------------------------------------------------------------------------------------------
 
 
-class AquilaLlamaAttention(ORIGINAL_ATTENTION):
-    """transformers' LlamaAttention (same parameters, same names) whose forward runs Aquila's rotary and attention
-    kernels, falling back to transformers' code paths where those do not apply (see the module docstring)."""
+class PatchedModule:
+    """A transformers module whose class the patch swaps for a subclass (same parameters, same names; the module
+    object, its hooks and registrations kept) that runs Aquila's kernels with the options in ``aquila_options``."""
 
-    def __init__(self, config, layer_idx):
-        super().__init__(config, layer_idx)
-        # Built by a class-patched modeling_llama: take that patch's options.
-        self.aquila_options = class_patch_options or PatchOptions()
+    family: ClassVar[Family]
+
+    def __init__(self, *args, **kwargs):
+        super().__init__(*args, **kwargs)
+        # Built by a class-patched modeling module: take that patch's options.
+        self.aquila_options = self.family.class_options or PatchOptions()
+
+
+class PatchedAttention(PatchedModule):
+    """A family's attention (subclassed with the family's transformers class) whose forward runs Aquila's rotary and
+    attention kernels, falling back to transformers' code paths where those do not apply (see the module docstring).
+    window_in_config: the layer's sliding window is the config's (Mistral, Phi-3, Mixtral), not the module's own
+    ``sliding_window`` attribute (Qwen2, Qwen3, Gemma 2: None on full-attention layers)."""
+
+    window_in_config: ClassVar[bool] = False
 
     def forward(self, hidden_states, position_embeddings=None, attention_mask=None, cache=None, **kwargs):
         options = self.aquila_options
         token_shape = hidden_states.shape[:-1]
-        # [batch, seq, heads, head_dim]: the layout of the projections' output, which the Aquila kernels take as is.
-        heads_shape = (*token_shape, -1, self.head_dim)
-        query = self.q_proj(hidden_states).view(heads_shape)
-        key = self.k_proj(hidden_states).view(heads_shape)
-        value = self.v_proj(hidden_states).view(heads_shape)
+        query, key, value = self._project(hidden_states, (*token_shape, -1, self.head_dim))
 
         query, key = self._rotate(query, key, position_embeddings, kwargs.get("position_ids"), options)
 
@@ -496,9 +362,32 @@ class AquilaLlamaAttention(ORIGINAL_ATTENTION):
         output = output.reshape(*token_shape, -1).contiguous()
         return self.o_proj(output), weights
 
+    def _project(self, hidden_states, heads_shape):
+        """query, key, value [batch, seq, heads, head_dim]: the layout of the projections' output, which the Aquila
+        kernels take as is."""
+        return tuple(projection(hidden_states).view(heads_shape) for projection in (self.q_proj, self.k_proj,
+                                                                                      self.v_proj))
+
+    def _sliding_window(self):
+        """transformers' sliding_window of this layer (a query sees itself and the window - 1 keys before), or None."""
+        return getattr(self.config if self.window_in_config else self, "sliding_window", None)
+
+    def _softcap(self):
+        return getattr(self, "attn_logit_softcapping", None)
+
+    def _kernel_options(self, window=None):
+        """The kernel's arguments for this layer's window (when the plan has one) and logit softcapping."""
+        options = {}
+        if window is not None:
+            options["window_size"] = (window - 1, 0)
+        if self._softcap() is not None:
+            options["softcap"] = self._softcap()
+        return options
+
     def _rotate(self, query, key, position_embeddings, position_ids, options):
         rope = getattr(self.config, "rope_parameters", None) or {}
-        plain_rope = rope.get("rope_type", "default") == "default" and "rope_theta" in rope
+        plain_rope = (rope.get("rope_type", "default") == "default" and "rope_theta" in rope
+                      and rope.get("partial_rotary_factor", 1.0) == 1.0)  # Phi-3 may rotate part of each head only
         if options.rotary and plain_rope and isinstance(position_ids, Tensor):
             # The kernel computes cos/sin itself from the positions, in fp32 with an exact angle.
             return apply_rotary(query, key, position_ids, theta=float(rope["rope_theta"]), interleaved=False,
@@ -513,15 +402,20 @@ class AquilaLlamaAttention(ORIGINAL_ATTENTION):
                                 backend=options.backend)
         # Otherwise transformers' rotation, through the module-level function so that whatever is installed there
         # (the original or another library's) runs, in its own [b, h, s, d] layout.
-        query, key = modeling_llama.apply_rotary_pos_emb(query.transpose(1, 2), key.transpose(1, 2), cos, sin)
+        query, key = self.family.modeling.apply_rotary_pos_emb(query.transpose(1, 2), key.transpose(1, 2), cos, sin)
         return query.transpose(1, 2), key.transpose(1, 2)
 
     def _transformers_attention(self, query, key, value, attention_mask, kwargs):
-        """The configured attn_implementation, as LlamaAttention runs it: (output [b, s, heads, d], weights)."""
-        interface = modeling_llama.ALL_ATTENTION_FUNCTIONS.get_interface(
-            self.config._attn_implementation, modeling_llama.eager_attention_forward)
+        """The configured attn_implementation, as the family's attention runs it (with its sliding window and logit
+        softcapping): (output [b, s, heads, d], weights)."""
+        modeling = self.family.modeling
+        interface = modeling.ALL_ATTENTION_FUNCTIONS.get_interface(self.config._attn_implementation,
+                                                                   modeling.eager_attention_forward)
+        extra = {name: value for name, value in (("sliding_window", self._sliding_window()),
+                                                 ("softcap", self._softcap())) if value is not None}
         return interface(self, query.transpose(1, 2), key.transpose(1, 2), value.transpose(1, 2), attention_mask,
-                         dropout=self.attention_dropout if self.training else 0.0, scaling=self.scaling, **kwargs)
+                         dropout=self.attention_dropout if self.training else 0.0, scaling=self.scaling, **extra,
+                         **kwargs)
 
     def _unsupported(self, query, kwargs):
         """Why the kernel cannot run this call whatever the mask, or None: decided from flags, dtypes and shapes."""
@@ -539,6 +433,8 @@ class AquilaLlamaAttention(ORIGINAL_ATTENTION):
             return "dtype"
         if not 1 <= query.shape[-1] <= MAX_HEAD_DIM:
             return "head_dim"
+        if self._softcap() is not None and not ATTENTION_HAS_SOFTCAP:
+            return "softcap"
         return None
 
     def _kernel_attention(self, query, key, value, attention_mask, cache, kwargs):
@@ -551,33 +447,37 @@ class AquilaLlamaAttention(ORIGINAL_ATTENTION):
             return self._compiled_attention(query, key, value, attention_mask, cache, kwargs)
         (batch, q_len), kv_len = query.shape[:2], key.shape[1]
         implementation = self.config._attn_implementation or "eager"
+        window = self._sliding_window()
         if attention_mask is None:
-            plan = _plan_without_mask(implementation, q_len, kv_len)
+            plan = _plan_without_mask(implementation, q_len, kv_len, window)
         elif isinstance(attention_mask, Tensor):
-            plan = _plans.plan(attention_mask, batch, q_len, kv_len, implementation)
+            plan = _plans.plan(attention_mask, batch, q_len, kv_len, implementation, window)
         else:  # flex attention's BlockMask
             plan = _Fallback("attn_implementation")
+        if isinstance(plan, _Dense) and plan.window is not None and not ATTENTION_HAS_WINDOW:
+            plan = _Fallback("sliding_window")
         if isinstance(plan, _Fallback):
             _count_fallback(plan.reason)
             return None
         _kernel_counts[plan.path] += 1
         if isinstance(plan, _Dense):
-            return self._dense(query, key[:, :plan.keys], value[:, :plan.keys])
+            return self._dense(query, key[:, :plan.keys], value[:, :plan.keys], plan.window)
         if isinstance(plan, _Packed):
             flat = [t.reshape(-1, *t.shape[2:]) for t in (query, key, value)]
             return self._varlen(*flat, True, plan.cu_seqlens, plan.cu_seqlens, plan.max_seqlen,
                                 plan.max_seqlen).view(query.shape)
         return self._unpadded(plan, query, key, value, attention_mask, kwargs)
 
-    def _dense(self, query, key, value):
-        return attention(query, key, value, causal=True, scale=self.scaling, backend=self.aquila_options.backend)
+    def _dense(self, query, key, value, window=None):
+        return attention(query, key, value, causal=True, scale=self.scaling, backend=self.aquila_options.backend,
+                         **self._kernel_options(window))
 
     def _varlen(self, query, key, value, causal, cu_queries, cu_keys, max_queries, max_keys):
         if not query.shape[0]:
             return query.new_zeros(query.shape)
         return attention(query, key, value, causal=causal, scale=self.scaling, cu_seqlens_q=cu_queries,
                          cu_seqlens_k=cu_keys, max_seqlen_q=max_queries, max_seqlen_k=max_keys,
-                         backend=self.aquila_options.backend)
+                         backend=self.aquila_options.backend, **self._kernel_options())
 
     def _unpadded(self, plan, query, key, value, attention_mask, kwargs):
         """Unpad, attend with the varlen kernel, pad back (see _Varlen)."""
@@ -604,7 +504,7 @@ class AquilaLlamaAttention(ORIGINAL_ATTENTION):
         (batch, q_len), kv_len = query.shape[:2], key.shape[1]
         implementation = self.config._attn_implementation or "eager"
         if attention_mask is None:
-            plan = _plan_without_mask(implementation, q_len, kv_len)
+            plan = _plan_without_mask(implementation, q_len, kv_len, self._sliding_window())
             return self._dense(query, key[:, :plan.keys], value[:, :plan.keys]) if isinstance(plan, _Dense) else None
         if (implementation not in ("eager", "sdpa") or not isinstance(attention_mask, Tensor)
                 or attention_mask.dim() != 4 or tuple(attention_mask.shape[-2:]) != (q_len, kv_len)):
@@ -633,10 +533,11 @@ class AquilaLlamaAttention(ORIGINAL_ATTENTION):
         query_positions = (offset + query_rows.T).clamp(0, kv_len - 1).expand(batch, q_len)
         matches = readable & (offset >= 0) & valid.gather(1, query_positions).all() & (allowed == expected).all()
         prefix = (valid == (key_positions < lengths[:, None])).all()
-        scale, backend = self.scaling, self.aquila_options.backend
+        scale, backend, kernel_options = self.scaling, self.aquila_options.backend, self._kernel_options()
 
         def kv_cache(query, key, value, attention_mask, lengths, valid):
-            return attention_with_kv_cache(query, key, value, lengths, scale=scale, backend=backend).reshape(-1)
+            return attention_with_kv_cache(query, key, value, lengths, scale=scale, backend=backend,
+                                           **kernel_options).reshape(-1)
 
         def gathered_kv_cache(query, key, value, attention_mask, lengths, valid):
             # Each row's tokens first, in order: the KV-cache kernel reads the first `lengths` keys.
@@ -651,15 +552,52 @@ class AquilaLlamaAttention(ORIGINAL_ATTENTION):
                           (query, key, value, attention_mask, lengths, valid)).view(query.shape)
 
 
-AquilaLlamaAttention.forward = _with_deprecations_of(ORIGINAL_ATTENTION.forward, AquilaLlamaAttention.forward)
+# --- MLP --------------------------------------------------------------------------------------------------------------
+# The gated activation act(gate) * up on Aquila's swiglu / geglu where the module's activation is exactly one of
+# theirs; any other activation (gelu_new, relu, ...) keeps transformers' forward.
+SILU_ACTIVATIONS = (activations.SiLUActivation, torch.nn.SiLU)
+GELU_APPROXIMATIONS = {activations.GELUActivation: "none", activations.GELUTanh: "tanh"}
+
+
+def _fused_gate(activation, gate, up, backend):
+    """act(gate) * up on Aquila's kernel, or None where `activation` is not one the kernels compute."""
+    kind = type(activation)
+    if kind in SILU_ACTIVATIONS:
+        return swiglu(gate, up, backend=backend)
+    if kind in GELU_APPROXIMATIONS:
+        return geglu(gate, up, approximate=GELU_APPROXIMATIONS[kind], backend=backend)
+    return None
+
+
+def _fuses(activation):
+    return type(activation) in SILU_ACTIVATIONS or type(activation) in GELU_APPROXIMATIONS
+
+
+class PatchedGatedMLP(PatchedModule):
+    """A family's MLP, down_proj(act(gate_proj(x)) * up_proj(x)), with the gated activation fused."""
+
+    def forward(self, hidden_states):
+        activation = self._activation()
+        if not _fuses(activation):
+            return super().forward(hidden_states)
+        gate, up = self._gate_and_up(hidden_states)
+        return self.down_proj(_fused_gate(activation, gate, up, self.aquila_options.backend))
+
+    def _activation(self):
+        return self.act_fn
+
+    def _gate_and_up(self, hidden_states):
+        return self.gate_proj(hidden_states), self.up_proj(hidden_states)
 
 
 # --- Loss -------------------------------------------------------------------------------------------------------------
 
 
-def _fused_causal_lm_loss(hidden, lm_head, labels, *, shift_labels, ignore_index, num_items_in_batch, backend):
+def _fused_causal_lm_loss(hidden, lm_head, labels, *, shift_labels, ignore_index, num_items_in_batch, softcap,
+                          backend):
     """transformers' ForCausalLMLoss (token t predicts label t + 1; a mean over counted tokens, or a sum divided by
-    num_items_in_batch for gradient accumulation) from the hidden states, without forming the logits."""
+    num_items_in_batch for gradient accumulation) from the hidden states, without forming the logits; softcap: the
+    final logit softcapping transformers applies to the logits first (Gemma 2), or None."""
     if shift_labels is None:
         shift_labels = torch.nn.functional.pad(labels, (0, 1), value=ignore_index)[..., 1:]
     targets = shift_labels.to(hidden.device)
@@ -674,7 +612,7 @@ def _fused_causal_lm_loss(hidden, lm_head, labels, *, shift_labels, ignore_index
         hidden = hidden.to(weight.dtype)
     reduction = "mean" if num_items_in_batch is None else "sum"
     loss = linear_cross_entropy(hidden, weight, targets, bias, ignore_index=ignore_index, reduction=reduction,
-                                backend=backend)
+                                softcap=softcap, backend=backend)
     if num_items_in_batch is not None:
         if isinstance(num_items_in_batch, Tensor):
             num_items_in_batch = num_items_in_batch.to(loss.device)
@@ -686,126 +624,220 @@ def _logits_to_keep_is_all(logits_to_keep):
     return isinstance(logits_to_keep, int) and logits_to_keep == 0
 
 
-def aquila_causal_lm_forward(self, input_ids=None, attention_mask=None, position_ids=None, cache=None,
-                             inputs_embeds=None, labels=None, use_cache=None, logits_to_keep=0, **kwargs):
-    """LlamaForCausalLM.forward with the fused linear cross-entropy: in training mode with labels, the loss comes
-    from the last hidden states and returned logits are None; otherwise the original forward runs."""
-    options = self.__dict__.get("aquila_options") or class_patch_options or PatchOptions(cross_entropy=False)
-    arguments = dict(input_ids=input_ids, attention_mask=attention_mask, position_ids=position_ids, cache=cache,
-                     inputs_embeds=inputs_embeds, use_cache=use_cache)
-    fused = options.cross_entropy and self.training and labels is not None and _logits_to_keep_is_all(logits_to_keep)
-    if not fused:
-        return ORIGINAL_CAUSAL_LM_FORWARD(self, **arguments, labels=labels, logits_to_keep=logits_to_keep, **kwargs)
-    outputs = self.model(**arguments, **kwargs)
-    loss = _fused_causal_lm_loss(outputs.last_hidden_state, self.lm_head, labels,
-                                 shift_labels=kwargs.get("shift_labels"),
-                                 ignore_index=kwargs.get("ignore_index", IGNORE_INDEX),
-                                 num_items_in_batch=kwargs.get("num_items_in_batch"), backend=options.backend)
+def _causal_lm_output(model, outputs, loss, attention_mask, model_kwargs):
     return CausalLMOutputWithPast(loss=loss, logits=None, cache=outputs.cache, hidden_states=outputs.hidden_states,
                                   attentions=outputs.attentions)
 
 
-# As LlamaForCausalLM.forward: return_dict handled by can_return_tuple, deprecated arguments by transformers' own
-# deprecation wrappers (whose messages name the function "forward" of the model's class).
-aquila_causal_lm_forward.__name__ = "forward"
-aquila_causal_lm_forward = _with_deprecations_of(ORIGINAL_CAUSAL_LM_FORWARD, can_return_tuple(aquila_causal_lm_forward))
+def fused_loss_forward(family, module, name, *, model_kwargs=lambda model, kwargs: {}, output=_causal_lm_output):
+    """The family's CausalLM forward with the fused linear cross-entropy: in training mode with labels, the loss comes
+    from the last hidden states and the returned logits are None; otherwise the original forward runs.
+
+    model_kwargs(model, kwargs): the arguments of the original forward that go to the base model and are taken out of
+    kwargs (Mixtral's output_router_logits); output(model, outputs, loss, attention_mask, those arguments): the
+    returned output. The function is named `name` in `module`, where the family's module binds it, so that a model
+    patched per instance (the forward a partial of it) pickles."""
+
+    def forward(self, input_ids=None, attention_mask=None, position_ids=None, cache=None, inputs_embeds=None,
+                labels=None, use_cache=None, logits_to_keep=0, **kwargs):
+        options = self.__dict__.get("aquila_options") or family.class_options or PatchOptions(cross_entropy=False)
+        arguments = dict(input_ids=input_ids, attention_mask=attention_mask, position_ids=position_ids, cache=cache,
+                         inputs_embeds=inputs_embeds, use_cache=use_cache)
+        fused = (options.cross_entropy and self.training and labels is not None
+                 and _logits_to_keep_is_all(logits_to_keep))
+        if not fused:
+            return family.original_forward(self, **arguments, labels=labels, logits_to_keep=logits_to_keep, **kwargs)
+        extra = model_kwargs(self, kwargs)
+        outputs = self.model(**arguments, **extra, **kwargs)
+        loss = _fused_causal_lm_loss(outputs.last_hidden_state, self.lm_head, labels,
+                                     shift_labels=kwargs.get("shift_labels"),
+                                     ignore_index=kwargs.get("ignore_index", IGNORE_INDEX),
+                                     num_items_in_batch=kwargs.get("num_items_in_batch"),
+                                     softcap=getattr(self.config, "final_logit_softcapping", None),
+                                     backend=options.backend)
+        return output(self, outputs, loss, attention_mask, extra)
+
+    # As the original: return_dict handled by can_return_tuple, deprecated arguments by transformers' own deprecation
+    # wrappers (whose messages name the function "forward" of the model's class).
+    forward.__module__, forward.__qualname__ = module, name
+    return _with_deprecations_of(family.original_forward, can_return_tuple(forward))
 
 
 # --- Applying and removing the patch ----------------------------------------------------------------------------------
 
 
-def _checked_options(rms_norm, rotary, attention, cross_entropy, backend):
-    flags = dict(rms_norm=rms_norm, rotary=rotary, attention=attention, cross_entropy=cross_entropy)
+def checked_options(family, rms_norm, rotary, attention, cross_entropy, mlp, backend):
+    """The options of an apply_aquila_kernels_to_<family> call, or a clear error naming the bad argument."""
+    flags = dict(rms_norm=rms_norm, rotary=rotary, attention=attention, cross_entropy=cross_entropy,
+                 **{family.mlp_flag: mlp})
     for name, value in flags.items():
         if not isinstance(value, bool):
-            raise TypeError(f"apply_aquila_kernels_to_llama: {name} must be True or False, got {value!r}")
+            raise TypeError(f"{family.op}: {name} must be True or False, got {value!r}")
     if backend is not None and backend not in BACKENDS:
-        raise ValueError(f"apply_aquila_kernels_to_llama: backend must be one of {', '.join(BACKENDS)} or None "
-                         f"(each device's default), got {backend!r}")
+        raise ValueError(f"{family.op}: backend must be one of {', '.join(BACKENDS)} or None (each device's default), "
+                         f"got {backend!r}")
     if backend is not None and attention and backend not in ATTENTION_IMPLEMENTATIONS:
-        raise UnsupportedBackend(f"apply_aquila_kernels_to_llama: {backend} has no training attention kernel: use "
-                                 "backend=None (each device's default), or attention=False")
-    return PatchOptions(**flags, backend=backend)
+        raise UnsupportedBackend(f"{family.op}: {backend} has no training attention kernel: use backend=None (each "
+                                 "device's default), or attention=False")
+    return PatchOptions(rms_norm, rotary, attention, cross_entropy, mlp, backend)
 
 
-def _refuse_wrapped_forward(name, module):
+def _refuse_wrapped_forward(family, name, module):
     # accelerate's dispatch hooks (device_map with offloading) replace a module's forward per instance; a swapped
     # module or class would silently lose them, or never run.
     if "forward" in module.__dict__:
-        raise ValueError(f"apply_aquila_kernels_to_llama: {name or 'the model'}'s forward is replaced on the instance "
-                         "(accelerate hooks?): apply the patch before dispatching the model to devices")
+        raise ValueError(f"{family.op}: {name or 'the model'}'s forward is replaced on the instance (accelerate "
+                         "hooks?): apply the patch before dispatching the model to devices")
 
 
-def _patch_instance(model, options):
-    if options.cross_entropy and type(model).forward not in (ORIGINAL_CAUSAL_LM_FORWARD, aquila_causal_lm_forward):
-        raise ValueError(f"apply_aquila_kernels_to_llama: {type(model).__name__} overrides LlamaForCausalLM.forward, "
-                         "whose loss the patch replaces: pass cross_entropy=False")
+def _swap_class(family, part, name, module, patched, options):
+    """Swapping the class keeps the module object, its parameters, hooks and registrations; only forward changes.
+    The Aquila classes add no parameters or buffers."""
+    _refuse_wrapped_forward(family, name, module)
+    module.__class__ = family.patched[part] if patched else family.originals[part]
+    module.aquila_options = options
+
+
+def _patch_instance(family, model, options):
+    if options.cross_entropy and type(model).forward not in (family.original_forward, family.fused_forward):
+        raise ValueError(f"{family.op}: {type(model).__name__} overrides {family.causal_lm.__name__}.forward, whose "
+                         "loss the patch replaces: pass cross_entropy=False")
+    norms = (family.originals["norm"], family.patched["norm"])
     for name, module in list(model.named_modules()):
-        if isinstance(module, (ORIGINAL_RMS_NORM, AquilaLlamaRMSNorm)):
-            if isinstance(module, AquilaLlamaRMSNorm) == options.rms_norm:
+        if isinstance(module, norms):
+            if isinstance(module, family.patched["norm"]) == options.rms_norm:
                 if options.rms_norm:  # patched before: only the backend may change
                     module.backend = options.backend
                 continue
-            _refuse_wrapped_forward(name, module)
+            _refuse_wrapped_forward(family, name, module)
             parent_name, _, child_name = name.rpartition(".")
             model.get_submodule(parent_name).register_module(
-                child_name, _norm_sharing_weight(module, options.rms_norm, options.backend))
-        elif isinstance(module, ORIGINAL_ATTENTION):
-            _refuse_wrapped_forward(name, module)
-            # Swapping the class keeps the module object, its parameters, hooks and registrations; only forward
-            # changes. AquilaLlamaAttention adds no parameters or buffers.
-            module.__class__ = AquilaLlamaAttention if options.rotary or options.attention else ORIGINAL_ATTENTION
-            module.aquila_options = options
+                child_name, _norm_sharing_weight(family, module, options.rms_norm, options.backend))
+        elif isinstance(module, family.originals["attention"]):
+            _swap_class(family, "attention", name, module, options.rotary or options.attention, options)
+        elif isinstance(module, family.originals["mlp"]):
+            _swap_class(family, "mlp", name, module, options.mlp, options)
     if options.cross_entropy:
-        if getattr(model.__dict__.get("forward"), "func", None) is not aquila_causal_lm_forward:
-            _refuse_wrapped_forward("", model)
+        if getattr(model.__dict__.get("forward"), "func", None) is not family.fused_forward:
+            _refuse_wrapped_forward(family, "", model)
         # On the instance only: an instance attribute shadows the class's forward for this model (nn.Module.__call__
         # looks up self.forward). A partial of a module-level function, not a bound method: both follow the model
         # through copy.deepcopy, but only the partial pickles (torch.save of the whole model).
-        model.forward = functools.partial(aquila_causal_lm_forward, model)
-    elif getattr(model.__dict__.get("forward"), "func", None) is aquila_causal_lm_forward:
+        model.forward = functools.partial(family.fused_forward, model)
+    elif getattr(model.__dict__.get("forward"), "func", None) is family.fused_forward:
         del model.forward  # re-applied without the loss: back to the class's forward
     model.aquila_options = options
     return model
 
 
-def _patch_classes(options):
-    global class_patch_options
-    class_patch_options = options
-    modeling_llama.LlamaRMSNorm = AquilaLlamaRMSNorm if options.rms_norm else ORIGINAL_RMS_NORM
-    modeling_llama.LlamaAttention = AquilaLlamaAttention if options.rotary or options.attention else ORIGINAL_ATTENTION
-    LlamaForCausalLM.forward = aquila_causal_lm_forward if options.cross_entropy else ORIGINAL_CAUSAL_LM_FORWARD
+def _set_classes(family, options):
+    """Installs in the family's modeling module the classes (and the CausalLM forward) for `options`, transformers'
+    own for None."""
+    family.class_options = options
+    switched_on = dict(norm=options is not None and options.rms_norm,
+                       attention=options is not None and (options.rotary or options.attention),
+                       mlp=options is not None and options.mlp)
+    for part, class_name in family.class_names.items():
+        setattr(family.modeling, class_name, family.patched[part] if switched_on[part] else family.originals[part])
+    fused = options is not None and options.cross_entropy
+    family.causal_lm.forward = family.fused_forward if fused else family.original_forward
 
 
-def apply_aquila_kernels_to_llama(model=None, *, rms_norm: bool = True, rotary: bool = True, attention: bool = True,
-                                  cross_entropy: bool = True, backend: Optional[str] = None):
-    """Runs transformers' LlamaForCausalLM on Aquila's fused kernels.
-
-    model: a LlamaForCausalLM instance (patched in place, and returned); or None / the LlamaForCausalLM class, to patch
-        transformers' modeling_llama for models built afterwards (returns None; see remove_aquila_kernels_from_llama).
-    rms_norm, rotary, attention, cross_entropy: which parts to swap (each falls back to transformers' code where the
-        kernel does not apply; see the module docstring).
-    backend: the Aquila backend for every op ("triton", "cpu", "torch"; "cuda" only with attention=False), or None for
-        each device's default.
-    Applying again replaces the options (a part switched off is restored); parameters are never copied.
-    """
-    options = _checked_options(rms_norm, rotary, attention, cross_entropy, backend)
-    if model is None or (isinstance(model, type) and issubclass(model, LlamaForCausalLM)):
-        _patch_classes(options)
+def apply_to(family, model, options):
+    """apply_aquila_kernels_to_<family>'s work, on its checked options."""
+    causal_lm = family.causal_lm
+    if model is None or (isinstance(model, type) and issubclass(model, causal_lm)):
+        _set_classes(family, options)
         return None
-    if not isinstance(model, LlamaForCausalLM):
+    if not isinstance(model, causal_lm):
         kind = model.__name__ if isinstance(model, type) else type(model).__name__
         hint = " (a PEFT wrapper: pass model.get_base_model())" if hasattr(model, "get_base_model") else ""
-        raise TypeError(f"apply_aquila_kernels_to_llama: expected a transformers LlamaForCausalLM (instance or class) "
-                        f"or None, got {kind}{hint}")
-    return _patch_instance(model, options)
+        raise TypeError(f"{family.op}: expected a transformers {causal_lm.__name__} (instance or class) or None, got "
+                        f"{kind}{hint}")
+    return _patch_instance(family, model, options)
 
 
-def remove_aquila_kernels_from_llama():
-    """Undoes the class-level patch: modeling_llama builds transformers' own modules again and LlamaForCausalLM.forward
-    is the original. Models built while the patch was on keep their Aquila modules (they remain correct)."""
-    global class_patch_options
-    class_patch_options = None
-    modeling_llama.LlamaRMSNorm = ORIGINAL_RMS_NORM
-    modeling_llama.LlamaAttention = ORIGINAL_ATTENTION
-    LlamaForCausalLM.forward = ORIGINAL_CAUSAL_LM_FORWARD
+def remove_from(family):
+    """Undoes the family's class-level patch: its modeling module builds transformers' own modules again and the
+    CausalLM forward is the original. Models built while the patch was on keep their Aquila modules (they remain
+    correct)."""
+    _set_classes(family, None)
+
+
+# --- The families -----------------------------------------------------------------------------------------------------
+# Each module defines its family on the shared pieces above (hence imported last).
+
+from .gemma import (  # noqa: E402
+    AquilaGemmaAttention,
+    AquilaGemmaMLP,
+    AquilaGemmaRMSNorm,
+    apply_aquila_kernels_to_gemma,
+    remove_aquila_kernels_from_gemma,
+)
+from .gemma2 import (  # noqa: E402
+    AquilaGemma2Attention,
+    AquilaGemma2MLP,
+    AquilaGemma2RMSNorm,
+    apply_aquila_kernels_to_gemma2,
+    remove_aquila_kernels_from_gemma2,
+)
+from .llama import (  # noqa: E402, F401  (transformers' Llama originals: names of the module before the package)
+    ORIGINAL_ATTENTION,
+    ORIGINAL_CAUSAL_LM_FORWARD,
+    ORIGINAL_RMS_NORM,
+    AquilaLlamaAttention,
+    AquilaLlamaMLP,
+    AquilaLlamaRMSNorm,
+    apply_aquila_kernels_to_llama,
+    aquila_causal_lm_forward,
+    remove_aquila_kernels_from_llama,
+)
+from .mistral import (  # noqa: E402
+    AquilaMistralAttention,
+    AquilaMistralMLP,
+    AquilaMistralRMSNorm,
+    apply_aquila_kernels_to_mistral,
+    remove_aquila_kernels_from_mistral,
+)
+from .mixtral import (  # noqa: E402
+    AquilaMixtralAttention,
+    AquilaMixtralExperts,
+    AquilaMixtralRMSNorm,
+    apply_aquila_kernels_to_mixtral,
+    remove_aquila_kernels_from_mixtral,
+)
+from .phi3 import (  # noqa: E402
+    AquilaPhi3Attention,
+    AquilaPhi3MLP,
+    AquilaPhi3RMSNorm,
+    apply_aquila_kernels_to_phi3,
+    remove_aquila_kernels_from_phi3,
+)
+from .qwen2 import (  # noqa: E402
+    AquilaQwen2Attention,
+    AquilaQwen2MLP,
+    AquilaQwen2RMSNorm,
+    apply_aquila_kernels_to_qwen2,
+    remove_aquila_kernels_from_qwen2,
+)
+from .qwen3 import (  # noqa: E402
+    AquilaQwen3Attention,
+    AquilaQwen3MLP,
+    AquilaQwen3RMSNorm,
+    apply_aquila_kernels_to_qwen3,
+    remove_aquila_kernels_from_qwen3,
+)
+
+__all__ = ["FALLBACK_REASONS", "fallback_counts", "kernel_counts", "reset_counts",
+           "AquilaGemmaAttention", "AquilaGemmaMLP", "AquilaGemmaRMSNorm", "apply_aquila_kernels_to_gemma",
+           "remove_aquila_kernels_from_gemma", "AquilaGemma2Attention", "AquilaGemma2MLP", "AquilaGemma2RMSNorm",
+           "apply_aquila_kernels_to_gemma2", "remove_aquila_kernels_from_gemma2", "AquilaLlamaAttention",
+           "AquilaLlamaMLP", "AquilaLlamaRMSNorm", "apply_aquila_kernels_to_llama",
+           "remove_aquila_kernels_from_llama", "AquilaMistralAttention", "AquilaMistralMLP", "AquilaMistralRMSNorm",
+           "apply_aquila_kernels_to_mistral", "remove_aquila_kernels_from_mistral", "AquilaMixtralAttention",
+           "AquilaMixtralExperts", "AquilaMixtralRMSNorm", "apply_aquila_kernels_to_mixtral",
+           "remove_aquila_kernels_from_mixtral", "AquilaPhi3Attention", "AquilaPhi3MLP", "AquilaPhi3RMSNorm",
+           "apply_aquila_kernels_to_phi3", "remove_aquila_kernels_from_phi3", "AquilaQwen2Attention",
+           "AquilaQwen2MLP", "AquilaQwen2RMSNorm", "apply_aquila_kernels_to_qwen2",
+           "remove_aquila_kernels_from_qwen2", "AquilaQwen3Attention", "AquilaQwen3MLP", "AquilaQwen3RMSNorm",
+           "apply_aquila_kernels_to_qwen3", "remove_aquila_kernels_from_qwen3"]
