@@ -31,7 +31,7 @@ Two ways to apply it (each family alike):
 
 * ``apply_aquila_kernels_to_llama(model)``: patches that instance only (in place; returns it).
 * ``apply_aquila_kernels_to_llama()`` or ``(LlamaForCausalLM)``: patches ``transformers.models.llama.modeling_llama``:
-  models built afterwards get the Aquila RMSNorm and attention modules; ``LlamaForCausalLM.forward`` (a class
+  models built afterwards get the Aquila RMSNorm, attention and MLP modules; ``LlamaForCausalLM.forward`` (a class
   attribute, so every instance, existing ones included) gets the fused loss. Calling it again only updates the
   options; ``remove_aquila_kernels_from_llama()`` restores transformers' classes.
 
@@ -54,20 +54,21 @@ Fallbacks, chosen per call so the results stay those of transformers (each is th
   anywhere, caches, beam search and position ids (rotary takes them as given) are covered.
   Transformers' attention runs instead (counted by ``fallback_counts()``, and logged at debug level the first time
   for each reason; see ``FALLBACK_REASONS``) for ``output_attentions``, attention dropout in training, a
-  non-causal config, any other 4-D mask (custom masks: prefix-LM, sliding windows, ...), flex attention's BlockMask,
+  non-causal config, any other 4-D mask (custom masks: prefix-LM, ...), flex attention's BlockMask,
   flash attention with padding or varlen keyword arguments (flash attention is then the fallback), and dtypes or
   head dims the kernel lacks. Sliding windows (Mistral, Qwen2, Qwen3, Gemma 2, Phi-3, Mixtral layers): transformers'
-  sliding causal mask equals the plain causal one until the sequence outgrows the window, and then runs on the kernel
-  as above; a window that hides keys is recognised by comparing the mask with the windowed causal one, and runs on the
-  batched kernel with ``window_size=(W - 1, 0)`` when nothing is padded and the kernel has ``window_size``, else falls
-  back ("sliding_window"). Gemma 2's attention logit softcapping runs on the kernel's ``softcap`` where it has one,
-  else falls back ("softcap").
+  sliding causal mask equals the plain causal one until the sequence outgrows the window, and meanwhile runs on the
+  kernel as above; a window that hides keys is recognised by comparing the mask with the windowed causal one, and
+  runs on the batched kernel with ``window_size=(W - 1, 0)`` when nothing is padded and the kernel has
+  ``window_size``, else falls back ("sliding_window"). Gemma 2's attention logit softcapping runs on the kernel's
+  ``softcap`` where it has one, else falls back ("softcap").
   Under torch.compile nothing may read a tensor's values while tracing: the choice is made from shapes, dtypes and
   flags, and the mask is checked with tensor ops inside the graph, where ``torch.cond`` runs the kernel (plain causal
   masks; in inference over a static cache, generation's case, the KV-cache kernel over each row's filled keys,
   gathered first when left padding puts them elsewhere) or transformers' attention (padding in training, whose
   unpadding needs shapes that depend on the mask). In training, ``torch.cond``'s backward recomputes the attention
-  forward. Calls inside a compiled graph are not counted.
+  forward. Calls inside a compiled graph are not counted. Under compile, sliding-window layers run the kernel only
+  while their mask is plain causal, and softcapped ones only where the kernel has softcap.
 * Loss: ``logits_to_keep`` other than 0 with labels uses the original forward.
 
 Numerics: the Aquila ops compute in fp32 and round once to the input dtype, where transformers rounds some
@@ -79,8 +80,8 @@ returns the input's dtype.
 Limits: fp32, fp16 and bf16 models (the kernels' dtypes; a float64 model gets the kernels' TypeError). Patch before
 accelerate dispatches the model across devices (a forward replaced per instance is refused with an error). Not
 patched: the decoder layer's residual adds (fusing them into the norms, as Aquila's own model does, would mean
-replacing LlamaDecoderLayer.forward), and transformers' rotary_emb, which still computes cos/sin once per forward
-for the fallback.
+replacing LlamaDecoderLayer.forward), transformers' rotary_emb, which still computes cos/sin once per forward
+for the fallback, the embeddings (Gemma's scaling included), and Mixtral's router and expert matmuls.
 
 Deprecated arguments: the patched forwards sit in transformers' own deprecation wrappers of the originals (5.x:
 ``past_key_values`` for ``cache``), so they rename, warn and refuse exactly as transformers does.
@@ -186,8 +187,6 @@ class Family:
     and removing the patch restores exactly these. The family's module then defines its Aquila classes and fused
     forward (attributes set by ``define``)."""
 
-    PARTS = ("norm", "attention", "mlp")
-
     def __init__(self, name, modeling, causal_lm, *, norm, attention, mlp, mlp_flag):
         self.name, self.modeling, self.causal_lm = name, modeling, causal_lm
         self.class_names = dict(norm=norm, attention=attention, mlp=mlp)
@@ -205,7 +204,7 @@ class Family:
     def define(self, fused_forward, **patched):
         """The family's Aquila classes (norm=, attention=, mlp=) and fused loss forward."""
         self.patched, self.fused_forward = patched, fused_forward
-        # The attention forward inside transformers' own deprecation wrappers of the original (see below).
+        # The attention forward inside transformers' own deprecation wrappers of the original's.
         attention_class = patched["attention"]
         attention_class.forward = _with_deprecations_of(self.originals["attention"].forward, PatchedAttention.forward)
 
