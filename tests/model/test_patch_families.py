@@ -370,3 +370,47 @@ def test_llama_mlp_with_another_activation_keeps_transformers_forward(glu_calls)
     input_ids, labels = batch()
     assert_same_training_step(patched, reference, input_ids, labels)
     assert glu_calls == {"swiglu": 0, "geglu": 0}
+
+
+# --- The window_size and softcap arguments ------------------------------------------------------------------------
+
+
+def stand_in_attention(q, k, v, *, causal=False, scale=None, window_size=(-1, -1), softcap=None, backend=None):
+    """flash-attn's batched attention with window_size (bottom-right aligned; -1 unbounded) and softcap, in float64
+    torch: what aquila.kernels.attention computes once it has those arguments."""
+    (seq_q, heads), seq_k = q.shape[1:3], k.shape[1]
+    k, v = (t.repeat_interleave(heads // t.shape[2], dim=2).double() for t in (k, v))
+    scores = torch.einsum("bqhd,bkhd->bhqk", q.double(), k) * scale
+    if softcap is not None:
+        scores = softcap * torch.tanh(scores / softcap)
+    query_positions = torch.arange(seq_q)[:, None] + seq_k - seq_q
+    key_positions = torch.arange(seq_k)
+    left, right = window_size
+    allowed = torch.ones(seq_q, seq_k, dtype=torch.bool)
+    if causal or right >= 0:
+        allowed &= key_positions <= query_positions + (0 if causal else right)
+    if left >= 0:
+        allowed &= key_positions >= query_positions - left
+    weights = scores.masked_fill(~allowed, float("-inf")).softmax(-1)
+    return torch.einsum("bhqk,bkhd->bqhd", weights, v).to(q.dtype)
+
+
+@pytest.fixture
+def kernel_with_window_and_softcap(monkeypatch):
+    monkeypatch.setattr(patch_module, "attention", stand_in_attention)
+    monkeypatch.setattr(patch_module, "ATTENTION_HAS_WINDOW", True)
+    monkeypatch.setattr(patch_module, "ATTENTION_HAS_SOFTCAP", True)
+
+
+@pytest.mark.parametrize("name", ["mistral", "qwen2", "gemma2"])
+def test_windows_and_softcaps_as_kernel_arguments(name, kernel_with_window_and_softcap):
+    """Against a stand-in with flash-attn's semantics: transformers' sliding_window W is window_size (W - 1, 0), and
+    Gemma 2's attention softcap is the kernel's softcap, so that every layer of an unpadded batch runs on the kernel
+    once aquila.kernels.attention takes them."""
+    case = BY_NAME[name]
+    settings = dict(WINDOWED[name], **({"attn_logit_softcapping": 2.0} if name == "gemma2" else {}))
+    reference, patched = pair(case, case.config(**settings))
+    input_ids, labels = batch()
+    reset_counts()
+    assert_same_training_step(patched, reference, input_ids, labels)
+    assert kernel_counts() == {"dense": LAYERS} and fallback_counts() == {}
