@@ -10,6 +10,7 @@ sequence, Gemma 2's two softcaps, Phi-3's partial rotary, Mixtral's router loss 
 
 import copy
 import dataclasses
+import io
 
 import pytest
 import torch
@@ -134,11 +135,11 @@ def float64_loss(model, input_ids, labels, **kwargs):
     return loss
 
 
-def assert_matches_float64(actual, expected, name):
+def assert_matches_float64(actual, expected, name, layers=LAYERS):
     """tests/tolerance.py's fp32 bound, for a whole model: each of its stages (the decoder layers and the head) may add
     one kernel's error at the scale of its output, and a gradient carries the errors of every stage after its own, so
-    LAYERS + 1 times the bound at the expected tensor's scale."""
-    assert_matches_reference(actual, expected, name, scale=(LAYERS + 1) * expected.abs().max().item())
+    layers + 1 times the bound at the expected tensor's scale."""
+    assert_matches_reference(actual, expected, name, scale=(layers + 1) * expected.abs().max().item())
 
 
 def assert_same_training_step(patched, reference, input_ids, labels, **kwargs):
@@ -243,6 +244,21 @@ def test_class_patch_applies_to_models_built_afterwards_and_remove_restores(case
 
 
 @families
+def test_a_patched_model_pickles(case):
+    """torch.save of the whole model: the Aquila classes and the fused forward (a partial of a module-level function)
+    are found again by name."""
+    model = case.apply(random_model(case, case.config()))
+    buffer = io.BytesIO()
+    torch.save(model, buffer)
+    buffer.seek(0)
+    reloaded = torch.load(buffer, weights_only=False)
+    assert reloaded.forward.func is model.forward.func
+    input_ids, labels = batch()
+    losses = [m(input_ids=input_ids, labels=labels).loss for m in (reloaded, model)]
+    assert torch.equal(*losses)
+
+
+@families
 def test_greedy_generation_matches_transformers(case):
     model = random_model(case, case.config()).eval()
     patched = case.apply(copy.deepcopy(model))
@@ -320,6 +336,25 @@ def test_generation_past_the_window(name):
 
 
 # --- What is particular to some families ----------------------------------------------------------------------------
+
+
+def test_compiled_training_step_with_a_window():
+    """torch.compile(fullgraph=True) of a Mistral whose window hides keys: torch.cond takes transformers' attention
+    for the sliding mask (under compile only plain causal masks run the kernel), with the loss and gradients of the
+    uncompiled unpatched model."""
+    torch._dynamo.reset()
+    case = BY_NAME["mistral"]
+    reference, patched = pair(case, case.config(**WINDOWED["mistral"], num_hidden_layers=1, attn_implementation="sdpa"))
+    compiled = torch.compile(patched, fullgraph=True, backend="aot_eager")
+    input_ids, labels = batch()
+    expected = float64_loss(reference, input_ids, labels, use_cache=False)
+    expected.backward()
+    loss = compiled(input_ids=input_ids, labels=labels, use_cache=False).loss
+    loss.backward()
+    assert_matches_float64(loss, expected, "loss", layers=1)
+    patched_parameters = dict(patched.named_parameters())
+    for name, parameter in reference.named_parameters():
+        assert_matches_float64(patched_parameters[name].grad, parameter.grad, name, layers=1)
 
 
 def test_gemma2_with_both_softcaps():
