@@ -410,9 +410,19 @@ def test_llama_mlp_with_another_activation_keeps_transformers_forward(glu_calls)
 # --- The window_size and softcap arguments ------------------------------------------------------------------------
 
 
-def stand_in_attention(q, k, v, *, causal=False, scale=None, window_size=(-1, -1), softcap=None, backend=None):
-    """flash-attn's batched attention with window_size (bottom-right aligned; -1 unbounded) and softcap, in float64
-    torch: what aquila.kernels.attention computes once it has those arguments."""
+def stand_in_attention(q, k, v, *, causal=False, scale=None, window_size=(-1, -1), softcap=None, backend=None,
+                       cu_seqlens_q=None, cu_seqlens_k=None, max_seqlen_q=None, max_seqlen_k=None):
+    """flash-attn's attention with window_size (bottom-right aligned; -1 unbounded) and softcap, batched or varlen, in
+    float64 torch: what aquila.kernels.attention computes once it has those arguments."""
+    options = dict(causal=causal, scale=scale, window_size=window_size, softcap=softcap)
+    if cu_seqlens_q is None:
+        return batched_stand_in(q, k, v, **options)
+    bounds = zip(cu_seqlens_q.tolist(), cu_seqlens_q.tolist()[1:], cu_seqlens_k.tolist(), cu_seqlens_k.tolist()[1:])
+    return torch.cat([batched_stand_in(q[None, a:b], k[None, c:d], v[None, c:d], **options)[0]
+                      for a, b, c, d in bounds])
+
+
+def batched_stand_in(q, k, v, *, causal, scale, window_size, softcap):
     (seq_q, heads), seq_k = q.shape[1:3], k.shape[1]
     k, v = (t.repeat_interleave(heads // t.shape[2], dim=2).double() for t in (k, v))
     scores = torch.einsum("bqhd,bkhd->bhqk", q.double(), k) * scale
@@ -449,3 +459,25 @@ def test_windows_and_softcaps_as_kernel_arguments(name, kernel_with_window_and_s
     reset_counts()
     assert_same_training_step(patched, reference, input_ids, labels)
     assert kernel_counts() == {"dense": LAYERS} and fallback_counts() == {}
+
+
+@pytest.mark.parametrize("name", ["mistral", "gemma2"])
+def test_left_padded_generation_past_the_window_on_the_kernel(name, kernel_with_window_and_softcap):
+    """Left padding (generation's case) with a window that hides keys: the varlen kernel with the window, every call
+    on the kernel, the tokens of the unpatched model."""
+    case = BY_NAME[name]
+    model = random_model(case, case.config(**WINDOWED[name])).eval()
+    patched = case.apply(copy.deepcopy(model))
+    prompt = torch.randint(1, VOCAB, (2, 11))
+    attention_mask = torch.tensor([[0, 0, 0] + [1] * 8, [1] * 11])
+    settings = dict(attention_mask=attention_mask, max_new_tokens=8, min_new_tokens=8, do_sample=False,
+                    pad_token_id=0)
+    reset_counts()
+    with torch.no_grad():
+        expected = model.generate(prompt, **settings)
+        assert torch.equal(patched.generate(prompt, **settings), expected)
+    # The prefill on the varlen kernel; each step too for Gemma 2's full layer, which sees the padding, and on the
+    # batched kernel for the sliding layers, whose windows have left the padding behind.
+    full = LAYERS - windowed_layers(model.config)
+    assert fallback_counts() == {}
+    assert kernel_counts() == {"varlen": LAYERS + 7 * full, "dense": 7 * (LAYERS - full)}

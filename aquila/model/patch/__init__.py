@@ -59,9 +59,10 @@ Fallbacks, chosen per call so the results stay those of transformers (each is th
   head dims the kernel lacks. Sliding windows (Mistral, Qwen2, Qwen3, Gemma 2, Phi-3, Mixtral layers): transformers'
   sliding causal mask equals the plain causal one until the sequence outgrows the window, and meanwhile runs on the
   kernel as above; a window that hides keys is recognised by comparing the mask with the windowed causal one, and
-  runs on the batched kernel with ``window_size=(W - 1, 0)`` when nothing is padded and the kernel has
-  ``window_size``, else falls back ("sliding_window"). Gemma 2's attention logit softcapping runs on the kernel's
-  ``softcap`` where it has one, else falls back ("softcap").
+  runs with ``window_size=(W - 1, 0)`` where the kernel has that argument, on the batched kernel when nothing is
+  padded, on the varlen one under left padding (generation's case); other padding falls back ("sliding_window").
+  Gemma 2's attention logit softcapping runs on the kernel's ``softcap`` where it has one, else falls back
+  ("softcap").
   Under torch.compile nothing may read a tensor's values while tracing: the choice is made from shapes, dtypes and
   flags, and the mask is checked with tensor ops inside the graph, where ``torch.cond`` runs the kernel (plain causal
   masks; in inference over a static cache, generation's case, the KV-cache kernel over each row's filled keys,
@@ -266,8 +267,9 @@ FALLBACK_REASONS = {
     "attn_implementation": "an attn_implementation whose masks the patch does not read (flash attention given a "
                            "padding mask or varlen keyword arguments, flex attention's BlockMask, a custom one)",
     "custom_mask": "a mask other than causal with padding, or causal within packed sequences",
-    "sliding_window": "a sliding window that hides some keys, with padding (transformers counts the window in "
-                      "positions, padding included) or where the attention kernel has no window_size",
+    "sliding_window": "a sliding window that hides some keys, with padding other than left padding (transformers "
+                      "counts the window in positions, padding slots included) or where the attention kernel has no "
+                      "window_size",
     "softcap": "attention logit softcapping (Gemma 2), where the attention kernel has no softcap",
 }
 
@@ -453,7 +455,7 @@ class PatchedAttention(PatchedModule):
             plan = _plans.plan(attention_mask, batch, q_len, kv_len, implementation, window)
         else:  # flex attention's BlockMask
             plan = _Fallback("attn_implementation")
-        if isinstance(plan, _Dense) and plan.window is not None and not ATTENTION_HAS_WINDOW:
+        if getattr(plan, "window", None) is not None and not ATTENTION_HAS_WINDOW:
             plan = _Fallback("sliding_window")
         if isinstance(plan, _Fallback):
             _count_fallback(plan.reason)
@@ -471,12 +473,12 @@ class PatchedAttention(PatchedModule):
         return attention(query, key, value, causal=True, scale=self.scaling, backend=self.aquila_options.backend,
                          **self._kernel_options(window))
 
-    def _varlen(self, query, key, value, causal, cu_queries, cu_keys, max_queries, max_keys):
+    def _varlen(self, query, key, value, causal, cu_queries, cu_keys, max_queries, max_keys, window=None):
         if not query.shape[0]:
             return query.new_zeros(query.shape)
         return attention(query, key, value, causal=causal, scale=self.scaling, cu_seqlens_q=cu_queries,
                          cu_seqlens_k=cu_keys, max_seqlen_q=max_queries, max_seqlen_k=max_keys,
-                         backend=self.aquila_options.backend, **self._kernel_options())
+                         backend=self.aquila_options.backend, **self._kernel_options(window))
 
     def _unpadded(self, plan, query, key, value, attention_mask, kwargs):
         """Unpad, attend with the varlen kernel, pad back (see _Varlen)."""
@@ -484,7 +486,7 @@ class PatchedAttention(PatchedModule):
         flat_query = query.reshape(batch * q_len, heads, head_dim)
         flat_key, flat_value = (t[:, :plan.keys].reshape(batch * plan.keys, *t.shape[2:]) for t in (key, value))
         outputs = [self._varlen(flat_query[plan.query_index], flat_key[plan.key_index], flat_value[plan.key_index],
-                                True, plan.cu_queries, plan.cu_keys, plan.max_queries, plan.max_keys)]
+                                True, plan.cu_queries, plan.cu_keys, plan.max_queries, plan.max_keys, plan.window)]
         if plan.padded_query_index.numel():
             outputs.append(self._varlen(flat_query[plan.padded_query_index], flat_key[plan.padded_key_index],
                                         flat_value[plan.padded_key_index], False, plan.cu_padded_queries,

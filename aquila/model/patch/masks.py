@@ -55,7 +55,10 @@ class _Varlen:
     A padded query attends to whatever real keys precede it, as the mask says: the padded queries after the same
     real keys form one sequence with those keys, without causal mask. A padded query before every real key has a mask
     row with nothing allowed: what transformers' attention makes of it (eager: the mean of all the values; SDPA:
-    zeros) is what it computes, on the first `blind_rows` queries of the batch."""
+    zeros) is what it computes, on the first `blind_rows` queries of the batch. With a `window` (left padding only:
+    then no padded query follows a real one, and the real keys of a row are consecutive positions, so counting the
+    window in tokens, as the varlen kernel does, counts it in positions, as transformers does), the real queries see
+    the last `window` keys up to their own."""
 
     path: ClassVar[str] = "varlen"
     keys: int
@@ -74,6 +77,7 @@ class _Varlen:
     blind_rows: int
     blind_index: Tensor  # into the first blind_rows queries of each row, flattened [batch * blind_rows]
     order: Tensor  # where each query's output is in the concatenated outputs (real, padded, blind)
+    window: Optional[int] = None
 
 
 def _plan_without_mask(implementation, q_len, kv_len, window=None):
@@ -128,7 +132,7 @@ def _plan_for_mask(mask, batch, q_len, kv_len, implementation, window=None):
         if torch.equal(allowed, expected.expand(allowed.shape)):
             return _padding_plan(valid.expand(batch, kv_len)[:, :offset + q_len], offset)
     if window is not None:
-        plan = _windowed_plan(allowed, q_len, kv_len, window)
+        plan = _windowed_plan(allowed, batch, q_len, kv_len, window)
         if plan is not None:
             return plan
     return _packed_plan(allowed, batch, q_len, kv_len)
@@ -144,21 +148,26 @@ def _query_offsets(valid, q_len, kv_len):
     return ([filled - q_len] if q_len <= filled < kv_len else []) + [kv_len - q_len]
 
 
-def _windowed_plan(allowed, q_len, kv_len, window):
+def _windowed_plan(allowed, batch, q_len, kv_len, window):
     """transformers' sliding causal mask of a window that hides some keys: the keys any query may see stand for the
-    padding mask (a key no query reaches is masked either way). Without padding within the queries' reach, the
-    batched kernel with the window; with padding, whose slots transformers counts in the window where the varlen
-    kernel would count tokens, transformers' attention. None when the mask is no such mask."""
+    padding mask (a key no query reaches is masked either way, and left out). Without padding within the queries'
+    reach, the batched kernel with the window; with left padding, the varlen kernel with the window (see _Varlen);
+    other padding, whose slots transformers counts in the window where the varlen kernel would count tokens, takes
+    transformers' attention. None when the mask is no such mask."""
     seen = allowed[:, 0].any(1)  # [rows, kv_len]
     key_positions = torch.arange(kv_len, device=allowed.device)
     query_rows = torch.arange(q_len, device=allowed.device)[:, None]
     for offset in _query_offsets(seen, q_len, kv_len):
         expected = (seen[:, None, None, :] & (key_positions <= query_rows + offset)
                     & (key_positions > query_rows + offset - window))
-        if torch.equal(allowed, expected.expand(allowed.shape)):
-            if bool(seen[:, max(offset - window + 1, 0):offset + q_len].all()):
-                return _Dense(offset + q_len, window)
-            return _Fallback("sliding_window")
+        if not torch.equal(allowed, expected.expand(allowed.shape)):
+            continue
+        keys = seen.expand(batch, kv_len)[:, :offset + q_len]
+        if bool(keys[:, max(offset - window + 1, 0):].all()):
+            return _Dense(offset + q_len, window)
+        if bool((keys[:, 1:] >= keys[:, :-1]).all()):  # each row: padding, then tokens to the end
+            return _padding_plan(keys, offset, window)
+        return _Fallback("sliding_window")
     return None
 
 
@@ -186,7 +195,7 @@ def _cumulative(lengths):
     return cu, int(lengths.max()) if lengths.numel() else 0
 
 
-def _padding_plan(valid, offset):
+def _padding_plan(valid, offset, window=None):
     """valid [batch, keys]: which keys hold tokens; the queries are the last keys - offset positions."""
     batch, keys = valid.shape
     if bool(valid.all()):
@@ -224,7 +233,7 @@ def _padding_plan(valid, offset):
     order[position] = torch.arange(position.numel(), device=valid.device)
     return _Varlen(keys, query_index, cu_queries, max_queries, key_index, cu_keys, max_keys, padded_query_index,
                    cu_padded_queries, max_padded_queries, padded_key_index, cu_padded_keys, max_padded_keys,
-                   blind_rows, blind_index, order)
+                   blind_rows, blind_index, order, window)
 
 
 class _PlanCache:
