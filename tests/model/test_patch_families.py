@@ -321,11 +321,13 @@ def test_a_window_shorter_than_the_sequence(name, padded):
         assert kernel_counts() == full and fallback_counts() == {"sliding_window": windowed}
 
 
-@pytest.mark.parametrize("name", ["mistral", "gemma2"])
-def test_generation_past_the_window(name):
-    """Prompt and new tokens outgrow the window: the tokens of the unpatched model."""
+@pytest.mark.parametrize("name, attn_implementation", [("mistral", "eager"), ("mistral", "sdpa"),
+                                                      ("qwen2", "sdpa"), ("gemma2", "eager")])
+def test_generation_past_the_window(name, attn_implementation):
+    """Prompt and new tokens outgrow the window (with SDPA too, whose sliding masks are boolean): the tokens of the
+    unpatched model."""
     case = BY_NAME[name]
-    model = random_model(case, case.config(**WINDOWED[name])).eval()
+    model = random_model(case, case.config(**WINDOWED[name], attn_implementation=attn_implementation)).eval()
     patched = case.apply(copy.deepcopy(model))
     prompt = torch.randint(1, VOCAB, (2, 11))
     settings = dict(max_new_tokens=8, min_new_tokens=8, do_sample=False, pad_token_id=0)
