@@ -27,7 +27,20 @@ aquila::DecodeStep read_decode_step(aquila::Fields& f, std::vector<aquila::Decod
 
 namespace aquila {
 
-// The quantized linear layer's structs (CPU only), read by bind_kernel as bind.h reads the others.
+// The structs of the CPU-only kernels (LayerNorm, the quantized linear layer), read by bind_kernel as bind.h reads the
+// others.
+inline LayerNormForward read(Fields& f, LayerNormForward*) {
+  return {f.ptr("x"), f.i64("x_row_stride"), f.ptr<float>("weight"), f.ptr<float>("bias"), f.ptr("out"),
+          f.ptr<float>("mean"), f.ptr<float>("rstd"), f.i64("rows"), f.i64("hidden"), f.f64("eps"), f.dtype()};
+}
+
+inline LayerNormBackward read(Fields& f, LayerNormBackward*) {
+  return {f.ptr("grad_out"), f.i64("grad_out_row_stride"), f.ptr("input"), f.i64("input_row_stride"),
+          f.ptr<float>("weight"), f.ptr<float>("mean"), f.ptr<float>("rstd"), f.ptr("grad_input"),
+          f.ptr<float>("grad_weight_partials"), f.ptr<float>("grad_bias_partials"), f.i64("partial_rows"),
+          f.i64("rows"), f.i64("hidden"), f.dtype()};
+}
+
 inline QuantizedLinear read(Fields& f, QuantizedLinear*) {
   return {f.ptr("x"), f.i64("x_row_stride"), f.ptr("qweight"), f.ptr<const float>("scales"),
           f.ptr<const uint8_t>("zeros"), f.ptr<const float>("bias"), f.ptr("out"), f.i64("rows"),
@@ -47,6 +60,8 @@ PYBIND11_MODULE(_C, m) {
   m.doc() = "Aquila CPU kernels (C++17, OpenMP). Called through aquila.kernels, which validates the tensors.";
   aquila::bind_kernel(m, "rms_norm_forward", "threads", cpu::rms_norm_forward);
   aquila::bind_kernel(m, "rms_norm_backward", "threads", cpu::rms_norm_backward);
+  aquila::bind_kernel(m, "layer_norm_forward", "threads", cpu::layer_norm_forward);
+  aquila::bind_kernel(m, "layer_norm_backward", "threads", cpu::layer_norm_backward);
   aquila::bind_kernel(m, "rotary", "threads", cpu::rotary);
   aquila::bind_kernel(m, "glu_forward", "threads", cpu::glu_forward);
   aquila::bind_kernel(m, "glu_backward", "threads", cpu::glu_backward);

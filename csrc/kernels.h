@@ -36,8 +36,45 @@ struct RmsNormBackward {
   const float* rstd;
   const void* grad_residual;  // null: no gradient flows into the forward's residual output
   int64_t grad_residual_row_stride;
-  void* grad_input;    // rows x hidden, contiguous
+  void* grad_input;  // rows x hidden, contiguous; may be grad_out itself (then with a row stride of hidden)
   float* grad_weight_partials;  // partial_rows x hidden, fp32: each holds the weight gradient of a share of the rows
+  int64_t partial_rows;
+  int64_t rows, hidden;
+  DType dtype;
+};
+
+// LayerNorm of each row of x, statistics and arithmetic in fp32, one rounding of the output:
+//   mean = sum_j x_j / hidden,   rstd = 1 / sqrt(sum_j (x_j - mean)^2 / hidden + eps),   x_hat = (x - mean) * rstd
+//   out = x_hat * weight + bias
+// The variance is summed from the deviations (a second pass over the row, from cache), never as E[x^2] - mean^2,
+// which cancels when |mean| is large against the spread. mean and rstd are kept per row for the backward, which with
+// g = grad_out * weight gives
+//   grad_x = rstd * (g - mean_j(g) - x_hat * mean_j(g * x_hat)),
+//   grad_weight = sum over rows of grad_out * x_hat,   grad_bias = sum over rows of grad_out.
+struct LayerNormForward {
+  const void* x;
+  int64_t x_row_stride;
+  const float* weight;  // hidden: ones for a norm without a learned scale
+  const float* bias;    // hidden: zeros for a norm without a bias
+  void* out;            // rows x hidden, contiguous
+  float* mean;          // rows
+  float* rstd;          // rows
+  int64_t rows, hidden;
+  double eps;
+  DType dtype;
+};
+
+struct LayerNormBackward {
+  const void* grad_out;
+  int64_t grad_out_row_stride;
+  const void* input;
+  int64_t input_row_stride;
+  const float* weight;
+  const float* mean;
+  const float* rstd;
+  void* grad_input;             // rows x hidden, contiguous
+  float* grad_weight_partials;  // partial_rows x hidden, fp32: each the weight gradient of a share of the rows
+  float* grad_bias_partials;    // partial_rows x hidden, fp32: likewise the bias gradient
   int64_t partial_rows;
   int64_t rows, hidden;
   DType dtype;
@@ -240,6 +277,8 @@ namespace cpu {
 void decode_step(const DecodeStep& args, int threads);
 void rms_norm_forward(const RmsNormForward& args, int threads);
 void rms_norm_backward(const RmsNormBackward& args, int threads);  // partial_rows >= threads
+void layer_norm_forward(const LayerNormForward& args, int threads);
+void layer_norm_backward(const LayerNormBackward& args, int threads);  // partial_rows >= threads
 void rotary(const Rotary& args, int threads);
 void glu_forward(const GluForward& args, int threads);
 void glu_backward(const GluBackward& args, int threads);
