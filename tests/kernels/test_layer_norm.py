@@ -5,9 +5,9 @@ from aquila.kernels import LayerNorm, UnsupportedBackend, layer_norm
 from tests.helpers import backend_params
 from tests.tolerance import assert_matches_reference
 
-# One row, odd and non-power-of-two widths, a 3-D batch, a chunked row (wider than the Triton block) and Aquila-7B's
-# width.
-SHAPES = [(1, 1), (3, 1000), (7, 4099), (2, 3, 64), (2, 9000), (5, 4096)]
+# One row, odd and non-power-of-two widths, a 3-D batch, a chunked row (wider than the Triton block), Aquila-7B's
+# width, and enough elements for the CPU kernels to run on several threads (backend.PARALLEL_GRAIN).
+SHAPES = [(1, 1), (3, 1000), (7, 4099), (2, 3, 64), (2, 9000), (5, 4096), (9, 4099)]
 DTYPES = [torch.float32, torch.float16, torch.bfloat16]
 # Which of weight and bias are given: both, weight only (bias=False), neither (elementwise_affine=False).
 AFFINE = {"affine": (True, True), "no-bias": (True, False), "plain": (False, False)}
@@ -57,7 +57,8 @@ def test_forward_matches_float64_reference(backend, device, dtype, shape, affine
 
 @pytest.mark.parametrize("backend, device", backend_params())
 @pytest.mark.parametrize("dtype", DTYPES, ids=str)
-@pytest.mark.parametrize("shape", [(1, 1), (3, 1000), (7, 4099), (2, 3, 64), (37, 256), (2, 9000)], ids=str)
+@pytest.mark.parametrize("shape", [(1, 1), (3, 1000), (7, 4099), (2, 3, 64), (37, 256), (2, 9000), (9, 4099)],
+                         ids=str)
 @pytest.mark.parametrize("affine", AFFINE)
 def test_gradients_match_autograd_of_float64_reference(backend, device, dtype, shape, affine):
     x, weight, bias = make_inputs(shape, dtype, device, *AFFINE[affine])

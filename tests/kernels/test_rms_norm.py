@@ -253,7 +253,7 @@ def _fused_add_rms_norm_of(h, residual, weight, **options):
 
 @pytest.mark.parametrize("backend, device", backend_params())
 @pytest.mark.parametrize("dtype", DTYPES, ids=str)
-@pytest.mark.parametrize("shape", [(1, 1), (7, 4099), (2, 3, 64), (1, 16384)], ids=str)
+@pytest.mark.parametrize("shape", [(1, 1), (7, 4099), (2, 3, 64), (1, 16384), (9, 4099)], ids=str)
 @pytest.mark.parametrize("residual", [False, True], ids=["plain", "residual"])
 def test_inplace_backward_writes_grad_x_over_grad_out(backend, device, dtype, shape, residual):
     """With inplace_backward the gradient reaching x is the output's incoming gradient's own buffer, and every
