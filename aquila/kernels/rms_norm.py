@@ -17,9 +17,10 @@ is in x's dtype, contiguous (grad x's layout), does not require grad (no create_
 normalised input nor, other than being the very same tensor, with the residual stream's gradient; and not under
 torch.compile, whose graphs take no in-place writes to their inputs. Otherwise the backward allocates, silently, as
 without the option. What the op cannot see is the caller's promise: nothing else may read that gradient afterwards.
-It is autograd's own buffer when the norm's output feeds one operation that makes a new gradient (a linear layer, as
-in a transformer block); it is not when the output feeds an add (whose backward passes the same tensor to both
-operands) or when it is the tensor given to out.backward(gradient).
+It is autograd's own buffer when the norm's output feeds operations that each make a new gradient (the linear
+projections of a transformer block, whose gradients autograd sums into a buffer of its own); it need not be when the
+output feeds an add (whose backward passes the same tensor to both operands), and it is not when it is the tensor
+given to out.backward(gradient).
 """
 
 import functools
