@@ -670,3 +670,17 @@ def test_options_compile_in_one_graph(inplace):
         torch.testing.assert_close(output, eager_output)
     for grad, eager_grad in zip(grads, eager_grads):
         torch.testing.assert_close(grad, eager_grad)
+
+
+@pytest.mark.parametrize("field", ["class_weights", "argmax"])
+def test_cuda_kernel_refuses_class_weights_and_argmax_when_called_directly(field):
+    """The C++ side of the backend table's refusal, checked before any launch (so without a GPU too)."""
+    from aquila.kernels.backend import cuda_extension
+
+    if cuda_extension is None:
+        pytest.skip("aquila._cuda is not built")
+    fields = {"logits": 1, "logits_row_stride": 4, "targets": 1, "class_weights": 0, "loss": 1, "lse": 1,
+              "argmax": 0, "grad": 0, "grad_row_stride": 0, "grad_scale": 0, "rows": 1, "vocab": 4,
+              "ignore_index": -100, "label_smoothing": 0.0, "z_loss": 0.0, "softcap": 0.0, "dtype": 0, field: 1}
+    with pytest.raises(ValueError, match="has no class weights or argmax"):
+        cuda_extension.cross_entropy(fields, 0)
