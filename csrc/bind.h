@@ -104,10 +104,10 @@ inline GluBackward read(Fields& f, GluBackward*) {
 }
 
 inline CrossEntropy read(Fields& f, CrossEntropy*) {
-  return {f.ptr("logits"), f.i64("logits_row_stride"), f.ptr<int64_t>("targets"), f.ptr<float>("loss"),
-          f.ptr<float>("lse"), f.ptr("grad"), f.i64("grad_row_stride"), f.ptr<float>("grad_scale"), f.i64("rows"),
-          f.i64("vocab"), f.i64("ignore_index"), f.f64("label_smoothing"), f.f64("z_loss"), f.f64("softcap"),
-          f.dtype()};
+  return {f.ptr("logits"), f.i64("logits_row_stride"), f.ptr<int64_t>("targets"), f.ptr<float>("class_weights"),
+          f.ptr<float>("loss"), f.ptr<float>("lse"), f.ptr<int64_t>("argmax"), f.ptr("grad"),
+          f.i64("grad_row_stride"), f.ptr<float>("grad_scale"), f.i64("rows"), f.i64("vocab"),
+          f.i64("ignore_index"), f.f64("label_smoothing"), f.f64("z_loss"), f.f64("softcap"), f.dtype()};
 }
 
 inline AttentionSequences read_sequences(Fields f) {

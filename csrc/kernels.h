@@ -133,23 +133,31 @@ struct GluBackward {
   DType dtype;
 };
 
-// Softmax cross-entropy of each row of logits against its target, with label smoothing eps and z-loss lambda:
-//   lse = log sum_j exp(z_j)
-//   loss = lse - (1 - eps) z_t - (eps / vocab) sum_j z_j + lambda lse^2
-//   grad_j = scale * (p_j (1 + 2 lambda lse) - eps / vocab - (1 - eps) [j == t]),   p_j = exp(z_j - lse)
+// Softmax cross-entropy of each row of logits against its target t, with class weights w (all 1 when null; W = sum_j
+// w_j), label smoothing eps and z-loss lambda (unweighted), F.cross_entropy(weight=w, label_smoothing=eps) plus
+// lambda lse^2:
+//   lse = log sum_j exp(z_j),   p_j = exp(z_j - lse)
+//   loss = (1 - eps) w_t (lse - z_t) + (eps / vocab) sum_j w_j (lse - z_j) + lambda lse^2
+//   grad_j = s (a p_j - (eps / vocab) w_j - (1 - eps) w_t [j == t]) + s_z 2 lambda lse p_j,
+//            a = (1 - eps) w_t + eps W / vocab,   (s, s_z) = grad_scale[0], grad_scale[1]
 // With softcapping c > 0 (Gemma 2's final logits) every z_j above is c tanh(x_j / c) of the row's logits x, and the
-// gradient with respect to x_j is grad_j (1 - tanh^2(x_j / c)).
+// gradient with respect to x_j is grad_j (1 - tanh^2(x_j / c)). argmax: the index of the first largest z_j.
 // A row whose target is ignore_index has loss 0 and gradient 0; a row whose target is out of [0, vocab) otherwise
 // has loss NaN and gradient NaN (Python rejects such targets on CPU before the call).
+// The CUDA kernel has no softcapping, class weights or argmax: it refuses them.
 struct CrossEntropy {
   const void* logits;
   int64_t logits_row_stride;
-  const int64_t* targets;  // rows
-  float* loss;             // rows
-  float* lse;              // rows
-  void* grad;              // null: loss only. May equal logits: the gradient is then written over them.
+  const int64_t* targets;       // rows
+  const float* class_weights;   // vocab, or null: all 1
+  float* loss;                  // rows
+  float* lse;                   // rows
+  int64_t* argmax;              // rows, or null: not computed
+  void* grad;                   // null: loss only. May equal logits: the gradient is then written over them.
   int64_t grad_row_stride;
-  const float* grad_scale;  // one fp32 value on the kernel's device: d(reduced loss)/d(row loss), e.g. 1/n
+  // Two fp32 values on the kernel's device: d(reduced loss)/d(row's cross-entropy) s, e.g. 1/n, and d(reduced
+  // loss)/d(row's z-loss) s_z (they differ for a mean with class weights).
+  const float* grad_scale;
   int64_t rows, vocab, ignore_index;
   double label_smoothing, z_loss;
   double softcap;  // c > 0: logits softcapped to c tanh(x / c); 0: none
