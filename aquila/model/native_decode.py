@@ -189,11 +189,15 @@ def _linear_fields(linear) -> dict:
             "group_size": linear.group_size or 0}
 
 
+def _linears(model) -> list:
+    return [model.output, *(linear for layer in model.layers for linear in _block_linears(layer).values())]
+
+
 def _linears_supported(model, dtype: torch.dtype) -> bool:
     """Every linear is bias-free, dense in the step's dtype or quantized with the buffers' dtypes of the format."""
     buffer_dtypes = {"qweight": {8: torch.int8, 4: torch.uint8}, "scales": {8: torch.float32, 4: torch.float32},
                      "zeros": {4: torch.uint8}}
-    for linear in [model.output, *(lin for layer in model.layers for lin in _block_linears(layer).values())]:
+    for linear in _linears(model):
         if isinstance(linear, QuantizedLinear):
             if any(t.dtype != buffer_dtypes[name].get(linear.bits) for name, t in _linear_tensors(linear).items()):
                 return False
@@ -262,6 +266,21 @@ def _scratch_runner(model) -> Callable[[int], None]:
     return run
 
 
+def _addresses(model, cache) -> Callable[[], list]:
+    """addresses(): where everything the step reads and writes is now, cheap enough to take at every step. It holds
+    the parameters themselves (model.to(dtype) swaps a parameter's data, not the parameter) and each QuantizedLinear's
+    table of buffers (they are replaced whole: the scales by a cast, all of them by loading)."""
+    parameters = [t for t in _weight_tensors(model) if isinstance(t, nn.Parameter)]
+    buffers = [(linear._buffers, name) for linear in _linears(model) if isinstance(linear, QuantizedLinear)
+               for name in _linear_tensors(linear)]
+
+    def addresses() -> list:
+        return ([p.data_ptr() for p in parameters] + [table[name].data_ptr() for table, name in buffers]
+                + [cache.k.data_ptr(), cache.v.data_ptr()])
+
+    return addresses
+
+
 def decoder(model, cache, prefetch_bytes: Optional[int] = None) -> Optional[Callable[[Tensor], Tensor]]:
     """step(tokens [batch, 1]) -> logits [batch, 1, vocab] for `model` (an Aquila) and its KVCache `cache`, advancing
     the cache; None where the C++ step cannot run. prefetch_bytes: the step's prefetch distance (default: chosen for
@@ -285,11 +304,7 @@ def decoder(model, cache, prefetch_bytes: Optional[int] = None) -> Optional[Call
     workspace = torch.empty(workspace_floats(c, batch, max_len))
     arguments = {**_arguments(model, caches, cache.lengths, batch, max_len, workspace), "prefetch_bytes": prefetch[0]}
 
-    # Gathered again at every step: model.to(dtype) swaps a parameter's data, and a QuantizedLinear's buffers are
-    # replaced whole (its scales by a cast, all of them by loading), either of which the step detects.
-    def addresses() -> list:
-        return [t.data_ptr() for t in _weight_tensors(model)] + [cache.k.data_ptr(), cache.v.data_ptr()]
-
+    addresses = _addresses(model, cache)
     expected = addresses()
 
     def step(tokens: Tensor) -> Tensor:

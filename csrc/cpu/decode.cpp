@@ -202,24 +202,47 @@ AQUILA_INLINE void project_int4(const Weights& wt, int64_t rows, int64_t cols, c
   }
 }
 
-// out[b * out_stride + r] = in[b] . w[r] for the rows r of the linear w [rows, cols], as it is held. W: the ISA's
-// vector width.
-template <int W, int A, typename T>
-AQUILA_INLINE void project(const DecodeLinear& w, int64_t rows, int64_t cols, const float* __restrict in,
-                           int64_t in_stride, float* __restrict out, int64_t out_stride, int64_t batch,
-                           int64_t prefetch, PlanarInput& planar) {
+// The quantized projections of an ISA of vector width W: out[b * out_stride + r] = in[b] . w[r]. They read no weight
+// of the step's dtype, so each ISA compiles them once for both dtypes, out of line (noinline: a call from the step's
+// body of the same ISA would otherwise be inlined into each).
+template <int W>
+AQUILA_INLINE void project_quantized_linear(const DecodeLinear& w, int64_t rows, int64_t cols, const float* in,
+                                            int64_t in_stride, float* out, int64_t out_stride, int64_t batch,
+                                            int64_t prefetch, PlanarInput& planar) {
   constexpr int NB = W == 16 ? 8 : 4;
-  if (w.format == WeightFormat::dense) {
-    project_dense<W, A, T>(static_cast<const T*>(w.weight), rows, cols, in, in_stride, out, out_stride, batch,
-                           prefetch);
-    return;
-  }
   const int64_t bits = w.format == WeightFormat::int4 ? 4 : 8;
   const Weights wt = Weights::of(w.weight, w.scales, w.zeros, cols, bits, w.group_size);
   if (bits == 8) {
     project_quantized<W, NB, 8>(wt, rows, cols, in, in_stride, out, out_stride, batch, prefetch, planar);
   } else {
     project_int4<W, NB>(wt, rows, cols, in, in_stride, out, out_stride, batch, prefetch, planar);
+  }
+}
+
+#define AQUILA_DECODE_QUANTIZED(NAME, TARGET, W)                                                                   \
+  TARGET __attribute__((noinline)) void project_quantized_##NAME(                                                  \
+      const DecodeLinear& w, int64_t rows, int64_t cols, const float* in, int64_t in_stride, float* out,           \
+      int64_t out_stride, int64_t batch, int64_t prefetch, PlanarInput& planar) {                                  \
+    project_quantized_linear<W>(w, rows, cols, in, in_stride, out, out_stride, batch, prefetch, planar);          \
+  }
+AQUILA_DECODE_QUANTIZED(baseline, , 4)
+AQUILA_DECODE_QUANTIZED(avx2, AQUILA_TARGET_AVX2, 8)
+AQUILA_DECODE_QUANTIZED(avx512, AQUILA_TARGET_AVX512, 16)
+#undef AQUILA_DECODE_QUANTIZED
+
+// out[b * out_stride + r] = in[b] . w[r] for the rows r of the linear w [rows, cols], as it is held. W: the ISA's
+// vector width.
+template <int W, int A, typename T>
+AQUILA_INLINE void project(const DecodeLinear& w, int64_t rows, int64_t cols, const float* __restrict in,
+                           int64_t in_stride, float* __restrict out, int64_t out_stride, int64_t batch,
+                           int64_t prefetch, PlanarInput& planar) {
+  if (w.format == WeightFormat::dense) {
+    project_dense<W, A, T>(static_cast<const T*>(w.weight), rows, cols, in, in_stride, out, out_stride, batch,
+                           prefetch);
+  } else {
+    const auto quantized = W == 16 ? project_quantized_avx512 : W == 8 ? project_quantized_avx2
+                                                                       : project_quantized_baseline;
+    quantized(w, rows, cols, in, in_stride, out, out_stride, batch, prefetch, planar);
   }
 }
 
