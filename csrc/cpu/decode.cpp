@@ -8,8 +8,8 @@
 // Quantized projections take the dot-product primitives of the quantized linear layer (csrc/cpu/quantized_dot.h):
 // the weights dequantized in registers, their input first copied into the order of the dequantized planes (a stage of
 // its own, skipped when the previous projection of the same input already made that copy: wq, wk and wv share one,
-// as do w1 and w3). Int4 takes the ISA's vector width when 8 such widths divide the group size, a narrower one when
-// that does, and otherwise a loop over each group's bytes.
+// as do w1 and w3). Int4 takes the ISA's vector width W when its step (8W columns) divides the group size, a
+// narrower width whose step does, and otherwise a loop over each group's bytes.
 #include <algorithm>
 #include <cmath>
 #include <string>
@@ -134,7 +134,7 @@ struct PlanarInput {
   const float* source = nullptr;  // what it holds: the rows of source, in the layout of (width, planes)
   int width = 0, planes = 0;
 
-  // The step rewrites its inputs in place (normed, attended, gate): after a projection's last reader, forget them.
+  // The step rewrites its inputs in place (normed, attended, gate): called once they are new, before their readers.
   AQUILA_INLINE void forget() { source = nullptr; }
 
   template <int W, int P>
