@@ -243,27 +243,37 @@ struct QuantizedLinearBackward {
   DType dtype;
 };
 
-// One decoding step of a whole Aquila model with fp32 or bf16 weights, one new token per sequence (CPU): the weights
-// of a layer, as the model holds them ([out, in] row-major), and its cache [batch, max_len, kv_heads, head_dim], all
-// in the step's dtype; the activations stay fp32 between the layers.
+// One decoding step of a whole Aquila model, one new token per sequence (CPU). The step has a dtype, fp32 or bf16: that
+// of the embeddings, the norms, the cache [batch, max_len, kv_heads, head_dim] and every dense linear weight; the
+// activations stay fp32 between the layers. Each linear, as the model holds it ([out, in] row-major), is dense or
+// weight-only quantized in QuantizedLinear's format above (int8, or int4 with any even group size dividing in,
+// symmetric or not; no bias).
+enum class WeightFormat : int64_t { dense = 0, int8 = 1, int4 = 2 };
+
+struct DecodeLinear {
+  WeightFormat format;
+  const void* weight;    // dense: [out, in] in the step's dtype; int8: int8 [out, in]; int4: uint8 [out, in / 2]
+  const float* scales;   // int8: [out]; int4: [out, in / group_size]; dense: null
+  const uint8_t* zeros;  // int4 asymmetric: [out, in / group_size]; else null (symmetric int4: every zero 8)
+  int64_t group_size;    // int4 only (0 otherwise)
+};
+
 struct DecodeLayer {
   const void* attention_norm;
-  const void* wq;
-  const void* wk;
-  const void* wv;
-  const void* wo;
+  DecodeLinear wq, wk, wv, wo;
   const void* ffn_norm;
-  const void* w1;  // gate
-  const void* w2;  // down
-  const void* w3;  // up
+  DecodeLinear w1;  // gate
+  DecodeLinear w2;  // down
+  DecodeLinear w3;  // up
   void* k_cache;
   void* v_cache;
 };
 
 // logits[b] of the token tokens[b] placed at position lengths[b] of sequence b (its filled cache length, which the
 // caller then advances). workspace: batch * (3 dim + 2 heads head_dim + 2 kv_heads head_dim + 2 hidden_dim +
-// heads * max_len) floats. prefetch_bytes: how far ahead of its reads a projection prefetches its weights (0: not at
-// all); the best distance depends on the host, so the caller chooses it.
+// heads * max_len + max(dim, heads head_dim, hidden_dim)) floats (the last: a quantized projection's input in the
+// order its dequantized planes come in). prefetch_bytes: how far ahead of its reads a projection prefetches its
+// weights (0: not at all); the best distance depends on the host, so the caller chooses it.
 struct DecodeStep {
   int64_t batch, dim, heads, kv_heads, head_dim, hidden_dim, vocab, max_len, n_layers;
   float eps;
@@ -271,14 +281,15 @@ struct DecodeStep {
   bool interleaved;
   const void* embeddings;
   const void* final_norm;
-  const void* output;
+  DecodeLinear output;
   const DecodeLayer* layers;
   const int64_t* tokens;
   const int32_t* lengths;
   float* logits;
   float* workspace;
   int64_t prefetch_bytes;
-  DType dtype;  // of every weight and the cache: f32 or bf16 (activations, logits and workspace are fp32)
+  DType dtype;  // of the embeddings, norms, cache and dense weights: f32 or bf16 (activations, logits and workspace
+                // are fp32)
 };
 
 namespace cpu {
