@@ -252,6 +252,9 @@ _FORWARD_CONFIGS = {(2, 64): (128, 64, 8, 3), (2, 128): (128, 32, 8, 3), (2, 256
                     (4, 64): (64, 16, 8, 1), (4, 128): (32, 16, 8, 1), (4, 256): (16, 16, 8, 1)}
 _BACKWARD_CONFIGS = {(2, 64): (64, 64, 8, 2), (2, 128): (32, 64, 8, 2), (2, 256): (16, 32, 4, 1),
                      (4, 64): (64, 32, 8, 1), (4, 128): (16, 16, 8, 1), (4, 256): (16, 16, 8, 1)}
+# Softcapping keeps a tile of slopes live through the dK/dV products: the 16-bit 64x64 tile at head dim 64 then
+# spilled 28 bytes at sm_80, so it takes blocks of 32 queries.
+_SOFTCAP_BACKWARD_CONFIGS = {**_BACKWARD_CONFIGS, (2, 64): (32, 64, 8, 2)}
 
 
 def _head_dim_class(head_dim):
@@ -263,8 +266,9 @@ def _forward_config(head_dim, dtype):
     return _FORWARD_CONFIGS[(dtype.itemsize, _head_dim_class(head_dim))]
 
 
-def _backward_config(head_dim, dtype):
-    return _BACKWARD_CONFIGS[(dtype.itemsize, _head_dim_class(head_dim))]
+def _backward_config(head_dim, dtype, softcap):
+    configs = _SOFTCAP_BACKWARD_CONFIGS if softcap else _BACKWARD_CONFIGS
+    return configs[(dtype.itemsize, _head_dim_class(head_dim))]
 
 
 def _precision(dtype):
@@ -334,7 +338,7 @@ def backward(grad_out, q, k, v, out, lse, seq, scores, grad_q, grad_k, grad_v):
     heads_q, head_dim = q.shape[1], q.shape[2]
     heads_k = k.shape[1]
     delta = (grad_out.float() * out.float()).sum(-1)  # [total_q, heads_q]: rowsum(dO * O)
-    block_m, block_n, num_warps, num_stages = _backward_config(head_dim, q.dtype)
+    block_m, block_n, num_warps, num_stages = _backward_config(head_dim, q.dtype, scores.softcap)
     scoring, flags = _scoring_arguments(scores)
     common = dict(**flags, BLOCK_M=block_m, BLOCK_N=block_n, BLOCK_D=_block_dim(head_dim),
                   PRECISION=_precision(q.dtype), num_warps=num_warps, num_stages=num_stages)
