@@ -252,9 +252,9 @@ _FORWARD_CONFIGS = {(2, 64): (128, 64, 8, 3), (2, 128): (128, 32, 8, 3), (2, 256
                     (4, 64): (64, 16, 8, 1), (4, 128): (32, 16, 8, 1), (4, 256): (16, 16, 8, 1)}
 _BACKWARD_CONFIGS = {(2, 64): (64, 64, 8, 2), (2, 128): (32, 64, 8, 2), (2, 256): (16, 32, 4, 1),
                      (4, 64): (64, 32, 8, 1), (4, 128): (16, 16, 8, 1), (4, 256): (16, 16, 8, 1)}
-# Softcapping keeps a tile of slopes live through the dK/dV products: the 16-bit 64x64 tile at head dim 64 then
-# spilled 28 bytes at sm_80, so it takes blocks of 32 queries.
-_SOFTCAP_BACKWARD_CONFIGS = {**_BACKWARD_CONFIGS, (2, 64): (32, 64, 8, 2)}
+# Softcapping keeps a tile of slopes live through the dK/dV products: with it the 16-bit 64x64 tiles at head dim 64
+# spilled at sm_80 (28 bytes; 32x64 tiles too), so they take blocks of 32 keys.
+_SOFTCAP_BACKWARD_CONFIGS = {**_BACKWARD_CONFIGS, (2, 64): (64, 32, 8, 2)}
 
 
 def _head_dim_class(head_dim):
