@@ -96,9 +96,21 @@ __device__ __forceinline__ int clamp_key(int64_t key, int lo, int hi) {
   return static_cast<int>(key < lo ? lo : key > hi ? hi : key);
 }
 
+// tanh(y) within a few ulps (tanhf itself compiles to tanh.approx.f32, relative error 2^-11, under --use_fast_math):
+// as csrc/cpu/common.h's tanh_and_slope, sign(y) (1 - e) / (1 + e) from e = exp(-2|y|), and below |y| = 0.25, where
+// 1 - e would cancel digits, tanh's Taylor series to y^9.
+__device__ __forceinline__ float accurate_tanh(float y) {
+  const float a = fabsf(y);
+  const float y2 = y * y;
+  const float series =
+      y * (1.0f + y2 * (-1.0f / 3.0f + y2 * (2.0f / 15.0f + y2 * (-17.0f / 315.0f + y2 * (62.0f / 2835.0f)))));
+  const float e = exp2f(-2.0f * kLog2e * a);
+  return a < 0.25f ? series : copysignf(__fdividef(1.0f - e, 1.0f + e), y);
+}
+
 // A score in log2 units, softcapped when softcap_log2 > 0.
 __device__ __forceinline__ float capped(float s, const Launch& x) {
-  return x.softcap_log2 > 0.0f ? x.softcap_log2 * tanhf(s / x.softcap_log2) : s;
+  return x.softcap_log2 > 0.0f ? x.softcap_log2 * accurate_tanh(s / x.softcap_log2) : s;
 }
 
 // Block id -> work; false when the block has no rows (its row chunk lies past the sequence's rows). Row chunks vary
