@@ -168,8 +168,14 @@ struct CrossEntropy {
 // Sequence b's queries are the q_len[b] tokens starting at token q_start[b] of q; its keys and values the k_len[b]
 // tokens starting at token k_start[b] of k and v. Element (token t, head h, i) of a tensor is at
 // t * token_stride + h * head_stride + i; head_dim is contiguous. Query head h reads key/value head
-// h / (heads_q / heads_k) (GQA/MQA). Causal masking is aligned bottom-right, as in flash-attn >= 2.1: query i of a
-// sequence sees keys j <= i + k_len - q_len. A query that sees no key gets output 0 and lse -inf.
+// h / (heads_q / heads_k) (GQA/MQA).
+// Scores s = scale q.k; with softcap c > 0 (Gemma 2) they become c tanh(s / c) before the mask and the softmax, and
+// the backward multiplies dS by the slope 1 - tanh^2(s / c).
+// Masking is aligned bottom-right, as in flash-attn >= 2.1: query i of a sequence sits at key position
+// p = i + k_len - q_len and sees key j only if p - window_left <= j (when window_left >= 0) and j <= p + window_right
+// (when window_right >= 0; -1 on either side: unbounded). causal hides the keys after p, as window_right = 0 does
+// (with causal set, window_right is ignored). Kernels skip the key blocks that no query of a block sees.
+// A query that sees no key gets output 0 and lse -inf (and zero gradients).
 // lse: fp32, element (t, h) at t * heads_q + h, t the query token index (as for q).
 struct AttentionSequences {
   const int32_t* q_start;  // batch entries each
@@ -191,6 +197,8 @@ struct AttentionForward {
   int64_t heads_q, heads_k, head_dim;
   double scale;
   bool causal;
+  int64_t window_left, window_right;  // -1: unbounded on that side
+  float softcap;                      // c > 0: scores softcapped to c tanh(s / c); 0: none
   DType dtype;
   // CUDA split-K decoding only (null and 0 elsewhere): each sequence's keys are cut into `splits` ranges whose
   // partial outputs (fp32, splits x total_q x heads_q x head_dim elements, laid out [total_q][splits][heads_q]
@@ -209,6 +217,8 @@ struct AttentionBackward {
   int64_t heads_q, heads_k, head_dim;
   double scale;
   bool causal;
+  int64_t window_left, window_right;
+  float softcap;
   DType dtype;
 };
 

@@ -45,17 +45,26 @@ TARGETS = (80, 90)
 
 # The CI set: per module, the launch_cases() arguments that keep the check within 5 minutes on 2 cores while covering
 # every configuration the launchers choose for the models' shapes. Attention: each head-dim class in bf16 and fp32
-# (causal, GQA), fp16 and non-causal at 128, a head dim <= 32 that is not a multiple of 16 with MQA, fp32 at 80.
+# (causal, GQA), fp16 and non-causal at 128, a head dim <= 32 that is not a multiple of 16 with MQA, fp32 at 80; the
+# window and softcap specialisations (LEFT, RIGHT, SOFTCAP) softcapped, with a causal sliding window at the head dims
+# where registers are tightest (bf16 128 and 256, fp32 128) and a two-sided one (its right side of 1 specialised) at
+# bf16 128, and softcapping alone (its own backward tiles) at 64 in bf16 and fp32.
 # Rotary: each kind of positions, pair layout and direction in every dtype at 32x128, the odd shapes in bf16. RMSNorm
 # and LayerNorm: every block size and warp count (one block and chunked) in every dtype. Cross-entropy and GLU: whole.
 # Quantized linear: int8 and asymmetric int4 in bf16 at a decoding step's rows and two prefills' (the three 16-bit
 # forward tiles, both backward tiles), the scale-per-element path in bf16, fp32 at an odd width. --all: everything.
 CI_CASES = {
     "aquila.kernels.triton.attention": [
-        dict(head_dims=(64, 128, 256), heads=((8, 2),), dtypes=("bfloat16", "float32"), causals=(True,)),
-        dict(head_dims=(128,), heads=((8, 2),), dtypes=("float16",), causals=(False,)),
-        dict(head_dims=(24,), heads=((4, 1),), dtypes=("bfloat16",), causals=(False,)),
-        dict(head_dims=(80,), heads=((4, 1),), dtypes=("float32",), causals=(True,)),
+        dict(head_dims=(64, 128, 256), heads=((8, 2),), dtypes=("bfloat16", "float32"), maskings=("causal",),
+             softcaps=(0.0,)),
+        dict(head_dims=(128,), heads=((8, 2),), dtypes=("float16",), maskings=("full",), softcaps=(0.0,)),
+        dict(head_dims=(24,), heads=((4, 1),), dtypes=("bfloat16",), maskings=("full",), softcaps=(0.0,)),
+        dict(head_dims=(80,), heads=((4, 1),), dtypes=("float32",), maskings=("causal",), softcaps=(0.0,)),
+        dict(head_dims=(128,), heads=((8, 2),), dtypes=("bfloat16",), maskings=("sliding", "window"),
+             softcaps=(50.0,)),
+        dict(head_dims=(256,), heads=((8, 2),), dtypes=("bfloat16",), maskings=("sliding",), softcaps=(50.0,)),
+        dict(head_dims=(128,), heads=((8, 2),), dtypes=("float32",), maskings=("sliding",), softcaps=(50.0,)),
+        dict(head_dims=(64,), heads=((8, 2),), dtypes=("bfloat16", "float32"), maskings=("full",), softcaps=(50.0,)),
     ],
     "aquila.kernels.triton.rotary": [
         dict(shapes=((32, 128),)),
