@@ -104,10 +104,10 @@ inline GluBackward read(Fields& f, GluBackward*) {
 }
 
 inline CrossEntropy read(Fields& f, CrossEntropy*) {
-  return {f.ptr("logits"), f.i64("logits_row_stride"), f.ptr<int64_t>("targets"), f.ptr<float>("loss"),
-          f.ptr<float>("lse"), f.ptr("grad"), f.i64("grad_row_stride"), f.ptr<float>("grad_scale"), f.i64("rows"),
-          f.i64("vocab"), f.i64("ignore_index"), f.f64("label_smoothing"), f.f64("z_loss"), f.f64("softcap"),
-          f.dtype()};
+  return {f.ptr("logits"), f.i64("logits_row_stride"), f.ptr<int64_t>("targets"), f.ptr<float>("class_weights"),
+          f.ptr<float>("loss"), f.ptr<float>("lse"), f.ptr<int64_t>("argmax"), f.ptr("grad"),
+          f.i64("grad_row_stride"), f.ptr<float>("grad_scale"), f.i64("rows"), f.i64("vocab"),
+          f.i64("ignore_index"), f.f64("label_smoothing"), f.f64("z_loss"), f.f64("softcap"), f.dtype()};
 }
 
 inline AttentionSequences read_sequences(Fields f) {
@@ -121,14 +121,16 @@ inline AttentionSequences read_sequences(Fields f) {
 inline AttentionForward read(Fields& f, AttentionForward*) {
   return {f.strided("q"), f.strided("k"), f.strided("v"), f.strided("out"), f.ptr<float>("lse"),
           read_sequences(f.nested("seq")), f.i64("heads_q"), f.i64("heads_k"), f.i64("head_dim"), f.f64("scale"),
-          f.flag("causal"), f.dtype(), f.ptr<float>("partial_out"), f.ptr<float>("partial_lse"), f.i64("splits")};
+          f.flag("causal"), f.i64("window_left"), f.i64("window_right"), static_cast<float>(f.f64("softcap")),
+          f.dtype(), f.ptr<float>("partial_out"), f.ptr<float>("partial_lse"), f.i64("splits")};
 }
 
 inline AttentionBackward read(Fields& f, AttentionBackward*) {
   return {f.strided("q"), f.strided("k"), f.strided("v"), f.strided("out"), f.strided("grad_out"),
           f.ptr<const float>("lse"), f.strided("grad_q"), f.strided("grad_k"), f.strided("grad_v"),
           f.ptr<float>("delta"), read_sequences(f.nested("seq")), f.i64("heads_q"), f.i64("heads_k"),
-          f.i64("head_dim"), f.f64("scale"), f.flag("causal"), f.dtype()};
+          f.i64("head_dim"), f.f64("scale"), f.flag("causal"), f.i64("window_left"), f.i64("window_right"),
+          static_cast<float>(f.f64("softcap")), f.dtype()};
 }
 
 // Binds `kernel` as `name(args: dict, launch)`: the dict is read while holding the GIL, the kernel runs without it.

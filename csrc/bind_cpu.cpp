@@ -6,28 +6,54 @@
 
 namespace {
 
+// A linear of the decoding step: {"format": WeightFormat's code, "weight", "scales", "zeros", "group_size"}.
+aquila::DecodeLinear read_decode_linear(aquila::Fields f) {
+  const int64_t format = f.i64("format");
+  if (format < 0 || format > static_cast<int64_t>(aquila::WeightFormat::int4))
+    throw std::invalid_argument("aquila decode_step: unknown weight format code " + std::to_string(format));
+  aquila::DecodeLinear linear{static_cast<aquila::WeightFormat>(format), f.ptr("weight"), f.ptr<const float>("scales"),
+                              f.ptr<const uint8_t>("zeros"), f.i64("group_size")};
+  f.done();
+  return linear;
+}
+
 // The decoding step: the model's sizes and addresses, the layers as a list of dicts. The layers live in a vector the
 // step points into, so the step is read and run here rather than through bind_kernel.
 aquila::DecodeStep read_decode_step(aquila::Fields& f, std::vector<aquila::DecodeLayer>& layers) {
   for (const auto& item : f.list("layers")) {
     aquila::Fields layer = f.nested(item);
-    layers.push_back({layer.ptr("attention_norm"), layer.ptr("wq"), layer.ptr("wk"), layer.ptr("wv"), layer.ptr("wo"),
-                      layer.ptr("ffn_norm"), layer.ptr("w1"), layer.ptr("w2"), layer.ptr("w3"),
-                      layer.ptr("k_cache"), layer.ptr("v_cache")});
+    const auto linear = [&](const char* name) { return read_decode_linear(layer.nested(name)); };
+    layers.push_back({layer.ptr("attention_norm"), linear("wq"), linear("wk"), linear("wv"), linear("wo"),
+                      layer.ptr("ffn_norm"), linear("w1"), linear("w2"), linear("w3"), layer.ptr("k_cache"),
+                      layer.ptr("v_cache")});
     layer.done();
   }
   return {f.i64("batch"), f.i64("dim"), f.i64("heads"), f.i64("kv_heads"), f.i64("head_dim"), f.i64("hidden_dim"),
           f.i64("vocab"), f.i64("max_len"), static_cast<int64_t>(layers.size()), static_cast<float>(f.f64("eps")),
-          f.f64("theta"), f.flag("interleaved"), f.ptr("embeddings"), f.ptr("final_norm"), f.ptr("output"),
-          layers.data(), f.ptr<const int64_t>("tokens"), f.ptr<const int32_t>("lengths"), f.ptr<float>("logits"),
-          f.ptr<float>("workspace"), f.i64("prefetch_bytes"), f.dtype()};
+          f.f64("theta"), f.flag("interleaved"), f.ptr("embeddings"), f.ptr("final_norm"),
+          read_decode_linear(f.nested("output")), layers.data(), f.ptr<const int64_t>("tokens"),
+          f.ptr<const int32_t>("lengths"), f.ptr<float>("logits"), f.ptr<float>("workspace"),
+          f.i64("prefetch_bytes"), f.dtype()};
 }
 
 }  // namespace
 
 namespace aquila {
 
-// The quantized linear layer's structs (CPU only), read by bind_kernel as bind.h reads the others.
+// The structs of the CPU-only kernels (LayerNorm, the quantized linear layer), read by bind_kernel as bind.h reads the
+// others.
+inline LayerNormForward read(Fields& f, LayerNormForward*) {
+  return {f.ptr("x"), f.i64("x_row_stride"), f.ptr<float>("weight"), f.ptr<float>("bias"), f.ptr("out"),
+          f.ptr<float>("mean"), f.ptr<float>("rstd"), f.i64("rows"), f.i64("hidden"), f.f64("eps"), f.dtype()};
+}
+
+inline LayerNormBackward read(Fields& f, LayerNormBackward*) {
+  return {f.ptr("grad_out"), f.i64("grad_out_row_stride"), f.ptr("input"), f.i64("input_row_stride"),
+          f.ptr<float>("weight"), f.ptr<float>("mean"), f.ptr<float>("rstd"), f.ptr("grad_input"),
+          f.ptr<float>("grad_weight_partials"), f.ptr<float>("grad_bias_partials"), f.i64("partial_rows"),
+          f.i64("rows"), f.i64("hidden"), f.dtype()};
+}
+
 inline QuantizedLinear read(Fields& f, QuantizedLinear*) {
   return {f.ptr("x"), f.i64("x_row_stride"), f.ptr("qweight"), f.ptr<const float>("scales"),
           f.ptr<const uint8_t>("zeros"), f.ptr<const float>("bias"), f.ptr("out"), f.i64("rows"),
@@ -47,6 +73,8 @@ PYBIND11_MODULE(_C, m) {
   m.doc() = "Aquila CPU kernels (C++17, OpenMP). Called through aquila.kernels, which validates the tensors.";
   aquila::bind_kernel(m, "rms_norm_forward", "threads", cpu::rms_norm_forward);
   aquila::bind_kernel(m, "rms_norm_backward", "threads", cpu::rms_norm_backward);
+  aquila::bind_kernel(m, "layer_norm_forward", "threads", cpu::layer_norm_forward);
+  aquila::bind_kernel(m, "layer_norm_backward", "threads", cpu::layer_norm_backward);
   aquila::bind_kernel(m, "rotary", "threads", cpu::rotary);
   aquila::bind_kernel(m, "glu_forward", "threads", cpu::glu_forward);
   aquila::bind_kernel(m, "glu_backward", "threads", cpu::glu_backward);

@@ -36,8 +36,45 @@ struct RmsNormBackward {
   const float* rstd;
   const void* grad_residual;  // null: no gradient flows into the forward's residual output
   int64_t grad_residual_row_stride;
-  void* grad_input;    // rows x hidden, contiguous
+  void* grad_input;  // rows x hidden, contiguous; may be grad_out itself (then with a row stride of hidden)
   float* grad_weight_partials;  // partial_rows x hidden, fp32: each holds the weight gradient of a share of the rows
+  int64_t partial_rows;
+  int64_t rows, hidden;
+  DType dtype;
+};
+
+// LayerNorm of each row of x, statistics and arithmetic in fp32, one rounding of the output:
+//   mean = sum_j x_j / hidden,   rstd = 1 / sqrt(sum_j (x_j - mean)^2 / hidden + eps),   x_hat = (x - mean) * rstd
+//   out = x_hat * weight + bias
+// The variance is summed from the deviations (a second pass over the row, from cache), never as E[x^2] - mean^2,
+// which cancels when |mean| is large against the spread. mean and rstd are kept per row for the backward, which with
+// g = grad_out * weight gives
+//   grad_x = rstd * (g - mean_j(g) - x_hat * mean_j(g * x_hat)),
+//   grad_weight = sum over rows of grad_out * x_hat,   grad_bias = sum over rows of grad_out.
+struct LayerNormForward {
+  const void* x;
+  int64_t x_row_stride;
+  const float* weight;  // hidden: ones for a norm without a learned scale
+  const float* bias;    // hidden: zeros for a norm without a bias
+  void* out;            // rows x hidden, contiguous
+  float* mean;          // rows
+  float* rstd;          // rows
+  int64_t rows, hidden;
+  double eps;
+  DType dtype;
+};
+
+struct LayerNormBackward {
+  const void* grad_out;
+  int64_t grad_out_row_stride;
+  const void* input;
+  int64_t input_row_stride;
+  const float* weight;
+  const float* mean;
+  const float* rstd;
+  void* grad_input;             // rows x hidden, contiguous
+  float* grad_weight_partials;  // partial_rows x hidden, fp32: each the weight gradient of a share of the rows
+  float* grad_bias_partials;    // partial_rows x hidden, fp32: likewise the bias gradient
   int64_t partial_rows;
   int64_t rows, hidden;
   DType dtype;
@@ -96,23 +133,31 @@ struct GluBackward {
   DType dtype;
 };
 
-// Softmax cross-entropy of each row of logits against its target, with label smoothing eps and z-loss lambda:
-//   lse = log sum_j exp(z_j)
-//   loss = lse - (1 - eps) z_t - (eps / vocab) sum_j z_j + lambda lse^2
-//   grad_j = scale * (p_j (1 + 2 lambda lse) - eps / vocab - (1 - eps) [j == t]),   p_j = exp(z_j - lse)
+// Softmax cross-entropy of each row of logits against its target t, with class weights w (all 1 when null; W = sum_j
+// w_j), label smoothing eps and z-loss lambda (unweighted), F.cross_entropy(weight=w, label_smoothing=eps) plus
+// lambda lse^2:
+//   lse = log sum_j exp(z_j),   p_j = exp(z_j - lse)
+//   loss = (1 - eps) w_t (lse - z_t) + (eps / vocab) sum_j w_j (lse - z_j) + lambda lse^2
+//   grad_j = s (a p_j - (eps / vocab) w_j - (1 - eps) w_t [j == t]) + s_z 2 lambda lse p_j,
+//            a = (1 - eps) w_t + eps W / vocab,   (s, s_z) = grad_scale[0], grad_scale[1]
 // With softcapping c > 0 (Gemma 2's final logits) every z_j above is c tanh(x_j / c) of the row's logits x, and the
-// gradient with respect to x_j is grad_j (1 - tanh^2(x_j / c)).
+// gradient with respect to x_j is grad_j (1 - tanh^2(x_j / c)). argmax: the index of the first largest z_j.
 // A row whose target is ignore_index has loss 0 and gradient 0; a row whose target is out of [0, vocab) otherwise
 // has loss NaN and gradient NaN (Python rejects such targets on CPU before the call).
+// The CUDA kernel has no softcapping, class weights or argmax: it refuses them.
 struct CrossEntropy {
   const void* logits;
   int64_t logits_row_stride;
-  const int64_t* targets;  // rows
-  float* loss;             // rows
-  float* lse;              // rows
-  void* grad;              // null: loss only. May equal logits: the gradient is then written over them.
+  const int64_t* targets;       // rows
+  const float* class_weights;   // vocab, or null: all 1
+  float* loss;                  // rows
+  float* lse;                   // rows
+  int64_t* argmax;              // rows, or null: not computed
+  void* grad;                   // null: loss only. May equal logits: the gradient is then written over them.
   int64_t grad_row_stride;
-  const float* grad_scale;  // one fp32 value on the kernel's device: d(reduced loss)/d(row loss), e.g. 1/n
+  // Two fp32 values on the kernel's device: d(reduced loss)/d(row's cross-entropy) s, e.g. 1/n, and d(reduced
+  // loss)/d(row's z-loss) s_z (they differ for a mean with class weights).
+  const float* grad_scale;
   int64_t rows, vocab, ignore_index;
   double label_smoothing, z_loss;
   double softcap;  // c > 0: logits softcapped to c tanh(x / c); 0: none
@@ -123,8 +168,14 @@ struct CrossEntropy {
 // Sequence b's queries are the q_len[b] tokens starting at token q_start[b] of q; its keys and values the k_len[b]
 // tokens starting at token k_start[b] of k and v. Element (token t, head h, i) of a tensor is at
 // t * token_stride + h * head_stride + i; head_dim is contiguous. Query head h reads key/value head
-// h / (heads_q / heads_k) (GQA/MQA). Causal masking is aligned bottom-right, as in flash-attn >= 2.1: query i of a
-// sequence sees keys j <= i + k_len - q_len. A query that sees no key gets output 0 and lse -inf.
+// h / (heads_q / heads_k) (GQA/MQA).
+// Scores s = scale q.k; with softcap c > 0 (Gemma 2) they become c tanh(s / c) before the mask and the softmax, and
+// the backward multiplies dS by the slope 1 - tanh^2(s / c).
+// Masking is aligned bottom-right, as in flash-attn >= 2.1: query i of a sequence sits at key position
+// p = i + k_len - q_len and sees key j only if p - window_left <= j (when window_left >= 0) and j <= p + window_right
+// (when window_right >= 0; -1 on either side: unbounded). causal hides the keys after p, as window_right = 0 does
+// (with causal set, window_right is ignored). Kernels skip the key blocks that no query of a block sees.
+// A query that sees no key gets output 0 and lse -inf (and zero gradients).
 // lse: fp32, element (t, h) at t * heads_q + h, t the query token index (as for q).
 struct AttentionSequences {
   const int32_t* q_start;  // batch entries each
@@ -146,6 +197,8 @@ struct AttentionForward {
   int64_t heads_q, heads_k, head_dim;
   double scale;
   bool causal;
+  int64_t window_left, window_right;  // -1: unbounded on that side
+  float softcap;                      // c > 0: scores softcapped to c tanh(s / c); 0: none
   DType dtype;
   // CUDA split-K decoding only (null and 0 elsewhere): each sequence's keys are cut into `splits` ranges whose
   // partial outputs (fp32, splits x total_q x heads_q x head_dim elements, laid out [total_q][splits][heads_q]
@@ -164,6 +217,8 @@ struct AttentionBackward {
   int64_t heads_q, heads_k, head_dim;
   double scale;
   bool causal;
+  int64_t window_left, window_right;
+  float softcap;
   DType dtype;
 };
 
@@ -198,27 +253,37 @@ struct QuantizedLinearBackward {
   DType dtype;
 };
 
-// One decoding step of a whole Aquila model with fp32 or bf16 weights, one new token per sequence (CPU): the weights
-// of a layer, as the model holds them ([out, in] row-major), and its cache [batch, max_len, kv_heads, head_dim], all
-// in the step's dtype; the activations stay fp32 between the layers.
+// One decoding step of a whole Aquila model, one new token per sequence (CPU). The step has a dtype, fp32 or bf16: that
+// of the embeddings, the norms, the cache [batch, max_len, kv_heads, head_dim] and every dense linear weight; the
+// activations stay fp32 between the layers. Each linear, as the model holds it ([out, in] row-major), is dense or
+// weight-only quantized in QuantizedLinear's format above (int8, or int4 with any even group size dividing in,
+// symmetric or not; no bias).
+enum class WeightFormat : int64_t { dense = 0, int8 = 1, int4 = 2 };
+
+struct DecodeLinear {
+  WeightFormat format;
+  const void* weight;    // dense: [out, in] in the step's dtype; int8: int8 [out, in]; int4: uint8 [out, in / 2]
+  const float* scales;   // int8: [out]; int4: [out, in / group_size]; dense: null
+  const uint8_t* zeros;  // int4 asymmetric: [out, in / group_size]; else null (symmetric int4: every zero 8)
+  int64_t group_size;    // int4 only (0 otherwise)
+};
+
 struct DecodeLayer {
   const void* attention_norm;
-  const void* wq;
-  const void* wk;
-  const void* wv;
-  const void* wo;
+  DecodeLinear wq, wk, wv, wo;
   const void* ffn_norm;
-  const void* w1;  // gate
-  const void* w2;  // down
-  const void* w3;  // up
+  DecodeLinear w1;  // gate
+  DecodeLinear w2;  // down
+  DecodeLinear w3;  // up
   void* k_cache;
   void* v_cache;
 };
 
 // logits[b] of the token tokens[b] placed at position lengths[b] of sequence b (its filled cache length, which the
 // caller then advances). workspace: batch * (3 dim + 2 heads head_dim + 2 kv_heads head_dim + 2 hidden_dim +
-// heads * max_len) floats. prefetch_bytes: how far ahead of its reads a projection prefetches its weights (0: not at
-// all); the best distance depends on the host, so the caller chooses it.
+// heads * max_len + max(dim, heads head_dim, hidden_dim)) floats (the last: a quantized projection's input in the
+// order its dequantized planes come in). prefetch_bytes: how far ahead of its reads a projection prefetches its
+// weights (0: not at all); the best distance depends on the host, so the caller chooses it.
 struct DecodeStep {
   int64_t batch, dim, heads, kv_heads, head_dim, hidden_dim, vocab, max_len, n_layers;
   float eps;
@@ -226,20 +291,23 @@ struct DecodeStep {
   bool interleaved;
   const void* embeddings;
   const void* final_norm;
-  const void* output;
+  DecodeLinear output;
   const DecodeLayer* layers;
   const int64_t* tokens;
   const int32_t* lengths;
   float* logits;
   float* workspace;
   int64_t prefetch_bytes;
-  DType dtype;  // of every weight and the cache: f32 or bf16 (activations, logits and workspace are fp32)
+  DType dtype;  // of the embeddings, norms, cache and dense weights: f32 or bf16 (activations, logits and workspace
+                // are fp32)
 };
 
 namespace cpu {
 void decode_step(const DecodeStep& args, int threads);
 void rms_norm_forward(const RmsNormForward& args, int threads);
 void rms_norm_backward(const RmsNormBackward& args, int threads);  // partial_rows >= threads
+void layer_norm_forward(const LayerNormForward& args, int threads);
+void layer_norm_backward(const LayerNormBackward& args, int threads);  // partial_rows >= threads
 void rotary(const Rotary& args, int threads);
 void glu_forward(const GluForward& args, int threads);
 void glu_backward(const GluBackward& args, int threads);

@@ -106,10 +106,36 @@ def cross_entropy(logits, targets, ignore_index=IGNORE_INDEX, label_smoothing=0.
     return rows.sum() / (counted.sum() if num_tokens is None else num_tokens)
 
 
-def attention(q, k, v, sequences, scale, causal=False, upcast=True):
-    """Explicit softmax(scale * Q K^T + mask) V for packed q [total_q, heads_q, d] and k, v [total_k, heads_k, d]:
-    `sequences` is a list of (q_start, q_len, k_start, k_len). Query head h reads key/value head
-    h // (heads_q // heads_k); causal masking is aligned bottom-right (query i sees key j <= i + k_len - q_len).
+def attention_visible(q_len, k_len, causal=False, window_size=(-1, -1), device=None):
+    """[q_len, k_len] bool: which keys each query sees. Bottom-right aligned: query i sits at key position
+    p = i + k_len - q_len and sees key j only if p - left <= j (left >= 0) and j <= p + right (right >= 0, or 0 when
+    causal), window_size = (left, right) as in flash-attn."""
+    left, right = window_size
+    position = torch.arange(q_len, device=device)[:, None] + (k_len - q_len)
+    keys = torch.arange(k_len, device=device)[None, :]
+    visible = torch.ones(q_len, k_len, dtype=torch.bool, device=device)
+    if causal or right >= 0:
+        visible = visible & (keys <= position + (0 if causal else right))
+    if left >= 0:
+        visible = visible & (keys >= position - left)
+    return visible
+
+
+def attention_scores(qs, ks, scale, softcap):
+    """scale * Q K^T, capped to softcap * tanh(s / softcap) when softcap > 0; and the cap's slope 1 - tanh^2 (1
+    without a cap)."""
+    scores = scale * qs @ ks.transpose(1, 2)
+    if not softcap:
+        return scores, 1.0
+    tanh = torch.tanh(scores / softcap)
+    return softcap * tanh, 1 - tanh * tanh
+
+
+def attention(q, k, v, sequences, scale, causal=False, upcast=True, window_size=(-1, -1), softcap=0.0):
+    """Explicit softmax(cap(scale * Q K^T) + mask) V for packed q [total_q, heads_q, d] and k, v [total_k, heads_k,
+    d]: `sequences` is a list of (q_start, q_len, k_start, k_len). Query head h reads key/value head
+    h // (heads_q // heads_k); the causal mask and the window are aligned bottom-right (attention_visible); softcap > 0
+    caps the scores to softcap * tanh(s / softcap) before the mask.
     Returns (out, lse [total_q, heads_q]); a query that sees no key has out 0 and lse -inf. Quadratic memory: a
     reference, not a kernel. upcast=False computes in q's own dtype (the low-precision baseline of the tests)."""
     compute = compute_dtype(q.dtype) if upcast else q.dtype
@@ -122,11 +148,9 @@ def attention(q, k, v, sequences, scale, causal=False, upcast=True):
         qs = q[q_start:q_start + q_len].to(compute).transpose(0, 1)  # [heads_q, q_len, d]
         ks = k[k_start:k_start + k_len].to(compute).transpose(0, 1).repeat_interleave(group, 0)
         vs = v[k_start:k_start + k_len].to(compute).transpose(0, 1).repeat_interleave(group, 0)
-        scores = scale * qs @ ks.transpose(1, 2)
-        if causal:
-            visible = (torch.arange(k_len, device=q.device)[None, :]
-                       <= torch.arange(q_len, device=q.device)[:, None] + (k_len - q_len))
-            scores = scores.masked_fill(~visible, float("-inf"))
+        scores, _ = attention_scores(qs, ks, scale, softcap)
+        visible = attention_visible(q_len, k_len, causal, window_size, q.device)
+        scores = scores.masked_fill(~visible, float("-inf"))
         row_lse = torch.logsumexp(scores, -1)  # [heads_q, q_len]
         # A row that sees no key: all scores -inf, probabilities 0 (its gradient is not defined: test around it).
         safe_lse = torch.where(torch.isfinite(row_lse), row_lse, torch.zeros_like(row_lse))
@@ -136,10 +160,12 @@ def attention(q, k, v, sequences, scale, causal=False, upcast=True):
     return out.to(q.dtype), lse
 
 
-def attention_backward(grad_out, q, k, v, out, lse, sequences, scale, causal=False):
+def attention_backward(grad_out, q, k, v, out, lse, sequences, scale, causal=False, window_size=(-1, -1),
+                       softcap=0.0):
     """The closed-form gradients of `attention` (the flash-attention backward, with the probabilities recomputed
-    from the forward's lse): dV = P^T dO, dS = P (dO V^T - rowsum(dO O)), dQ = scale dS K, dK = scale dS^T Q, each
-    key/value head summing over the query heads of its group. Returns (grad_q, grad_k, grad_v) in q's dtype."""
+    from the forward's lse): dV = P^T dO, dS = P (dO V^T - rowsum(dO O)) cap', dQ = scale dS K, dK = scale dS^T Q,
+    each key/value head summing over the query heads of its group (cap' = 1 - tanh^2 of the softcap, 1 without).
+    Returns (grad_q, grad_k, grad_v) in q's dtype."""
     compute = compute_dtype(q.dtype)
     grads = [torch.zeros(t.shape, dtype=compute, device=q.device) for t in (q, k, v)]
     heads_k = k.shape[1]
@@ -151,14 +177,12 @@ def attention_backward(grad_out, q, k, v, out, lse, sequences, scale, causal=Fal
         qs, dos, os_ = (t[queries].to(compute).transpose(0, 1) for t in (q, grad_out, out))  # [heads_q, q_len, d]
         ks, vs = (t[keys].to(compute).transpose(0, 1).repeat_interleave(group, 0) for t in (k, v))
         row_lse = lse[queries].to(compute).transpose(0, 1)[..., None]  # [heads_q, q_len, 1]
-        scores = scale * qs @ ks.transpose(1, 2)
-        visible = torch.isfinite(row_lse).expand_as(scores)
-        if causal:
-            visible = visible & (torch.arange(k_len, device=q.device)[None, :]
-                                 <= torch.arange(q_len, device=q.device)[:, None] + (k_len - q_len))
+        scores, slope = attention_scores(qs, ks, scale, softcap)
+        visible = torch.isfinite(row_lse).expand_as(scores) & attention_visible(q_len, k_len, causal, window_size,
+                                                                                q.device)
         probs = torch.where(visible, torch.exp(scores - torch.where(visible, row_lse, 0.0)), 0.0)
         delta = (dos * os_).sum(-1, keepdim=True)
-        grad_scores = probs * (dos @ vs.transpose(1, 2) - delta)
+        grad_scores = probs * (dos @ vs.transpose(1, 2) - delta) * slope
         per_head = {"q": scale * grad_scores @ ks, "k": scale * grad_scores.transpose(1, 2) @ qs,
                     "v": probs.transpose(1, 2) @ dos}
         grads[0][queries] = per_head["q"].transpose(0, 1)

@@ -9,6 +9,18 @@ learned scale (elementwise_affine=False). Statistics and arithmetic in fp32, one
 as transformers' LlamaRMSNorm does. The forward saves 1/rms per row, so the backward
 reads each row once more and never recomputes the reduction. The weight gradient is summed per program (per thread on
 CPU, per persistent block on GPU) into a row of partial sums that one torch reduction adds: deterministic, no atomics.
+
+inplace_backward=True writes grad x over the incoming gradient of the output instead of a new buffer (every backend's
+kernel reads each element of it before writing the same element, and no other afterwards). That saves an
+activation-sized allocation per norm, and is done only when it is safe as far as the op can see: the incoming gradient
+is in x's dtype, contiguous (grad x's layout), does not require grad (no create_graph), shares no memory with the
+normalised input nor, other than being the very same tensor, with the residual stream's gradient; and not under
+torch.compile, whose graphs take no in-place writes to their inputs. Otherwise the backward allocates, silently, as
+without the option. What the op cannot see is the caller's promise: nothing else may read that gradient afterwards.
+It is autograd's own buffer when the norm's output feeds operations that each make a new gradient (the linear
+projections of a transformer block, whose gradients autograd sums into a buffer of its own); it need not be when the
+output feeds an add (whose backward passes the same tensor to both operands), and it is not when it is the tensor
+given to out.backward(gradient).
 """
 
 import functools
@@ -26,7 +38,8 @@ from .triton import rms_norm as triton_rms_norm
 # forward(x, residual, weight, eps, out, residual_out, rstd, round_normalized) fills out, residual_out (with a
 # residual) and rstd for x, residual: (rows >= 1, hidden) with unit last stride; weight is the fp32 scale (the offset
 # added). backward(grad_out, x, weight, rstd, grad_residual, grad_x)
-# fills grad_x and returns the fp32 weight gradient, x being what the forward normalised.
+# fills grad_x and returns the fp32 weight gradient, x being what the forward normalised. grad_x may be grad_out itself
+# (inplace_backward), and grad_residual may be grad_out too.
 
 
 def _torch_forward(x, residual, weight, eps, out, residual_out, rstd, round_normalized):
@@ -39,12 +52,13 @@ def _torch_forward(x, residual, weight, eps, out, residual_out, rstd, round_norm
 def _torch_backward(grad_out, x, weight, rstd, grad_residual, grad_x):
     """The closed form the kernels implement (an autograd graph cannot be recorded inside a custom op)."""
     x_hat = x.float() * rstd[:, None]
+    grad_weight = (grad_out.float() * x_hat).sum(0)  # before grad_x, which may be grad_out's buffer
     weighted = grad_out.float() * weight.float()
     grad = (weighted - x_hat * (weighted * x_hat).mean(-1, keepdim=True)) * rstd[:, None]
     if grad_residual is not None:
         grad += grad_residual
     grad_x.copy_(grad)
-    return (grad_out.float() * x_hat).sum(0)
+    return grad_weight
 
 
 def _native_forward(backend, x, residual, weight, eps, out, residual_out, rstd, round_normalized):
@@ -90,9 +104,10 @@ def _forward(x, residual, weight, eps, round_normalized, backend):
 
 
 @_backend.autocast_off
-def _backward(grad_out, x, weight, rstd, grad_residual, backend):
-    """Returns grad_x and grad_weight (in weight's dtype) for the normalised input x."""
-    grad_x = torch.empty_like(x, memory_format=torch.contiguous_format)
+def _backward(grad_out, x, weight, rstd, grad_residual, backend, inplace=False):
+    """Returns grad_x and grad_weight (in weight's dtype) for the normalised input x; grad_x is grad_out itself when
+    `inplace` (see _may_overwrite)."""
+    grad_x = grad_out if inplace else torch.empty_like(x, memory_format=torch.contiguous_format)
     if x.shape[0] == 0:
         return grad_x, torch.zeros_like(weight)
     with _backend.on_device(x):
@@ -128,12 +143,35 @@ def _(grad_out, x, weight, rstd, grad_residual, backend):
     return x.new_empty(x.shape), torch.empty_like(weight)
 
 
+@torch.library.custom_op("aquila::rms_norm_backward_inplace", mutates_args=("grad_out",))
+def _backward_inplace_op(grad_out: Tensor, x: Tensor, weight: Tensor, rstd: Tensor, grad_residual: Optional[Tensor],
+                         backend: str) -> Tensor:
+    """Writes grad_x over grad_out (which _may_overwrite has approved) and returns grad_weight."""
+    return _backward(grad_out, x, weight, rstd, grad_residual, backend, inplace=True)[1]
+
+
+def _shares_memory(a, b):
+    return a.untyped_storage().data_ptr() == b.untyped_storage().data_ptr()
+
+
+def _may_overwrite(grad_out, x, grad_residual):
+    """Whether the backward may write grad x over grad_out (the conditions in the module's docstring that the op can
+    check; the caller promises the rest by asking for inplace_backward)."""
+    if grad_out.dtype != x.dtype or not grad_out.is_contiguous() or grad_out.requires_grad or not grad_out.numel():
+        return False
+    if _shares_memory(grad_out, x):
+        return False
+    return grad_residual is None or not _shares_memory(grad_out, grad_residual) or (
+        grad_residual.data_ptr() == grad_out.data_ptr() and grad_residual.stride() == grad_out.stride())
+
+
 class RMSNormFunction(torch.autograd.Function):
     @staticmethod
-    def forward(ctx, x, residual, weight, eps, round_normalized, backend):
+    def forward(ctx, x, residual, weight, eps, round_normalized, backend, inplace_backward):
         out, residual_out, rstd = _forward_op(x, residual, weight, eps, round_normalized, backend)
         ctx.save_for_backward(residual_out if residual is not None else x, weight, rstd)
         ctx.has_residual, ctx.backend = residual is not None, backend
+        ctx.inplace_backward = inplace_backward and not torch.compiler.is_compiling()
         return out, residual_out
 
     @staticmethod
@@ -141,8 +179,12 @@ class RMSNormFunction(torch.autograd.Function):
         normalised, weight, rstd = ctx.saved_tensors
         # The residual stream leaves the block as residual_out, so its gradient adds to the norm's input gradient.
         grad_residual = grad_residual_out if ctx.has_residual else None
-        grad_x, grad_weight = _backward_op(grad_out, normalised, weight, rstd, grad_residual, ctx.backend)
-        return grad_x, grad_x if ctx.has_residual else None, grad_weight, None, None, None
+        if ctx.inplace_backward and _may_overwrite(grad_out, normalised, grad_residual):
+            grad_weight = _backward_inplace_op(grad_out, normalised, weight, rstd, grad_residual, ctx.backend)
+            grad_x = grad_out
+        else:
+            grad_x, grad_weight = _backward_op(grad_out, normalised, weight, rstd, grad_residual, ctx.backend)
+        return grad_x, grad_x if ctx.has_residual else None, grad_weight, None, None, None, None
 
 
 # --- Public API -----------------------------------------------------------------------------------------------------
@@ -150,7 +192,7 @@ class RMSNormFunction(torch.autograd.Function):
 CASTING_MODES = ("gemma", "llama")
 
 
-def _apply(op, x, residual, weight, eps, offset, casting_mode, backend):
+def _apply(op, x, residual, weight, eps, offset, casting_mode, inplace_backward, backend):
     _backend.check_tensor(op, "x", x)
     if x.dim() == 0 or x.shape[-1] == 0:
         raise ValueError(f"{op}: x must have a non-empty last (hidden) dimension, got shape {tuple(x.shape)}")
@@ -182,44 +224,49 @@ def _apply(op, x, residual, weight, eps, offset, casting_mode, backend):
     if _backend.direct_call(backward):
         out, residual_out, _ = _forward(rows, residual_rows, scale, float(eps), round_normalized, backend)
     else:
-        out, residual_out = RMSNormFunction.apply(rows, residual_rows, scale, float(eps), round_normalized, backend)
+        out, residual_out = RMSNormFunction.apply(rows, residual_rows, scale, float(eps), round_normalized, backend,
+                                                  bool(inplace_backward))
     return out.view(x.shape).to(out_dtype), residual_out.view(x.shape) if residual is not None else None
 
 
 def rms_norm(x: Tensor, weight: Optional[Tensor], eps: float = 1e-6, *, offset: float = 0.0,
-             casting_mode: str = "gemma", backend: Optional[str] = None) -> Tensor:
+             casting_mode: str = "gemma", inplace_backward: bool = False, backend: Optional[str] = None) -> Tensor:
     """RMSNorm over the last dimension of x (fp32, fp16 or bf16; any leading shape): x / rms * (offset + weight).
     weight has x's last size and any float dtype, or is None (no learned scale). offset: 1 for Gemma's weights.
     casting_mode: "gemma" (all in fp32, one rounding) or "llama" (x / rms rounded to x's dtype before the weight, as
-    transformers' LlamaRMSNorm). Differentiable in x and weight."""
-    return _apply("rms_norm", x, None, weight, eps, offset, casting_mode, backend)[0]
+    transformers' LlamaRMSNorm). Differentiable in x and weight. inplace_backward: the backward writes grad x over the
+    output's incoming gradient where it safely can (the rule is in this module's docstring)."""
+    return _apply("rms_norm", x, None, weight, eps, offset, casting_mode, inplace_backward, backend)[0]
 
 
 def fused_add_rms_norm(x: Tensor, residual: Tensor, weight: Optional[Tensor], eps: float = 1e-6, *,
-                       offset: float = 0.0, casting_mode: str = "gemma",
+                       offset: float = 0.0, casting_mode: str = "gemma", inplace_backward: bool = False,
                        backend: Optional[str] = None) -> tuple[Tensor, Tensor]:
     """h = x + residual, then rms_norm(h, weight): returns (normalised, h), h being the residual stream for the next
-    block. One pass over memory instead of three."""
-    return _apply("fused_add_rms_norm", x, residual, weight, eps, offset, casting_mode, backend)
+    block. One pass over memory instead of three. inplace_backward as in rms_norm (the normalised output's gradient
+    is overwritten)."""
+    return _apply("fused_add_rms_norm", x, residual, weight, eps, offset, casting_mode, inplace_backward, backend)
 
 
 class RMSNorm(torch.nn.Module):
     """Drop-in RMSNorm layer (the weight is named ``weight``, as in Hugging Face and FlagAI checkpoints).
     ``forward(x)`` returns the normalised x; ``forward(x, residual)`` returns (normalised x + residual, x + residual).
-    offset and casting_mode as in rms_norm; elementwise_affine=False: no weight.
+    offset, casting_mode and inplace_backward as in rms_norm; elementwise_affine=False: no weight.
     """
 
     def __init__(self, hidden_size: int, eps: float = 1e-6, *, offset: float = 0.0, casting_mode: str = "gemma",
-                 elementwise_affine: bool = True, backend: Optional[str] = None, device=None, dtype=None):
+                 elementwise_affine: bool = True, inplace_backward: bool = False, backend: Optional[str] = None,
+                 device=None, dtype=None):
         super().__init__()
         init = torch.zeros if offset else torch.ones  # the scale offset + weight starts at 1 either way
         self.weight = (torch.nn.Parameter(init(hidden_size, device=device, dtype=dtype)) if elementwise_affine
                        else None)
         self.hidden_size, self.eps, self.offset, self.casting_mode = hidden_size, eps, offset, casting_mode
-        self.backend = backend
+        self.inplace_backward, self.backend = inplace_backward, backend
 
     def forward(self, x, residual=None):
-        options = dict(offset=self.offset, casting_mode=self.casting_mode, backend=self.backend)
+        options = dict(offset=self.offset, casting_mode=self.casting_mode, inplace_backward=self.inplace_backward,
+                       backend=self.backend)
         if residual is None:
             return rms_norm(x, self.weight, self.eps, **options)
         return fused_add_rms_norm(x, residual, self.weight, self.eps, **options)

@@ -194,10 +194,9 @@ class Aquila(nn.Module):
         cache.check_matches(self.config, weight.device, weight.dtype)
 
     def _native_decoder(self, cache: KVCache) -> Optional[Callable[[Tensor], Tensor]]:
-        """The one-call C++ decoding step where it applies. It reads dense weights: a model with quantized linears
-        decodes through the modules."""
-        if any(isinstance(module, QuantizedLinear) for module in self.modules()):
-            return None
+        """The one-call C++ decoding step where it applies: on CPU with the CPU kernels, embeddings, norms and cache in
+        fp32 or bf16, each linear dense in that dtype or a QuantizedLinear (int8 or int4). None elsewhere (fp16, a
+        GPU, the torch reference backend): the model then decodes through its modules."""
         return native_decode.decoder(self, cache)
 
     @torch.no_grad()

@@ -2,9 +2,11 @@
 choice of its one host-dependent setting.
 
 At batch 1 a decoding step reads every weight once and does little else, so the Python and dispatch overhead of ~200
-op calls would otherwise cost a third of its time. The kernel runs where it can: CPU, fp32 or bf16 weights and cache
-(all of one dtype; the activations stay fp32 inside the step), the CPU kernels chosen (not the reference), everything
-contiguous.
+op calls would otherwise cost a third of its time. The kernel runs where it can: CPU, the CPU kernels chosen (not the
+reference), everything contiguous; embeddings, norms and cache in fp32 or bf16, all of one dtype, the step's (the
+activations stay fp32 inside the step); each linear either dense in that dtype or a QuantizedLinear (int8, or int4
+of any group size, symmetric or not: its qweight, scales and zeros as they are, dequantized in registers). Where it
+cannot (fp16, a GPU, the torch reference backend), decoder() returns None and the model decodes through its modules.
 
 The step's projections prefetch their weights some distance ahead of their reads. The distance that pays depends on
 the CPU (a distance tuned on one host ran a step at a fraction of its speed on another), so it is chosen per host:
@@ -27,11 +29,12 @@ from collections.abc import Callable
 from typing import Optional
 
 import torch
-from torch import Tensor
+from torch import Tensor, nn
 
 from aquila import host
 from aquila.files import AtomicFile
 from aquila.kernels import backend as _backend
+from aquila.model.quantize import QuantizedLinear
 
 PREFETCH_CANDIDATES = (0, 2048, 8192, 32768)
 PREFETCH_ENV = "AQUILA_DECODE_PREFETCH"
@@ -42,14 +45,18 @@ TUNING_ROUNDS = 5  # timed steps per candidate, taken in turns so that a load th
 _choices: dict = {}
 
 
-# The weight and cache dtypes the C++ step takes.
+# The dtypes the C++ step takes for its embeddings, norms, cache and dense weights.
 STEP_DTYPES = (torch.float32, torch.bfloat16)
+# DecodeLinear's formats (WeightFormat in csrc/kernels.h).
+DENSE, INT8, INT4 = 0, 1, 2
 
 
 def workspace_floats(config, batch: int, max_len: int) -> int:
     """The scratch a step needs (DecodeStep's workspace in csrc/kernels.h)."""
+    attended = config.n_heads * config.head_dim
     return batch * (3 * config.dim + 2 * (config.n_heads + config.kv_heads) * config.head_dim
-                    + 2 * config.hidden_dim + config.n_heads * max_len)
+                    + 2 * config.hidden_dim + config.n_heads * max_len
+                    + max(config.dim, attended, config.hidden_dim))
 
 
 def cache_directory() -> str:
@@ -158,37 +165,89 @@ def prefetch_choice(weight_bytes: int, make_runner: Callable[[], Callable[[int],
     return _choices[key]
 
 
-def _layer_tensors(layer, k_cache, v_cache):
-    return {"attention_norm": layer.attention_norm.weight, "wq": layer.attention.wq.weight,
-            "wk": layer.attention.wk.weight, "wv": layer.attention.wv.weight, "wo": layer.attention.wo.weight,
-            "ffn_norm": layer.ffn_norm.weight, "w1": layer.feed_forward.w1.weight, "w2": layer.feed_forward.w2.weight,
-            "w3": layer.feed_forward.w3.weight, "k_cache": k_cache, "v_cache": v_cache}
+def _block_linears(layer) -> dict:
+    return {"wq": layer.attention.wq, "wk": layer.attention.wk, "wv": layer.attention.wv, "wo": layer.attention.wo,
+            "w1": layer.feed_forward.w1, "w2": layer.feed_forward.w2, "w3": layer.feed_forward.w3}
+
+
+def _linear_tensors(linear) -> dict:
+    """The tensors the step reads of a linear: its weight, or a QuantizedLinear's buffers (zeros: asymmetric only)."""
+    if isinstance(linear, QuantizedLinear):
+        return {name: getattr(linear, name) for name in ("qweight", "scales", "zeros")
+                if getattr(linear, name) is not None}
+    return {"weight": linear.weight}
+
+
+def _linear_fields(linear) -> dict:
+    """DecodeLinear's fields for a linear."""
+    tensors = _linear_tensors(linear)
+    if not isinstance(linear, QuantizedLinear):
+        return {"format": DENSE, "weight": tensors["weight"].data_ptr(), "scales": 0, "zeros": 0, "group_size": 0}
+    zeros = tensors.get("zeros")
+    return {"format": INT8 if linear.bits == 8 else INT4, "weight": tensors["qweight"].data_ptr(),
+            "scales": tensors["scales"].data_ptr(), "zeros": 0 if zeros is None else zeros.data_ptr(),
+            "group_size": linear.group_size or 0}
+
+
+def _linears(model) -> list:
+    return [model.output, *(linear for layer in model.layers for linear in _block_linears(layer).values())]
+
+
+def _linears_supported(model, dtype: torch.dtype) -> bool:
+    """Every linear is bias-free, dense in the step's dtype or quantized with the buffers' dtypes of the format."""
+    buffer_dtypes = {"qweight": {8: torch.int8, 4: torch.uint8}, "scales": {8: torch.float32, 4: torch.float32},
+                     "zeros": {4: torch.uint8}}
+    for linear in _linears(model):
+        if isinstance(linear, QuantizedLinear):
+            if any(t.dtype != buffer_dtypes[name].get(linear.bits) for name, t in _linear_tensors(linear).items()):
+                return False
+        elif not isinstance(linear, nn.Linear) or linear.bias is not None or linear.weight.dtype != dtype:
+            return False
+    return True
+
+
+def _weight_tensors(model) -> list:
+    """Every weight tensor the step reads (the tied output's table once)."""
+    tensors = [model.tok_embeddings.weight, model.norm.weight]
+    for layer in model.layers:
+        tensors += [layer.attention_norm.weight, layer.ffn_norm.weight]
+        tensors += [t for linear in _block_linears(layer).values() for t in _linear_tensors(linear).values()]
+    return tensors + [t for t in _linear_tensors(model.output).values() if t is not model.tok_embeddings.weight]
 
 
 def _arguments(model, caches, lengths, batch, max_len, workspace):
     """DecodeStep's fields but tokens, logits and prefetch_bytes, for `model` on the caches [(k, v) per layer]."""
     c = model.config
-    layers = [_layer_tensors(layer, k, v) for layer, (k, v) in zip(model.layers, caches)]
+    layers = [{"attention_norm": layer.attention_norm.weight.data_ptr(), "ffn_norm": layer.ffn_norm.weight.data_ptr(),
+               "k_cache": k.data_ptr(), "v_cache": v.data_ptr(),
+               **{name: _linear_fields(linear) for name, linear in _block_linears(layer).items()}}
+              for layer, (k, v) in zip(model.layers, caches)]
     return {"batch": batch, "dim": c.dim, "heads": c.n_heads, "kv_heads": c.kv_heads, "head_dim": c.head_dim,
             "hidden_dim": c.hidden_dim, "vocab": c.vocab_size, "max_len": max_len, "eps": c.norm_eps,
             "theta": c.rope_theta, "interleaved": c.rope_interleaved,
             "embeddings": model.tok_embeddings.weight.data_ptr(), "final_norm": model.norm.weight.data_ptr(),
-            "output": model.output.weight.data_ptr(), "dtype": _backend.DTYPE_CODES[model.output.weight.dtype],
-            "lengths": lengths.data_ptr(), "workspace": workspace.data_ptr(),
-            "layers": [{name: t.data_ptr() for name, t in layer.items()} for layer in layers]}
+            "output": _linear_fields(model.output), "dtype": _backend.DTYPE_CODES[step_dtype(model)],
+            "lengths": lengths.data_ptr(), "workspace": workspace.data_ptr(), "layers": layers}
+
+
+def step_dtype(model) -> torch.dtype:
+    """The step's dtype: the embeddings' (also that of the norms, the cache and every dense linear)."""
+    return model.tok_embeddings.weight.dtype
 
 
 def weight_bytes_per_step(model) -> int:
-    """The weights a step reads: all but the embeddings, of which it reads one row per sequence."""
-    return sum(p.numel() * p.element_size() for name, p in model.named_parameters()
-               if not name.startswith("tok_embeddings.") or model.output.weight is p)
+    """The weights a step reads: every linear's (dense, or its quantized buffers) and the norms, not the embeddings
+    (of which it reads one row per sequence) unless the output projection shares them."""
+    tied = isinstance(model.output, nn.Linear) and model.output.weight is model.tok_embeddings.weight
+    return sum(t.numel() * t.element_size() for t in _weight_tensors(model)
+               if tied or t is not model.tok_embeddings.weight)
 
 
 def _scratch_runner(model) -> Callable[[int], None]:
     """run(prefetch_bytes): one step of `model` at batch 1 on a one-position cache of its own (its length stays 0), so
     that tuning leaves the caller's cache alone."""
     c = model.config
-    dtype = model.output.weight.dtype
+    dtype = step_dtype(model)
     caches = [(torch.zeros(1, 1, c.kv_heads, c.head_dim, dtype=dtype), torch.zeros(1, 1, c.kv_heads, c.head_dim,
                                                                                   dtype=dtype))
               for _ in model.layers]
@@ -207,6 +266,21 @@ def _scratch_runner(model) -> Callable[[int], None]:
     return run
 
 
+def _addresses(model, cache) -> Callable[[], list]:
+    """addresses(): where everything the step reads and writes is now, cheap enough to take at every step. It holds
+    the parameters themselves (model.to(dtype) swaps a parameter's data, not the parameter) and each QuantizedLinear's
+    table of buffers (they are replaced whole: the scales by a cast, all of them by loading)."""
+    parameters = [t for t in _weight_tensors(model) if isinstance(t, nn.Parameter)]
+    buffers = [(linear._buffers, name) for linear in _linears(model) if isinstance(linear, QuantizedLinear)
+               for name in _linear_tensors(linear)]
+
+    def addresses() -> list:
+        return ([p.data_ptr() for p in parameters] + [table[name].data_ptr() for table, name in buffers]
+                + [cache.k.data_ptr(), cache.v.data_ptr()])
+
+    return addresses
+
+
 def decoder(model, cache, prefetch_bytes: Optional[int] = None) -> Optional[Callable[[Tensor], Tensor]]:
     """step(tokens [batch, 1]) -> logits [batch, 1, vocab] for `model` (an Aquila) and its KVCache `cache`, advancing
     the cache; None where the C++ step cannot run. prefetch_bytes: the step's prefetch distance (default: chosen for
@@ -214,11 +288,13 @@ def decoder(model, cache, prefetch_bytes: Optional[int] = None) -> Optional[Call
     if model.backend not in (None, "cpu") or _backend.cpu_extension is None or cache.k.device.type != "cpu":
         return None
     caches = [(cache.k[index], cache.v[index]) for index in range(len(model.layers))]
-    tensors = [t for layer, (k, v) in zip(model.layers, caches) for t in _layer_tensors(layer, k, v).values()]
-    tensors += [model.tok_embeddings.weight, model.norm.weight, model.output.weight]
-    dtype = model.output.weight.dtype
-    if dtype not in STEP_DTYPES or not all(
-            t.dtype == dtype and t.device.type == "cpu" and t.is_contiguous() for t in tensors):
+    tensors = _weight_tensors(model) + [t for pair in caches for t in pair]
+    dtype = step_dtype(model)
+    in_dtype = [model.tok_embeddings.weight, model.norm.weight, cache.k, cache.v,
+                *(norm.weight for layer in model.layers for norm in (layer.attention_norm, layer.ffn_norm))]
+    if (dtype not in STEP_DTYPES or not all(t.dtype == dtype for t in in_dtype)
+            or not _linears_supported(model, dtype)
+            or not all(t.device.type == "cpu" and t.is_contiguous() for t in tensors)):
         return None
     if prefetch_bytes is not None and prefetch_bytes < 0:
         raise ValueError(f"Aquila: prefetch_bytes must be >= 0, got {prefetch_bytes}")
@@ -228,11 +304,11 @@ def decoder(model, cache, prefetch_bytes: Optional[int] = None) -> Optional[Call
     workspace = torch.empty(workspace_floats(c, batch, max_len))
     arguments = {**_arguments(model, caches, cache.lengths, batch, max_len, workspace), "prefetch_bytes": prefetch[0]}
 
-    # The parameters themselves, not their data: model.to(dtype) swaps a parameter's data, which the step detects.
-    addresses = [t.data_ptr() for t in tensors]
+    addresses = _addresses(model, cache)
+    expected = addresses()
 
     def step(tokens: Tensor) -> Tensor:
-        if [t.data_ptr() for t in tensors] != addresses:
+        if addresses() != expected:
             raise RuntimeError("Aquila: the model's weights or its cache moved (another dtype, device or storage) "
                                "since model.decoder(cache) was made: make a new decoder")
         cache.check_room(tokens)
@@ -243,7 +319,7 @@ def decoder(model, cache, prefetch_bytes: Optional[int] = None) -> Optional[Call
         cache.lengths += 1
         return logits
 
-    # With `tensors` above: everything the addresses point into lives as long as the step.
+    # The model and cache hold what the addresses point into; a step finds them unchanged before it runs.
     step.keep_alive = (workspace, cache)
     step.prefetch = prefetch
     return step

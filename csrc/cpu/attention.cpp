@@ -23,6 +23,12 @@
 // AVX-512, 6 x 2 ymm for AVX2) while the k loop runs. Score tiles are kept transposed (keys x queries), so the
 // softmax statistics of the queries are lanes of vectors and K and V are used in their natural row-major layout.
 // AVX-512 matters: it doubles the peak of AVX2, and torch's SDPA (MKL) uses it where the CPU has it.
+//
+// Sliding windows and softcapping (kernels.h): every loop over key blocks runs over the keys that some query of its
+// query block sees (KeyWindow), and every loop over query blocks over the queries that see some key of its key
+// block, so a window of W keys costs about W / k_len of the full attention; only tiles that straddle the window's
+// edges are masked. Softcapped scores are capped before the mask (tanh_and_slope); the backward keeps each tile's
+// slopes 1 - tanh^2 to multiply dS by.
 #include <algorithm>
 #include <cmath>
 #include <cstdlib>
@@ -352,13 +358,83 @@ AQUILA_INLINE void round_to_bf16(const float* __restrict src, int64_t ld, int64_
   }
 }
 
-// Scores s[j][i] (keys j < cols, queries i < width, rows ld apart): key j is hidden from query i when
-// i < j + first, first = (first key of the tile) - (first query of the tile) - (k_len - q_len).
-AQUILA_INLINE void causal_mask(float* s, int64_t ld, int64_t cols, int64_t width, int64_t first) {
+// Far beyond any position in a sequence (< 2^31): the bound of an unbounded side of the window.
+constexpr int64_t kUnbounded = int64_t{1} << 40;
+
+// The keys each query of one sequence sees (kernels.h): query i sees keys [i + shift - before, i + shift + after]
+// within [0, k_len), shift = k_len - q_len. Ranges below are half-open.
+struct KeyWindow {
+  int64_t before, after, shift, k_len;
+
+  // The keys [first(i0), end(i1)) that some query of [i0, i1) sees (i0 < i1).
+  int64_t first(int64_t i0) const { return std::clamp<int64_t>(i0 + shift - before, 0, k_len); }
+  int64_t end(int64_t i1) const { return std::clamp<int64_t>(i1 + shift + after, 0, k_len); }
+  // The queries [first_query(j0), end_query(j1)) of [0, q_len) that see some key of [j0, j1) (j0 < j1).
+  int64_t first_query(int64_t j0) const { return std::max<int64_t>(0, j0 - shift - after); }
+  int64_t end_query(int64_t j1, int64_t q_len) const { return std::clamp<int64_t>(j1 - shift + before, 0, q_len); }
+  // Whether some query of [i0, i0 + rows) sees some key of [j0, j0 + cols).
+  bool sees(int64_t i0, int64_t rows, int64_t j0, int64_t cols) const {
+    return j0 <= i0 + rows - 1 + shift + after && j0 + cols - 1 >= i0 + shift - before;
+  }
+  // Whether every query of [i0, i0 + rows) sees every key of [j0, j0 + cols): the tile needs no mask.
+  bool sees_all(int64_t i0, int64_t rows, int64_t j0, int64_t cols) const {
+    return j0 + cols - 1 <= i0 + shift + after && j0 >= i0 + rows - 1 + shift - before;
+  }
+};
+
+template <typename Args>
+KeyWindow key_window(const Args& a, int64_t b) {
+  const int64_t q_len = a.seq.q_len[b], k_len = a.seq.k_len[b];
+  const int64_t after = a.causal ? 0 : a.window_right >= 0 ? a.window_right : kUnbounded;
+  return {a.window_left >= 0 ? a.window_left : kUnbounded, after, k_len - q_len, k_len};
+}
+
+// Scores s[j][i] (keys j0 + j, j < cols; queries i0 + i, i < width; rows ld apart): -inf where the query does not see
+// the key.
+AQUILA_INLINE void window_mask(float* s, int64_t ld, int64_t cols, int64_t width, const KeyWindow& w, int64_t i0,
+                               int64_t j0) {
   for (int64_t j = 0; j < cols; ++j) {
-    const int64_t hidden = std::min(width, std::max<int64_t>(0, j + first));
+    // Key j0 + j is seen by the queries i0 + i with lo <= i <= hi.
+    const int64_t lo = j0 + j - w.shift - w.after - i0, hi = j0 + j - w.shift + w.before - i0;
     float* row = s + j * ld;
-    for (int64_t i = 0; i < hidden; ++i) row[i] = -kInf;
+    const int64_t hidden_below = std::clamp<int64_t>(lo, 0, width);
+    for (int64_t i = 0; i < hidden_below; ++i) row[i] = -kInf;
+    for (int64_t i = std::clamp<int64_t>(hi + 1, hidden_below, width); i < width; ++i) row[i] = -kInf;
+  }
+}
+
+// The scores of a tile (rows x cols, rows ld apart) from the products q.k: times scale, then softcapped to
+// c tanh(s / c) when softcap c > 0, with each score's slope 1 - tanh^2 (its derivative) into `slope` (same layout)
+// when not null.
+AQUILA_INLINE void form_scores(float* __restrict s, int64_t ld, int64_t rows, int64_t cols, float scale, float softcap,
+                               float* __restrict slope) {
+  if (softcap > 0.0f) {
+    const float to_unit = scale / softcap;
+    for (int64_t r = 0; r < rows; ++r) {
+      float* __restrict row = s + r * ld;
+      if (slope) {
+        float* __restrict d = slope + r * ld;
+#pragma omp simd
+        for (int64_t c = 0; c < cols; ++c) {
+          float t;
+          tanh_and_slope(row[c] * to_unit, t, d[c]);
+          row[c] = softcap * t;
+        }
+      } else {
+#pragma omp simd
+        for (int64_t c = 0; c < cols; ++c) {
+          float t, unused;
+          tanh_and_slope(row[c] * to_unit, t, unused);
+          row[c] = softcap * t;
+        }
+      }
+    }
+  } else if (scale != 1.0f) {
+    for (int64_t r = 0; r < rows; ++r) {
+      float* __restrict row = s + r * ld;
+#pragma omp simd
+      for (int64_t c = 0; c < cols; ++c) row[c] *= scale;
+    }
   }
 }
 
@@ -475,7 +551,8 @@ AQUILA_INLINE void forward_bf16_item(const AttentionForward& a, int64_t b, int64
   const int64_t d = a.head_dim, dp = round_up(d, I::W), nd = dp / I::W;
   const int64_t group = a.heads_q / a.heads_k;
   const int64_t blocks = (q_hi - q_lo + BQ - 1) / BQ, tiles = group * blocks;
-  const int64_t q_len = a.seq.q_len[b], k_len = a.seq.k_len[b], shift = k_len - q_len;
+  const int64_t q_len = a.seq.q_len[b];
+  const KeyWindow window = key_window(a, b);
   const int64_t q_start = a.seq.q_start[b], k_token = a.seq.k_start[b];
   const float scale = static_cast<float>(a.scale);
   const bf16* k = static_cast<const bf16*>(a.k.data) + k_token * a.k.token_stride + hk * a.k.head_stride;
@@ -501,37 +578,40 @@ AQUILA_INLINE void forward_bf16_item(const AttentionForward& a, int64_t b, int64
     std::fill(l + t * BQ, l + (t + 1) * BQ, 0.0f);
   }
 
-  const int64_t k_end = a.causal ? std::clamp<int64_t>(q_hi + shift, 0, k_len) : k_len;
-  for (int64_t j0 = 0; j0 < k_end; j0 += BK) {
+  const int64_t k_end = window.end(q_hi);
+  for (int64_t j0 = window.first(q_lo); j0 < k_end; j0 += BK) {
     const int64_t cols = std::min(BK, k_end - j0);
     pack_bf16_element_pairs(k + j0 * a.k.token_stride, a.k.token_stride, cols, round_up(cols, I::W), d, dp, BK, kp);
     pack_bf16_row_pairs(v + j0 * a.v.token_stride, a.v.token_stride, cols, d, dp, vp);
     for (int64_t t = 0; t < tiles; ++t) {
       const int64_t i0 = q_lo + t % blocks * BQ;
       const int64_t rows = std::min(BQ, q_len - i0);
-      const int64_t tile_end = a.causal ? std::clamp<int64_t>(i0 + rows + shift, 0, k_len) : k_len;
-      if (j0 >= tile_end) continue;
+      const int64_t tile_end = window.end(i0 + rows);
+      if (j0 >= tile_end || j0 + cols <= window.first(i0)) continue;
       const int64_t tile_cols = std::min(cols, tile_end - j0), depth = round_up(tile_cols, 2);
       float* to = o + t * BQ * dp;
       I::product_bf16({rows, (tile_cols + I::W - 1) / I::W, dp / 2, qr + t * BQ * dp, dp, kp, BK, s, BK, false});
+      form_scores(s, BK, rows, tile_cols, scale, a.softcap, nullptr);
       for (int64_t i = 0; i < rows; ++i) {
         const float* __restrict row = s + i * BK;
-        // The keys this query sees: all of the tile's, or under the causal mask those up to i0 + i + shift.
-        const int64_t seen = a.causal ? std::clamp<int64_t>(i0 + i + shift - j0 + 1, 0, tile_cols) : tile_cols;
+        // The keys [lo, hi) of the tile that this query sees.
+        const int64_t lo = std::clamp<int64_t>(window.first(i0 + i) - j0, 0, tile_cols);
+        const int64_t hi = std::clamp<int64_t>(window.end(i0 + i + 1) - j0, lo, tile_cols);
         float& running_max = m[t * BQ + i];
-        const float new_max = std::max(running_max, max_over(seen, [&](int64_t j) { return scale * row[j]; }));
+        const float new_max = std::max(running_max, max_over(hi - lo, [&](int64_t j) { return row[lo + j]; }));
         const float base = new_max == -kInf ? 0.0f : new_max;  // a query that has seen no key yet: its exps are 0
         const float alpha = exp_nonpositive(running_max - base);
         running_max = new_max;
         uint16_t* __restrict prow = p + i * BK;
         float sum = 0.0f;
+        std::fill(prow, prow + lo, uint16_t{0});
 #pragma omp simd reduction(+ : sum)
-        for (int64_t j = 0; j < seen; ++j) {
-          const float e = exp_nonpositive(scale * row[j] - base);
+        for (int64_t j = lo; j < hi; ++j) {
+          const float e = exp_nonpositive(row[j] - base);
           prow[j] = from_float<bf16>(e).bits;
           sum += e;
         }
-        std::fill(prow + seen, prow + depth, uint16_t{0});
+        std::fill(prow + hi, prow + depth, uint16_t{0});
         l[t * BQ + i] = l[t * BQ + i] * alpha + sum;
         if (alpha != 1.0f) {
           float* __restrict out = to + i * dp;
@@ -557,8 +637,8 @@ AQUILA_INLINE void forward_item(const AttentionForward& a, int64_t b, int64_t hk
   const int64_t d = a.head_dim, dp = round_up(d, W), nd = dp / W;
   const int64_t group = a.heads_q / a.heads_k;
   const int64_t blocks = (q_hi - q_lo + BQ - 1) / BQ, tiles = group * blocks;
-  const int64_t q_len = a.seq.q_len[b], k_len = a.seq.k_len[b];
-  const int64_t shift = k_len - q_len;  // query i sees keys j <= i + shift when causal
+  const int64_t q_len = a.seq.q_len[b];
+  const KeyWindow window = key_window(a, b);
   const int64_t q_start = a.seq.q_start[b], k_token = a.seq.k_start[b];
   const T* k = static_cast<const T*>(a.k.data) + k_token * a.k.token_stride + hk * a.k.head_stride;
   const T* v = static_cast<const T*>(a.v.data) + k_token * a.v.token_stride + hk * a.v.head_stride;
@@ -585,21 +665,22 @@ AQUILA_INLINE void forward_item(const AttentionForward& a, int64_t b, int64_t hk
     std::fill(l + t * BQ, l + t * BQ + width, 0.0f);
   }
 
-  const int64_t k_end = a.causal ? std::clamp<int64_t>(q_hi + shift, 0, k_len) : k_len;
-  for (int64_t j0 = 0; j0 < k_end; j0 += BK) {
+  const int64_t k_end = window.end(q_hi);
+  for (int64_t j0 = window.first(q_lo); j0 < k_end; j0 += BK) {
     const int64_t cols = std::min(BK, k_end - j0);
     pack_rows(k + j0 * a.k.token_stride, a.k.token_stride, cols, d, dp, kt);
     pack_rows(v + j0 * a.v.token_stride, a.v.token_stride, cols, d, dp, vt);
     for (int64_t t = 0; t < tiles; ++t) {
       const int64_t i0 = q_lo + t % blocks * BQ;
       const int64_t rows = std::min(BQ, q_len - i0), nq = (rows + W - 1) / W, width = nq * W;
-      const int64_t tile_end = a.causal ? std::clamp<int64_t>(i0 + rows + shift, 0, k_len) : k_len;
-      if (j0 >= tile_end) continue;
+      const int64_t tile_end = window.end(i0 + rows);
+      if (j0 >= tile_end || j0 + cols <= window.first(i0)) continue;
       const int64_t tile_cols = std::min(cols, tile_end - j0);
       float* tm = m + t * BQ;
       float* to = o + t * BQ * dp;
       I::product({tile_cols, nq, d, kt, dp, 1, qt + t * d * BQ, BQ, s, BQ, false});  // S^T = K (scale Q)^T
-      if (a.causal && j0 + tile_cols - 1 > i0 + shift) causal_mask(s, BQ, tile_cols, width, j0 - i0 - shift);
+      form_scores(s, BQ, tile_cols, width, 1.0f, a.softcap, nullptr);
+      if (!window.sees_all(i0, rows, j0, tile_cols)) window_mask(s, BQ, tile_cols, width, window, i0, j0);
       online_softmax(s, BQ, tile_cols, width, tm, l + t * BQ, alpha, base, sum);
       for (int64_t i = 0; i < rows; ++i) {
         if (alpha[i] == 1.0f) continue;
@@ -637,6 +718,7 @@ struct BackwardScratch {
   float *kt, *vt, *dk, *dv;                       // [k_rows][dp]
   float *dk_head, *dv_head;                       // [k_rows][dp]: the partial sums of one span of queries
   float *p, *ds;                                  // [BK][BQ]: P^T, then dP^T and dS^T
+  float* slope;                                   // [BK][BQ]: the softcap's slopes 1 - tanh^2 of the scores
   uint32_t *qe, *doe, *qrp, *dorp;                // bf16 products only
   uint16_t *k16, *v16, *p16, *ds16;
 };
@@ -667,6 +749,7 @@ AQUILA_INLINE BackwardScratch carve_backward(float* ws, int64_t d, int64_t q_row
   s.dv_head = c.take(k_rows * dp);
   s.p = c.take(I::BK * I::BQ);
   s.ds = c.take(I::BK * I::BQ);
+  s.slope = c.take(I::BK * I::BQ);
   s.qe = words(bf16_q * dp / 2);
   s.doe = words(bf16_q * dp / 2);
   s.qrp = words(bf16_q * dp / 2);
@@ -730,7 +813,8 @@ AQUILA_INLINE void pack_queries(const AttentionBackward& a, int64_t b, int64_t h
 // packed keys (first key j0, cols of them). Adds into the partial sums dk_head and dv_head (key rows) when kv is set,
 // into dq (query rows) when it is not null.
 template <typename I>
-AQUILA_INLINE void backward_tile(const AttentionBackward& a, const BackwardScratch& s, int64_t shift, int64_t blk,
+AQUILA_INLINE void backward_tile(const AttentionBackward& a, const BackwardScratch& s, const KeyWindow& window,
+                                 int64_t blk,
                                  int64_t i0, int64_t rows, int64_t key, int64_t j0, int64_t cols, bool kv, float* dq) {
   constexpr int64_t BQ = I::BQ;
   const int64_t d = a.head_dim, dp = round_up(d, I::W), nd = dp / I::W;
@@ -746,11 +830,12 @@ AQUILA_INLINE void backward_tile(const AttentionBackward& a, const BackwardScrat
   } else {
     I::product({cols, nq, d, kt, dp, 1, s.qt + blk * d * BQ, BQ, s.p, BQ, false});  // S^T = K (scale Q)^T
   }
-  if (a.causal && j0 + cols - 1 > i0 + shift) causal_mask(s.p, BQ, cols, width, j0 - i0 - shift);
+  form_scores(s.p, BQ, cols, width, scale, a.softcap, s.slope);
+  if (!window.sees_all(i0, rows, j0, cols)) window_mask(s.p, BQ, cols, width, window, i0, j0);
   for (int64_t j = 0; j < cols; ++j) {
     float* __restrict row = s.p + j * BQ;
 #pragma omp simd
-    for (int64_t i = 0; i < width; ++i) row[i] = exp_nonpositive(scale * row[i] - lse[i]);
+    for (int64_t i = 0; i < width; ++i) row[i] = exp_nonpositive(row[i] - lse[i]);
   }
   const int64_t query_pairs = (rows + 1) / 2;
   if constexpr (I::kBf16Dot) {
@@ -769,6 +854,11 @@ AQUILA_INLINE void backward_tile(const AttentionBackward& a, const BackwardScrat
     float* __restrict row = s.ds + j * BQ;
 #pragma omp simd
     for (int64_t i = 0; i < width; ++i) row[i] = prow[i] * (row[i] - delta[i]);
+    if (a.softcap > 0.0f) {
+      const float* __restrict slope = s.slope + j * BQ;
+#pragma omp simd
+      for (int64_t i = 0; i < width; ++i) row[i] *= slope[i];
+    }
   }
   if (kv) {  // dK += dS^T Q
     if constexpr (I::kBf16Dot) {
@@ -809,11 +899,6 @@ AQUILA_INLINE void store_rows(const float* src, int64_t dp, int64_t rows, int64_
   }
 }
 
-// Whether key block j0 has a key that some query of the block [i0, i0 + rows) sees.
-AQUILA_INLINE bool sees(const AttentionBackward& a, int64_t j0, int64_t i0, int64_t rows, int64_t shift) {
-  return !a.causal || j0 <= i0 + rows - 1 + shift;
-}
-
 // Keys [k_lo, k_hi) of sequence b and kv head hk (k_lo a multiple of BK): their dK and dV, complete. With
 // with_dq (the item then covers all of the sequence's keys), also dQ of the group's q heads.
 template <typename T, typename I>
@@ -825,7 +910,8 @@ AQUILA_INLINE void key_item(const AttentionBackward& a, int64_t b, int64_t hk, i
   constexpr int64_t kChunk = 4;
   const int64_t d = a.head_dim, dp = round_up(d, I::W);
   const int64_t group = a.heads_q / a.heads_k;
-  const int64_t q_len = a.seq.q_len[b], k_len = a.seq.k_len[b], shift = k_len - q_len;
+  const int64_t q_len = a.seq.q_len[b], k_len = a.seq.k_len[b];
+  const KeyWindow window = key_window(a, b);
   const int64_t q_start = a.seq.q_start[b], k_token = static_cast<int64_t>(a.seq.k_start[b]) + k_lo;
   const BackwardScratch s = carve_backward<I>(ws, d, q_rows, k_rows);
   const T* k = static_cast<const T*>(a.k.data) + k_token * a.k.token_stride + hk * a.k.head_stride;
@@ -860,8 +946,8 @@ AQUILA_INLINE void key_item(const AttentionBackward& a, int64_t b, int64_t hk, i
     }
     for (int64_t c0 = k_lo; c0 < k_hi; c0 += kChunk * BK) {
       const int64_t c1 = std::min(k_hi, c0 + kChunk * BK);
-      const int64_t first_query = a.causal ? std::max<int64_t>(0, c0 - shift) : 0;
-      for (int64_t i0 = first_query / BQ * BQ; i0 < q_len; i0 += BQ) {
+      const int64_t first_query = window.first_query(c0), end_query = window.end_query(c1, q_len);
+      for (int64_t i0 = first_query / BQ * BQ; i0 < end_query; i0 += BQ) {
         if (i0 > first_query / BQ * BQ && i0 % kSpan == 0) add_span(c0, c1);
         const int64_t rows = std::min(BQ, q_len - i0);
         int64_t blk = i0 / BQ;
@@ -869,9 +955,10 @@ AQUILA_INLINE void key_item(const AttentionBackward& a, int64_t b, int64_t hk, i
           pack_queries<T, I>(a, b, h, i0, i0 + rows, s, true);
           blk = 0;
         }
-        for (int64_t j0 = c0; j0 < c1 && sees(a, j0, i0, rows, shift); j0 += BK) {
+        for (int64_t j0 = c0; j0 < c1; j0 += BK) {
           const int64_t cols = std::min(BK, k_len - j0);
-          backward_tile<I>(a, s, shift, blk, i0, rows, j0 - k_lo, j0, cols, true,
+          if (!window.sees(i0, rows, j0, cols)) continue;
+          backward_tile<I>(a, s, window, blk, i0, rows, j0 - k_lo, j0, cols, true,
                            with_dq ? s.dq + i0 * dp : nullptr);
         }
       }
@@ -895,22 +982,24 @@ AQUILA_INLINE void query_item(const AttentionBackward& a, int64_t b, int64_t h, 
   constexpr int64_t BQ = I::BQ, BK = I::BK;
   const int64_t d = a.head_dim, dp = round_up(d, I::W);
   const int64_t hk = h / (a.heads_q / a.heads_k);
-  const int64_t q_len = a.seq.q_len[b], k_len = a.seq.k_len[b], shift = k_len - q_len;
+  const int64_t k_len = a.seq.k_len[b];
+  const KeyWindow window = key_window(a, b);
   const int64_t q_token = static_cast<int64_t>(a.seq.q_start[b]) + q_lo, k_start = a.seq.k_start[b];
   const BackwardScratch s = carve_backward<I>(ws, d, q_rows, k_rows);
   const T* k = static_cast<const T*>(a.k.data) + k_start * a.k.token_stride + hk * a.k.head_stride;
   const T* v = static_cast<const T*>(a.v.data) + k_start * a.v.token_stride + hk * a.v.head_stride;
   pack_queries<T, I>(a, b, h, q_lo, q_hi, s, false);
   std::fill(s.dq, s.dq + (q_hi - q_lo) * dp, 0.0f);
-  const int64_t k_end = a.causal ? std::clamp<int64_t>(q_hi + shift, 0, k_len) : k_len;
-  for (int64_t j0 = 0; j0 < k_end; j0 += BK) {
-    const int64_t cols = std::min(BK, k_len - j0);  // as key_item cuts it
+  // Key blocks cut as key_item cuts them (from key 0), so that dQ adds the same tiles in the same order.
+  const int64_t k_end = window.end(q_hi);
+  for (int64_t j0 = window.first(q_lo) / BK * BK; j0 < k_end; j0 += BK) {
+    const int64_t cols = std::min(BK, k_len - j0);
     pack_keys<T, I>(k + j0 * a.k.token_stride, a.k.token_stride, v + j0 * a.v.token_stride, a.v.token_stride, cols,
                     d, s, true);
     for (int64_t i0 = q_lo; i0 < q_hi; i0 += BQ) {
       const int64_t rows = std::min(BQ, q_hi - i0);
-      if (sees(a, j0, i0, rows, shift))
-        backward_tile<I>(a, s, shift, (i0 - q_lo) / BQ, i0, rows, 0, j0, cols, false, s.dq + (i0 - q_lo) * dp);
+      if (window.sees(i0, rows, j0, cols))
+        backward_tile<I>(a, s, window, (i0 - q_lo) / BQ, i0, rows, 0, j0, cols, false, s.dq + (i0 - q_lo) * dp);
     }
   }
   T* gq = static_cast<T*>(a.grad_q.data) + q_token * a.grad_q.token_stride + h * a.grad_q.head_stride;
@@ -1093,22 +1182,27 @@ void backward_driver(const AttentionBackward& a, int threads) {
 }
 
 
-void check(int64_t heads_q, int64_t heads_k, int64_t head_dim) {
-  if (heads_k < 1 || heads_q % heads_k != 0)
+template <typename Args>
+void check(const Args& a) {
+  if (a.heads_k < 1 || a.heads_q % a.heads_k != 0)
     throw std::invalid_argument("aquila: attention needs heads_q to be a multiple of heads_k");
-  if (head_dim < 1) throw std::invalid_argument("aquila: attention needs head_dim >= 1");
+  if (a.head_dim < 1) throw std::invalid_argument("aquila: attention needs head_dim >= 1");
+  if (a.window_left < -1 || a.window_right < -1)
+    throw std::invalid_argument("aquila: attention needs window_left and window_right >= -1");
+  if (!std::isfinite(a.softcap) || a.softcap < 0.0f)
+    throw std::invalid_argument("aquila: attention needs a finite softcap >= 0");
 }
 
 }  // namespace
 
 void attention_forward(const AttentionForward& args, int threads) {
-  check(args.heads_q, args.heads_k, args.head_dim);
+  check(args);
   threads = std::max(threads, 1);
   dispatch_dtype(args.dtype, [&](auto* tag) { forward_driver<std::remove_pointer_t<decltype(tag)>>(args, threads); });
 }
 
 void attention_backward(const AttentionBackward& args, int threads) {
-  check(args.heads_q, args.heads_k, args.head_dim);
+  check(args);
   threads = std::max(threads, 1);
   dispatch_dtype(args.dtype, [&](auto* tag) { backward_driver<std::remove_pointer_t<decltype(tag)>>(args, threads); });
 }

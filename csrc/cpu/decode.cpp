@@ -1,13 +1,23 @@
-// A whole decoding step of the model in one call (CPU, fp32 or bf16 weights and cache, fp32 activations):
-// embeddings, every block (RMSNorm with the residual add, q/k/v projections, rotary, the cache write, attention over
-// the cache, output projection, SwiGLU) and the output projection, inside one OpenMP team. A decoding step at batch 1 reads every weight once and does little else,
-// so what it costs beyond the weight reads is overhead: here that is a barrier per stage instead of a Python call,
-// a tensor allocation and a dispatch per op.
+// A whole decoding step of the model in one call (CPU, fp32 or bf16 embeddings, norms and cache, fp32 activations;
+// each linear dense in that dtype or weight-only quantized to int8 or int4): embeddings, every block (RMSNorm with the
+// residual add, q/k/v projections, rotary, the cache write, attention over the cache, output projection, SwiGLU) and
+// the output projection, inside one OpenMP team. A decoding step at batch 1 reads every weight once and does little
+// else, so what it costs beyond the weight reads is overhead: here that is a barrier per stage instead of a Python
+// call, a tensor allocation and a dispatch per op.
+//
+// Quantized projections take the dot-product primitives of the quantized linear layer (csrc/cpu/quantized_dot.h):
+// the weights dequantized in registers, their input first copied into the order of the dequantized planes (a stage of
+// its own, skipped when the previous projection of the same input already made that copy: wq, wk and wv share one,
+// as do w1 and w3). Int4 takes the ISA's vector width W when its step (8W columns) divides the group size, a
+// narrower width whose step does, and otherwise a loop over each group's bytes.
 #include <algorithm>
 #include <cmath>
+#include <string>
+#include <tuple>
 #include <vector>
 
 #include "cpu/common.h"
+#include "cpu/quantized_dot.h"
 
 namespace aquila::cpu {
 namespace {
@@ -85,15 +95,7 @@ AQUILA_INLINE void dots(const T* __restrict row, int64_t cols, const float* __re
   for (int n = 0; n < NB; ++n) {
 #pragma GCC unroll 16
     for (int a = 1; a < A; ++a) acc[n][0] += acc[n][a];
-    // The lanes summed pairwise, as a tree: W dependent scalar adds would cost as much as the row's FMAs.
-    float lanes[W];
-    store(lanes, acc[n][0]);
-#pragma GCC unroll 16
-    for (int width = W / 2; width >= 1; width /= 2) {
-#pragma GCC unroll 16
-      for (int lane = 0; lane < width; ++lane) lanes[lane] += lanes[lane + width];
-    }
-    float total = lanes[0];
+    float total = lane_sum<W>(acc[n][0]);
     for (int64_t t = j; t < cols; ++t) total += to_float(row[t]) * x[n * x_stride + t];
     out[n * out_stride] = total;
   }
@@ -115,13 +117,133 @@ AQUILA_INLINE void dots_over_batch(const T* __restrict row, int64_t cols, const 
 // once for the whole batch: a row stays in L1 while every input uses it). NB inputs share each load of the weights:
 // as many as the registers hold with A accumulators each (32 vector registers with AVX-512, 16 below).
 template <int W, int A, typename T>
-AQUILA_INLINE void project(const T* __restrict w, int64_t rows, int64_t cols, const float* __restrict in,
+AQUILA_INLINE void project_dense(const T* __restrict w, int64_t rows, int64_t cols, const float* __restrict in,
                            int64_t in_stride, float* __restrict out, int64_t out_stride, int64_t batch,
                            int64_t prefetch) {
   constexpr int NB = W == 16 ? 4 : 2;
 #pragma omp for schedule(static)
   for (int64_t r = 0; r < rows; ++r)
     dots_over_batch<W, A, NB, T>(w + r * cols, cols, in, in_stride, out + r, out_stride, 0, batch, prefetch);
+}
+
+// A quantized projection's input in the order of the dequantized planes (fill_row), shared by the projections of
+// one input: every thread of the team keeps the same record of what the buffer holds, so all take the same branch
+// around the stage that fills it.
+struct PlanarInput {
+  float* buffer;  // batch x cols
+  const float* source = nullptr;  // what it holds: the rows of source, in the layout of (width, planes)
+  int width = 0, planes = 0;
+
+  // The step rewrites its inputs in place (normed, attended, gate): called once they are new, before their readers.
+  AQUILA_INLINE void forget() { source = nullptr; }
+
+  template <int W, int P>
+  AQUILA_INLINE const float* of(const float* in, int64_t in_stride, int64_t cols, int64_t batch) {
+    if (source != in || width != W || planes != P) {
+#pragma omp for schedule(static)
+      for (int64_t b = 0; b < batch; ++b) fill_row<float, W, P>(buffer + b * cols, in + b * in_stride, cols);
+      source = in, width = W, planes = P;
+    }
+    return buffer;
+  }
+};
+
+// out[b * out_stride + r] = in[b] . w[r] for a quantized w: blocks of NB rows split over the team, each block read
+// once for up to 4 inputs (block_dots). NB: as many row accumulators as the ISA's registers hold (8 with AVX-512's 32,
+// 4 with 16).
+template <int W, int NB, int Bits>
+AQUILA_INLINE void project_quantized(const Weights& wt, int64_t rows, int64_t cols, const float* in, int64_t in_stride,
+                                     float* out, int64_t out_stride, int64_t batch, int64_t prefetch,
+                                     PlanarInput& planar) {
+  const float* x = planar.of<W, Bits == 4 ? 8 : 4>(in, in_stride, cols, batch);
+  const int64_t blocks = (rows + NB - 1) / NB;
+#pragma omp for schedule(static)
+  for (int64_t block = 0; block < blocks; ++block) {
+    block_dots<W, NB, Bits>(wt, rows, block * NB, x, cols, batch, 0, cols, prefetch,
+                            [&](int64_t b, int64_t r, float sum) {
+                              out[b * out_stride + r] = Bits == 8 ? sum * wt.scales[r] : sum;
+                            });
+  }
+}
+
+// The int4 projection whose group size no vector width's step (8W columns, W >= 4) divides: per row, each group's
+// zero and scale once, then its bytes two columns at a time; the inputs one after the other (the row stays in L1).
+AQUILA_INLINE void project_int4_by_groups(const Weights& wt, int64_t rows, int64_t cols, const float* in,
+                                          int64_t in_stride, float* out, int64_t out_stride, int64_t batch) {
+  const int64_t half_group = wt.group_size / 2;
+#pragma omp for schedule(static)
+  for (int64_t r = 0; r < rows; ++r) {
+    const uint8_t* bytes = wt.row<4>(r, 0);
+    for (int64_t b = 0; b < batch; ++b) {
+      const float* x = in + b * in_stride;
+      float total = 0.0f;
+      for (int64_t g = 0; g < wt.groups; ++g) {
+        const float zero = wt.zero(r, g), scale = wt.scale(r, g);
+        for (int64_t j = g * half_group; j < (g + 1) * half_group; ++j) {
+          total += x[2 * j] * ((static_cast<float>(bytes[j] & 15) - zero) * scale) +
+                   x[2 * j + 1] * ((static_cast<float>(bytes[j] >> 4) - zero) * scale);
+        }
+      }
+      out[b * out_stride + r] = total;
+    }
+  }
+}
+
+// An int4 projection at the widest vector width W whose step (8W columns) divides the group size.
+template <int W, int NB>
+AQUILA_INLINE void project_int4(const Weights& wt, int64_t rows, int64_t cols, const float* in, int64_t in_stride,
+                                float* out, int64_t out_stride, int64_t batch, int64_t prefetch, PlanarInput& planar) {
+  if (wt.group_size % (8 * W) == 0) {
+    project_quantized<W, NB, 4>(wt, rows, cols, in, in_stride, out, out_stride, batch, prefetch, planar);
+  } else if constexpr (W > 4) {
+    project_int4<W / 2, NB>(wt, rows, cols, in, in_stride, out, out_stride, batch, prefetch, planar);
+  } else {
+    project_int4_by_groups(wt, rows, cols, in, in_stride, out, out_stride, batch);
+  }
+}
+
+// The quantized projections of an ISA of vector width W: out[b * out_stride + r] = in[b] . w[r]. They read no weight
+// of the step's dtype, so each ISA compiles them once for both dtypes, out of line (noinline: a call from the step's
+// body of the same ISA would otherwise be inlined into each).
+template <int W>
+AQUILA_INLINE void project_quantized_linear(const DecodeLinear& w, int64_t rows, int64_t cols, const float* in,
+                                            int64_t in_stride, float* out, int64_t out_stride, int64_t batch,
+                                            int64_t prefetch, PlanarInput& planar) {
+  constexpr int NB = W == 16 ? 8 : 4;
+  const int64_t bits = w.format == WeightFormat::int4 ? 4 : 8;
+  const Weights wt = Weights::of(w.weight, w.scales, w.zeros, cols, bits, w.group_size);
+  if (bits == 8) {
+    project_quantized<W, NB, 8>(wt, rows, cols, in, in_stride, out, out_stride, batch, prefetch, planar);
+  } else {
+    project_int4<W, NB>(wt, rows, cols, in, in_stride, out, out_stride, batch, prefetch, planar);
+  }
+}
+
+#define AQUILA_DECODE_QUANTIZED(NAME, TARGET, W)                                                                   \
+  TARGET __attribute__((noinline)) void project_quantized_##NAME(                                                  \
+      const DecodeLinear& w, int64_t rows, int64_t cols, const float* in, int64_t in_stride, float* out,           \
+      int64_t out_stride, int64_t batch, int64_t prefetch, PlanarInput& planar) {                                  \
+    project_quantized_linear<W>(w, rows, cols, in, in_stride, out, out_stride, batch, prefetch, planar);          \
+  }
+AQUILA_DECODE_QUANTIZED(baseline, , 4)
+AQUILA_DECODE_QUANTIZED(avx2, AQUILA_TARGET_AVX2, 8)
+AQUILA_DECODE_QUANTIZED(avx512, AQUILA_TARGET_AVX512, 16)
+#undef AQUILA_DECODE_QUANTIZED
+
+// out[b * out_stride + r] = in[b] . w[r] for the rows r of the linear w [rows, cols], as it is held. W: the ISA's
+// vector width.
+template <int W, int A, typename T>
+AQUILA_INLINE void project(const DecodeLinear& w, int64_t rows, int64_t cols, const float* __restrict in,
+                           int64_t in_stride, float* __restrict out, int64_t out_stride, int64_t batch,
+                           int64_t prefetch, PlanarInput& planar) {
+  if (w.format == WeightFormat::dense) {
+    project_dense<W, A, T>(static_cast<const T*>(w.weight), rows, cols, in, in_stride, out, out_stride, batch,
+                           prefetch);
+  } else {
+    const auto quantized = W == 16 ? project_quantized_avx512 : W == 8 ? project_quantized_avx2
+                                                                       : project_quantized_baseline;
+    quantized(w, rows, cols, in, in_stride, out, out_stride, batch, prefetch, planar);
+  }
 }
 
 // normed = (residual (+)= x) / rms * weight, over one token's features.
@@ -182,6 +304,7 @@ AQUILA_INLINE void decode_in_team(const DecodeStep& a, const float* cos_sin) {
   float* gate = attended + B * H * D;  // [B, F]
   float* up = gate + B * F;
   float* scores = up + B * F;  // [B * H, max_len]
+  PlanarInput planar{scores + B * H * a.max_len};  // [B, max(dim, H * D, F)]
 
 #pragma omp for schedule(static)
   for (int64_t b = 0; b < B; ++b) {
@@ -190,15 +313,16 @@ AQUILA_INLINE void decode_in_team(const DecodeStep& a, const float* cos_sin) {
   }
   for (int64_t l = 0; l < a.n_layers; ++l) {
     const DecodeLayer& w = a.layers[l];
-    const auto weights = [](const void* p) { return static_cast<const T*>(p); };
     T* k_cache = static_cast<T*>(w.k_cache);
     T* v_cache = static_cast<T*>(w.v_cache);
 #pragma omp for schedule(static)
     for (int64_t b = 0; b < B; ++b)
-      add_and_norm(x + b * dim, residual + b * dim, normed + b * dim, weights(w.attention_norm), dim, a.eps, l == 0);
-    project<W, A, T>(weights(w.wq), H * D, dim, normed, dim, q, H * D, B, a.prefetch_bytes);
-    project<W, A, T>(weights(w.wk), KV * D, dim, normed, dim, k, KV * D, B, a.prefetch_bytes);
-    project<W, A, T>(weights(w.wv), KV * D, dim, normed, dim, v, KV * D, B, a.prefetch_bytes);
+      add_and_norm(x + b * dim, residual + b * dim, normed + b * dim, static_cast<const T*>(w.attention_norm), dim,
+                   a.eps, l == 0);
+    planar.forget();  // normed is new: wq, wk and wv read it
+    project<W, A, T>(w.wq, H * D, dim, normed, dim, q, H * D, B, a.prefetch_bytes, planar);
+    project<W, A, T>(w.wk, KV * D, dim, normed, dim, k, KV * D, B, a.prefetch_bytes, planar);
+    project<W, A, T>(w.wv, KV * D, dim, normed, dim, v, KV * D, B, a.prefetch_bytes, planar);
 #pragma omp for schedule(static)
     for (int64_t b = 0; b < B; ++b) {
       const float* c = &cos_sin[(b * 2) * half];
@@ -243,22 +367,26 @@ AQUILA_INLINE void decode_in_team(const DecodeStep& a, const float* cos_sin) {
         for (int64_t d = 0; d < D; ++d) out[d] += weight * to_float(value[d]);
       }
     }
-    project<W, A, T>(weights(w.wo), dim, H * D, attended, H * D, x, dim, B, a.prefetch_bytes);
+    planar.forget();
+    project<W, A, T>(w.wo, dim, H * D, attended, H * D, x, dim, B, a.prefetch_bytes, planar);
 #pragma omp for schedule(static)
     for (int64_t b = 0; b < B; ++b)
-      add_and_norm(x + b * dim, residual + b * dim, normed + b * dim, weights(w.ffn_norm), dim, a.eps, false);
-    project<W, A, T>(weights(w.w1), F, dim, normed, dim, gate, F, B, a.prefetch_bytes);
-    project<W, A, T>(weights(w.w3), F, dim, normed, dim, up, F, B, a.prefetch_bytes);
+      add_and_norm(x + b * dim, residual + b * dim, normed + b * dim, static_cast<const T*>(w.ffn_norm), dim, a.eps,
+                   false);
+    planar.forget();  // w1 and w3 read the new normed
+    project<W, A, T>(w.w1, F, dim, normed, dim, gate, F, B, a.prefetch_bytes, planar);
+    project<W, A, T>(w.w3, F, dim, normed, dim, up, F, B, a.prefetch_bytes, planar);
 #pragma omp for schedule(static)
     for (int64_t i = 0; i < B * F; ++i) gate[i] = gate[i] / (1.0f + std::exp(-gate[i])) * up[i];
-    project<W, A, T>(weights(w.w2), dim, F, gate, F, x, dim, B, a.prefetch_bytes);
+    planar.forget();
+    project<W, A, T>(w.w2, dim, F, gate, F, x, dim, B, a.prefetch_bytes, planar);
   }
 #pragma omp for schedule(static)
   for (int64_t b = 0; b < B; ++b)
     add_and_norm(x + b * dim, residual + b * dim, normed + b * dim, static_cast<const T*>(a.final_norm), dim, a.eps,
                  a.n_layers == 0);
-  project<W, A, T>(static_cast<const T*>(a.output), a.vocab, dim, normed, dim, a.logits, a.vocab, B,
-                   a.prefetch_bytes);
+  planar.forget();
+  project<W, A, T>(a.output, a.vocab, dim, normed, dim, a.logits, a.vocab, B, a.prefetch_bytes, planar);
 }
 
 // One body per ISA (the projections' vector width and accumulators) and weight dtype, chosen at run time.
@@ -300,12 +428,33 @@ void decode_step(const DecodeStep& args, int threads) {
     throw std::invalid_argument("aquila decode_step: prefetch_bytes is " + std::to_string(args.prefetch_bytes) +
                                 ", must be >= 0");
   }
+  const auto check_linear = [&](const DecodeLinear& w, int64_t cols, const std::string& name) {
+    const std::string where = "aquila decode_step: " + name + ": ";
+    if (!w.weight) throw std::invalid_argument(where + "weight is null");
+    if (w.format == WeightFormat::dense) return;
+    if (!w.scales) throw std::invalid_argument(where + "a quantized linear needs scales");
+    if (w.format == WeightFormat::int8 && w.zeros) throw std::invalid_argument(where + "int8 takes no zeros");
+    if (w.format == WeightFormat::int4 && (w.group_size < 2 || w.group_size % 2 != 0 || cols % w.group_size != 0)) {
+      throw std::invalid_argument(where + "group_size must be even, >= 2 and divide in_features, got " +
+                                  std::to_string(w.group_size) + " for in_features " + std::to_string(cols));
+    }
+  };
+  const int64_t dim = args.dim, attended = args.heads * args.head_dim;
+  for (int64_t l = 0; l < args.n_layers; ++l) {
+    const DecodeLayer& w = args.layers[l];
+    const std::string layer = "layers[" + std::to_string(l) + "].";
+    for (const auto& [linear, cols, name] : {std::tuple{&w.wq, dim, "wq"}, {&w.wk, dim, "wk"}, {&w.wv, dim, "wv"},
+                                             {&w.wo, attended, "wo"}, {&w.w1, dim, "w1"},
+                                             {&w.w2, args.hidden_dim, "w2"}, {&w.w3, dim, "w3"}})
+      check_linear(*linear, cols, layer + name);
+  }
+  check_linear(args.output, dim, "output");
   if (args.dtype == DType::f32) {
     run<float>(args, threads);
   } else if (args.dtype == DType::bf16) {
     run<bf16>(args, threads);
   } else {
-    throw std::invalid_argument("aquila decode_step: takes fp32 or bf16 weights");
+    throw std::invalid_argument("aquila decode_step: takes an fp32 or bf16 dtype (embeddings, norms, cache)");
   }
 }
 

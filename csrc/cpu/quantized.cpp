@@ -6,13 +6,10 @@
 // once to fp32; an int8 row's sum of x q is multiplied by the row's scale at the end (forward), or the scale is folded
 // into grad_out's element first (backward).
 //
-// Unpacking without shuffles. W weights are read as W 32-bit words, lane i holding 4 int8 weights (columns 4i..4i+3
-// of the step) or 8 nibbles (columns 8i..8i+7, column 8i + j in nibble j: x86 is little-endian). Shifts and masks
-// in the lanes then give the weights as P "planes" of W (P = 4 or 8), plane j holding columns Pi + j. Rather than
-// interleaving the planes back, the kernels keep x in the same order: the forward's fp32 copy of x ("panel") stores
-// each step of P W columns plane by plane, and the backward writes its output planes back to their columns once. With
-// AVX-512 the 16 values (i - zero) * scale of an int4 group are one register, and vpermps (which reads the low 4 bits
-// of each lane) dequantizes 16 nibbles in one instruction: a shift and a permute per 16 weights.
+// The weights are unpacked into planes with shifts and masks (int4 on AVX-512: a shift and a vpermps lookup per 16
+// weights), and x is kept in the planes' order: the dot-product primitives and the format's view are in
+// csrc/cpu/quantized_dot.h, shared with the decoding step. The forward's fp32 copy of x ("panel") is in that order,
+// and the backward writes its output planes back to their columns once.
 //
 // Forward. Each thread owns a contiguous range of output features (rows of W), in blocks of NB rows. x goes in
 // panels of up to 64 rows and kPanelFloats floats (converted and reordered into the thread's own buffer, to stay in
@@ -32,6 +29,7 @@
 #include <vector>
 
 #include "cpu/common.h"
+#include "cpu/quantized_dot.h"
 
 namespace aquila::cpu {
 namespace {
@@ -40,92 +38,9 @@ constexpr int64_t kPanelFloats = 64 * 1024;  // 256 KiB of x per thread
 constexpr int64_t kPanelRows = 64;
 constexpr int64_t kBackwardRowBlock = 256;
 
-template <int W>
-struct Words {
-  typedef uint32_t type __attribute__((vector_size(4 * W)));
-  typedef int32_t signed_type __attribute__((vector_size(4 * W)));
-};
-
-// The kernels' view of the weights.
-struct Weights {
-  const void* qweight;
-  const float* scales;
-  const uint8_t* zeros;  // int4 asymmetric only
-  int64_t in, groups, group_size;
-
-  // The bytes of row n from column k (8 bits: one byte a column; 4 bits: k even, two columns a byte).
-  template <int Bits>
-  AQUILA_INLINE const uint8_t* row(int64_t n, int64_t k) const {
-    return static_cast<const uint8_t*>(qweight) + (Bits == 4 ? (n * in + k) / 2 : n * in + k);
-  }
-  AQUILA_INLINE float zero(int64_t n, int64_t g) const {
-    return zeros ? static_cast<float>(zeros[n * groups + g]) : 8.0f;
-  }
-  AQUILA_INLINE float scale(int64_t n, int64_t g) const { return scales[n * groups + g]; }
-  // One weight, dequantized: the scalar paths.
-  AQUILA_INLINE float int8(int64_t n, int64_t k) const { return static_cast<const int8_t*>(qweight)[n * in + k]; }
-  AQUILA_INLINE float int4(int64_t n, int64_t k) const {
-    const uint8_t byte = *row<4>(n, k & ~int64_t{1});
-    const int64_t g = k / group_size;
-    return (static_cast<float>(k & 1 ? byte >> 4 : byte & 15) - zero(n, g)) * scale(n, g);
-  }
-};
-
 template <typename Args>
 Weights weights_of(const Args& a) {
-  const bool int4 = a.bits == 4;
-  return {a.qweight, a.scales, a.zeros, a.in_features, int4 ? a.in_features / a.group_size : 1,
-          int4 ? a.group_size : a.in_features};
-}
-
-// The dequantization of one int4 group of one row: plane j of a step's words is the group's weights at columns
-// 8i + j.
-template <int W>
-struct Int4Group {
-  using F = typename Lanes<W>::type;
-  using U = typename Words<W>::type;
-  using I = typename Words<W>::signed_type;
-  F a, b;  // W == 16: the 16 dequantized values; else the zero and the scale, in every lane
-
-  AQUILA_INLINE void set(float zero, float scale) {
-    if constexpr (W == 16) {
-      const F nibbles = {0.f, 1.f, 2.f, 3.f, 4.f, 5.f, 6.f, 7.f, 8.f, 9.f, 10.f, 11.f, 12.f, 13.f, 14.f, 15.f};
-      a = (nibbles - zero) * scale;
-    } else {
-      a = F{} + zero;
-      b = F{} + scale;
-    }
-  }
-
-  template <int J>
-  AQUILA_INLINE void plane(F& w, const U& words) const {
-    if constexpr (W == 16) {
-      w = __builtin_shuffle(a, words >> (4 * J));  // the lane's low 4 bits pick the value
-    } else {
-      const I nibbles = (I)((words >> (4 * J)) & 15u);
-      w = (__builtin_convertvector(nibbles, F) - a) * b;
-    }
-  }
-};
-
-// Plane j of int8 words: the signed byte j of each lane.
-template <int W, int J>
-AQUILA_INLINE void int8_plane(typename Lanes<W>::type& w, const typename Words<W>::type& words) {
-  using I = typename Words<W>::signed_type;
-  const I bytes = J == 3 ? (I)words >> 24 : (I)(words << (24 - 8 * J)) >> 24;
-  w = __builtin_convertvector(bytes, typename Lanes<W>::type);
-}
-
-template <int W>
-AQUILA_INLINE float lane_sum(const typename Lanes<W>::type& v) {
-  float lanes[W];
-  store(lanes, v);
-#pragma GCC unroll 16
-  for (int width = W / 2; width >= 1; width /= 2) {
-#pragma GCC unroll 16
-    for (int lane = 0; lane < width; ++lane) lanes[lane] += lanes[lane + width];
-  }
-  return lanes[0];
+  return Weights::of(a.qweight, a.scales, a.zeros, a.in_features, a.bits, a.group_size);
 }
 
 template <typename T>
@@ -150,20 +65,6 @@ struct Panels {
   float* partial;      // rows x out_features fp32 partial sums (when cols < in_features)
 };
 
-// One row of x, columns [k0, k0 + count), into the panel: each whole step of P W columns plane by plane (panel
-// column s + j W + i holds column k0 + s + P i + j), the rest (int8 only) in order.
-template <typename T, int W, int P>
-AQUILA_INLINE void fill_row(float* __restrict dst, const T* __restrict src, int64_t count) {
-  int64_t s = 0;
-  for (; s + P * W <= count; s += P * W) {
-#pragma GCC unroll 8
-    for (int j = 0; j < P; ++j) {
-      for (int i = 0; i < W; ++i) dst[s + j * W + i] = to_float(src[s + P * i + j]);
-    }
-  }
-  for (; s < count; ++s) dst[s] = to_float(src[s]);
-}
-
 template <int W, int P>
 AQUILA_INLINE void fill_panel(const QuantizedLinear& a, float* panel, int64_t m0, int64_t rows, int64_t k0,
                               int64_t cols) {
@@ -174,88 +75,6 @@ AQUILA_INLINE void fill_panel(const QuantizedLinear& a, float* panel, int64_t m0
       case DType::f32: fill_row<float, W, P>(dst, static_cast<const float*>(a.x) + offset, cols); break;
       case DType::f16: fill_row<f16, W, P>(dst, static_cast<const f16*>(a.x) + offset, cols); break;
       case DType::bf16: fill_row<bf16, W, P>(dst, static_cast<const bf16*>(a.x) + offset, cols); break;
-    }
-  }
-}
-
-// The int8 counterpart of Int4Group: plane j of a step's words is the signed byte j of each lane (columns 4i + j),
-// not yet scaled.
-template <int W>
-struct Int8Planes {
-  template <int J>
-  AQUILA_INLINE void plane(typename Lanes<W>::type& w, const typename Words<W>::type& words) const {
-    int8_plane<W, J>(w, words);
-  }
-};
-
-// One step of row c of a tile: acc[r][c] += x plane j of row r * the weights' plane j, one plane at a time (so that
-// one word and one plane of weights are live, not all of a step's).
-template <int W, int R, int C, int P, int Row, int J, typename Dequant>
-AQUILA_INLINE void step_planes(typename Lanes<W>::type (&acc)[R][C], const Dequant& dq,
-                               const typename Words<W>::type& words, const float* x, int64_t x_stride) {
-  using F = typename Lanes<W>::type;
-  if constexpr (J < P) {
-    F w;
-    dq.template plane<J>(w, words);
-#pragma GCC unroll 8
-    for (int r = 0; r < R; ++r) {
-      F xv;
-      load(xv, x + r * x_stride + J * W);
-      acc[r][Row] += xv * w;
-    }
-    step_planes<W, R, C, P, Row, J + 1>(acc, dq, words, x, x_stride);
-  }
-}
-
-// One step (P W columns, from byte `offset` of each row) of every row of a tile.
-template <int W, int R, int C, int P, int Row, typename Dequant>
-AQUILA_INLINE void step_rows(typename Lanes<W>::type (&acc)[R][C], const Dequant (&dq)[C],
-                             const uint8_t* const (&rows)[C], int64_t offset, const float* x, int64_t x_stride) {
-  if constexpr (Row < C) {
-    typename Words<W>::type words;
-    std::memcpy(&words, rows[Row] + offset, sizeof words);
-    step_planes<W, R, C, P, Row, 0>(acc, dq[Row], words, x, x_stride);
-    step_rows<W, R, C, P, Row + 1>(acc, dq, rows, offset, x, x_stride);
-  }
-}
-
-// sums[r][c] = x row r of the panel . W row n[c] over columns [k0, k0 + cols) (int8: not yet scaled).
-template <int W, int R, int C, int Bits>
-AQUILA_INLINE void forward_tile(const Weights& wt, const int64_t (&n)[C], const float* x, int64_t x_stride, int64_t k0,
-                                int64_t cols, float (&sums)[R][C]) {
-  using F = typename Lanes<W>::type;
-  constexpr int P = Bits == 4 ? 8 : 4;
-  constexpr int64_t kStep = P * W;
-  F acc[R][C];
-#pragma GCC unroll 8
-  for (int r = 0; r < R; ++r)
-#pragma GCC unroll 8
-    for (int c = 0; c < C; ++c) acc[r][c] = F{};
-  const uint8_t* rows[C];
-#pragma GCC unroll 8
-  for (int c = 0; c < C; ++c) rows[c] = wt.row<Bits>(n[c], k0);
-  int64_t k = 0;  // from k0
-  if constexpr (Bits == 4) {
-    for (int64_t g = k0 / wt.group_size; k < cols; k += wt.group_size, ++g) {
-      Int4Group<W> groups[C];
-#pragma GCC unroll 8
-      for (int c = 0; c < C; ++c) groups[c].set(wt.zero(n[c], g), wt.scale(n[c], g));
-      for (int64_t s = k; s < k + wt.group_size; s += kStep)
-        step_rows<W, R, C, P, 0>(acc, groups, rows, s >> 1, x + s, x_stride);
-    }
-  } else {
-    const Int8Planes<W> planes[C] = {};
-    for (; k + kStep <= cols; k += kStep) step_rows<W, R, C, P, 0>(acc, planes, rows, k, x + k, x_stride);
-  }
-#pragma GCC unroll 8
-  for (int r = 0; r < R; ++r) {
-#pragma GCC unroll 8
-    for (int c = 0; c < C; ++c) {
-      sums[r][c] = lane_sum<W>(acc[r][c]);
-      if constexpr (Bits == 8) {  // the last columns, fewer than a step
-        const int8_t* q = reinterpret_cast<const int8_t*>(rows[c]);
-        for (int64_t j = k; j < cols; ++j) sums[r][c] += x[r * x_stride + j] * static_cast<float>(q[j]);
-      }
     }
   }
 }
@@ -275,26 +94,6 @@ AQUILA_INLINE void emit(const QuantizedLinear& a, const Panels& p, int64_t m, in
   store_value(a.dtype, a.out, m * a.out_features + n, v);
 }
 
-// R rows of the panel (from its row m) against the block of NB rows of W from row n_first, C rows at a time.
-template <int W, int NB, int R, int Bits>
-AQUILA_INLINE void forward_rows(const QuantizedLinear& a, const Weights& wt, const Panels& p, const float* x,
-                                int64_t x_stride, int64_t m, int64_t n_first, int64_t k0, int64_t cols, bool first,
-                                bool last) {
-  constexpr int C = NB / R > 0 ? NB / R : 1;
-  for (int c0 = 0; c0 < NB; c0 += C) {
-    const int64_t n0 = n_first + c0;
-    if (n0 >= a.out_features) break;
-    int64_t n[C];
-#pragma GCC unroll 8
-    for (int c = 0; c < C; ++c) n[c] = std::min(n0 + c, a.out_features - 1);  // past the end: computed, not stored
-    float sums[R][C];
-    forward_tile<W, R, C, Bits>(wt, n, x, x_stride, k0, cols, sums);
-    for (int r = 0; r < R; ++r) {
-      for (int c = 0; c < C && n0 + c < a.out_features; ++c) emit(a, p, m + r, n0 + c, sums[r][c], first, last);
-    }
-  }
-}
-
 template <int W, int NB, int Bits>
 AQUILA_INLINE void forward_in_team(const QuantizedLinear& a, const Panels& p, int thread, int team) {
   const Weights wt = weights_of(a);
@@ -310,15 +109,8 @@ AQUILA_INLINE void forward_in_team(const QuantizedLinear& a, const Panels& p, in
       const int64_t rows = std::min(p.rows, a.rows - m0);
       fill_panel<W, P>(a, panel, m0, rows, k0, cols);
       for (int64_t b = first_block; b < end_block; ++b) {
-        int64_t m = 0;
-        for (; m + 4 <= rows; m += 4)
-          forward_rows<W, NB, 4, Bits>(a, wt, p, panel + m * cols, cols, m0 + m, b * NB, k0, cols, first, last);
-        if (rows - m >= 2) {
-          forward_rows<W, NB, 2, Bits>(a, wt, p, panel + m * cols, cols, m0 + m, b * NB, k0, cols, first, last);
-          m += 2;
-        }
-        if (rows - m == 1)
-          forward_rows<W, NB, 1, Bits>(a, wt, p, panel + m * cols, cols, m0 + m, b * NB, k0, cols, first, last);
+        block_dots<W, NB, Bits>(wt, a.out_features, b * NB, panel, cols, rows, k0, cols, 0,
+                                [&](int64_t m, int64_t n, float v) { emit(a, p, m0 + m, n, v, first, last); });
       }
     }
   }

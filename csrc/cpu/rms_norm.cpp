@@ -44,10 +44,11 @@ AQUILA_SIMD_CLONES void forward_kernel(const RmsNormForward& a, int threads) {
   }
 }
 
+// dx may be dy's buffer (inplace_backward), and grad_residual may be dy itself: each element is read before it is
+// written and never again after, which holds without __restrict on those three.
 template <typename T>
-AQUILA_INLINE void store_grad_input(const T* __restrict dy, const T* __restrict x, const float* __restrict w,
-                                    const T* __restrict grad_residual, T* __restrict dx, float rstd, float mean_dot,
-                                    int64_t hidden) {
+AQUILA_INLINE void store_grad_input(const T* dy, const T* __restrict x, const float* __restrict w,
+                                    const T* grad_residual, T* dx, float rstd, float mean_dot, int64_t hidden) {
 #pragma omp simd
   for (int64_t j = 0; j < hidden; ++j) {
     const float x_hat = to_float(x[j]) * rstd;
@@ -68,7 +69,7 @@ AQUILA_SIMD_CLONES void backward_kernel(const RmsNormBackward& a, int threads) {
     const float* __restrict w = a.weight;
 #pragma omp for schedule(static)
     for (int64_t row = 0; row < a.rows; ++row) {
-      const T* __restrict dy = static_cast<const T*>(a.grad_out) + row * a.grad_out_row_stride;
+      const T* dy = static_cast<const T*>(a.grad_out) + row * a.grad_out_row_stride;  // may be grad_input's row
       const T* __restrict x = static_cast<const T*>(a.input) + row * a.input_row_stride;
       const T* grad_residual =
           a.grad_residual ? static_cast<const T*>(a.grad_residual) + row * a.grad_residual_row_stride : nullptr;

@@ -84,11 +84,12 @@ __device__ __forceinline__ void accumulate(const float (&z)[kVec], Partial& part
   part.sum += pack_sum;
 }
 
-// g_j = scale * (p_j (1 + 2 lambda lse) - eps / vocab), p_j = exp(z_j - lse); the target's -(1 - eps) comes apart.
+// g_j = p_j coef - smooth, p_j = exp(z_j - lse), coef = s + s_z 2 lambda lse and smooth = s eps / vocab; the
+// target's -s (1 - eps) comes apart.
 template <int kVec>
-__device__ __forceinline__ void gradient(float (&v)[kVec], float lse, float coef, float smooth, float scale) {
+__device__ __forceinline__ void gradient(float (&v)[kVec], float lse, float coef, float smooth) {
 #pragma unroll
-  for (int e = 0; e < kVec; ++e) v[e] = scale * (exp2f((v[e] - lse) * kLog2e) * coef - smooth);
+  for (int e = 0; e < kVec; ++e) v[e] = exp2f((v[e] - lse) * kLog2e) * coef - smooth;
 }
 
 template <typename T, int kVec>
@@ -195,10 +196,12 @@ __global__ void __launch_bounds__(1024) cross_entropy_kernel(const __grid_consta
       fill<T, kVec>(grad, packs, ignored ? 0.0f : quiet_nan());
       continue;
     }
-    const float scale = *a.grad_scale;
-    const float coef = 1.0f + z_loss * lse * 2.0f;
+    const float scale = a.grad_scale[0];
+    const float z_loss_slope = z_loss * lse * 2.0f * a.grad_scale[1];  // of s_z lambda lse^2
+    const float coef = scale + z_loss_slope;
+    const float scaled_smooth = scale * smooth;
     const auto store_gradient = [&](int p, float(&v)[kVec]) {
-      gradient(v, lse, coef, smooth, scale);
+      gradient(v, lse, coef, scaled_smooth);
       store_from_float(grad + p * kVec, v);
     };
     if constexpr (kItems > 0) {
@@ -210,10 +213,11 @@ __global__ void __launch_bounds__(1024) cross_entropy_kernel(const __grid_consta
     } else {
       stream_packs<kVec, kUnroll>(z, packs, store_gradient);
     }
-    // The target's element again, with its -(1 - eps), over what this same thread stored above: p_t c - (1 - eps)
-    // - eps / V as (p_t - 1) c + (c - 1) + eps - eps / V with p_t - 1 = -others / sum, in fp32 until the store.
+    // The target's element again, with its -s (1 - eps), over what this same thread stored above: p_t coef
+    // - s (1 - eps) - s eps / V as (p_t - 1) coef + s_z 2 lambda lse + s eps - s eps / V with p_t - 1 = -others /
+    // sum, in fp32 until the store.
     if (owner) {
-      const float g_t[1] = {scale * (-__fdiv_rn(others, sum) * coef + (coef - 1.0f) + eps - smooth)};
+      const float g_t[1] = {-__fdiv_rn(others, sum) * coef + z_loss_slope + scale * (eps - smooth)};
       store_from_float(grad + t, g_t);
     }
   }
@@ -251,8 +255,12 @@ void run(const CrossEntropy& a, cudaStream_t stream) {
 
 void cross_entropy(const CrossEntropy& args, uintptr_t stream) {
   if (args.vocab < 1) throw std::invalid_argument("aquila: cross_entropy needs vocab >= 1");
-  // Softcapped logits go to the Triton kernel (aquila/kernels/cross_entropy.py's table says so).
+  // Softcapped logits, class weights and the argmax go to the Triton kernel (aquila/kernels/cross_entropy.py's table
+  // says so).
   if (args.softcap != 0.0) throw std::invalid_argument("aquila: the CUDA cross_entropy has no softcapping");
+  if (args.class_weights || args.argmax) {
+    throw std::invalid_argument("aquila: the CUDA cross_entropy has no class weights or argmax");
+  }
   // Columns are indexed in 32 bits inside a row, with room for the streaming loop's look-ahead.
   if (args.vocab > INT_MAX / 2) throw std::invalid_argument("aquila: cross_entropy supports vocab <= 2^30 - 1");
   if (args.rows < 0) throw std::invalid_argument("aquila: cross_entropy needs rows >= 0");

@@ -1,5 +1,6 @@
 // Split-K ("flash-decoding") attention on CUDA: a few query tokens per sequence against a long KV cache, with the
-// semantics of kernels.h (AttentionForward): varlen sequences, GQA, bottom-right causal alignment, lse in fp32.
+// semantics of kernels.h (AttentionForward): varlen sequences, GQA, bottom-right causal alignment, sliding windows,
+// softcapping, lse in fp32.
 //
 // Work. A sequence's queries and the query heads that share kv head kh form its rows, row r = i * group + g being
 // query i (0-based in the sequence) of head kh * group + g (group = heads_q / heads_k). Kernel 1 runs one block of
@@ -20,6 +21,11 @@
 // Other dtypes and alignments take a CUDA-core kernel (simt_kernel): fp32 arithmetic, one key per warp at a time.
 // Offsets into q, k, v, out and the workspace are 64-bit; positions within a sequence (< 2^31) are 32-bit.
 //
+// Windows and softcapping. The splits cut the keys that the sequence's first query's window starts at, up to its
+// last key (with window_left >= 0: the last window_left + q_len keys at most), and a block streams only the keys
+// that some of its rows see; keys outside a row's window are masked as the causal mask is. Softcapped scores, in
+// log2 units s' = s log2(e), are c' tanh(s' / c') with c' = c log2(e): the same c tanh(s / c), scaled.
+//
 // Partial results (splits > 1). partial_out holds each split's normalised output o_s = sum_j p_j v_j / sum_j p_j
 // (0 when the split saw no key) and partial_lse its natural-log lse_s (-inf when it saw no key), so that
 //   lse = log sum_s exp(lse_s),   out = sum_s exp(lse_s - lse) o_s,
@@ -35,7 +41,8 @@
 // hundred keys long, use
 //   splits = clamp(ceil(16 * num_SMs / (batch * heads_k * row_chunks)), 1, max(1, ceil(max_k_len / 256)))
 // e.g. 132 SMs, batch 16, heads_k 32, one row chunk, 4096 keys: ceil(2112 / 512) = 5 splits, 2560 blocks.
-// splits may exceed a sequence's keys: the empty splits write lse -inf and contribute nothing.
+// splits may exceed a sequence's keys: the empty splits write lse -inf and contribute nothing. (With a window,
+// max_k_len above is at most window_left + max_q_len.)
 #include <atomic>
 #include <cmath>
 #include <type_traits>
@@ -58,6 +65,7 @@ struct Launch {
   int64_t rows_per_block;  // rows (query, head pairs of one kv head) per block of kernel 1
   int64_t row_chunks;      // blocks along a sequence's rows
   float scale_log2;        // scale * log2(e)
+  float softcap_log2;      // softcap * log2(e); 0: no softcapping
   bool q_packed;           // q can be read in 16-byte pieces
   bool out_packed;         // out can be written 4 elements at a time
 };
@@ -69,14 +77,40 @@ struct Work {
   int64_t row0;  // the block's first row
   int q_len, k_len;
   int split, kv_head;
-  int kb, ke;         // the split's keys [kb, ke) of the sequence
-  int key_end;        // keys [kb, key_end) are seen by at least one of the block's rows
-  int unmasked_end;   // keys [kb, unmasked_end) are seen by all of them
+  int kb, ke;            // the split's keys [kb, ke) of the sequence
+  int key_begin, key_end;  // keys [key_begin, key_end) are seen by at least one of the block's rows
+  int unmasked_begin, unmasked_end;  // keys [unmasked_begin, unmasked_end) are seen by all of them
 };
 
-// Query i of a sequence sees keys j <= limit(i).
+// Query i of a sequence sees keys first(i) <= j <= limit(i) (either may lie outside [0, k_len)).
 __device__ __forceinline__ int64_t key_limit(const AttentionForward& a, const Work& w, int64_t i) {
-  return a.causal ? i + w.k_len - w.q_len : static_cast<int64_t>(w.k_len) - 1;
+  const int64_t position = i + w.k_len - w.q_len;
+  if (a.causal) return position;
+  return a.window_right >= 0 ? position + a.window_right : static_cast<int64_t>(w.k_len) - 1;
+}
+__device__ __forceinline__ int64_t key_first(const AttentionForward& a, const Work& w, int64_t i) {
+  return a.window_left >= 0 ? i + w.k_len - w.q_len - a.window_left : 0;
+}
+
+__device__ __forceinline__ int clamp_key(int64_t key, int lo, int hi) {
+  return static_cast<int>(key < lo ? lo : key > hi ? hi : key);
+}
+
+// tanh(y) within a few ulps (tanhf itself compiles to tanh.approx.f32, relative error 2^-11, under --use_fast_math):
+// as csrc/cpu/common.h's tanh_and_slope, sign(y) (1 - e) / (1 + e) from e = exp(-2|y|), and below |y| = 0.25, where
+// 1 - e would cancel digits, tanh's Taylor series to y^9.
+__device__ __forceinline__ float accurate_tanh(float y) {
+  const float a = fabsf(y);
+  const float y2 = y * y;
+  const float series =
+      y * (1.0f + y2 * (-1.0f / 3.0f + y2 * (2.0f / 15.0f + y2 * (-17.0f / 315.0f + y2 * (62.0f / 2835.0f)))));
+  const float e = exp2f(-2.0f * kLog2e * a);
+  return a < 0.25f ? series : copysignf(__fdividef(1.0f - e, 1.0f + e), y);
+}
+
+// A score in log2 units, softcapped when softcap_log2 > 0.
+__device__ __forceinline__ float capped(float s, const Launch& x) {
+  return x.softcap_log2 > 0.0f ? x.softcap_log2 * accurate_tanh(s / x.softcap_log2) : s;
 }
 
 // Block id -> work; false when the block has no rows (its row chunk lies past the sequence's rows). Row chunks vary
@@ -96,14 +130,19 @@ __device__ __forceinline__ bool block_work(int64_t id, const AttentionForward& a
   w.q_start = a.seq.q_start[b];
   w.k_start = a.seq.k_start[b];
   w.k_len = a.seq.k_len[b];
-  w.kb = static_cast<int>(static_cast<int64_t>(w.split) * w.k_len / a.splits);
-  w.ke = static_cast<int>((static_cast<int64_t>(w.split) + 1) * w.k_len / a.splits);
+  // The splits cut the keys from the first that the sequence's first query sees.
+  const int reach = clamp_key(key_first(a, w, 0), 0, w.k_len);
+  const int64_t span = w.k_len - reach;
+  w.kb = reach + static_cast<int>(static_cast<int64_t>(w.split) * span / a.splits);
+  w.ke = reach + static_cast<int>((static_cast<int64_t>(w.split) + 1) * span / a.splits);
   const int64_t last_row = (w.row0 + rows_in_block < w.rows ? w.row0 + rows_in_block : w.rows) - 1;
-  // Later queries see more keys: the last row bounds what the block needs, the first what it can read unmasked.
-  const int64_t seen_by_last = key_limit(a, w, last_row / x.group) + 1;
-  const int64_t seen_by_first = key_limit(a, w, w.row0 / x.group) + 1;
-  w.key_end = static_cast<int>(seen_by_last < w.kb ? w.kb : seen_by_last > w.ke ? w.ke : seen_by_last);
-  w.unmasked_end = static_cast<int>(seen_by_first < w.kb ? w.kb : seen_by_first > w.ke ? w.ke : seen_by_first);
+  // Later queries' windows lie later: the first row's window starts what the block needs and the last row's ends
+  // it; keys past the last row's start and before the first row's end are seen by every row.
+  const int64_t first_query = w.row0 / x.group, last_query = last_row / x.group;
+  w.key_begin = clamp_key(key_first(a, w, first_query), w.kb, w.ke);
+  w.key_end = clamp_key(key_limit(a, w, last_query) + 1, w.key_begin, w.ke);
+  w.unmasked_begin = clamp_key(key_first(a, w, last_query), w.key_begin, w.key_end);
+  w.unmasked_end = clamp_key(key_limit(a, w, first_query) + 1, w.unmasked_begin, w.key_end);
   return true;
 }
 
@@ -343,12 +382,13 @@ __global__ void __launch_bounds__(kThreads, 3) mma_kernel(const __grid_constant_
       }
       q_s[r][piece] = v;
     }
-    int limit[kRowTiles];  // clamped to [-1, k_len - 1]
+    int first[kRowTiles], limit[kRowTiles];  // clamped to [0, k_len] and [-1, k_len - 1]
 #pragma unroll
     for (int rt = 0; rt < kRowTiles; ++rt) {
       const int64_t row = frag::qk_row(w.row0 + g, rt);
-      const int64_t last = row < w.rows ? key_limit(a, w, row / x.group) : -1;
-      limit[rt] = static_cast<int>(last < -1 ? -1 : last);
+      const bool live = row < w.rows;
+      first[rt] = live ? clamp_key(key_first(a, w, row / x.group), 0, w.k_len) : w.k_len;
+      limit[rt] = live ? clamp_key(key_limit(a, w, row / x.group), -1, w.k_len - 1) : -1;
     }
     // The finish needs the block's Work again: from shared memory, so that it holds no registers during the keys.
     if (threadIdx.x == 0) work_s = w;
@@ -444,11 +484,12 @@ __global__ void __launch_bounds__(kThreads, 3) mma_kernel(const __grid_constant_
       for (int jt = 0; jt < kTiles; ++jt) {
 #pragma unroll
         for (int c = 0; c < 4; ++c) {
-          s[jt][c] *= x.scale_log2;
+          s[jt][c] = capped(s[jt][c] * x.scale_log2, x);
           if constexpr (kMasked) {
             const int key = frag::qk_c_key(j0 + frag::qk_tile_key(jt), t, c);
             // (a row tile past kRowTiles holds no row: its scores are never read)
-            if (key >= w.key_end || key > limit[frag::qk_c_row_tile(c) % kRowTiles]) s[jt][c] = -INFINITY;
+            const int rt = frag::qk_c_row_tile(c) % kRowTiles;
+            if (key >= w.key_end || key > limit[rt] || key < first[rt]) s[jt][c] = -INFINITY;
           }
         }
       }
@@ -550,7 +591,7 @@ __global__ void __launch_bounds__(kThreads, 3) mma_kernel(const __grid_constant_
     // Warp `warp` takes steps warp, warp + kWarps, ... of the block's keys, its copies one step ahead. A commit with
     // nothing issued makes an empty group, so "all but the newest group complete" always means this step's pieces.
     const int stride = kWarps * kKeys;
-    int j0 = w.kb + warp * kKeys;
+    int j0 = w.key_begin + warp * kKeys;
     if (j0 < w.key_end) issue(j0, 0);
     copy_commit();
 #pragma unroll 1
@@ -558,7 +599,7 @@ __global__ void __launch_bounds__(kThreads, 3) mma_kernel(const __grid_constant_
       if (j0 + stride < w.key_end) issue(j0 + stride, st ^ 1);
       copy_commit();
       copy_wait<1>();
-      if (j0 + kKeys <= w.unmasked_end) {
+      if (j0 >= w.unmasked_begin && j0 + kKeys <= w.unmasked_end) {
         step(j0, st, std::false_type{});
       } else {
         step(j0, st, std::true_type{});
@@ -625,11 +666,12 @@ __global__ void __launch_bounds__(kThreads) simt_kernel(const __grid_constant__ 
     if (!block_work(id, a, x, kRows, w)) continue;
 
     float q[kRows][kChunks][kVec];
-    int64_t limit[kRows];
+    int64_t first[kRows], limit[kRows];
 #pragma unroll
     for (int r = 0; r < kRows; ++r) {
       const int64_t row = w.row0 + r;
       const bool live = row < w.rows;
+      first[r] = live ? key_first(a, w, row / x.group) : 0;
       limit[r] = live ? key_limit(a, w, row / x.group) : -1;
       const T* qrow = static_cast<const T*>(a.q.data) + (w.q_start + row / x.group) * a.q.token_stride +
                       (w.kv_head * x.group + row % x.group) * a.q.head_stride;
@@ -658,7 +700,7 @@ __global__ void __launch_bounds__(kThreads) simt_kernel(const __grid_constant__ 
         for (int e = 0; e < kVec; ++e) acc[r][c][e] = 0.0f;
     }
 
-    for (int j0 = w.kb + warp; j0 < w.key_end; j0 += kWarps * kUnroll) {
+    for (int j0 = w.key_begin + warp; j0 < w.key_end; j0 += kWarps * kUnroll) {
       float kv[kUnroll][2][kChunks][kVec];
 #pragma unroll
       for (int u = 0; u < kUnroll; ++u) {
@@ -686,8 +728,8 @@ __global__ void __launch_bounds__(kThreads) simt_kernel(const __grid_constant__ 
           for (int c = 0; c < kChunks; ++c)
 #pragma unroll
             for (int e = 0; e < kVec; ++e) dot += q[r][c][e] * kv[u][0][c][e];
-          const float s = warp_sum(dot);  // the same bits in every lane: the branch below is uniform
-          if (j > limit[r]) continue;
+          const float s = capped(warp_sum(dot), x);  // the same bits in every lane: the branch below is uniform
+          if (j > limit[r] || j < first[r]) continue;
           const float m_new = fmaxf(m[r], s);
           const float alpha = exp2f(m[r] - m_new);  // 0 for the first key (m -inf)
           const float p = exp2f(s - m_new);
@@ -899,6 +941,8 @@ void decode_attention(const AttentionForward& args, uintptr_t stream) {
   }
   if (a.seq.batch < 0 || a.seq.max_q_len < 0 || a.seq.max_k_len < 0) invalid("needs batch, max_q_len, max_k_len >= 0");
   if (!std::isfinite(a.scale)) invalid("needs a finite scale");
+  if (a.window_left < -1 || a.window_right < -1) invalid("needs window_left and window_right >= -1");
+  if (!std::isfinite(a.softcap) || a.softcap < 0.0f) invalid("needs a finite softcap >= 0");
   if (a.seq.batch == 0 || a.seq.max_q_len == 0) return;
   if (!a.q.data || !a.k.data || !a.v.data || !a.out.data || !a.seq.q_start || !a.seq.q_len || !a.seq.k_start ||
       !a.seq.k_len) {
@@ -912,6 +956,7 @@ void decode_attention(const AttentionForward& args, uintptr_t stream) {
   Launch x{};
   x.group = a.heads_q / a.heads_k;
   x.scale_log2 = static_cast<float>(a.scale * 1.4426950408889634);
+  x.softcap_log2 = a.softcap * kLog2e;
   dispatch_dtype(a.dtype, [&](auto* tag) { run<std::remove_pointer_t<decltype(tag)>>(a, x, as_stream(stream)); });
   check_launch("decode_attention");
 }

@@ -2,7 +2,7 @@ import pytest
 import torch
 
 from aquila.kernels import UnsupportedBackend, cross_entropy, linear_cross_entropy, reference
-from aquila.kernels.cross_entropy import _row_losses
+from aquila.kernels.cross_entropy import IMPLEMENTATIONS, CrossEntropyOutput, _row_losses
 from tests.helpers import backend_params
 from tests.tolerance import assert_matches_reference
 
@@ -162,7 +162,7 @@ def test_out_of_range_target_gives_nan_in_the_kernels(backend):
     logits = torch.randn(3, 20)
     targets = torch.tensor([4, 20, -100])
     grad = torch.empty_like(logits)
-    loss, _ = _row_losses(logits, targets, torch.ones(1), grad, -100, 0.0, 0.0, 0.0, backend)
+    loss, *_ = _row_losses(logits, targets, None, torch.ones(2), grad, -100, 0.0, 0.0, 0.0, False, backend)
     assert loss[0].isfinite() and loss[1].isnan() and loss[2] == 0
     assert grad[0].isfinite().all() and grad[1].isnan().all() and (grad[2] == 0).all()
 
@@ -335,3 +335,352 @@ def test_a_confident_predictions_gradient_keeps_its_digits(backend, device, dtyp
     # The largest magnitude involved in each is its own: the others' probabilities sum to it.
     for row, (actual, expected) in enumerate(zip(ours.grad[at_targets], exact.grad[at_targets])):
         assert_matches_reference(actual, expected, f"target gradient of row {row}", scale=expected.abs().item())
+
+
+
+# --- Class weights, the z-loss term and the token accuracy ------------------------------------------------------------
+
+
+def weighted_reference(logits, targets, class_weights=None, ignore_index=-100, label_smoothing=0.0, z_loss=0.0,
+                       softcap=None, reduction="mean", num_tokens=None):
+    """(loss, z-loss term, token accuracy) in float64 for logits [..., V]: torch's F.cross_entropy with weight and
+    label smoothing, plus z_loss * lse^2 per counted token, unweighted; 'mean' divides the ce by the counted targets'
+    weight sum and the z-loss by their number, both by num_tokens when given."""
+    z = logits.double().reshape(-1, logits.shape[-1])
+    if softcap:
+        z = softcap * torch.tanh(z / softcap)
+    flat = targets.reshape(-1)
+    counted = flat != ignore_index
+    weight = None if class_weights is None else class_weights.double()
+    ce = torch.nn.functional.cross_entropy(z, flat, weight=weight, ignore_index=ignore_index,
+                                           label_smoothing=label_smoothing, reduction="none")
+    z_rows = z_loss * torch.logsumexp(z, -1).square() * counted
+    correct = (z.argmax(-1) == flat) & counted
+    if reduction == "none":
+        return (ce + z_rows).view(targets.shape), z_rows.view(targets.shape), correct.view(targets.shape)
+    accuracy = correct.sum() / counted.sum()
+    if reduction == "sum":
+        return ce.sum() + z_rows.sum(), z_rows.sum(), accuracy
+    if num_tokens is not None:
+        return (ce.sum() + z_rows.sum()) / num_tokens, z_rows.sum() / num_tokens, accuracy
+    torch_mean = torch.nn.functional.cross_entropy(z, flat, weight=weight, ignore_index=ignore_index,
+                                                   label_smoothing=label_smoothing)
+    return torch_mean + z_rows.sum() / counted.sum(), z_rows.sum() / counted.sum(), accuracy
+
+
+def loss_scale(logits, targets, class_weights, reduction, num_tokens=None, softcap=None, **_):
+    """The largest magnitude a reduced loss sums: each counted token's lse times the largest |weight|, over the
+    divisor (for the tolerance: a token's loss is lse - z_t, with fp32 errors relative to lse)."""
+    z = logits.double().reshape(-1, logits.shape[-1])
+    z = softcap * torch.tanh(z / softcap) if softcap else z
+    flat = targets.reshape(-1)
+    counted = flat != -100
+    weight = 1.0 if class_weights is None else class_weights.abs().max().item()
+    rows = (torch.logsumexp(z, -1).abs() + 1) * counted * max(weight, 1.0)
+    if reduction == "none":
+        return rows.max().item()
+    if reduction == "sum":
+        return rows.sum().item()
+    divisor = num_tokens or (counted.sum().item() if class_weights is None else
+                             abs(class_weights.double()[flat[counted]].sum().item()))
+    return rows.sum().item() / max(divisor, 1e-30)
+
+
+def random_class_weights(vocab, device, negative=False):
+    weights = torch.rand(vocab, device=device) * 1.75 + 0.25
+    if negative:
+        weights[::3] *= -1
+    return weights
+
+
+def check_options_against_reference(logits, targets, backend, reduction="mean", class_weights=None, **options):
+    """Loss, z-loss term, token accuracy and the logits' gradient against float64, with both flags set."""
+    leaf = logits.clone().requires_grad_()
+    out = cross_entropy(leaf, targets, reduction=reduction, class_weights=class_weights, return_z_loss=True,
+                        return_token_accuracy=True, backend=backend, **options)
+    exact = logits.double().requires_grad_()
+    expected, expected_z, expected_accuracy = weighted_reference(exact, targets, class_weights, reduction=reduction,
+                                                                 **options)
+    assert isinstance(out, CrossEntropyOutput)
+    assert out.loss.dtype == torch.float32 and out.loss.shape == expected.shape
+    assert not out.z_loss.requires_grad and not out.token_accuracy.requires_grad
+    scale = max(loss_scale(logits, targets, class_weights, reduction, **options), expected.abs().max().item())
+    assert_matches_reference(out.loss, expected.detach(), "loss", scale=scale)
+    assert_matches_reference(out.z_loss, expected_z.detach(), "z-loss term", scale=scale)
+    if reduction == "none":
+        assert out.token_accuracy.dtype == torch.bool
+        assert torch.equal(out.token_accuracy, expected_accuracy)
+    else:
+        torch.testing.assert_close(out.token_accuracy, expected_accuracy.float(), equal_nan=True)
+    grad_output = torch.randn_like(expected)
+    out.loss.backward(grad_output.float())
+    expected.backward(grad_output)
+    assert leaf.grad.dtype == logits.dtype
+    assert_matches_reference(leaf.grad, exact.grad, "grad logits")
+
+
+def options_problem(rows, vocab, dtype, device, ignored=(1,)):
+    """make_problem with some targets made the argmax, so that the token accuracy is neither 0 nor 1."""
+    logits, targets = make_problem(rows, vocab, dtype, device, ignored)
+    hits = torch.arange(0, rows, 3, device=device)
+    logits[hits, targets[hits].clamp(min=0)] = (logits.float().max(-1).values[hits] + 2).to(dtype)
+    return logits, targets
+
+
+ALL_OPTIONS = {"weighted": {}, "weighted+smoothing+zloss": {"label_smoothing": 0.1, "z_loss": 1e-3},
+               "weighted+smoothing+zloss+softcap": {"label_smoothing": 0.1, "z_loss": 1e-3, "softcap": 8.0}}
+
+
+@pytest.mark.parametrize("backend, device", backend_params())
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16], ids=str)
+@pytest.mark.parametrize("vocab", [2, 50, 4099])
+@pytest.mark.parametrize("reduction", ["mean", "sum", "none"])
+@pytest.mark.parametrize("options", list(ALL_OPTIONS), ids=str)
+def test_class_weights_z_loss_and_accuracy_match_float64_torch(backend, device, dtype, vocab, reduction, options):
+    options = ALL_OPTIONS[options]
+    if backend == "cuda":
+        with pytest.raises(UnsupportedBackend, match="has no .*class weights"):
+            cross_entropy(*make_problem(3, vocab, dtype, device), class_weights=torch.ones(vocab, device=device),
+                          backend=backend)
+        return
+    logits, targets = options_problem(7, vocab, dtype, device)
+    check_options_against_reference(logits, targets, backend, reduction, random_class_weights(vocab, device),
+                                    **options)
+
+
+@pytest.mark.parametrize("backend, device", backend_params())
+@pytest.mark.parametrize("reduction", ["mean", "none"])
+def test_return_flags_without_class_weights(backend, device, reduction):
+    """The z-loss term and the token accuracy alone (the CUDA kernel has the former and refuses the latter)."""
+    logits, targets = options_problem(9, 301, torch.float32, device, ignored=(1, 4))
+    if backend == "cuda":
+        out = cross_entropy(logits, targets, z_loss=1e-3, return_z_loss=True, backend=backend)
+        assert out.token_accuracy is None
+        with pytest.raises(UnsupportedBackend, match="has no token accuracy"):
+            cross_entropy(logits, targets, return_token_accuracy=True, backend=backend)
+        return
+    check_options_against_reference(logits, targets, backend, reduction, label_smoothing=0.05, z_loss=1e-3)
+
+
+@pytest.mark.parametrize("backend, device", [p for p in backend_params() if p.values[0] != "cuda"])
+def test_negative_and_zero_class_weights_as_torch(backend, device):
+    """torch allows any weights; so do these (the mean divides by a weight sum that negative weights shrink)."""
+    logits, targets = options_problem(8, 77, torch.float32, device)
+    weights = random_class_weights(77, device, negative=True)
+    weights[targets[0]] = 0.0
+    check_options_against_reference(logits, targets, backend, "mean", weights, label_smoothing=0.2, z_loss=1e-4)
+    check_options_against_reference(logits, targets, backend, "none", weights, label_smoothing=0.2)
+
+
+@pytest.mark.parametrize("backend, device", [p for p in backend_params() if p.values[0] != "cuda"])
+@pytest.mark.parametrize("reduction", ["mean", "sum", "none"])
+def test_one_row(backend, device, reduction):
+    logits, targets = options_problem(1, 4099, torch.float32, device, ignored=())
+    check_options_against_reference(logits, targets, backend, reduction, random_class_weights(4099, device),
+                                    label_smoothing=0.1, z_loss=1e-3, softcap=20.0)
+
+
+@pytest.mark.parametrize("backend, device", [p for p in backend_params() if p.values[0] != "cuda"])
+def test_all_tokens_ignored_with_class_weights(backend, device):
+    """As F.cross_entropy: a mean over nothing is nan (so is the accuracy), a sum is 0; the gradients are 0."""
+    logits = torch.randn(3, 33, device=device, requires_grad=True)
+    targets = torch.full((3,), -100, device=device)
+    weights = random_class_weights(33, device)
+    for reduction, expected in (("mean", float("nan")), ("sum", 0.0)):
+        out = cross_entropy(logits, targets, class_weights=weights, z_loss=1e-3, reduction=reduction,
+                            return_z_loss=True, return_token_accuracy=True, backend=backend)
+        for value in (out.loss, out.z_loss):
+            torch.testing.assert_close(value, torch.tensor(expected, device=device), equal_nan=True)
+        assert out.token_accuracy.isnan()
+        out.loss.backward()
+        assert torch.equal(logits.grad, torch.zeros_like(logits))
+    out = cross_entropy(logits, targets, class_weights=weights, reduction="none", return_token_accuracy=True,
+                        backend=backend)
+    assert not out.token_accuracy.any() and torch.equal(out.loss, torch.zeros(3, device=device))
+
+
+@pytest.mark.parametrize("backend, device", [p for p in backend_params() if p.values[0] != "cuda"])
+def test_token_accuracy_takes_the_first_of_tied_maxima(backend, device):
+    """torch.argmax's rule, across the Triton kernel's blocks and the C++ kernel's chunks (4096 and 2048 columns)."""
+    logits = torch.zeros(3, 4099, device=device)
+    logits[:, [7, 2050, 4097]] = 5.0
+    out = cross_entropy(logits, torch.tensor([7, 2050, 4097], device=device), reduction="none",
+                        return_token_accuracy=True, backend=backend)
+    assert out.token_accuracy.tolist() == [True, False, False]
+
+
+@pytest.mark.parametrize("backend, device", [p for p in backend_params() if p.values[0] != "cuda"])
+def test_num_tokens_divides_the_weighted_loss_and_the_z_loss(backend, device):
+    """Micro-batches with num_tokens = the step's weight sum add up to the one big batch's weighted cross-entropy."""
+    logits, targets = make_problem(12, 77, torch.float32, device, ignored=(1, 2, 9))
+    weights = random_class_weights(77, device)
+    weight_sum = float(weights[targets[targets != -100]].sum())
+    whole = logits.clone().requires_grad_()
+    cross_entropy(whole, targets, class_weights=weights, label_smoothing=0.1, backend=backend).backward()
+    parts = logits.clone().requires_grad_()
+    for rows in (slice(0, 5), slice(5, 12)):
+        cross_entropy(parts[rows], targets[rows], class_weights=weights, label_smoothing=0.1, num_tokens=weight_sum,
+                      backend=backend).backward()
+    torch.testing.assert_close(parts.grad, whole.grad, rtol=1e-6, atol=1e-7)
+    check_options_against_reference(logits, targets, backend, "mean", weights, z_loss=1e-2, num_tokens=5.5)
+
+
+@pytest.mark.parametrize("backend, device", [p for p in backend_params() if p.values[0] != "cuda"])
+def test_z_loss_is_unweighted_and_keeps_its_own_mean(backend, device):
+    """Scaling every class weight leaves a 'mean' loss and its z-loss term unchanged (as in torch and Liger)."""
+    logits, targets = make_problem(6, 40, torch.float32, device)
+    weights = random_class_weights(40, device)
+    one, many = (cross_entropy(logits, targets, class_weights=w, z_loss=1e-2, return_z_loss=True, backend=backend)
+                 for w in (weights, 8 * weights))
+    torch.testing.assert_close(many.loss, one.loss)
+    unweighted = cross_entropy(logits, targets, z_loss=1e-2, return_z_loss=True, backend=backend)
+    torch.testing.assert_close(one.z_loss, unweighted.z_loss)
+
+
+@pytest.mark.parametrize("backend, device", [p for p in backend_params() if p.values[0] != "cuda"])
+def test_class_weights_with_inplace_backward(backend, device):
+    logits, targets = make_problem(5, 301, torch.float32, device)
+    weights = random_class_weights(301, device)
+    options = dict(class_weights=weights, label_smoothing=0.2, z_loss=1e-3, backend=backend)
+    expected = logits.clone().requires_grad_()
+    cross_entropy(expected, targets, **options).backward()
+    source = logits.clone().requires_grad_()
+    cross_entropy(source * 1.0, targets, inplace_backward=True, **options).backward()
+    torch.testing.assert_close(source.grad, expected.grad)
+
+
+def test_flags_off_return_the_plain_loss_tensor():
+    logits, targets = make_problem(4, 20, torch.float32, "cpu")
+    assert isinstance(cross_entropy(logits, targets, class_weights=torch.ones(20)), torch.Tensor)
+    out = cross_entropy(logits, targets, return_z_loss=True)
+    assert isinstance(out, CrossEntropyOutput) and out.token_accuracy is None and out.z_loss == 0
+
+
+def test_cuda_kernel_refusals_name_what_it_lacks():
+    limits = IMPLEMENTATIONS["cuda"].limits
+    assert limits(softcap=0.0, class_weights=False, token_accuracy=False) is None
+    assert limits(softcap=0.0, class_weights=True, token_accuracy=True) == (
+        "has no class weights or token accuracy (the Triton kernel has)")
+
+
+@pytest.mark.parametrize("call, error, words", [
+    (lambda: cross_entropy(torch.randn(3, 5), torch.tensor([0, 1, 1]), class_weights=torch.ones(4)), ValueError,
+     r"class_weights must have shape \(5,\)"),
+    (lambda: cross_entropy(torch.randn(3, 5), torch.tensor([0, 1, 1]), class_weights=torch.ones(1, 5)), ValueError,
+     r"class_weights must have shape \(5,\)"),
+    (lambda: cross_entropy(torch.randn(3, 5), torch.tensor([0, 1, 1]), class_weights=torch.ones(5, dtype=torch.long)),
+     TypeError, "class_weights must have one of the dtypes"),
+    (lambda: cross_entropy(torch.randn(3, 5), torch.tensor([0, 1, 1]), class_weights=[1.0] * 5), TypeError,
+     "class_weights must be a torch.Tensor"),
+    (lambda: cross_entropy(torch.randn(3, 5), torch.tensor([0, 1, 1]), class_weights=torch.ones(5, device="meta")),
+     ValueError, "class_weights must be on cpu"),
+    (lambda: cross_entropy(torch.randn(3, 5), torch.tensor([0, 1, 1]),
+                           class_weights=torch.ones(5, requires_grad=True)), ValueError,
+     "class_weights get no gradient"),
+    (lambda: linear_cross_entropy(torch.randn(3, 4), torch.randn(5, 4), torch.tensor([0, 1, 1]),
+                                  class_weights=torch.ones(4)), ValueError, r"class_weights must have shape \(5,\)"),
+])
+def test_bad_class_weights_get_a_clear_error(call, error, words):
+    with pytest.raises(error, match=words):
+        call()
+
+
+def unfused_outputs(h, weight, targets, b=None, class_weights=None, **options):
+    logits = h @ weight.T if b is None else torch.addmm(b, h, weight.T)
+    return weighted_reference(logits, targets, class_weights, **options)
+
+
+@pytest.mark.parametrize("backend, device", [p for p in backend_params() if p.values[0] != "cuda"])
+@pytest.mark.parametrize("reduction", ["mean", "sum", "none"])
+@pytest.mark.parametrize("chunk_size", [1, 7, None])
+@pytest.mark.parametrize("softcap", [None, 6.0], ids=["uncapped", "softcapped"])
+def test_linear_class_weights_z_loss_and_accuracy(backend, device, reduction, chunk_size, softcap):
+    h, weight, b, targets = linear_problem(23, 40, 131, torch.float32, device, bias=True)
+    weight = weight * 3
+    weights = random_class_weights(131, device)
+    options = dict(reduction=reduction, label_smoothing=0.05, z_loss=1e-3, softcap=softcap)
+    grad_output = torch.randn(23, device=device) if reduction == "none" else torch.tensor(1.3, device=device)
+    leaves = [t.clone().requires_grad_() for t in (h, weight, b)]
+    out = linear_cross_entropy(leaves[0], leaves[1], targets, leaves[2], class_weights=weights, return_z_loss=True,
+                               return_token_accuracy=True, chunk_size=chunk_size, backend=backend, **options)
+    out.loss.backward(grad_output)
+    exact_leaves = [t.double().requires_grad_() for t in (h, weight, b)]
+    expected, expected_z, expected_accuracy = unfused_outputs(exact_leaves[0], exact_leaves[1], targets,
+                                                              exact_leaves[2], weights, **options)
+    expected.backward(grad_output.double())
+    scale = expected.abs().max().item() * 8
+    assert_matches_reference(out.loss, expected.detach(), "loss", scale=scale)
+    assert_matches_reference(out.z_loss, expected_z.detach(), "z-loss term", scale=scale)
+    if reduction == "none":
+        assert torch.equal(out.token_accuracy, expected_accuracy)
+    else:
+        torch.testing.assert_close(out.token_accuracy, expected_accuracy.float())
+    for name, leaf, exact in zip(["grad hidden", "grad weight", "grad bias"], leaves, exact_leaves):
+        assert_matches_reference(leaf.grad, exact.grad, name, scale=exact.grad.abs().max().item() * 8)
+
+
+@pytest.mark.parametrize("backend, device", [p for p in backend_params() if p.values[0] != "cuda"])
+def test_linear_bf16_with_class_weights(backend, device):
+    """bf16 hidden states and lm_head: against float64 on the same bf16 inputs, at most twice the error of torch's
+    unfused bf16 computation with the same class weights (plus an fp32-sized floor)."""
+    h, weight, b, targets = linear_problem(29, 64, 257, torch.bfloat16, device, bias=True)
+    weights = random_class_weights(257, device)
+    options = dict(label_smoothing=0.1, z_loss=1e-3)
+    ours = run_linear(lambda *a, **o: linear_cross_entropy(*a, **o, class_weights=weights, chunk_size=8,
+                                                           backend=backend, **options),
+                      h, weight, b, targets, torch.tensor(1.0, device=device))
+    torch_bf16 = run_linear(lambda hh, ww, tt, bb: weighted_reference((hh @ ww.T + bb).float(), tt, weights,
+                                                                     **options)[0].float(),
+                            h, weight, b, targets, torch.tensor(1.0, device=device))
+    exact = run_linear(lambda *a: unfused_outputs(*a, class_weights=weights, **options)[0], h.double(),
+                       weight.double(), b.double(), targets, torch.tensor(1.0, dtype=torch.float64, device=device))
+    for name, actual, baseline, expected in zip(["loss", "grad hidden", "grad weight", "grad bias"], ours,
+                                                torch_bf16, exact):
+        error = (actual.double() - expected).abs().max().item()
+        baseline_error = (baseline.double() - expected).abs().max().item()
+        floor = 64 * torch.finfo(torch.float32).eps * expected.abs().max().item()
+        assert error <= 2 * baseline_error + floor, f"{name}: {error:.3g} vs unfused bf16 {baseline_error:.3g}"
+
+
+@pytest.mark.parametrize("inplace", [False, True], ids=["grad", "inplace"])
+def test_options_compile_in_one_graph(inplace):
+    """Class weights and both flags through torch.compile (fullgraph), forward and backward, as in eager."""
+    torch._dynamo.reset()
+    weights = random_class_weights(40, "cpu")
+
+    def loss_fn(hidden, weight, targets):
+        logits = hidden @ weight.T
+        dense = cross_entropy(logits, targets, class_weights=weights, label_smoothing=0.1, z_loss=1e-3,
+                              inplace_backward=inplace, return_z_loss=True, return_token_accuracy=True)
+        fused = linear_cross_entropy(hidden, weight, targets, class_weights=weights, z_loss=1e-4, softcap=5.0,
+                                     return_z_loss=True, return_token_accuracy=True, chunk_size=4)
+        per_token = linear_cross_entropy(hidden, weight, targets, class_weights=weights, reduction="none",
+                                         return_token_accuracy=True)
+        loss = dense.loss + fused.loss + per_token.loss.sum()
+        return loss, dense.z_loss + fused.z_loss, dense.token_accuracy, per_token.token_accuracy
+
+    hidden, weight = torch.randn(6, 16, requires_grad=True), torch.randn(40, 16, requires_grad=True)
+    targets = torch.tensor([1, 5, -100, 39, 0, 7])
+    compiled = torch.compile(loss_fn, fullgraph=True, backend="aot_eager")
+    outputs = compiled(hidden, weight, targets)
+    grads = torch.autograd.grad(outputs[0], (hidden, weight))
+    eager = loss_fn(hidden, weight, targets)
+    eager_grads = torch.autograd.grad(eager[0], (hidden, weight))
+    for output, eager_output in zip(outputs, eager):
+        torch.testing.assert_close(output, eager_output)
+    for grad, eager_grad in zip(grads, eager_grads):
+        torch.testing.assert_close(grad, eager_grad)
+
+
+@pytest.mark.parametrize("field", ["class_weights", "argmax"])
+def test_cuda_kernel_refuses_class_weights_and_argmax_when_called_directly(field):
+    """The C++ side of the backend table's refusal, checked before any launch (so without a GPU too)."""
+    from aquila.kernels.backend import cuda_extension
+
+    if cuda_extension is None:
+        pytest.skip("aquila._cuda is not built")
+    fields = {"logits": 1, "logits_row_stride": 4, "targets": 1, "class_weights": 0, "loss": 1, "lse": 1,
+              "argmax": 0, "grad": 0, "grad_row_stride": 0, "grad_scale": 0, "rows": 1, "vocab": 4,
+              "ignore_index": -100, "label_smoothing": 0.0, "z_loss": 0.0, "softcap": 0.0, "dtype": 0, field: 1}
+    with pytest.raises(ValueError, match="has no class weights or argmax"):
+        cuda_extension.cross_entropy(fields, 0)

@@ -1,3 +1,5 @@
+import functools
+
 import pytest
 import torch
 
@@ -219,3 +221,98 @@ def test_bad_input_gets_a_clear_error(call, error, words):
 def test_weight_on_another_device():
     with pytest.raises(ValueError, match="weight must be on cuda"):
         rms_norm(torch.ones(2, 4, device="cuda"), torch.ones(4))
+
+
+def _gradient_buffers(call, x, grad_out):
+    """Runs call(x) -> (out, [residual stream]) with hooks: (the buffer of out's incoming gradient, the buffer of the
+    gradient that reaches x). x flows through a multiply so that its gradient is seen before any accumulation."""
+    seen = {}
+
+    def recorder(name):
+        def hook(grad):
+            seen[name] = grad.data_ptr()
+        return hook
+
+    scaled = x * 1.0
+    scaled.register_hook(recorder("x"))
+    outputs = call(scaled)
+    outputs[0].register_hook(recorder("out"))
+    # out * grad_out: the multiply's backward makes a new contiguous gradient, used by nothing else.
+    loss = (outputs[0] * grad_out).sum() + sum(stream.float().square().sum() for stream in outputs[1:])
+    loss.backward()
+    return seen["out"], seen["x"]
+
+
+def _rms_norm_of(h, weight, **options):
+    return (rms_norm(h, weight, 1e-5, **options),)
+
+
+def _fused_add_rms_norm_of(h, residual, weight, **options):
+    return fused_add_rms_norm(h, residual, weight, 1e-5, **options)
+
+
+@pytest.mark.parametrize("backend, device", backend_params())
+@pytest.mark.parametrize("dtype", DTYPES, ids=str)
+@pytest.mark.parametrize("shape", [(1, 1), (7, 4099), (2, 3, 64), (1, 16384), (9, 4099)], ids=str)
+@pytest.mark.parametrize("residual", [False, True], ids=["plain", "residual"])
+def test_inplace_backward_writes_grad_x_over_grad_out(backend, device, dtype, shape, residual):
+    """With inplace_backward the gradient reaching x is the output's incoming gradient's own buffer, and every
+    gradient equals the allocating backward's exactly."""
+    x, weight, res = make_inputs(shape, dtype, device, residual)
+    grad_out = torch.randn(shape, device=device).to(dtype)
+    grads = {}
+    for inplace in (False, True):
+        leaves = [t.clone().requires_grad_() for t in (x, weight) + ((res,) if residual else ())]
+        options = dict(inplace_backward=inplace, backend=backend)
+        if residual:
+            call = functools.partial(_fused_add_rms_norm_of, residual=leaves[2], weight=leaves[1], **options)
+        else:
+            call = functools.partial(_rms_norm_of, weight=leaves[1], **options)
+        out_buffer, x_buffer = _gradient_buffers(call, leaves[0], grad_out)
+        assert (x_buffer == out_buffer) == inplace
+        grads[inplace] = [leaf.grad for leaf in leaves]
+    for allocated, overwritten in zip(grads[False], grads[True]):
+        assert torch.equal(allocated, overwritten)
+
+
+@pytest.mark.parametrize("backend, device", backend_params())
+def test_inplace_backward_allocates_where_overwriting_is_unsafe(backend, device):
+    """An incoming gradient that is not contiguous (the expanded ones of a sum), or that requires grad
+    (create_graph), is left alone: the backward allocates grad x as without the option."""
+    x = torch.randn(5, 300, device=device)
+    weight = torch.randn(300, device=device)
+    exact = x.double().requires_grad_()
+    reference.rms_norm(exact, weight.double(), 1e-5).sum().backward()
+    leaf = x.clone().requires_grad_()
+    rms_norm(leaf, weight, 1e-5, inplace_backward=True, backend=backend).sum().backward()  # grad_out: ones, expanded
+    assert_matches_reference(leaf.grad, exact.grad, "grad x", scale=1e-5 ** -0.5)
+
+    grad_out = torch.randn(5, 300, device=device, requires_grad=True)
+    leaf = x.clone().requires_grad_()
+    out = rms_norm(leaf, weight, 1e-5, inplace_backward=True, backend=backend)
+    kept = grad_out.detach().clone()
+    (grad_x,) = torch.autograd.grad(out, leaf, grad_out, create_graph=True)
+    assert torch.equal(grad_out.detach(), kept) and grad_x.data_ptr() != grad_out.data_ptr()
+
+
+def test_inplace_backward_compiles_in_one_graph():
+    """Under torch.compile the option is ignored (graphs take no in-place writes to their inputs): same results."""
+    torch._dynamo.reset()
+
+    def block(x, residual, weight):
+        normed, stream = fused_add_rms_norm(x, residual, weight, 1e-5, inplace_backward=True)
+        return (rms_norm(normed * 3, weight, inplace_backward=True) * normed).sum() + stream.square().mean()
+
+    inputs = [torch.randn(2, 5, 64, requires_grad=True) for _ in range(2)] + [torch.randn(64, requires_grad=True)]
+    compiled = torch.compile(block, fullgraph=True, backend="aot_eager")
+    grads = torch.autograd.grad(compiled(*inputs), inputs)
+    eager_grads = torch.autograd.grad(block(*inputs), inputs)
+    for grad, eager_grad in zip(grads, eager_grads):
+        torch.testing.assert_close(grad, eager_grad)
+
+
+def test_module_passes_inplace_backward():
+    layer = RMSNorm(64, inplace_backward=True)
+    x = torch.randn(3, 64, requires_grad=True)
+    out_buffer, x_buffer = _gradient_buffers(lambda h: (layer(h),), x, torch.randn(3, 64))
+    assert x_buffer == out_buffer

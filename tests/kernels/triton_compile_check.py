@@ -33,9 +33,10 @@ REPO = os.path.dirname(os.path.dirname(os.path.dirname(os.path.abspath(__file__)
 if REPO not in sys.path:
     sys.path.insert(0, REPO)
 
-OPERATOR_MODULES = ("aquila.kernels.triton.rms_norm", "aquila.kernels.triton.rotary",
-                    "aquila.kernels.triton.cross_entropy", "aquila.kernels.triton.attention",
-                    "aquila.kernels.triton.glu", "aquila.kernels.triton.quantized_linear")
+OPERATOR_MODULES = ("aquila.kernels.triton.rms_norm", "aquila.kernels.triton.layer_norm",
+                    "aquila.kernels.triton.rotary", "aquila.kernels.triton.cross_entropy",
+                    "aquila.kernels.triton.attention", "aquila.kernels.triton.glu",
+                    "aquila.kernels.triton.quantized_linear")
 # Tensor-core instructions the attention forward must use on 16-bit inputs: Hopper's warp-group MMA, Ampere's mma.
 EXPECTED_INSTRUCTIONS = {("_attention_forward_kernel", 90): "wgmma", ("_attention_forward_kernel", 80): "mma.sync"}
 # Spill stores (bytes per thread) an fp32 kernel may have; 16-bit kernels may have none.
@@ -44,23 +45,33 @@ TARGETS = (80, 90)
 
 # The CI set: per module, the launch_cases() arguments that keep the check within 5 minutes on 2 cores while covering
 # every configuration the launchers choose for the models' shapes. Attention: each head-dim class in bf16 and fp32
-# (causal, GQA), fp16 and non-causal at 128, a head dim <= 32 that is not a multiple of 16 with MQA, fp32 at 80.
-# Rotary: each kind of positions, pair layout and direction in every dtype at 32x128, the odd shapes in bf16. RMSNorm:
-# every block size and warp count (one block and chunked) in every dtype. Cross-entropy and GLU: whole. Quantized
-# linear: int8 and asymmetric int4 in bf16 at a decoding step's rows and two prefills' (the three 16-bit forward
-# tiles, both backward tiles), the scale-per-element path in bf16, fp32 at an odd width. --all: everything.
+# (causal, GQA), fp16 and non-causal at 128, a head dim <= 32 that is not a multiple of 16 with MQA, fp32 at 80; the
+# window and softcap specialisations (LEFT, RIGHT, SOFTCAP) softcapped, with a causal sliding window at the head dims
+# where registers are tightest (bf16 128 and 256, fp32 128) and a two-sided one (its right side of 1 specialised) at
+# bf16 128, and softcapping alone (its own backward tiles) at 64 in bf16 and fp32.
+# Rotary: each kind of positions, pair layout and direction in every dtype at 32x128, the odd shapes in bf16. RMSNorm
+# and LayerNorm: every block size and warp count (one block and chunked) in every dtype. Cross-entropy and GLU: whole.
+# Quantized linear: int8 and asymmetric int4 in bf16 at a decoding step's rows and two prefills' (the three 16-bit
+# forward tiles, both backward tiles), the scale-per-element path in bf16, fp32 at an odd width. --all: everything.
 CI_CASES = {
     "aquila.kernels.triton.attention": [
-        dict(head_dims=(64, 128, 256), heads=((8, 2),), dtypes=("bfloat16", "float32"), causals=(True,)),
-        dict(head_dims=(128,), heads=((8, 2),), dtypes=("float16",), causals=(False,)),
-        dict(head_dims=(24,), heads=((4, 1),), dtypes=("bfloat16",), causals=(False,)),
-        dict(head_dims=(80,), heads=((4, 1),), dtypes=("float32",), causals=(True,)),
+        dict(head_dims=(64, 128, 256), heads=((8, 2),), dtypes=("bfloat16", "float32"), maskings=("causal",),
+             softcaps=(0.0,)),
+        dict(head_dims=(128,), heads=((8, 2),), dtypes=("float16",), maskings=("full",), softcaps=(0.0,)),
+        dict(head_dims=(24,), heads=((4, 1),), dtypes=("bfloat16",), maskings=("full",), softcaps=(0.0,)),
+        dict(head_dims=(80,), heads=((4, 1),), dtypes=("float32",), maskings=("causal",), softcaps=(0.0,)),
+        dict(head_dims=(128,), heads=((8, 2),), dtypes=("bfloat16",), maskings=("sliding", "window"),
+             softcaps=(50.0,)),
+        dict(head_dims=(256,), heads=((8, 2),), dtypes=("bfloat16",), maskings=("sliding",), softcaps=(50.0,)),
+        dict(head_dims=(128,), heads=((8, 2),), dtypes=("float32",), maskings=("sliding",), softcaps=(50.0,)),
+        dict(head_dims=(64,), heads=((8, 2),), dtypes=("bfloat16", "float32"), maskings=("full",), softcaps=(50.0,)),
     ],
     "aquila.kernels.triton.rotary": [
         dict(shapes=((32, 128),)),
         dict(shapes=((1, 2), (40, 80), (16, 256)), positions_kinds=(None, "int64"), dtypes=("bfloat16",)),
     ],
     "aquila.kernels.triton.rms_norm": [dict(widths=(1, 1000, 2048, 8192, 65536))],
+    "aquila.kernels.triton.layer_norm": [dict(widths=(1, 1000, 2048, 8192, 65536))],
     "aquila.kernels.triton.cross_entropy": [dict()],
     "aquila.kernels.triton.glu": [dict()],
     "aquila.kernels.triton.quantized_linear": [
