@@ -14,6 +14,8 @@ so loading keeps the source's rows; saving to the Hugging Face layout permutes i
 (and so do the rows of a quantized wq/wk, quantized row by row).
 """
 
+import ctypes
+import functools
 import json
 import os
 import re
@@ -330,6 +332,24 @@ def _read_dense(stored: Stored, dtype: torch.dtype, device) -> Tensor:
     return out
 
 
+@functools.cache
+def _malloc_trim() -> Optional[Callable[[int], int]]:
+    """glibc's malloc_trim, or None on another C library."""
+    try:
+        return ctypes.CDLL(None).malloc_trim
+    except (OSError, AttributeError):
+        return None
+
+
+def _release_freed_heap() -> None:
+    """Hands the C heap's free pages back to the system. Quantizing a tensor frees its chunks' temporaries, a few
+    MB each, between the quantized buffers kept for the model, and glibc keeps such holes in the heap resident:
+    without this, loading Aquila-7B as int8 took 0.7-1.4 GB more than the model."""
+    trim = _malloc_trim()
+    if trim is not None:
+        trim(0)
+
+
 def _read_quantizing(stored: Stored, spec: Quantization, device) -> dict[str, Tensor]:
     """A weight [out, in] quantized chunk by chunk of rows (each row is quantized on its own): {buffer: tensor}."""
     if stored.dtype is None or not stored.dtype.is_floating_point:
@@ -409,6 +429,7 @@ def _assign(model: Aquila, tensors: Iterator[Stored], rename: dict, dtype, devic
         elif isinstance(target.module, QuantizedLinear):
             for buffer, tensor in _read_quantizing(stored, spec, device).items():
                 setattr(target.module, buffer, tensor)
+            _release_freed_heap()
         else:
             tensor = _read_dense(stored, dtype, device)
             setattr(target.module, target.attribute, torch.nn.Parameter(tensor, requires_grad=True))

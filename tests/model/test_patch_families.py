@@ -76,9 +76,8 @@ families = pytest.mark.parametrize("case", CASES, ids=[case.name for case in CAS
 
 
 def expected_calls(case, config):
-    """What each forward's attention calls do on the default config: Gemma 2's logit softcapping has no kernel yet."""
-    if getattr(config, "attn_logit_softcapping", None) is not None and not patch_module.ATTENTION_HAS_SOFTCAP:
-        return {}, {"softcap": LAYERS}
+    """What each forward's attention calls do on the default config: all on the batched kernel (Gemma 2's logit
+    softcapping too)."""
     return {"dense": LAYERS}, {}
 
 
@@ -303,8 +302,8 @@ def windowed_layers(config):
 @pytest.mark.parametrize("name", WINDOWED)
 @pytest.mark.parametrize("padded", [False, True], ids=["unpadded", "right_padded"])
 def test_a_window_shorter_than_the_sequence(name, padded):
-    """transformers' sliding causal mask is recognised: its layers run on the kernel with the window where the kernel
-    has window_size and nothing is padded, else fall back under "sliding_window"; full layers stay on the kernel."""
+    """transformers' sliding causal mask is recognised: its layers run on the kernel with the window where nothing is
+    padded, else fall back under "sliding_window"; full layers stay on the kernel."""
     case = BY_NAME[name]
     config = case.config(**WINDOWED[name])
     windowed = windowed_layers(config)
@@ -315,7 +314,7 @@ def test_a_window_shorter_than_the_sequence(name, padded):
     assert_same_training_step(patched, reference, input_ids, labels,
                               attention_mask=right_padding(input_ids) if padded else None)
     full = {"varlen" if padded else "dense": LAYERS - windowed} if windowed < LAYERS else {}
-    if patch_module.ATTENTION_HAS_WINDOW and not padded:
+    if not padded:
         assert kernel_counts() == {"dense": LAYERS} and fallback_counts() == {}
     else:
         assert kernel_counts() == full and fallback_counts() == {"sliding_window": windowed}
@@ -360,18 +359,15 @@ def test_compiled_training_step_with_a_window():
 
 
 def test_gemma2_with_both_softcaps():
-    """Caps small enough to bite at these logit sizes: attention (on the kernel's softcap, or the counted fallback)
-    and final logits (the fused loss's softcap) both as transformers."""
+    """Caps small enough to bite at these logit sizes: attention (on the kernel's softcap) and final logits (the
+    fused loss's softcap) both as transformers."""
     case = BY_NAME["gemma2"]
     config = case.config(attn_logit_softcapping=2.0, final_logit_softcapping=1.5, sliding_window=8)
     reference, patched = pair(case, config)
     input_ids, labels = batch()
     reset_counts()
     assert_same_training_step(patched, reference, input_ids, labels)
-    if patch_module.ATTENTION_HAS_SOFTCAP:
-        assert fallback_counts() in ({}, {"sliding_window": 1})
-    else:
-        assert fallback_counts() == {"softcap": LAYERS}
+    assert kernel_counts() == {"dense": LAYERS} and fallback_counts() == {}
     # The final cap changes the loss: the comparison above could not pass with the softcap dropped.
     patched.config.final_logit_softcapping = None
     with torch.no_grad():
@@ -412,48 +408,11 @@ def test_llama_mlp_with_another_activation_keeps_transformers_forward(glu_calls)
 # --- The window_size and softcap arguments ------------------------------------------------------------------------
 
 
-def stand_in_attention(q, k, v, *, causal=False, scale=None, window_size=(-1, -1), softcap=None, backend=None,
-                       cu_seqlens_q=None, cu_seqlens_k=None, max_seqlen_q=None, max_seqlen_k=None):
-    """flash-attn's attention with window_size (bottom-right aligned; -1 unbounded) and softcap, batched or varlen, in
-    float64 torch: what aquila.kernels.attention computes once it has those arguments."""
-    options = dict(causal=causal, scale=scale, window_size=window_size, softcap=softcap)
-    if cu_seqlens_q is None:
-        return batched_stand_in(q, k, v, **options)
-    bounds = zip(cu_seqlens_q.tolist(), cu_seqlens_q.tolist()[1:], cu_seqlens_k.tolist(), cu_seqlens_k.tolist()[1:])
-    return torch.cat([batched_stand_in(q[None, a:b], k[None, c:d], v[None, c:d], **options)[0]
-                      for a, b, c, d in bounds])
-
-
-def batched_stand_in(q, k, v, *, causal, scale, window_size, softcap):
-    (seq_q, heads), seq_k = q.shape[1:3], k.shape[1]
-    k, v = (t.repeat_interleave(heads // t.shape[2], dim=2).double() for t in (k, v))
-    scores = torch.einsum("bqhd,bkhd->bhqk", q.double(), k) * scale
-    if softcap is not None:
-        scores = softcap * torch.tanh(scores / softcap)
-    query_positions = torch.arange(seq_q)[:, None] + seq_k - seq_q
-    key_positions = torch.arange(seq_k)
-    left, right = window_size
-    allowed = torch.ones(seq_q, seq_k, dtype=torch.bool)
-    if causal or right >= 0:
-        allowed &= key_positions <= query_positions + (0 if causal else right)
-    if left >= 0:
-        allowed &= key_positions >= query_positions - left
-    weights = scores.masked_fill(~allowed, float("-inf")).softmax(-1)
-    return torch.einsum("bhqk,bkhd->bqhd", weights, v).to(q.dtype)
-
-
-@pytest.fixture
-def kernel_with_window_and_softcap(monkeypatch):
-    monkeypatch.setattr(patch_module, "attention", stand_in_attention)
-    monkeypatch.setattr(patch_module, "ATTENTION_HAS_WINDOW", True)
-    monkeypatch.setattr(patch_module, "ATTENTION_HAS_SOFTCAP", True)
-
-
 @pytest.mark.parametrize("name", ["mistral", "qwen2", "gemma2"])
-def test_windows_and_softcaps_as_kernel_arguments(name, kernel_with_window_and_softcap):
-    """Against a stand-in with flash-attn's semantics: transformers' sliding_window W is window_size (W - 1, 0), and
-    Gemma 2's attention softcap is the kernel's softcap, so that every layer of an unpadded batch runs on the kernel
-    once aquila.kernels.attention takes them."""
+def test_windows_and_softcaps_as_kernel_arguments(name):
+    """transformers' sliding_window W is the kernel's window_size (W - 1, 0), and Gemma 2's attention softcap the
+    kernel's softcap: every layer of an unpadded batch runs on the kernel, with the unpatched model's loss and
+    gradients."""
     case = BY_NAME[name]
     settings = dict(WINDOWED[name], **({"attn_logit_softcapping": 2.0} if name == "gemma2" else {}))
     reference, patched = pair(case, case.config(**settings))
@@ -464,7 +423,7 @@ def test_windows_and_softcaps_as_kernel_arguments(name, kernel_with_window_and_s
 
 
 @pytest.mark.parametrize("name", ["mistral", "gemma2"])
-def test_left_padded_generation_past_the_window_on_the_kernel(name, kernel_with_window_and_softcap):
+def test_left_padded_generation_past_the_window_on_the_kernel(name):
     """Left padding (generation's case) with a window that hides keys: the varlen kernel with the window, every call
     on the kernel, the tokens of the unpatched model."""
     case = BY_NAME[name]

@@ -59,10 +59,9 @@ Fallbacks, chosen per call so the results stay those of transformers (each is th
   head dims the kernel lacks. Sliding windows (Mistral, Qwen2, Qwen3, Gemma 2, Phi-3, Mixtral layers): transformers'
   sliding causal mask equals the plain causal one until the sequence outgrows the window, and meanwhile runs on the
   kernel as above; a window that hides keys is recognised by comparing the mask with the windowed causal one, and
-  runs with ``window_size=(W - 1, 0)`` where the kernel has that argument, on the batched kernel when nothing is
-  padded, on the varlen one under left padding (generation's case); other padding falls back ("sliding_window").
-  Gemma 2's attention logit softcapping runs on the kernel's ``softcap`` where it has one, else falls back
-  ("softcap").
+  runs with ``window_size=(W - 1, 0)``, on the batched kernel when nothing is padded, on the varlen one under left
+  padding (generation's case); other padding falls back ("sliding_window"). Gemma 2's attention logit softcapping
+  runs on the kernel's ``softcap``.
   Under torch.compile nothing may read a tensor's values while tracing: the choice is made from shapes, dtypes and
   flags, and the mask is checked with tensor ops inside the graph, where ``torch.cond`` runs the kernel (plain causal
   masks; in inference over a static cache, generation's case, the KV-cache kernel over each row's filled keys,
@@ -91,7 +90,6 @@ Deprecated arguments: the patched forwards sit in transformers' own deprecation 
 import collections
 import dataclasses
 import functools
-import inspect
 import logging
 import types
 from typing import ClassVar, Optional
@@ -158,13 +156,6 @@ def _with_deprecations_of(original, function):
         wrapper = types.FunctionType(layer.__code__, layer.__globals__, layer.__name__, layer.__defaults__, closure)
         function = functools.update_wrapper(wrapper, function)
     return function
-
-
-# What the attention kernels take beyond causal attention (the window_size and softcap arguments of flash-attn): read
-# off their signatures, so the patch uses them where the installed kernels have them and falls back where not.
-ATTENTION_HAS_WINDOW, ATTENTION_HAS_SOFTCAP = (
-    all(argument in inspect.signature(op).parameters for op in (attention, attention_with_kv_cache))
-    for argument in ("window_size", "softcap"))
 
 
 @dataclasses.dataclass(frozen=True)
@@ -268,9 +259,7 @@ FALLBACK_REASONS = {
                            "padding mask or varlen keyword arguments, flex attention's BlockMask, a custom one)",
     "custom_mask": "a mask other than causal with padding, or causal within packed sequences",
     "sliding_window": "a sliding window that hides some keys, with padding other than left padding (transformers "
-                      "counts the window in positions, padding slots included) or where the attention kernel has no "
-                      "window_size",
-    "softcap": "attention logit softcapping (Gemma 2), where the attention kernel has no softcap",
+                      "counts the window in positions, padding slots included)",
 }
 
 _kernel_counts = collections.Counter()
@@ -434,8 +423,6 @@ class PatchedAttention(PatchedModule):
             return "dtype"
         if not 1 <= query.shape[-1] <= MAX_HEAD_DIM:
             return "head_dim"
-        if self._softcap() is not None and not ATTENTION_HAS_SOFTCAP:
-            return "softcap"
         return None
 
     def _kernel_attention(self, query, key, value, attention_mask, cache, kwargs):
@@ -455,8 +442,6 @@ class PatchedAttention(PatchedModule):
             plan = _plans.plan(attention_mask, batch, q_len, kv_len, implementation, window)
         else:  # flex attention's BlockMask
             plan = _Fallback("attn_implementation")
-        if getattr(plan, "window", None) is not None and not ATTENTION_HAS_WINDOW:
-            plan = _Fallback("sliding_window")
         if isinstance(plan, _Fallback):
             _count_fallback(plan.reason)
             return None
