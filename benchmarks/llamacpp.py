@@ -63,6 +63,7 @@ def measure_aquila(checkpoint, precision, group_size, prompt, new_tokens, thread
     import torch
 
     from aquila.model import checkpoint as checkpoints
+    from aquila.model import native_decode
     from aquila.model.model import KVCache
     from aquila.model.quantize import Quantization
 
@@ -86,10 +87,10 @@ def measure_aquila(checkpoint, precision, group_size, prompt, new_tokens, thread
 
     run(prompt[:8], 4)
     prompt_seconds, generate_seconds = run(prompt, new_tokens)
-    decode_path = "native C++ step" if model._native_decoder(
-        KVCache(model.config, 1, 1, dtype=torch.bfloat16)) is not None else "modules"
+    native = native_decode.decoder(model, KVCache(model.config, 1, 1, dtype=torch.bfloat16))
     return {"load_s": load_seconds, "prompt_s": prompt_seconds, "generate_s": generate_seconds,
-            "decode_path": decode_path}
+            "decode_path": "modules" if native is None else "native C++ step",
+            "weight_bytes_per_step": native_decode.weight_bytes_per_step(model)}
 
 
 def measure_llamacpp(gguf, prompt, new_tokens, threads):
@@ -239,35 +240,6 @@ def gguf_files(source, checkpoint, work, threads):
 # --- The parent ------------------------------------------------------------------------------------------------------
 
 
-def read_bandwidth():
-    import torch
-
-    source = torch.randn(64 * 2**20)
-    source.sum()
-    best = min(seconds(source.sum)[0] for _ in range(15))
-    return source.numel() * source.element_size() / best
-
-
-def weight_bytes_per_step(checkpoint, precision, group_size):
-    """What one decoding step reads of the weights: every matrix but the input embeddings (one row of them), with
-    int8/int4 the quantized linears' packed bytes and scales (the output projection stays bf16)."""
-    from aquila.model.checkpoint import config_from_hf, read_json
-
-    config = config_from_hf(read_json(os.path.join(checkpoint, "config.json")))
-    attention_width, kv_width = config.n_heads * config.head_dim, 2 * config.kv_heads * config.head_dim
-    layer_matrices = [(config.dim, attention_width), (config.dim, kv_width), (attention_width, config.dim),
-                      (config.dim, 2 * config.hidden_dim), (config.hidden_dim, config.dim)]  # (inputs, outputs)
-    per_weight = {"bf16": 2.0, "int8": 1.0, "int4": 0.5}[precision]
-    per_output = {"bf16": 0.0, "int8": 4.0, "int4": 0}[precision]
-    layer = 0.0
-    for inputs, outputs in layer_matrices:
-        layer += inputs * outputs * per_weight + outputs * per_output
-        if precision == "int4":
-            layer += outputs * (inputs // group_size) * 4  # fp32 scale per group
-    norms = (2 * config.n_layers + 1) * config.dim * 2
-    return int(config.n_layers * layer + config.vocab_size * config.dim * 2 + norms)
-
-
 def summary_markdown(record):
     lines = [f"# Aquila vs llama.cpp vs transformers, {record['model']}, CPU", "",
              f"{record['host']['cpu_model']}, ISA path {record['host']['aquila_cpu_isa']}, {record['threads']} "
@@ -333,6 +305,7 @@ def main():
         parser.error(f"--out: {args.out} exists; choose a new name")
 
     import torch
+    from decode_overhead import read_bandwidth  # this script's folder is on the path when it runs
 
     from aquila import host
     from aquila.kernels import backend
@@ -381,9 +354,7 @@ def main():
                 row["vs_llamacpp"] = {
                     key: [o[f"{key}_tokens_per_s"] / t[f"{key}_tokens_per_s"] for o, t in zip(ours, theirs)]
                     for key in ("prompt", "generate")}
-                step_bytes = weight_bytes_per_step(checkpoint, spec["precision"], args.group_size)
-                row["weight_bytes_per_step"] = step_bytes
-                row["bandwidth_fraction"] = [step_bytes * r["generate_tokens_per_s"] / b
+                row["bandwidth_fraction"] = [r["weight_bytes_per_step"] * r["generate_tokens_per_s"] / b
                                              for r, b in zip(ours, bandwidths)]
             rows.append(row)
         record = {"model": args.preset or os.path.basename(os.path.normpath(checkpoint)),
