@@ -90,6 +90,7 @@ def measure_aquila(checkpoint, precision, group_size, prompt, new_tokens, thread
     native = native_decode.decoder(model, KVCache(model.config, 1, 1, dtype=torch.bfloat16))
     return {"load_s": load_seconds, "prompt_s": prompt_seconds, "generate_s": generate_seconds,
             "decode_path": "modules" if native is None else "native C++ step",
+            "bf16_inputs": None if native is None else native.bf16_inputs,
             "weight_bytes_per_step": native_decode.weight_bytes_per_step(model)}
 
 

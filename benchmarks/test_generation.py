@@ -58,13 +58,14 @@ def models(weights, device):
 
 def decode_step(model, batch):
     """How Aquila's generation decodes `model` at this batch: the one-call C++ step (with its prefetch distance and
-    where that came from) or the modules."""
+    where that came from, and whether its bf16 projections take bf16 inputs) or the modules."""
     weight = model.output.weight
     native = native_decode.decoder(model, KVCache(model.config, batch, max_len=1, device=weight.device,
                                                   dtype=weight.dtype))
     if native is None:
         return {"path": "modules"}
-    return {"path": "native C++ step", "prefetch_bytes": native.prefetch[0], "prefetch_source": native.prefetch[1]}
+    return {"path": "native C++ step", "prefetch_bytes": native.prefetch[0], "prefetch_source": native.prefetch[1],
+            "bf16_inputs": native.bf16_inputs}
 
 
 @pytest.mark.parametrize("workload", list(WORKLOADS))

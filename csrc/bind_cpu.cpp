@@ -33,7 +33,7 @@ aquila::DecodeStep read_decode_step(aquila::Fields& f, std::vector<aquila::Decod
           f.f64("theta"), f.flag("interleaved"), f.ptr("embeddings"), f.ptr("final_norm"),
           read_decode_linear(f.nested("output")), layers.data(), f.ptr<const int64_t>("tokens"),
           f.ptr<const int32_t>("lengths"), f.ptr<float>("logits"), f.ptr<float>("workspace"),
-          f.i64("prefetch_bytes"), f.dtype()};
+          f.i64("prefetch_bytes"), f.dtype(), f.flag("bf16_inputs")};
 }
 
 }  // namespace

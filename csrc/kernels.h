@@ -281,8 +281,8 @@ struct DecodeLayer {
 
 // logits[b] of the token tokens[b] placed at position lengths[b] of sequence b (its filled cache length, which the
 // caller then advances). workspace: batch * (3 dim + 2 heads head_dim + 2 kv_heads head_dim + 2 hidden_dim +
-// heads * max_len + max(dim, heads head_dim, hidden_dim)) floats (the last: a quantized projection's input in the
-// order its dequantized planes come in). prefetch_bytes: how far ahead of its reads a projection prefetches its
+// heads * max_len + max(dim, heads head_dim, hidden_dim)) floats (the last: a projection's input copied into the form
+// its weights' kernel reads: a quantized one's in the order its dequantized planes come in, a bf16 one's rounded). prefetch_bytes: how far ahead of its reads a projection prefetches its
 // weights (0: not at all); the best distance depends on the host, so the caller chooses it.
 struct DecodeStep {
   int64_t batch, dim, heads, kv_heads, head_dim, hidden_dim, vocab, max_len, n_layers;
@@ -300,6 +300,11 @@ struct DecodeStep {
   int64_t prefetch_bytes;
   DType dtype;  // of the embeddings, norms, cache and dense weights: f32 or bf16 (activations, logits and workspace
                 // are fp32)
+  // bf16 steps only: each dense projection takes its input rounded to bf16 (to nearest, ties to even), as a bf16
+  // model's matmuls do, and sums the exact products in fp32. On CPUs with AVX512-BF16 those products run on
+  // vdpbf16ps, two per lane per instruction, from the weights as they lie in memory: no widening to fp32 (which
+  // treats subnormal operands as zero). False: fp32 inputs, each weight widened to fp32.
+  bool bf16_inputs;
 };
 
 namespace cpu {

@@ -8,6 +8,12 @@ activations stay fp32 inside the step); each linear either dense in that dtype o
 of any group size, symmetric or not: its qweight, scales and zeros as they are, dequantized in registers). Where it
 cannot (fp16, a GPU, the torch reference backend), decoder() returns None and the model decodes through its modules.
 
+A bf16 step's dense projections take their input rounded to bf16 (``bf16_inputs``), as a bf16 model's matmuls do,
+where the CPU multiplies bf16 pairs in one instruction (AVX512-BF16: ``aquila._C.cpu_isa() == "avx512_bf16"``): the
+weights are then multiplied as they lie in memory instead of being widened to fp32 first, which is what bounds the
+step's speed on such CPUs. Elsewhere the inputs stay fp32 (the closer result, at no cost there); either can be asked
+for on any CPU.
+
 The step's projections prefetch their weights some distance ahead of their reads. The distance that pays depends on
 the CPU (a distance tuned on one host ran a step at a fraction of its speed on another), so it is chosen per host:
 - AQUILA_DECODE_PREFETCH=<bytes> forces one (0: no prefetch), with no tuning;
@@ -215,7 +221,7 @@ def _weight_tensors(model) -> list:
     return tensors + [t for t in _linear_tensors(model.output).values() if t is not model.tok_embeddings.weight]
 
 
-def _arguments(model, caches, lengths, batch, max_len, workspace):
+def _arguments(model, caches, lengths, batch, max_len, workspace, bf16_inputs):
     """DecodeStep's fields but tokens, logits and prefetch_bytes, for `model` on the caches [(k, v) per layer]."""
     c = model.config
     layers = [{"attention_norm": layer.attention_norm.weight.data_ptr(), "ffn_norm": layer.ffn_norm.weight.data_ptr(),
@@ -227,7 +233,8 @@ def _arguments(model, caches, lengths, batch, max_len, workspace):
             "theta": c.rope_theta, "interleaved": c.rope_interleaved,
             "embeddings": model.tok_embeddings.weight.data_ptr(), "final_norm": model.norm.weight.data_ptr(),
             "output": _linear_fields(model.output), "dtype": _backend.DTYPE_CODES[step_dtype(model)],
-            "lengths": lengths.data_ptr(), "workspace": workspace.data_ptr(), "layers": layers}
+            "lengths": lengths.data_ptr(), "workspace": workspace.data_ptr(), "layers": layers,
+            "bf16_inputs": bf16_inputs}
 
 
 def step_dtype(model) -> torch.dtype:
@@ -243,7 +250,7 @@ def weight_bytes_per_step(model) -> int:
                if tied or t is not model.tok_embeddings.weight)
 
 
-def _scratch_runner(model) -> Callable[[int], None]:
+def _scratch_runner(model, bf16_inputs: bool) -> Callable[[int], None]:
     """run(prefetch_bytes): one step of `model` at batch 1 on a one-position cache of its own (its length stays 0), so
     that tuning leaves the caller's cache alone."""
     c = model.config
@@ -255,7 +262,7 @@ def _scratch_runner(model) -> Callable[[int], None]:
     workspace = torch.empty(workspace_floats(c, 1, 1))
     tokens = torch.zeros(1, dtype=torch.int64)
     logits = torch.empty(1, c.vocab_size)
-    arguments = {**_arguments(model, caches, lengths, 1, 1, workspace), "tokens": tokens.data_ptr(),
+    arguments = {**_arguments(model, caches, lengths, 1, 1, workspace, bf16_inputs), "tokens": tokens.data_ptr(),
                  "logits": logits.data_ptr()}
     threads = torch.get_num_threads()
 
@@ -281,10 +288,18 @@ def _addresses(model, cache) -> Callable[[], list]:
     return addresses
 
 
-def decoder(model, cache, prefetch_bytes: Optional[int] = None) -> Optional[Callable[[Tensor], Tensor]]:
+def bf16_products_native() -> bool:
+    """Whether this process's CPU kernels multiply bf16 pairs in one instruction (AVX512-BF16)."""
+    return _backend.cpu_extension is not None and _backend.cpu_extension.cpu_isa() == "avx512_bf16"
+
+
+def decoder(model, cache, prefetch_bytes: Optional[int] = None,
+            bf16_inputs: Optional[bool] = None) -> Optional[Callable[[Tensor], Tensor]]:
     """step(tokens [batch, 1]) -> logits [batch, 1, vocab] for `model` (an Aquila) and its KVCache `cache`, advancing
     the cache; None where the C++ step cannot run. prefetch_bytes: the step's prefetch distance (default: chosen for
-    this host, see the module's docstring); step.prefetch says which distance it uses and where that came from."""
+    this host, see the module's docstring); step.prefetch says which distance it uses and where that came from.
+    bf16_inputs (bf16 steps only): round the dense projections' inputs to bf16 (default: where the CPU has bf16 dot
+    products, see the module's docstring); step.bf16_inputs says which."""
     if model.backend not in (None, "cpu") or _backend.cpu_extension is None or cache.k.device.type != "cpu":
         return None
     caches = [(cache.k[index], cache.v[index]) for index in range(len(model.layers))]
@@ -298,11 +313,15 @@ def decoder(model, cache, prefetch_bytes: Optional[int] = None) -> Optional[Call
         return None
     if prefetch_bytes is not None and prefetch_bytes < 0:
         raise ValueError(f"Aquila: prefetch_bytes must be >= 0, got {prefetch_bytes}")
+    if bf16_inputs and dtype != torch.bfloat16:
+        raise ValueError(f"Aquila: bf16_inputs=True takes a bf16 model, got a {dtype} one")
+    bf16_inputs = bool(bf16_products_native() if bf16_inputs is None else bf16_inputs) and dtype == torch.bfloat16
     prefetch = ((prefetch_bytes, "argument") if prefetch_bytes is not None else
-                prefetch_choice(weight_bytes_per_step(model), lambda: _scratch_runner(model)))
+                prefetch_choice(weight_bytes_per_step(model), lambda: _scratch_runner(model, bf16_inputs)))
     c, (batch, max_len) = model.config, cache.k.shape[1:3]
     workspace = torch.empty(workspace_floats(c, batch, max_len))
-    arguments = {**_arguments(model, caches, cache.lengths, batch, max_len, workspace), "prefetch_bytes": prefetch[0]}
+    arguments = {**_arguments(model, caches, cache.lengths, batch, max_len, workspace, bf16_inputs),
+                 "prefetch_bytes": prefetch[0]}
 
     addresses = _addresses(model, cache)
     expected = addresses()
@@ -322,4 +341,5 @@ def decoder(model, cache, prefetch_bytes: Optional[int] = None) -> Optional[Call
     # The model and cache hold what the addresses point into; a step finds them unchanged before it runs.
     step.keep_alive = (workspace, cache)
     step.prefetch = prefetch
+    step.bf16_inputs = bf16_inputs
     return step

@@ -130,14 +130,6 @@ struct Bf16Product {
   bool accumulate;
 };
 
-// acc += the pairwise bf16 dot products of a and b, lane by lane. Inline assembly rather than the intrinsic, whose
-// target attribute would forbid inlining it into the generic tile walk; the caller is compiled for AVX-512 and runs
-// only where the CPU has AVX512-BF16.
-using Words16 = uint32_t __attribute__((vector_size(64)));
-AQUILA_INLINE void dot_pairs(Lanes<16>::type& acc, const Words16& a, const Words16& b) {
-  asm("vdpbf16ps %[b], %[a], %[acc]" : [acc] "+v"(acc) : [a] "v"(a), [b] "v"(b));
-}
-
 struct Bf16Tiles {
   using Args = Bf16Product;
   template <int R, int N>

@@ -214,6 +214,15 @@ AQUILA_INLINE void store(float* p, const V& v) {
   std::memcpy(p, &v, sizeof v);
 }
 
+// acc += the pairwise bf16 dot products of a and b (vdpbf16ps: each 32-bit word holds two bf16, low half first), lane
+// by lane. Inline assembly rather than the intrinsic, whose target attribute would forbid inlining it into the
+// generic kernels; the caller is compiled for AVX-512 and runs only where the CPU has AVX512-BF16
+// (SimdLevel::avx512_bf16).
+using Words16 = uint32_t __attribute__((vector_size(64)));
+AQUILA_INLINE void dot_pairs(Lanes<16>::type& acc, const Words16& a, const Words16& b) {
+  asm("vdpbf16ps %[b], %[a], %[acc]" : [acc] "+v"(acc) : [a] "v"(a), [b] "v"(b));
+}
+
 inline int thread_id() {
 #ifdef _OPENMP
   return omp_get_thread_num();

@@ -10,10 +10,17 @@
 // its own, skipped when the previous projection of the same input already made that copy: wq, wk and wv share one,
 // as do w1 and w3). Int4 takes the ISA's vector width W when its step (8W columns) divides the group size, a
 // narrower width whose step does, and otherwise a loop over each group's bytes.
+//
+// Dense bf16 projections with bf16_inputs take their input rounded to bf16 (a copy shared in the same way), as a bf16
+// model's matmuls do. Where the CPU has AVX512-BF16, one vdpbf16ps then multiplies 32 weights, as they lie in memory,
+// by 32 inputs; fp32 inputs need each vector of 16 weights widened first (two more instructions), and on a core
+// that executes a 512-bit instruction as two halves those instructions, not the memory, bound the step (docs/model.md
+// has the measurement).
 #include <algorithm>
 #include <cmath>
 #include <string>
 #include <tuple>
+#include <type_traits>
 #include <vector>
 
 #include "cpu/common.h"
@@ -101,13 +108,72 @@ AQUILA_INLINE void dots(const T* __restrict row, int64_t cols, const float* __re
   }
 }
 
-// The inputs [b, batch) of one row: NB at a time, then the rest by a narrower instance.
-template <int W, int A, int NB, typename T>
-AQUILA_INLINE void dots_over_batch(const T* __restrict row, int64_t cols, const float* __restrict in,
+// out[n * out_stride] = x_n . row for a bf16 row and NB bf16 inputs, on vdpbf16ps (two exact products per fp32 lane
+// per instruction, straight from memory: no widening), A accumulators per input; the columns past the last whole
+// vector in scalar fp32 (the same exact products). As dots, the row is read once for the NB inputs.
+template <int A, int NB>
+AQUILA_INLINE void bf16_dots(const bf16* __restrict row, int64_t cols, const bf16* __restrict x, int64_t x_stride,
+                             float* __restrict out, int64_t out_stride, int64_t prefetch) {
+  using V = Lanes<16>::type;
+  constexpr int64_t kStep = 32;  // bf16 in one vector
+  V acc[NB][A];
+#pragma GCC unroll 16
+  for (int n = 0; n < NB; ++n)
+#pragma GCC unroll 16
+    for (int a = 0; a < A; ++a) acc[n][a] = V{};
+  int64_t j = 0;
+  for (; j + A * kStep <= cols; j += A * kStep) {
+    if (prefetch > 0) {
+      const char* ahead = reinterpret_cast<const char*>(row + j) + prefetch;
+      for (int line = 0; line < A * kStep * static_cast<int>(sizeof(bf16)); line += 64) {
+        __builtin_prefetch(ahead + line, 0, 3);
+      }
+    }
+#pragma GCC unroll 16
+    for (int a = 0; a < A; ++a) {
+      Words16 wv;
+      std::memcpy(&wv, row + j + a * kStep, sizeof wv);
+#pragma GCC unroll 16
+      for (int n = 0; n < NB; ++n) {
+        Words16 xv;
+        std::memcpy(&xv, x + n * x_stride + j + a * kStep, sizeof xv);
+        dot_pairs(acc[n][a], wv, xv);
+      }
+    }
+  }
+  for (; j + kStep <= cols; j += kStep) {
+    Words16 wv;
+    std::memcpy(&wv, row + j, sizeof wv);
+#pragma GCC unroll 16
+    for (int n = 0; n < NB; ++n) {
+      Words16 xv;
+      std::memcpy(&xv, x + n * x_stride + j, sizeof xv);
+      dot_pairs(acc[n][0], wv, xv);
+    }
+  }
+#pragma GCC unroll 16
+  for (int n = 0; n < NB; ++n) {
+#pragma GCC unroll 16
+    for (int a = 1; a < A; ++a) acc[n][0] += acc[n][a];
+    float total = lane_sum<16>(acc[n][0]);
+    for (int64_t t = j; t < cols; ++t) total += to_float(row[t]) * to_float(x[n * x_stride + t]);
+    out[n * out_stride] = total;
+  }
+}
+
+// The inputs [b, batch) of one row: NB at a time, then the rest by a narrower instance. X: the inputs' element type,
+// float (dots) or bf16 (bf16_dots, W = 16).
+template <int W, int A, int NB, typename T, typename X>
+AQUILA_INLINE void dots_over_batch(const T* __restrict row, int64_t cols, const X* __restrict in,
                                    int64_t in_stride, float* __restrict out, int64_t out_stride, int64_t b,
                                    int64_t batch, int64_t prefetch) {
-  for (; b + NB <= batch; b += NB)
-    dots<W, A, NB, T>(row, cols, in + b * in_stride, in_stride, out + b * out_stride, out_stride, prefetch);
+  for (; b + NB <= batch; b += NB) {
+    if constexpr (std::is_same_v<X, bf16>) {
+      bf16_dots<A, NB>(row, cols, in + b * in_stride, in_stride, out + b * out_stride, out_stride, prefetch);
+    } else {
+      dots<W, A, NB, T>(row, cols, in + b * in_stride, in_stride, out + b * out_stride, out_stride, prefetch);
+    }
+  }
   if constexpr (NB > 1) {
     if (b < batch) dots_over_batch<W, A, NB / 2, T>(row, cols, in, in_stride, out, out_stride, b, batch, prefetch);
   }
@@ -116,34 +182,59 @@ AQUILA_INLINE void dots_over_batch(const T* __restrict row, int64_t cols, const 
 // out[b * out_stride + r] = in[b] . w[r] for the rows r, split over the team (each thread streams its own rows of w,
 // once for the whole batch: a row stays in L1 while every input uses it). NB inputs share each load of the weights:
 // as many as the registers hold with A accumulators each (32 vector registers with AVX-512, 16 below).
-template <int W, int A, typename T>
-AQUILA_INLINE void project_dense(const T* __restrict w, int64_t rows, int64_t cols, const float* __restrict in,
-                           int64_t in_stride, float* __restrict out, int64_t out_stride, int64_t batch,
-                           int64_t prefetch) {
+template <int W, int A, typename T, typename X>
+AQUILA_INLINE void project_dense(const T* __restrict w, int64_t rows, int64_t cols, const X* __restrict in,
+                                 int64_t in_stride, float* __restrict out, int64_t out_stride, int64_t batch,
+                                 int64_t prefetch) {
   constexpr int NB = W == 16 ? 4 : 2;
 #pragma omp for schedule(static)
   for (int64_t r = 0; r < rows; ++r)
     dots_over_batch<W, A, NB, T>(w + r * cols, cols, in, in_stride, out + r, out_stride, 0, batch, prefetch);
 }
 
-// A quantized projection's input in the order of the dequantized planes (fill_row), shared by the projections of
-// one input: every thread of the team keeps the same record of what the buffer holds, so all take the same branch
-// around the stage that fills it.
-struct PlanarInput {
-  float* buffer;  // batch x cols
-  const float* source = nullptr;  // what it holds: the rows of source, in the layout of (width, planes)
-  int width = 0, planes = 0;
+// A projection's input copied into the form its weights' kernel reads, shared by the projections of one input (wq, wk
+// and wv read one, as do w1 and w3): a quantized kernel's, in the order of its dequantized planes (fill_row); a bf16
+// kernel's, rounded to bf16 (as bf16 words for vdpbf16ps, or as the floats they widen to, for the ISAs without it).
+// Every thread of the team keeps the same record of what the buffer holds, so all take the same branch around the
+// stage that fills it.
+struct ProjectionInput {
+  float* buffer;  // batch x cols floats
+  const float* source = nullptr;  // what it holds: the rows of source, in `form`
+  int form = 0;
+
+  static constexpr int kBf16Words = -1, kBf16Floats = -2;  // the planar forms: 16 W + P > 0
 
   // The step rewrites its inputs in place (normed, attended, gate): called once they are new, before their readers.
   AQUILA_INLINE void forget() { source = nullptr; }
 
-  template <int W, int P>
-  AQUILA_INLINE const float* of(const float* in, int64_t in_stride, int64_t cols, int64_t batch) {
-    if (source != in || width != W || planes != P) {
+  template <typename CopyRow>
+  AQUILA_INLINE void hold(const float* in, int wanted, int64_t batch, CopyRow copy_row) {
+    if (source != in || form != wanted) {
 #pragma omp for schedule(static)
-      for (int64_t b = 0; b < batch; ++b) fill_row<float, W, P>(buffer + b * cols, in + b * in_stride, cols);
-      source = in, width = W, planes = P;
+      for (int64_t b = 0; b < batch; ++b) copy_row(b);
+      source = in, form = wanted;
     }
+  }
+
+  template <int W, int P>
+  AQUILA_INLINE const float* planar(const float* in, int64_t in_stride, int64_t cols, int64_t batch) {
+    hold(in, 16 * W + P, batch,
+         [&](int64_t b) { fill_row<float, W, P>(buffer + b * cols, in + b * in_stride, cols); });
+    return buffer;
+  }
+
+  AQUILA_INLINE const bf16* bf16_words(const float* in, int64_t in_stride, int64_t cols, int64_t batch) {
+    bf16* words = reinterpret_cast<bf16*>(buffer);
+    hold(in, kBf16Words, batch, [&](int64_t b) {
+      for (int64_t j = 0; j < cols; ++j) words[b * cols + j] = from_float<bf16>(in[b * in_stride + j]);
+    });
+    return words;
+  }
+
+  AQUILA_INLINE const float* bf16_floats(const float* in, int64_t in_stride, int64_t cols, int64_t batch) {
+    hold(in, kBf16Floats, batch, [&](int64_t b) {
+      for (int64_t j = 0; j < cols; ++j) buffer[b * cols + j] = to_float(from_float<bf16>(in[b * in_stride + j]));
+    });
     return buffer;
   }
 };
@@ -154,8 +245,8 @@ struct PlanarInput {
 template <int W, int NB, int Bits>
 AQUILA_INLINE void project_quantized(const Weights& wt, int64_t rows, int64_t cols, const float* in, int64_t in_stride,
                                      float* out, int64_t out_stride, int64_t batch, int64_t prefetch,
-                                     PlanarInput& planar) {
-  const float* x = planar.of<W, Bits == 4 ? 8 : 4>(in, in_stride, cols, batch);
+                                     ProjectionInput& input) {
+  const float* x = input.planar<W, Bits == 4 ? 8 : 4>(in, in_stride, cols, batch);
   const int64_t blocks = (rows + NB - 1) / NB;
 #pragma omp for schedule(static)
   for (int64_t block = 0; block < blocks; ++block) {
@@ -192,11 +283,11 @@ AQUILA_INLINE void project_int4_by_groups(const Weights& wt, int64_t rows, int64
 // An int4 projection at the widest vector width W whose step (8W columns) divides the group size.
 template <int W, int NB>
 AQUILA_INLINE void project_int4(const Weights& wt, int64_t rows, int64_t cols, const float* in, int64_t in_stride,
-                                float* out, int64_t out_stride, int64_t batch, int64_t prefetch, PlanarInput& planar) {
+                                float* out, int64_t out_stride, int64_t batch, int64_t prefetch, ProjectionInput& input) {
   if (wt.group_size % (8 * W) == 0) {
-    project_quantized<W, NB, 4>(wt, rows, cols, in, in_stride, out, out_stride, batch, prefetch, planar);
+    project_quantized<W, NB, 4>(wt, rows, cols, in, in_stride, out, out_stride, batch, prefetch, input);
   } else if constexpr (W > 4) {
-    project_int4<W / 2, NB>(wt, rows, cols, in, in_stride, out, out_stride, batch, prefetch, planar);
+    project_int4<W / 2, NB>(wt, rows, cols, in, in_stride, out, out_stride, batch, prefetch, input);
   } else {
     project_int4_by_groups(wt, rows, cols, in, in_stride, out, out_stride, batch);
   }
@@ -208,42 +299,55 @@ AQUILA_INLINE void project_int4(const Weights& wt, int64_t rows, int64_t cols, c
 template <int W>
 AQUILA_INLINE void project_quantized_linear(const DecodeLinear& w, int64_t rows, int64_t cols, const float* in,
                                             int64_t in_stride, float* out, int64_t out_stride, int64_t batch,
-                                            int64_t prefetch, PlanarInput& planar) {
+                                            int64_t prefetch, ProjectionInput& input) {
   constexpr int NB = W == 16 ? 8 : 4;
   const int64_t bits = w.format == WeightFormat::int4 ? 4 : 8;
   const Weights wt = Weights::of(w.weight, w.scales, w.zeros, cols, bits, w.group_size);
   if (bits == 8) {
-    project_quantized<W, NB, 8>(wt, rows, cols, in, in_stride, out, out_stride, batch, prefetch, planar);
+    project_quantized<W, NB, 8>(wt, rows, cols, in, in_stride, out, out_stride, batch, prefetch, input);
   } else {
-    project_int4<W, NB>(wt, rows, cols, in, in_stride, out, out_stride, batch, prefetch, planar);
+    project_int4<W, NB>(wt, rows, cols, in, in_stride, out, out_stride, batch, prefetch, input);
   }
 }
 
 #define AQUILA_DECODE_QUANTIZED(NAME, TARGET, W)                                                                   \
   TARGET __attribute__((noinline)) void project_quantized_##NAME(                                                  \
       const DecodeLinear& w, int64_t rows, int64_t cols, const float* in, int64_t in_stride, float* out,           \
-      int64_t out_stride, int64_t batch, int64_t prefetch, PlanarInput& planar) {                                  \
-    project_quantized_linear<W>(w, rows, cols, in, in_stride, out, out_stride, batch, prefetch, planar);          \
+      int64_t out_stride, int64_t batch, int64_t prefetch, ProjectionInput& input) {                                  \
+    project_quantized_linear<W>(w, rows, cols, in, in_stride, out, out_stride, batch, prefetch, input);          \
   }
 AQUILA_DECODE_QUANTIZED(baseline, , 4)
 AQUILA_DECODE_QUANTIZED(avx2, AQUILA_TARGET_AVX2, 8)
 AQUILA_DECODE_QUANTIZED(avx512, AQUILA_TARGET_AVX512, 16)
 #undef AQUILA_DECODE_QUANTIZED
 
-// out[b * out_stride + r] = in[b] . w[r] for the rows r of the linear w [rows, cols], as it is held. W: the ISA's
-// vector width.
-template <int W, int A, typename T>
+// out[b * rows + r] = in[b] . w[r] for the rows r of the linear w [rows, cols], as it is held, from the inputs in[b]
+// (cols floats each) in fp32 or, for bf16 weights with bf16_inputs, rounded to bf16. W: the ISA's vector width;
+// Bf16Dots: the ISA has vdpbf16ps.
+template <int W, int A, typename T, bool Bf16Dots>
 AQUILA_INLINE void project(const DecodeLinear& w, int64_t rows, int64_t cols, const float* __restrict in,
-                           int64_t in_stride, float* __restrict out, int64_t out_stride, int64_t batch,
-                           int64_t prefetch, PlanarInput& planar) {
-  if (w.format == WeightFormat::dense) {
-    project_dense<W, A, T>(static_cast<const T*>(w.weight), rows, cols, in, in_stride, out, out_stride, batch,
-                           prefetch);
-  } else {
+                           float* __restrict out, int64_t batch, int64_t prefetch, bool bf16_inputs,
+                           ProjectionInput& input) {
+  if (w.format != WeightFormat::dense) {
     const auto quantized = W == 16 ? project_quantized_avx512 : W == 8 ? project_quantized_avx2
                                                                        : project_quantized_baseline;
-    quantized(w, rows, cols, in, in_stride, out, out_stride, batch, prefetch, planar);
+    quantized(w, rows, cols, in, cols, out, rows, batch, prefetch, input);
+    return;
   }
+  const T* weight = static_cast<const T*>(w.weight);
+  if constexpr (std::is_same_v<T, bf16>) {
+    if (bf16_inputs) {
+      if constexpr (Bf16Dots) {
+        project_dense<W, A, T>(weight, rows, cols, input.bf16_words(in, cols, cols, batch), cols, out, rows, batch,
+                               prefetch);
+      } else {
+        project_dense<W, A, T>(weight, rows, cols, input.bf16_floats(in, cols, cols, batch), cols, out, rows, batch,
+                               prefetch);
+      }
+      return;
+    }
+  }
+  project_dense<W, A, T>(weight, rows, cols, in, cols, out, rows, batch, prefetch);
 }
 
 // normed = (residual (+)= x) / rms * weight, over one token's features.
@@ -289,7 +393,7 @@ std::vector<float> rotations(const DecodeStep& a) {
 // The step, run by every thread of the team: the work of each stage is split with orphaned `omp for`s. It is not
 // itself the parallel region because GCC outlines a parallel region before inlining, into a function that would not
 // carry the caller's ISA attributes.
-template <int W, int A, typename T>
+template <int W, int A, typename T, bool Bf16Dots>
 AQUILA_INLINE void decode_in_team(const DecodeStep& a, const float* cos_sin) {
   const int64_t B = a.batch, dim = a.dim, H = a.heads, KV = a.kv_heads, D = a.head_dim, F = a.hidden_dim;
   const int64_t half = D / 2, group = H / KV;
@@ -304,7 +408,12 @@ AQUILA_INLINE void decode_in_team(const DecodeStep& a, const float* cos_sin) {
   float* gate = attended + B * H * D;  // [B, F]
   float* up = gate + B * F;
   float* scores = up + B * F;  // [B * H, max_len]
-  PlanarInput planar{scores + B * H * a.max_len};  // [B, max(dim, H * D, F)]
+  ProjectionInput input{scores + B * H * a.max_len};  // [B, max(dim, H * D, F)]
+  // out [B, rows] = in [B, cols] . w^T
+  const auto linear = [&](const DecodeLinear& w, int64_t rows, int64_t cols, const float* in, float* out)
+                          __attribute__((always_inline)) {
+    project<W, A, T, Bf16Dots>(w, rows, cols, in, out, B, a.prefetch_bytes, a.bf16_inputs, input);
+  };
 
 #pragma omp for schedule(static)
   for (int64_t b = 0; b < B; ++b) {
@@ -319,10 +428,10 @@ AQUILA_INLINE void decode_in_team(const DecodeStep& a, const float* cos_sin) {
     for (int64_t b = 0; b < B; ++b)
       add_and_norm(x + b * dim, residual + b * dim, normed + b * dim, static_cast<const T*>(w.attention_norm), dim,
                    a.eps, l == 0);
-    planar.forget();  // normed is new: wq, wk and wv read it
-    project<W, A, T>(w.wq, H * D, dim, normed, dim, q, H * D, B, a.prefetch_bytes, planar);
-    project<W, A, T>(w.wk, KV * D, dim, normed, dim, k, KV * D, B, a.prefetch_bytes, planar);
-    project<W, A, T>(w.wv, KV * D, dim, normed, dim, v, KV * D, B, a.prefetch_bytes, planar);
+    input.forget();  // normed is new: wq, wk and wv read it
+    linear(w.wq, H * D, dim, normed, q);
+    linear(w.wk, KV * D, dim, normed, k);
+    linear(w.wv, KV * D, dim, normed, v);
 #pragma omp for schedule(static)
     for (int64_t b = 0; b < B; ++b) {
       const float* c = &cos_sin[(b * 2) * half];
@@ -367,40 +476,44 @@ AQUILA_INLINE void decode_in_team(const DecodeStep& a, const float* cos_sin) {
         for (int64_t d = 0; d < D; ++d) out[d] += weight * to_float(value[d]);
       }
     }
-    planar.forget();
-    project<W, A, T>(w.wo, dim, H * D, attended, H * D, x, dim, B, a.prefetch_bytes, planar);
+    input.forget();
+    linear(w.wo, dim, H * D, attended, x);
 #pragma omp for schedule(static)
     for (int64_t b = 0; b < B; ++b)
       add_and_norm(x + b * dim, residual + b * dim, normed + b * dim, static_cast<const T*>(w.ffn_norm), dim, a.eps,
                    false);
-    planar.forget();  // w1 and w3 read the new normed
-    project<W, A, T>(w.w1, F, dim, normed, dim, gate, F, B, a.prefetch_bytes, planar);
-    project<W, A, T>(w.w3, F, dim, normed, dim, up, F, B, a.prefetch_bytes, planar);
+    input.forget();  // w1 and w3 read the new normed
+    linear(w.w1, F, dim, normed, gate);
+    linear(w.w3, F, dim, normed, up);
 #pragma omp for schedule(static)
     for (int64_t i = 0; i < B * F; ++i) gate[i] = gate[i] / (1.0f + std::exp(-gate[i])) * up[i];
-    planar.forget();
-    project<W, A, T>(w.w2, dim, F, gate, F, x, dim, B, a.prefetch_bytes, planar);
+    input.forget();
+    linear(w.w2, dim, F, gate, x);
   }
 #pragma omp for schedule(static)
   for (int64_t b = 0; b < B; ++b)
     add_and_norm(x + b * dim, residual + b * dim, normed + b * dim, static_cast<const T*>(a.final_norm), dim, a.eps,
                  a.n_layers == 0);
-  planar.forget();
-  project<W, A, T>(a.output, a.vocab, dim, normed, dim, a.logits, a.vocab, B, a.prefetch_bytes, planar);
+  input.forget();
+  linear(a.output, a.vocab, dim, normed, a.logits);
 }
 
-// One body per ISA (the projections' vector width and accumulators) and weight dtype, chosen at run time.
+// One body per ISA (the projections' vector width and accumulators, and whether bf16 products run on vdpbf16ps) and
+// weight dtype, chosen at run time.
 template <typename T>
 void decode_baseline(const DecodeStep& a, const float* cos_sin) {
-  decode_in_team<4, 4, T>(a, cos_sin);
+  decode_in_team<4, 4, T, false>(a, cos_sin);
 }
 template <typename T>
 AQUILA_TARGET_AVX2 void decode_avx2(const DecodeStep& a, const float* cos_sin) {
-  decode_in_team<8, 4, T>(a, cos_sin);
+  decode_in_team<8, 4, T, false>(a, cos_sin);
 }
 template <typename T>
 AQUILA_TARGET_AVX512 void decode_avx512(const DecodeStep& a, const float* cos_sin) {
-  decode_in_team<16, 4, T>(a, cos_sin);
+  decode_in_team<16, 4, T, false>(a, cos_sin);
+}
+AQUILA_TARGET_AVX512 void decode_avx512_bf16(const DecodeStep& a, const float* cos_sin) {
+  decode_in_team<16, 4, bf16, true>(a, cos_sin);
 }
 
 template <typename T>
@@ -409,6 +522,9 @@ void run(const DecodeStep& a, int threads) {
   auto* step = level >= SimdLevel::avx512 ? decode_avx512<T>
                : level == SimdLevel::avx2 ? decode_avx2<T>
                                            : decode_baseline<T>;
+  if constexpr (std::is_same_v<T, bf16>) {
+    if (level == SimdLevel::avx512_bf16 && a.bf16_inputs) step = decode_avx512_bf16;
+  }
   const std::vector<float> cos_sin = rotations(a);
 #pragma omp parallel num_threads(threads)
   step(a, cos_sin.data());
@@ -449,6 +565,9 @@ void decode_step(const DecodeStep& args, int threads) {
       check_linear(*linear, cols, layer + name);
   }
   check_linear(args.output, dim, "output");
+  if (args.bf16_inputs && args.dtype != DType::bf16) {
+    throw std::invalid_argument("aquila decode_step: bf16_inputs takes a bf16 step (bf16 dense weights)");
+  }
   if (args.dtype == DType::f32) {
     run<float>(args, threads);
   } else if (args.dtype == DType::bf16) {

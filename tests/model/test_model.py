@@ -369,8 +369,8 @@ def test_the_native_step_decodes_bf16_weights_closer_to_fp32_than_the_bf16_modul
 
     native_cache, module_cache, exact_cache = (KVCache(TINY, 2, 12, dtype=dtype)
                                                 for dtype in (torch.bfloat16, torch.bfloat16, torch.float32))
-    step = bf16_model.decoder(native_cache)
-    assert native_decode.decoder(bf16_model, native_cache) is not None
+    step = native_decode.decoder(bf16_model, native_cache, bf16_inputs=False)
+    assert step is not None
     tokens = torch.randint(0, TINY.vocab_size, (2, 1))
     eps = torch.finfo(torch.bfloat16).eps
     for _ in range(8):

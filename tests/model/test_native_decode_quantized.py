@@ -6,7 +6,8 @@ with a float64 step computed from the same weights (the quantized ones dequantiz
 values as the cache holds them, at the tolerance tests/tolerance.py derives for fp32 outputs; the new keys and values
 with their exact values at the cache dtype's; in fp32, the module path gives the same logits to fp32's tolerance and
 the same greedy tokens. The narrower ISA paths
-run the same comparisons in fresh processes."""
+run the same comparisons in fresh processes. bf16 steps whose dense projections take bf16 inputs (vdpbf16ps) are
+checked here too, against float64 steps with and without that rounding."""
 
 import math
 import os
@@ -71,22 +72,28 @@ def rotate(x, positions, config):
     return torch.stack((r1, r2), -1).flatten(-2) if config.rope_interleaved else torch.cat((r1, r2), -1)
 
 
-def reference_step(model, tokens, k_cache, v_cache, lengths, stored):
+def reference_step(model, tokens, k_cache, v_cache, lengths, stored, bf16_inputs=False):
     """float64 logits [batch, vocab] of one decoding step of tokens [batch], as the C++ step computes it: the weights'
-    exact values (quantized ones dequantized), float64 activations. k_cache, v_cache: float64 [n_layers, batch,
-    max_len, kv_heads, head_dim], written at `lengths` (not advanced) with stored(layer, k, v), the new keys and values
-    [batch, kv_heads, head_dim] as the cache keeps them (rounded to its dtype)."""
+    exact values (quantized ones dequantized), float64 activations (with bf16_inputs, the dense projections' inputs
+    rounded to bf16). k_cache, v_cache: float64 [n_layers, batch, max_len, kv_heads, head_dim], written at `lengths`
+    (not advanced) with stored(layer, k, v), the new keys and values [batch, kv_heads, head_dim] as the cache keeps
+    them (rounded to its dtype)."""
     c = model.config
     batch, rows = tokens.shape[0], torch.arange(tokens.shape[0])
+
+    def project(h, linear):
+        if bf16_inputs and not isinstance(linear, QuantizedLinear):
+            h = h.to(torch.bfloat16).double()
+        return h @ dense_float64(linear).T
     x = model.tok_embeddings.weight.double()[tokens]
     residual = torch.zeros_like(x)
     for index, layer in enumerate(model.layers):
         attention, ff = layer.attention, layer.feed_forward
         residual = residual + x
         h = rms_norm(residual, layer.attention_norm.weight, c.norm_eps)
-        q = rotate((h @ dense_float64(attention.wq).T).view(batch, c.n_heads, c.head_dim), lengths, c)
-        k = rotate((h @ dense_float64(attention.wk).T).view(batch, c.kv_heads, c.head_dim), lengths, c)
-        v = (h @ dense_float64(attention.wv).T).view(batch, c.kv_heads, c.head_dim)
+        q = rotate(project(h, attention.wq).view(batch, c.n_heads, c.head_dim), lengths, c)
+        k = rotate(project(h, attention.wk).view(batch, c.kv_heads, c.head_dim), lengths, c)
+        v = project(h, attention.wv).view(batch, c.kv_heads, c.head_dim)
         k_cache[index, rows, lengths], v_cache[index, rows, lengths] = stored(index, k, v)
         attended = torch.empty(batch, c.n_heads, c.head_dim, dtype=torch.float64)
         for b in range(batch):
@@ -94,12 +101,12 @@ def reference_step(model, tokens, k_cache, v_cache, lengths, stored):
             values = v_cache[index, b, :lengths[b] + 1].repeat_interleave(c.n_heads // c.kv_heads, dim=1)
             scores = torch.einsum("hd,jhd->hj", q[b], keys) / math.sqrt(c.head_dim)
             attended[b] = torch.einsum("hj,jhd->hd", scores.softmax(-1), values)
-        x = attended.view(batch, -1) @ dense_float64(attention.wo).T
+        x = project(attended.view(batch, -1), attention.wo)
         residual = residual + x
         h = rms_norm(residual, layer.ffn_norm.weight, c.norm_eps)
-        gate, up = h @ dense_float64(ff.w1).T, h @ dense_float64(ff.w3).T
-        x = (gate * torch.sigmoid(gate) * up) @ dense_float64(ff.w2).T
-    return rms_norm(residual + x, model.norm.weight, c.norm_eps) @ dense_float64(model.output).T
+        gate, up = project(h, ff.w1), project(h, ff.w3)
+        x = project(gate * torch.sigmoid(gate) * up, ff.w2)
+    return project(rms_norm(residual + x, model.norm.weight, c.norm_eps), model.output)
 
 
 def prefilled_caches(model, batch, dtype):
@@ -134,8 +141,8 @@ def check_steps(kind, keep_output, dtype, batch, steps=3):
     assert any(isinstance(m, QuantizedLinear) for m in model.modules())
     assert isinstance(model.output, QuantizedLinear) != keep_output
     native_cache, module_cache, (k64, v64) = prefilled_caches(model, batch, dtype)
-    step = model.decoder(native_cache)
-    assert native_decode.decoder(model, native_cache) is not None, "the native step should take this model"
+    step = native_decode.decoder(model, native_cache, bf16_inputs=False)
+    assert step is not None, "the native step should take this model"
     tokens = torch.randint(0, model.config.vocab_size, (batch,), generator=torch.Generator().manual_seed(7))
     initial_lengths = native_cache.lengths.tolist()
     for _ in range(steps):
@@ -176,13 +183,89 @@ def test_native_step_on_quantized_weights_on_narrower_isas(isa):
     assert result.returncode == 0 and f"{count} passed" in result.stdout, result.stdout + result.stderr
 
 
-def test_every_prefetch_distance_gives_the_same_logits():
-    """A prefetch only moves data into cache: quantized rows prefetched at each distance give bit-identical logits."""
-    model = quantized_model("int4-g64-asym", False, torch.float32)
+# Dense bf16 models (for bf16_inputs) of widths whose rows hold whole vdpbf16ps vectors (32 bf16) or leave tails.
+BF16_CONFIGS = {"wide": WIDE, "tiny": TINY, "odd": ODD}
+
+
+def bf16_model(name):
+    """A dense bf16 model of BF16_CONFIGS[name], or the quantized model `name` (bf16, its output projection dense)."""
+    if name not in BF16_CONFIGS:
+        return quantized_model(name, True, torch.bfloat16)
+    torch.manual_seed(0)
+    model = Aquila(BF16_CONFIGS[name]).eval()
+    with torch.no_grad():
+        for parameter_name, p in model.named_parameters():
+            if "norm" in parameter_name:
+                p.uniform_(0.5, 1.5)
+    return model.to(torch.bfloat16)
+
+
+@pytest.mark.parametrize("name", [*BF16_CONFIGS, "int4-g32-sym"])
+def test_bf16_inputs_round_each_dense_projection_input(name):
+    """bf16_inputs=True: each dense bf16 projection multiplies its input rounded to bf16 (quantized ones keep fp32
+    inputs), at batch 1, 3 and 5. The step's fp32 activations differ from float64's by fp32 rounding, so now and then
+    one lies on the other side of a bf16 rounding tie and rounds to the neighbouring bf16, which shifts that row's
+    logits by up to a third of what rounding the inputs does in all: no reference can predict which, so no exact
+    comparison holds for every row. What must hold, per row and step: the logits are closer to the float64 step that
+    rounds the inputs than to the one that does not (at most half the distance between them), and in most rows (the
+    median) they match the rounding one to fp32's precision."""
+    model = bf16_model(name)
+    ratios = []
+    for batch in (1, 3, 5):
+        native_cache, _, (k64, v64) = prefilled_caches(model, batch, torch.bfloat16)
+        step = native_decode.decoder(model, native_cache, bf16_inputs=True)
+        assert step is not None and step.bf16_inputs
+        tokens = torch.randint(0, model.config.vocab_size, (batch,), generator=torch.Generator().manual_seed(7))
+        for _ in range(3):
+            lengths = native_cache.lengths.long()
+            native = step(tokens[:, None])[:, 0].double()
+            # The new keys and values as the cache holds them (a flipped rounding shows in them too, so unchecked).
+            rows = torch.arange(batch)
+            held = (lambda index, k, v: (native_cache.k[index, rows, lengths].double(),
+                                         native_cache.v[index, rows, lengths].double()))
+            rounded = reference_step(model, tokens, k64, v64, lengths, held, bf16_inputs=True)
+            exact = reference_step(model, tokens, k64.clone(), v64.clone(), lengths, held)
+            rounding = (rounded - exact).abs().amax(-1)
+            assert (rounding > 100 * 64 * torch.finfo(torch.float32).eps * exact.abs().amax(-1)).all()  # it shows
+            ratios += ((native - rounded).abs().amax(-1) / rounding).tolist()
+            tokens = rounded.argmax(-1)
+    assert max(ratios) <= 0.5, ratios
+    assert sorted(ratios)[len(ratios) // 2] <= 1e-3, ratios
+
+
+@pytest.mark.parametrize("isa", ["avx512", "avx2", "baseline"])
+def test_bf16_inputs_on_narrower_isas(isa):
+    """Without AVX512-BF16 the step widens the rounded inputs to fp32 instead (AVX-512 included, whose run on an
+    AVX512-BF16 machine is forced here): the same comparisons, in a fresh process per ISA."""
+    tests = f"{__file__}::test_bf16_inputs_round_each_dense_projection_input"
+    command = [sys.executable, "-m", "pytest", "-q", "-p", "no:cacheprovider", tests]
+    result = subprocess.run(command, env={**os.environ, "AQUILA_CPU_ISA": isa}, capture_output=True, text=True,
+                            timeout=600)
+    assert result.returncode == 0 and f"{len(BF16_CONFIGS) + 1} passed" in result.stdout, result.stdout + result.stderr
+
+
+def test_bf16_inputs_default_to_where_the_cpu_multiplies_bf16_pairs():
+    bf16 = bf16_model("tiny")
+    assert native_decode.decoder(bf16, KVCache(bf16.config, 1, 8, dtype=torch.bfloat16)).bf16_inputs == (
+        _backend.cpu_extension.cpu_isa() == "avx512_bf16")
+    fp32 = quantized_model("int8", True, torch.float32)
+    assert not native_decode.decoder(fp32, KVCache(fp32.config, 1, 8)).bf16_inputs
+    with pytest.raises(ValueError, match="bf16_inputs=True takes a bf16 model"):
+        native_decode.decoder(fp32, KVCache(fp32.config, 1, 8), bf16_inputs=True)
+    arguments, keep_alive = step_arguments(fp32, KVCache(fp32.config, 1, 8))
+    with pytest.raises(ValueError, match="bf16_inputs takes a bf16 step"):
+        _backend.cpu_extension.decode_step({**arguments, "bf16_inputs": True}, 1)
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16], ids=["int4-fp32", "dense-bf16"])
+def test_every_prefetch_distance_gives_the_same_logits(dtype):
+    """A prefetch only moves data into cache: rows prefetched at each distance give bit-identical logits (quantized
+    rows; dense bf16 ones with bf16 inputs, on vdpbf16ps where the CPU has it)."""
+    model = quantized_model("int4-g64-asym", False, dtype) if dtype == torch.float32 else bf16_model("wide")
     outcomes = []
     for distance in (0, *native_decode.PREFETCH_CANDIDATES, 1 << 20):
-        cache = KVCache(model.config, 2, 8)
-        step = native_decode.decoder(model, cache, prefetch_bytes=distance)
+        cache = KVCache(model.config, 2, 8, dtype=dtype)
+        step = native_decode.decoder(model, cache, prefetch_bytes=distance, bf16_inputs=dtype == torch.bfloat16)
         outcomes.append(torch.cat([step(torch.tensor([[3], [50]])) for _ in range(3)]))
     for outcome in outcomes[1:]:
         assert torch.equal(outcome, outcomes[0])
@@ -214,7 +297,7 @@ def step_arguments(model, cache):
     c = model.config
     workspace = torch.empty(native_decode.workspace_floats(c, 1, cache.k.shape[2]))
     caches = [(cache.k[i], cache.v[i]) for i in range(c.n_layers)]
-    arguments = native_decode._arguments(model, caches, cache.lengths, 1, cache.k.shape[2], workspace)
+    arguments = native_decode._arguments(model, caches, cache.lengths, 1, cache.k.shape[2], workspace, False)
     tokens, logits = torch.zeros(1, dtype=torch.int64), torch.empty(1, c.vocab_size)
     arguments.update(tokens=tokens.data_ptr(), logits=logits.data_ptr(), prefetch_bytes=0)
     return arguments, (workspace, tokens, logits)
