@@ -451,11 +451,12 @@ def git(*arguments):
 def environment(version, sdist):
     import torch
 
-    status = git("status", "--porcelain", "--untracked-files=no")
+    # What the run depends on: the aquila package and this script, as committed or changed since.
+    status = git("status", "--porcelain", "--", "aquila", os.path.relpath(__file__, REPOSITORY))
     return {"date": datetime.datetime.now(datetime.timezone.utc).isoformat(timespec="seconds"),
             "transformers": version, "sdist": os.path.basename(sdist), "torch": torch.__version__,
             "python": platform.python_version(), "device": "cpu", "aquila_commit": git("rev-parse", "HEAD"),
-            "aquila_tracked_files_modified": None if status is None else bool(status)}
+            "aquila_changed_since_commit": None if status is None else bool(status)}
 
 
 def main(argv=None):
