@@ -54,7 +54,7 @@ NOT_RUN = {
     "ExportTesterMixin": "tests/exporters/test_export.py is not in the sdist: an empty stand-in, no export tests",
     "PipelineTesterMixin": "tests/test_pipeline_mixin.py reads tests/utils/tiny_model_summary.json, not in the sdist",
     "ConfigTester": "tests/test_configuration_common.py imports tests/utils/test_configuration_utils.py, not in the "
-                    "sdist (it tests LlamaConfig, which the patch does not touch)",
+                    "sdist; it tests LlamaConfig, which the patch does not touch",
 }
 # Third-party modules transformers' test files import that transformers itself does not need.
 TEST_REQUIREMENTS = {"parameterized": "parameterized"}
@@ -411,8 +411,9 @@ def summary(report):
     """A short markdown summary of a report."""
     outcomes = report["outcomes"]
     names = sorted(set(outcomes["unpatched"]) | set(outcomes["patched"]), key=OUTCOME_ORDER.index)
+    selection = f", only those of -k {report['selection']!r}" if report.get("selection") else ""
     lines = [f"transformers {report['transformers']}'s common model tests on Llama "
-             f"({', '.join(report['mixins_run'])}):", "",
+             f"({', '.join(report['mixins_run'])}{selection}):", "",
              "| run | " + " | ".join(names) + " |", "|---|" + "---|" * len(names)]
     for run in ("unpatched", "patched"):
         lines.append(f"| {run} | " + " | ".join(str(outcomes[run].get(name, 0)) for name in names) + " |")

@@ -73,11 +73,13 @@ def test_report_and_summary_from_two_runs():
     assert "Not run: GenerationTesterMixin" in text
 
 
-def test_summary_of_runs_without_attention_calls_or_regressions():
+def test_summary_of_a_partial_run_without_attention_calls_or_regressions():
     results = run_results({"test_save_load": "passed"})
-    report = suite.build_report(results, results, {"unpatched": 1.0, "patched": 1.0}, ENVIRONMENT)
+    report = suite.build_report(results, results, {"unpatched": 1.0, "patched": 1.0},
+                                {**ENVIRONMENT, "selection": "save_load"})
     assert report["attention_calls"]["kernel_share"] is None and report["attention_calls"]["met"] is None
     text = suite.summary(report)
+    assert "(ModelTesterMixin, TrainingTesterMixin, only those of -k 'save_load'):" in text
     assert "Pass unpatched, fail patched: none" in text and "No attention call was counted." in text
 
 
