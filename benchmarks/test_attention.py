@@ -36,7 +36,7 @@ def sdpa(q, k, v, causal, flash_only=True, mask=None):
 def eager_attention(q, k, v, causal, mask=None, softcap=0.0):
     """The composition transformers' eager attention runs: key/value heads repeated for GQA, the full score matrix,
     softcap * tanh(scores / softcap) when softcap > 0 (Gemma 2's), the causal mask or the boolean `mask` (True:
-    attend), softmax in fp32."""
+    attend), softmax in fp32 (in float64 for float64 inputs)."""
     q, k, v = (t.transpose(1, 2) for t in (q, k, v))
     groups = q.shape[1] // k.shape[1]
     k, v = k.repeat_interleave(groups, dim=1), v.repeat_interleave(groups, dim=1)
@@ -48,7 +48,8 @@ def eager_attention(q, k, v, causal, mask=None, softcap=0.0):
         mask = torch.ones(seq_q, seq_k, dtype=torch.bool, device=q.device).tril(seq_k - seq_q)
     if mask is not None:
         scores = scores.masked_fill(~mask, float("-inf"))
-    return (scores.float().softmax(-1).to(q.dtype) @ v).transpose(1, 2)
+    softmax_dtype = torch.promote_types(scores.dtype, torch.float32)  # float64 stays float64: the check's reference
+    return (scores.to(softmax_dtype).softmax(-1).to(q.dtype) @ v).transpose(1, 2)
 
 
 compiled_attention = torch.compile(eager_attention)
