@@ -322,7 +322,8 @@ def pytest_terminal_summary(terminalreporter, exitstatus, config):
     lines = [f"machine: {machine['description']}; torch {torch.__version__}; {describe_host(machine)}"]
     if ceilings:
         lines.append(f"measured: {describe_ceilings(ceilings)}")
-    lines.append(f"{'op':<48} {'impl':<16} {'ms':>9} {'GB/s':>7} {'of bw':>9} {'GFLOP/s':>8} {'of mm':>6} "
+    width = max(48, *(len(r["op"]) for r in RESULTS))  # the op column fits the longest label
+    lines.append(f"{'op':<{width}} {'impl':<16} {'ms':>9} {'GB/s':>7} {'of bw':>9} {'GFLOP/s':>8} {'of mm':>6} "
                  f"{'vs base':>8} {'peak MB':>8}")
     for r in RESULTS:
         fraction = r.get("fraction_of_read", r.get("fraction_of_copy"))
@@ -331,7 +332,7 @@ def pytest_terminal_summary(terminalreporter, exitstatus, config):
                  _format(r["gflop_per_s"], "{:.0f}"), _format(r.get("fraction_of_matmul"), "{:.0%}"),
                  _format(r["speedup_vs_baseline"], "{:.2f}x"),
                  _format(r.get("peak_extra_bytes", r.get("peak_memory_bytes")), "{:.0f}", 1e-6)]
-        lines.append(f"{r['op']:<48} {r['impl']:<16} {r['seconds'] * 1e3:>9.3f} {cells[0]:>7} {cells[1]:>9} "
+        lines.append(f"{r['op']:<{width}} {r['impl']:<16} {r['seconds'] * 1e3:>9.3f} {cells[0]:>7} {cells[1]:>9} "
                      f"{cells[2]:>8} {cells[3]:>6} {cells[4]:>8} {cells[5]:>8}")
     terminalreporter.write_sep("=", "aquila benchmark summary")
     for line in lines:
