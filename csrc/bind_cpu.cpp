@@ -66,6 +66,11 @@ inline QuantizedLinearBackward read(Fields& f, QuantizedLinearBackward*) {
           f.i64("out_features"), f.i64("bits"), f.i64("group_size"), f.dtype()};
 }
 
+inline QuantizedDequantize read(Fields& f, QuantizedDequantize*) {
+  return {f.ptr("qweight"), f.ptr<const float>("scales"), f.ptr<const uint8_t>("zeros"), f.ptr("out"),
+          f.i64("in_features"), f.i64("out_features"), f.i64("bits"), f.i64("group_size"), f.dtype()};
+}
+
 }  // namespace aquila
 
 PYBIND11_MODULE(_C, m) {
@@ -83,6 +88,7 @@ PYBIND11_MODULE(_C, m) {
   aquila::bind_kernel(m, "attention_backward", "threads", cpu::attention_backward);
   aquila::bind_kernel(m, "quantized_linear", "threads", cpu::quantized_linear);
   aquila::bind_kernel(m, "quantized_linear_backward", "threads", cpu::quantized_linear_backward);
+  aquila::bind_kernel(m, "quantized_dequantize", "threads", cpu::quantized_dequantize);
   m.def(
       "decode_step",
       [](const pybind11::dict& dict, int threads) {

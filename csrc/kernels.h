@@ -253,6 +253,18 @@ struct QuantizedLinearBackward {
   DType dtype;
 };
 
+// The dense weight of a QuantizedLinear: out[n][k] = W[n][k] as defined above, computed in fp32 (one rounding, as
+// the kernels dequantize) and rounded once to dtype (fp32, fp16 or bf16). For a prefill on a CPU whose bf16 matmul is
+// native, which then multiplies far faster than the kernels above can dequantize in registers.
+struct QuantizedDequantize {
+  const void* qweight;
+  const float* scales;
+  const uint8_t* zeros;
+  void* out;  // out_features x in_features, contiguous, in dtype
+  int64_t in_features, out_features, bits, group_size;
+  DType dtype;
+};
+
 // One decoding step of a whole Aquila model, one new token per sequence (CPU). The step has a dtype, fp32 or bf16: that
 // of the embeddings, the norms, the cache [batch, max_len, kv_heads, head_dim] and every dense linear weight; the
 // activations stay fp32 between the layers. Each linear, as the model holds it ([out, in] row-major), is dense or
@@ -321,6 +333,7 @@ void attention_forward(const AttentionForward& args, int threads);
 void attention_backward(const AttentionBackward& args, int threads);
 void quantized_linear(const QuantizedLinear& args, int threads);
 void quantized_linear_backward(const QuantizedLinearBackward& args, int threads);
+void quantized_dequantize(const QuantizedDequantize& args, int threads);
 }  // namespace cpu
 
 // Launches on the given cudaStream_t; errors (no driver, bad launch) are thrown as std::runtime_error.

@@ -350,7 +350,56 @@ void check(const Args& a, const char* kernel) {
   if (a.bits == 8 && a.zeros) throw std::invalid_argument(name + "8 bits take no zeros");
 }
 
+// One row of the dense weight: int8 q * scale; int4 (nibble - zero) * scale, per group. The products are those of the
+// reference (fp32, one rounding), then rounded to T.
+template <typename T>
+AQUILA_INLINE void dequantize_row(const QuantizedDequantize& a, int64_t n, T* __restrict out) {
+  if (a.bits == 8) {
+    const int8_t* q = static_cast<const int8_t*>(a.qweight) + n * a.in_features;
+    const float scale = a.scales[n];
+    for (int64_t k = 0; k < a.in_features; ++k) out[k] = from_float<T>(static_cast<float>(q[k]) * scale);
+    return;
+  }
+  const int64_t groups = a.in_features / a.group_size, half = a.group_size / 2;
+  const uint8_t* bytes = static_cast<const uint8_t*>(a.qweight) + n * (a.in_features / 2);
+  for (int64_t g = 0; g < groups; ++g) {
+    const float scale = a.scales[n * groups + g];
+    const float zero = a.zeros ? static_cast<float>(a.zeros[n * groups + g]) : 8.0f;
+    const uint8_t* b = bytes + g * half;
+    T* o = out + g * a.group_size;
+    for (int64_t j = 0; j < half; ++j) {
+      o[2 * j] = from_float<T>((static_cast<float>(b[j] & 15) - zero) * scale);
+      o[2 * j + 1] = from_float<T>((static_cast<float>(b[j] >> 4) - zero) * scale);
+    }
+  }
+}
+
+// Rows [begin, end) of the dense weight in each dtype: straight loops the compiler vectorises, once per ISA (called
+// from the parallel region, not holding it: GCC outlines a parallel region into a function without the clones).
+#define AQUILA_DEQUANTIZE_ROWS(T)                                                                                 \
+  AQUILA_SIMD_CLONES void dequantize_rows_##T(const QuantizedDequantize& a, int64_t begin, int64_t end) {         \
+    for (int64_t n = begin; n < end; ++n) dequantize_row<T>(a, n, static_cast<T*>(a.out) + n * a.in_features);   \
+  }
+AQUILA_DEQUANTIZE_ROWS(float)
+AQUILA_DEQUANTIZE_ROWS(f16)
+AQUILA_DEQUANTIZE_ROWS(bf16)
+#undef AQUILA_DEQUANTIZE_ROWS
+
 }  // namespace
+
+void quantized_dequantize(const QuantizedDequantize& args, int threads) {
+  check(args, "quantized_dequantize");
+  const auto rows = args.dtype == DType::f32 ? dequantize_rows_float
+                    : args.dtype == DType::f16 ? dequantize_rows_f16
+                                               : dequantize_rows_bf16;
+  threads = std::max(threads, 1);
+#pragma omp parallel num_threads(threads)
+  {
+    const int64_t team = team_size(), per_thread = (args.out_features + team - 1) / team;
+    const int64_t begin = std::min(args.out_features, thread_id() * per_thread);
+    rows(args, begin, std::min(args.out_features, begin + per_thread));
+  }
+}
 
 void quantized_linear(const QuantizedLinear& args, int threads) {
   check(args, "quantized_linear");

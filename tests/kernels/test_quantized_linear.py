@@ -11,7 +11,12 @@ import torch
 
 from aquila.kernels import UnsupportedBackend, quantized_linear
 from aquila.kernels import backend as _backend
-from aquila.kernels.quantized_linear import dequantize
+from aquila.kernels.quantized_linear import (
+    DEQUANTIZED_MATMUL_ROWS,
+    cpu_dequantize,
+    dequantize,
+    dequantizes_for_matmul,
+)
 from tests.helpers import backend_params, with_dtypes
 from tests.tolerance import assert_matches_reference
 
@@ -125,6 +130,43 @@ def test_dequantize_is_the_format():
         weights = make_weights(kind, 7, in_features_of(kind, 3))
         expected = exact_weight(*weights, bits, group_size)
         assert torch.equal(dequantize(*weights, bits, group_size, torch.float64), expected), kind
+
+
+@pytest.mark.skipif(_backend.cpu_extension is None, reason="aquila._C is not built")
+@pytest.mark.parametrize("dtype", [torch.float32, torch.float16, torch.bfloat16], ids=["fp32", "fp16", "bf16"])
+@pytest.mark.parametrize("kind", KINDS)
+@pytest.mark.parametrize("out_features, units", [(1, 1), (7, 3), (0, 2)], ids=str)
+def test_cpu_dequantize_is_the_reference_bit_for_bit(kind, dtype, out_features, units):
+    """The C++ dequantization: each weight's fp32 value as dequantize() computes it, rounded once to the dtype."""
+    bits, group_size, _ = KINDS[kind]
+    weights = make_weights(kind, out_features, in_features_of(kind, units))
+    out = torch.full((out_features, in_features_of(kind, units)), float("nan"), dtype=dtype)  # poisoned
+    assert cpu_dequantize(*weights, bits, group_size, out) is out
+    assert torch.equal(out, dequantize(*weights, bits, group_size).to(dtype))
+
+
+@pytest.mark.skipif(_backend.cpu_extension is None, reason="aquila._C is not built")
+@pytest.mark.parametrize("kind", ["int8", "int4-g128-asym", "int4-g32-sym", "int4-g6-asym"])
+@pytest.mark.parametrize("rows", [DEQUANTIZED_MATMUL_ROWS - 1, DEQUANTIZED_MATMUL_ROWS, 67])
+def test_bf16_prefill_through_a_dequantized_copy(kind, rows, monkeypatch):
+    """bf16 x of DEQUANTIZED_MATMUL_ROWS rows or more, on a CPU whose bf16 matmul is native: x times a bf16 copy of W
+    (its fp32 values rounded once more), made a chunk of rows at a time (5 here: several chunks, the last one short),
+    matches the float64 product with that copy to bf16's tolerance; otherwise, and for the gradient, the kernels
+    match the exact W."""
+    monkeypatch.setattr(sys.modules["aquila.kernels.quantized_linear"], "DEQUANTIZED_CHUNK_BYTES",
+                        5 * in_features_of(kind, 2) * 2)
+    bits, group_size, _ = KINDS[kind]
+    weights = make_weights(kind, 23, in_features_of(kind, 2))
+    x = torch.randn(rows, in_features_of(kind, 2)).bfloat16().requires_grad_()
+    out = call(x, weights, kind, backend="cpu")
+    through_copy = dequantizes_for_matmul(x, None)
+    assert through_copy == (rows >= DEQUANTIZED_MATMUL_ROWS and _backend.cpu_extension.cpu_isa() == "avx512_bf16")
+    exact = exact_weight(*weights, bits, group_size)
+    copy = dequantize(*weights, bits, group_size).bfloat16().double()
+    assert_matches_reference(out, x.double() @ (copy if through_copy else exact).T)
+    grad_out = torch.randn(out.shape).bfloat16()
+    out.backward(grad_out)
+    assert_matches_reference(x.grad, grad_out.double() @ exact, "grad x")
 
 
 @pytest.mark.parametrize("kind", ["int8", "int4-g128-asym", "int4-g6-asym"])
