@@ -20,7 +20,8 @@ the CPU (a distance tuned on one host ran a step at a fraction of its speed on a
 - otherwise, when the model's weights are larger than the CPU's last-level cache (so that they stream from memory,
   where the distance matters), the first decoder made in a process times a few steps of that model at each of
   PREFETCH_CANDIDATES and keeps the fastest median. The choice is saved per (CPU model, ISA path) in
-  decode-tuning.json under $AQUILA_CACHE_DIR (default ~/.cache/aquila), which later processes read instead of tuning;
+  decode-tuning.json under $AQUILA_CACHE_DIR (default ~/.cache/aquila), which later processes read instead of tuning
+  (per kind of projection loop as well: tuning_key);
 - a model whose weights fit in the last-level cache has nothing for a prefetch to hide: no prefetch, no tuning.
 """
 
@@ -136,17 +137,26 @@ def tune_prefetch(run_step: Callable[[int], None], candidates=PREFETCH_CANDIDATE
     return min(candidates, key=medians.__getitem__), medians
 
 
-def prefetch_choice(weight_bytes: int, make_runner: Callable[[], Callable[[int], None]]) -> tuple:
+def tuning_key(model, bf16_inputs: bool) -> str:
+    """What a tuned choice holds for: the host (host_key) and the inner loops of the step's block projections (int8,
+    int4, dense with fp32 or bf16 inputs), which consume their weights at different paces and want different
+    distances. Dense with fp32 inputs alone is the host's key as it is."""
+    loops = sorted({f"int{linear.bits}" if isinstance(linear, QuantizedLinear) else
+                    "dense, bf16 inputs" if bf16_inputs else "dense"
+                    for layer in model.layers for linear in _block_linears(layer).values()})
+    return host_key() if loops == ["dense"] else " | ".join([host_key(), *loops])
+
+
+def prefetch_choice(weight_bytes: int, make_runner: Callable[[], Callable[[int], None]], key: str) -> tuple:
     """(prefetch distance in bytes, where it came from: "env", "fits in cache", "cache file", "tuned" or "tuned, not
-    saved") for a model that reads weight_bytes per step; make_runner() gives run(prefetch_bytes), which runs one step
-    of it, when the choice needs tuning."""
+    saved") for a model that reads weight_bytes per step, under `key` (tuning_key) in the tuning file; make_runner()
+    gives run(prefetch_bytes), which runs one step of it, when the choice needs tuning."""
     forced = forced_prefetch()
     if forced is not None:
         return forced, "env"
     cache_size = last_level_cache_bytes()
     if cache_size is not None and weight_bytes <= cache_size:
         return 0, "fits in cache"
-    key = host_key()
     if key in _choices:
         return _choices[key]
     path = os.path.join(cache_directory(), TUNING_FILE)
@@ -317,7 +327,8 @@ def decoder(model, cache, prefetch_bytes: Optional[int] = None,
         raise ValueError(f"Aquila: bf16_inputs=True takes a bf16 model, got a {dtype} one")
     bf16_inputs = bool(bf16_products_native() if bf16_inputs is None else bf16_inputs) and dtype == torch.bfloat16
     prefetch = ((prefetch_bytes, "argument") if prefetch_bytes is not None else
-                prefetch_choice(weight_bytes_per_step(model), lambda: _scratch_runner(model, bf16_inputs)))
+                prefetch_choice(weight_bytes_per_step(model), lambda: _scratch_runner(model, bf16_inputs),
+                                tuning_key(model, bf16_inputs)))
     c, (batch, max_len) = model.config, cache.k.shape[1:3]
     workspace = torch.empty(workspace_floats(c, batch, max_len))
     arguments = {**_arguments(model, caches, cache.lengths, batch, max_len, workspace, bf16_inputs),

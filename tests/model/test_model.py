@@ -228,6 +228,25 @@ def test_the_prefetch_distance_is_tuned_once_per_host_saved_and_used(tuning, mon
     assert model.decoder(cache).prefetch == (other, "cache file")
 
 
+def test_steps_with_bf16_inputs_are_tuned_apart(tuning):
+    """Their loop consumes the weights at another pace: a choice saved for the fp32-input loop is not theirs (nor
+    one for quantized projections: see tuning_key)."""
+    from aquila.model.model import KVCache
+
+    path, _ = tuning
+    model = Aquila(TINY).eval().to(torch.bfloat16)
+    widened = native_decode.decoder(model, KVCache(TINY, 1, 8, dtype=torch.bfloat16), bf16_inputs=False)
+    rounded = native_decode.decoder(model, KVCache(TINY, 1, 8, dtype=torch.bfloat16), bf16_inputs=True)
+    assert widened.prefetch[1] == rounded.prefetch[1] == "tuned"
+    saved = json.loads(path.read_text())
+    assert set(saved) == {native_decode.host_key(), native_decode.host_key() + " | dense, bf16 inputs"}
+    assert saved[native_decode.tuning_key(model, True)]["prefetch_bytes"] == rounded.prefetch[0]
+    from aquila.model.quantize import quantize_model
+
+    quantized = quantize_model(Aquila(TINY).eval(), 4, 16, True, True).to(torch.bfloat16)
+    assert native_decode.tuning_key(quantized, True) == native_decode.host_key() + " | int4"
+
+
 @pytest.mark.parametrize("content", ["{not json", '{"other host": {"prefetch_bytes": 0}}', '{"HOST": {}}',
                                      '{"HOST": {"prefetch_bytes": -5}}', "[]"])
 def test_an_unusable_tuning_file_is_tuned_again_and_rewritten(tuning, content):
