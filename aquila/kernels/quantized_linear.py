@@ -28,8 +28,8 @@ about 100 against 300 GFLOP/s at 64 x 4096 x 11008), so W is dequantized once in
 quantized_dequantize, the fp32 product rounded once more, to bf16: as a bf16 model holds its weights) and multiplied
 by torch's bf16 matmul (fp32 accumulation), a chunk of W's rows at a time through one buffer that stays in cache.
 There, for a 4096 x 11008 layer, dequantizing costs what the kernels spend on 5 or 6 rows, and the copy is faster from
-about 10 rows on (2.3x-2.4x at 32 rows, 4.4x-4.6x at 256); the threshold leaves a margin for CPUs whose matmul gains less.
-The gradient keeps the kernels.
+about 10 rows on (2.3x-2.4x at 32 rows, 4.4x-4.6x at 256); the threshold leaves a margin for CPUs whose matmul gains
+less. The gradient keeps the kernels.
 """
 
 from typing import Optional

@@ -136,6 +136,13 @@ def stored_in(cache, lengths):
     return stored
 
 
+def held_in(cache, lengths):
+    """stored(layer, k, v) for reference_step: the new keys and values as `cache` holds them at `lengths`, unchecked
+    (where the step's inputs are rounded, a rounding that flipped shows in them too)."""
+    rows = torch.arange(lengths.shape[0])
+    return lambda index, k, v: (cache.k[index, rows, lengths].double(), cache.v[index, rows, lengths].double())
+
+
 def check_steps(kind, keep_output, dtype, batch, steps=3):
     model = quantized_model(kind, keep_output, dtype)
     assert any(isinstance(m, QuantizedLinear) for m in model.modules())
@@ -219,10 +226,7 @@ def test_bf16_inputs_round_each_dense_projection_input(name):
         for _ in range(3):
             lengths = native_cache.lengths.long()
             native = step(tokens[:, None])[:, 0].double()
-            # The new keys and values as the cache holds them (a flipped rounding shows in them too, so unchecked).
-            rows = torch.arange(batch)
-            held = (lambda index, k, v: (native_cache.k[index, rows, lengths].double(),
-                                         native_cache.v[index, rows, lengths].double()))
+            held = held_in(native_cache, lengths)
             rounded = reference_step(model, tokens, k64, v64, lengths, held, bf16_inputs=True)
             exact = reference_step(model, tokens, k64.clone(), v64.clone(), lengths, held)
             rounding = (rounded - exact).abs().amax(-1)
