@@ -50,72 +50,49 @@ AQUILA_INLINE void load_weights(V& v, const bf16* p) {
   std::memcpy(&v, &words, sizeof v);
 }
 
-// out[n * out_stride] = x_n . row over `cols` floats, for the NB inputs x_n = x + n * x_stride, in A vector
-// accumulators per input (A independent FMA chains: one would expose the FMA latency, 24 dependent FMAs for a
-// 384-long row) while the row streams through in order. Each vector of weights is loaded, and widened from bf16, once
-// for all NB inputs: at batch 8, a dot per input would load and widen every weight eight times, and the step would be
-// bound by those instructions instead of by the weight reads. It also asks for the row's lines `prefetch` bytes ahead
-// of those it reads (0: no prefetch): the hardware prefetchers alone can fall behind a loop that consumes a cache line
-// every cycle or two, and the distance that pays differs from CPU to CPU, so the caller chooses it
-// (aquila/model/native_decode.py tunes it once per host). Reading past the end of w is harmless: a prefetch never
-// faults.
-template <int W, int A, int NB, typename T>
-AQUILA_INLINE void dots(const T* __restrict row, int64_t cols, const float* __restrict x, int64_t x_stride,
-                        float* __restrict out, int64_t out_stride, int64_t prefetch) {
-  using V = typename Lanes<W>::type;
-  V acc[NB][A];
-#pragma GCC unroll 16
-  for (int n = 0; n < NB; ++n)
-#pragma GCC unroll 16
-    for (int a = 0; a < A; ++a) acc[n][a] = V{};
-  int64_t j = 0;
-  for (; j + A * W <= cols; j += A * W) {
-    if (prefetch > 0) {
-      const char* ahead = reinterpret_cast<const char*>(row + j) + prefetch;
-      for (int line = 0; line < A * W * static_cast<int>(sizeof(T)); line += 64) {
-        __builtin_prefetch(ahead + line, 0, 3);
-      }
-    }
-#pragma GCC unroll 16
-    for (int a = 0; a < A; ++a) {
-      V wv;
-      load_weights(wv, row + j + a * W);
-#pragma GCC unroll 16
-      for (int n = 0; n < NB; ++n) {
-        V xv;
-        load(xv, x + n * x_stride + j + a * W);
-        acc[n][a] += wv * xv;
-      }
-    }
+// How a dense projection multiplies a vector of weights by a vector of inputs into W fp32 lanes (kStep columns a
+// vector): fp32 inputs by the weights as fp32 (bf16 widened first), an FMA per W columns;
+template <int W, typename T>
+struct Fp32Products {
+  using Input = float;
+  using Weights = typename Lanes<W>::type;
+  static constexpr int64_t kStep = W;
+  static AQUILA_INLINE void load(Weights& w, const T* p) { load_weights(w, p); }
+  static AQUILA_INLINE void add(typename Lanes<W>::type& acc, const Weights& w, const float* x) {
+    Weights xv;
+    aquila::cpu::load(xv, x);
+    acc += w * xv;
   }
-  for (; j + W <= cols; j += W) {
-    V wv;
-    load_weights(wv, row + j);
-#pragma GCC unroll 16
-    for (int n = 0; n < NB; ++n) {
-      V xv;
-      load(xv, x + n * x_stride + j);
-      acc[n][0] += wv * xv;
-    }
-  }
-#pragma GCC unroll 16
-  for (int n = 0; n < NB; ++n) {
-#pragma GCC unroll 16
-    for (int a = 1; a < A; ++a) acc[n][0] += acc[n][a];
-    float total = lane_sum<W>(acc[n][0]);
-    for (int64_t t = j; t < cols; ++t) total += to_float(row[t]) * x[n * x_stride + t];
-    out[n * out_stride] = total;
-  }
-}
+};
 
-// out[n * out_stride] = x_n . row for a bf16 row and NB bf16 inputs, on vdpbf16ps (two exact products per fp32 lane
-// per instruction, straight from memory: no widening), A accumulators per input; the columns past the last whole
-// vector in scalar fp32 (the same exact products). As dots, the row is read once for the NB inputs.
-template <int A, int NB>
-AQUILA_INLINE void bf16_dots(const bf16* __restrict row, int64_t cols, const bf16* __restrict x, int64_t x_stride,
-                             float* __restrict out, int64_t out_stride, int64_t prefetch) {
-  using V = Lanes<16>::type;
-  constexpr int64_t kStep = 32;  // bf16 in one vector
+// bf16 inputs by bf16 weights on vdpbf16ps (W = 16), two exact products per lane per instruction, the weights as
+// they lie in memory.
+struct Bf16Products {
+  using Input = bf16;
+  using Weights = Words16;
+  static constexpr int64_t kStep = 32;
+  static AQUILA_INLINE void load(Weights& w, const bf16* p) { std::memcpy(&w, p, sizeof w); }
+  static AQUILA_INLINE void add(Lanes<16>::type& acc, const Weights& w, const bf16* x) {
+    Words16 xv;
+    std::memcpy(&xv, x, sizeof xv);
+    dot_pairs(acc, w, xv);
+  }
+};
+
+// out[n * out_stride] = x_n . row over `cols` columns, for the NB inputs x_n = x + n * x_stride, in A vector
+// accumulators per input (A independent chains: one would expose the FMA latency, 24 dependent FMAs for a 384-long
+// row) while the row streams through in order; the columns past the last whole vector in scalar fp32 (the same
+// products). Each vector of weights is loaded (and widened) once for all NB inputs: at batch 8, a dot per input
+// would load every weight eight times, and the step would be bound by those instructions instead of by the weight
+// reads. It also asks for the row's lines `prefetch` bytes ahead of those it reads (0: no prefetch): the hardware
+// prefetchers alone can fall behind a loop that consumes a cache line every cycle or two, and the distance that pays
+// differs from CPU to CPU, so the caller chooses it (aquila/model/native_decode.py tunes it once per host and kind of
+// loop). Reading past the end of w is harmless: a prefetch never faults.
+template <typename Products, int W, int A, int NB, typename T>
+AQUILA_INLINE void dots(const T* __restrict row, int64_t cols, const typename Products::Input* __restrict x,
+                        int64_t x_stride, float* __restrict out, int64_t out_stride, int64_t prefetch) {
+  using V = typename Lanes<W>::type;
+  constexpr int64_t kStep = Products::kStep;
   V acc[NB][A];
 #pragma GCC unroll 16
   for (int n = 0; n < NB; ++n)
@@ -125,71 +102,60 @@ AQUILA_INLINE void bf16_dots(const bf16* __restrict row, int64_t cols, const bf1
   for (; j + A * kStep <= cols; j += A * kStep) {
     if (prefetch > 0) {
       const char* ahead = reinterpret_cast<const char*>(row + j) + prefetch;
-      for (int line = 0; line < A * kStep * static_cast<int>(sizeof(bf16)); line += 64) {
+      for (int line = 0; line < A * kStep * static_cast<int>(sizeof(T)); line += 64) {
         __builtin_prefetch(ahead + line, 0, 3);
       }
     }
 #pragma GCC unroll 16
     for (int a = 0; a < A; ++a) {
-      Words16 wv;
-      std::memcpy(&wv, row + j + a * kStep, sizeof wv);
+      typename Products::Weights w;
+      Products::load(w, row + j + a * kStep);
 #pragma GCC unroll 16
-      for (int n = 0; n < NB; ++n) {
-        Words16 xv;
-        std::memcpy(&xv, x + n * x_stride + j + a * kStep, sizeof xv);
-        dot_pairs(acc[n][a], wv, xv);
-      }
+      for (int n = 0; n < NB; ++n) Products::add(acc[n][a], w, x + n * x_stride + j + a * kStep);
     }
   }
   for (; j + kStep <= cols; j += kStep) {
-    Words16 wv;
-    std::memcpy(&wv, row + j, sizeof wv);
+    typename Products::Weights w;
+    Products::load(w, row + j);
 #pragma GCC unroll 16
-    for (int n = 0; n < NB; ++n) {
-      Words16 xv;
-      std::memcpy(&xv, x + n * x_stride + j, sizeof xv);
-      dot_pairs(acc[n][0], wv, xv);
-    }
+    for (int n = 0; n < NB; ++n) Products::add(acc[n][0], w, x + n * x_stride + j);
   }
 #pragma GCC unroll 16
   for (int n = 0; n < NB; ++n) {
 #pragma GCC unroll 16
     for (int a = 1; a < A; ++a) acc[n][0] += acc[n][a];
-    float total = lane_sum<16>(acc[n][0]);
+    float total = lane_sum<W>(acc[n][0]);
     for (int64_t t = j; t < cols; ++t) total += to_float(row[t]) * to_float(x[n * x_stride + t]);
     out[n * out_stride] = total;
   }
 }
 
-// The inputs [b, batch) of one row: NB at a time, then the rest by a narrower instance. X: the inputs' element type,
-// float (dots) or bf16 (bf16_dots, W = 16).
-template <int W, int A, int NB, typename T, typename X>
-AQUILA_INLINE void dots_over_batch(const T* __restrict row, int64_t cols, const X* __restrict in,
-                                   int64_t in_stride, float* __restrict out, int64_t out_stride, int64_t b,
-                                   int64_t batch, int64_t prefetch) {
-  for (; b + NB <= batch; b += NB) {
-    if constexpr (std::is_same_v<X, bf16>) {
-      bf16_dots<A, NB>(row, cols, in + b * in_stride, in_stride, out + b * out_stride, out_stride, prefetch);
-    } else {
-      dots<W, A, NB, T>(row, cols, in + b * in_stride, in_stride, out + b * out_stride, out_stride, prefetch);
-    }
-  }
+// The inputs [b, batch) of one row: NB at a time, then the rest by a narrower instance.
+template <typename Products, int W, int A, int NB, typename T>
+AQUILA_INLINE void dots_over_batch(const T* __restrict row, int64_t cols,
+                                   const typename Products::Input* __restrict in, int64_t in_stride,
+                                   float* __restrict out, int64_t out_stride, int64_t b, int64_t batch,
+                                   int64_t prefetch) {
+  for (; b + NB <= batch; b += NB)
+    dots<Products, W, A, NB, T>(row, cols, in + b * in_stride, in_stride, out + b * out_stride, out_stride, prefetch);
   if constexpr (NB > 1) {
-    if (b < batch) dots_over_batch<W, A, NB / 2, T>(row, cols, in, in_stride, out, out_stride, b, batch, prefetch);
+    if (b < batch)
+      dots_over_batch<Products, W, A, NB / 2, T>(row, cols, in, in_stride, out, out_stride, b, batch, prefetch);
   }
 }
 
 // out[b * out_stride + r] = in[b] . w[r] for the rows r, split over the team (each thread streams its own rows of w,
 // once for the whole batch: a row stays in L1 while every input uses it). NB inputs share each load of the weights:
 // as many as the registers hold with A accumulators each (32 vector registers with AVX-512, 16 below).
-template <int W, int A, typename T, typename X>
-AQUILA_INLINE void project_dense(const T* __restrict w, int64_t rows, int64_t cols, const X* __restrict in,
-                                 int64_t in_stride, float* __restrict out, int64_t out_stride, int64_t batch,
-                                 int64_t prefetch) {
+template <typename Products, int W, int A, typename T>
+AQUILA_INLINE void project_dense(const T* __restrict w, int64_t rows, int64_t cols,
+                                 const typename Products::Input* __restrict in, int64_t in_stride,
+                                 float* __restrict out, int64_t out_stride, int64_t batch, int64_t prefetch) {
   constexpr int NB = W == 16 ? 4 : 2;
 #pragma omp for schedule(static)
   for (int64_t r = 0; r < rows; ++r)
-    dots_over_batch<W, A, NB, T>(w + r * cols, cols, in, in_stride, out + r, out_stride, 0, batch, prefetch);
+    dots_over_batch<Products, W, A, NB, T>(w + r * cols, cols, in, in_stride, out + r, out_stride, 0, batch,
+                                           prefetch);
 }
 
 // A projection's input copied into the form its weights' kernel reads, shared by the projections of one input (wq, wk
@@ -335,19 +301,20 @@ AQUILA_INLINE void project(const DecodeLinear& w, int64_t rows, int64_t cols, co
     return;
   }
   const T* weight = static_cast<const T*>(w.weight);
+  using Fp32 = Fp32Products<W, T>;
   if constexpr (std::is_same_v<T, bf16>) {
     if (bf16_inputs) {
       if constexpr (Bf16Dots) {
-        project_dense<W, A, T>(weight, rows, cols, input.bf16_words(in, cols, cols, batch), cols, out, rows, batch,
-                               prefetch);
+        project_dense<Bf16Products, W, A>(weight, rows, cols, input.bf16_words(in, cols, cols, batch), cols, out,
+                                          rows, batch, prefetch);
       } else {
-        project_dense<W, A, T>(weight, rows, cols, input.bf16_floats(in, cols, cols, batch), cols, out, rows, batch,
-                               prefetch);
+        project_dense<Fp32, W, A>(weight, rows, cols, input.bf16_floats(in, cols, cols, batch), cols, out, rows,
+                                  batch, prefetch);
       }
       return;
     }
   }
-  project_dense<W, A, T>(weight, rows, cols, in, cols, out, rows, batch, prefetch);
+  project_dense<Fp32, W, A>(weight, rows, cols, in, cols, out, rows, batch, prefetch);
 }
 
 // normed = (residual (+)= x) / rms * weight, over one token's features.
