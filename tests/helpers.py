@@ -1,5 +1,6 @@
 """Helpers shared by several test modules (fixtures stay in the conftest files)."""
 
+import importlib.util
 import json
 import os
 import pathlib
@@ -13,6 +14,15 @@ DEVICE_BACKENDS = [("cpu", "cpu"), ("torch", "cpu"), ("triton", "cuda" if HAS_CU
                    ("torch", "cuda")]
 TINY_MODEL = {"dim": 64, "n_layers": 2, "n_heads": 4, "n_kv_heads": 2, "vocab_size": 520, "multiple_of": 16,
               "max_seq_len": 64}
+
+
+def load_script(name):
+    """scripts/<name>.py as a module (the scripts are run by path, not imported from a package)."""
+    path = pathlib.Path(__file__).resolve().parents[1] / "scripts" / f"{name}.py"
+    spec = importlib.util.spec_from_file_location(name, path)
+    module = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(module)
+    return module
 
 
 def backend_params():

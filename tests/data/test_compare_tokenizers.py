@@ -8,25 +8,19 @@ mistral-common, sentencepiece) are skipped when those are not installed.
 from __future__ import annotations
 
 import gzip
-import importlib.util
 import json
 from pathlib import Path
 
 import pytest
+
+from tests.helpers import load_script
 
 ROOT = Path(__file__).resolve().parents[2]
 DEMO = ROOT / "aquila" / "data" / "demo"
 BILINGUAL = "Hello world，你好世界！床前明月光。\n\tdef f(x):\n        return x + 1  # 注释 🙂\n"
 
 
-def _load_script():
-    spec = importlib.util.spec_from_file_location("compare_tokenizers", ROOT / "scripts" / "compare_tokenizers.py")
-    module = importlib.util.module_from_spec(spec)
-    spec.loader.exec_module(module)
-    return module
-
-
-compare = _load_script()
+compare = load_script("compare_tokenizers")
 
 
 def _needs_references():

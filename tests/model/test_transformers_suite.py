@@ -2,7 +2,6 @@
 summary from two runs' results, the pytest plugin's outcome per test, and the refusals of bad arguments. (The suite
 itself takes minutes: run the script.)"""
 
-import importlib.util
 import io
 import json
 import subprocess
@@ -12,17 +11,12 @@ from pathlib import Path
 
 import pytest
 
+from tests.helpers import load_script
+
 ROOT = Path(__file__).resolve().parents[2]
 
 
-def _load_script():
-    spec = importlib.util.spec_from_file_location("transformers_suite", ROOT / "scripts" / "transformers_suite.py")
-    module = importlib.util.module_from_spec(spec)
-    spec.loader.exec_module(module)
-    return module
-
-
-suite = _load_script()
+suite = load_script("transformers_suite")
 ENVIRONMENT = {"transformers": "5.25.0"}
 
 
