@@ -7,14 +7,10 @@ import json
 import subprocess
 import sys
 import tarfile
-from pathlib import Path
 
 import pytest
 
 from tests.helpers import load_script
-
-ROOT = Path(__file__).resolve().parents[2]
-
 
 suite = load_script("transformers_suite")
 ENVIRONMENT = {"transformers": "5.25.0"}
