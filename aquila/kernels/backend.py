@@ -239,6 +239,12 @@ def as_rows(tensor):
 
 # Below this many elements a CPU kernel runs on one thread: waking an OpenMP team costs more than the work (a decoding
 # step's norms and rotary on one token's features).
+def cpu_bf16_products() -> bool:
+    """Whether this process's CPU kernels take the AVX512-BF16 path (aquila._C.cpu_isa(), capped by AQUILA_CPU_ISA):
+    bf16 pairs multiplied in one instruction, and torch's bf16 matmul native (AVX512-BF16 or AMX)."""
+    return cpu_extension is not None and cpu_extension.cpu_isa() == "avx512_bf16"
+
+
 PARALLEL_GRAIN = 32768
 
 

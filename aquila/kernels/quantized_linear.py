@@ -80,7 +80,7 @@ def dequantizes_for_matmul(x: Tensor, bias: Optional[Tensor]) -> bool:
     """Whether the CPU backend multiplies x [rows, in] (on the CPU) by a bf16 copy of W rather than by the kernels
     (the module's docstring)."""
     return (x.shape[0] >= DEQUANTIZED_MATMUL_ROWS and x.dtype == torch.bfloat16 and bias is None
-            and _backend.cpu_extension is not None and _backend.cpu_extension.cpu_isa() == "avx512_bf16")
+            and _backend.cpu_bf16_products())
 
 
 def cpu_dequantize(qweight: Tensor, scales: Tensor, zeros: Optional[Tensor], bits: int, group_size: Optional[int],

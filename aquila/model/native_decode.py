@@ -298,11 +298,6 @@ def _addresses(model, cache) -> Callable[[], list]:
     return addresses
 
 
-def bf16_products_native() -> bool:
-    """Whether this process's CPU kernels multiply bf16 pairs in one instruction (AVX512-BF16)."""
-    return _backend.cpu_extension is not None and _backend.cpu_extension.cpu_isa() == "avx512_bf16"
-
-
 def decoder(model, cache, prefetch_bytes: Optional[int] = None,
             bf16_inputs: Optional[bool] = None) -> Optional[Callable[[Tensor], Tensor]]:
     """step(tokens [batch, 1]) -> logits [batch, 1, vocab] for `model` (an Aquila) and its KVCache `cache`, advancing
@@ -325,7 +320,7 @@ def decoder(model, cache, prefetch_bytes: Optional[int] = None,
         raise ValueError(f"Aquila: prefetch_bytes must be >= 0, got {prefetch_bytes}")
     if bf16_inputs and dtype != torch.bfloat16:
         raise ValueError(f"Aquila: bf16_inputs=True takes a bf16 model, got a {dtype} one")
-    bf16_inputs = bool(bf16_products_native() if bf16_inputs is None else bf16_inputs) and dtype == torch.bfloat16
+    bf16_inputs = bool(_backend.cpu_bf16_products() if bf16_inputs is None else bf16_inputs) and dtype == torch.bfloat16
     prefetch = ((prefetch_bytes, "argument") if prefetch_bytes is not None else
                 prefetch_choice(weight_bytes_per_step(model), lambda: _scratch_runner(model, bf16_inputs),
                                 tuning_key(model, bf16_inputs)))

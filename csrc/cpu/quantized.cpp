@@ -354,20 +354,18 @@ void check(const Args& a, const char* kernel) {
 // reference (fp32, one rounding), then rounded to T.
 template <typename T>
 AQUILA_INLINE void dequantize_row(const QuantizedDequantize& a, int64_t n, T* __restrict out) {
+  const Weights wt = weights_of(a);
   if (a.bits == 8) {
-    const int8_t* q = static_cast<const int8_t*>(a.qweight) + n * a.in_features;
+    const int8_t* q = reinterpret_cast<const int8_t*>(wt.row<8>(n, 0));
     const float scale = a.scales[n];
     for (int64_t k = 0; k < a.in_features; ++k) out[k] = from_float<T>(static_cast<float>(q[k]) * scale);
     return;
   }
-  const int64_t groups = a.in_features / a.group_size, half = a.group_size / 2;
-  const uint8_t* bytes = static_cast<const uint8_t*>(a.qweight) + n * (a.in_features / 2);
-  for (int64_t g = 0; g < groups; ++g) {
-    const float scale = a.scales[n * groups + g];
-    const float zero = a.zeros ? static_cast<float>(a.zeros[n * groups + g]) : 8.0f;
-    const uint8_t* b = bytes + g * half;
-    T* o = out + g * a.group_size;
-    for (int64_t j = 0; j < half; ++j) {
+  for (int64_t g = 0; g < wt.groups; ++g) {
+    const float zero = wt.zero(n, g), scale = wt.scale(n, g);
+    const uint8_t* b = wt.row<4>(n, g * wt.group_size);
+    T* o = out + g * wt.group_size;
+    for (int64_t j = 0; j < wt.group_size / 2; ++j) {
       o[2 * j] = from_float<T>((static_cast<float>(b[j] & 15) - zero) * scale);
       o[2 * j + 1] = from_float<T>((static_cast<float>(b[j] >> 4) - zero) * scale);
     }

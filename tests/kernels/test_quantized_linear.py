@@ -324,3 +324,10 @@ def test_the_cpu_kernel_checks_its_own_arguments():
     fields.update(bits=4, group_size=24)
     with pytest.raises(ValueError, match="group_size must be even, >= 2 and divide in_features, got 24"):
         _backend.cpu_extension.quantized_linear(fields, 1)
+    dequantize_fields = dict(qweight=0, scales=0, zeros=0, out=0, in_features=64, out_features=4, bits=3,
+                             group_size=32, dtype=0)
+    with pytest.raises(ValueError, match="aquila quantized_dequantize: bits must be 4 or 8, got 3"):
+        _backend.cpu_extension.quantized_dequantize(dequantize_fields, 1)
+    dequantize_fields.update(bits=4, group_size=24)
+    with pytest.raises(ValueError, match="group_size must be even, >= 2 and divide in_features, got 24"):
+        _backend.cpu_extension.quantized_dequantize(dequantize_fields, 1)
