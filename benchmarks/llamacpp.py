@@ -91,6 +91,7 @@ def measure_aquila(checkpoint, precision, group_size, prompt, new_tokens, thread
     return {"load_s": load_seconds, "prompt_s": prompt_seconds, "generate_s": generate_seconds,
             "decode_path": "modules" if native is None else "native C++ step",
             "bf16_inputs": None if native is None else native.bf16_inputs,
+            "int8_inputs": None if native is None else native.int8_inputs,
             "weight_bytes_per_step": native_decode.weight_bytes_per_step(model)}
 
 

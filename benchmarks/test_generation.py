@@ -58,14 +58,15 @@ def models(weights, device):
 
 def decode_step(model, batch):
     """How Aquila's generation decodes `model` at this batch: the one-call C++ step (with its prefetch distance and
-    where that came from, and whether its bf16 projections take bf16 inputs) or the modules."""
+    where that came from, whether its bf16 projections take bf16 inputs and its quantized ones int8 inputs) or the
+    modules."""
     weight = model.output.weight
     native = native_decode.decoder(model, KVCache(model.config, batch, max_len=1, device=weight.device,
                                                   dtype=weight.dtype))
     if native is None:
         return {"path": "modules"}
     return {"path": "native C++ step", "prefetch_bytes": native.prefetch[0], "prefetch_source": native.prefetch[1],
-            "bf16_inputs": native.bf16_inputs}
+            "bf16_inputs": native.bf16_inputs, "int8_inputs": native.int8_inputs}
 
 
 @pytest.mark.parametrize("workload", list(WORKLOADS))

@@ -33,7 +33,7 @@ aquila::DecodeStep read_decode_step(aquila::Fields& f, std::vector<aquila::Decod
           f.f64("theta"), f.flag("interleaved"), f.ptr("embeddings"), f.ptr("final_norm"),
           read_decode_linear(f.nested("output")), layers.data(), f.ptr<const int64_t>("tokens"),
           f.ptr<const int32_t>("lengths"), f.ptr<float>("logits"), f.ptr<float>("workspace"),
-          f.i64("prefetch_bytes"), f.dtype(), f.flag("bf16_inputs")};
+          f.i64("prefetch_bytes"), f.dtype(), f.flag("bf16_inputs"), f.flag("int8_inputs")};
 }
 
 }  // namespace
@@ -100,6 +100,9 @@ PYBIND11_MODULE(_C, m) {
         cpu::decode_step(args, threads);
       },
       pybind11::arg("args"), pybind11::arg("threads"));
+  m.def("cpu_vnni", &cpu::has_vnni,
+        "Whether the decoding step's quantized projections with int8 inputs multiply on AVX512-VNNI's vpdpbusd in "
+        "this process (the CPU has it and AQUILA_CPU_ISA leaves the AVX-512 path on).");
   m.def(
       "cpu_isa", [] { return cpu::simd_level_name(cpu::simd_level()); },
       "The ISA path the attention and decoding kernels take in this process: avx512_bf16 (x86-64-v4 with "

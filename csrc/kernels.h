@@ -317,6 +317,12 @@ struct DecodeStep {
   // vdpbf16ps, two per lane per instruction, from the weights as they lie in memory: no widening to fp32 (which
   // treats subnormal operands as zero). False: fp32 inputs, each weight widened to fp32.
   bool bf16_inputs;
+  // Each weight-only quantized projection takes its input rounded to int8: in blocks of 32 columns from the first
+  // (the last may be shorter), d = max |x| / 127 in fp32 and x taken as d q, q = x / d rounded to nearest, ties to
+  // even, within +-127 (llama.cpp's Q8_0 activations). On CPUs with AVX512-VNNI the products of q and the weights
+  // run on vpdpbusd (int8 rows whose length is a multiple of 64, int4 groups of a multiple of 128); elsewhere d q
+  // feeds the fp32 kernels. Dense projections are unaffected. False: fp32 inputs.
+  bool int8_inputs;
 };
 
 namespace cpu {

@@ -11,7 +11,11 @@ reference:
 - greedy agreement: each prompt continued greedily for --new-tokens tokens; the share of positions where the
   variant's token equals bf16's, and how many tokens come before the first difference;
 - top-1 agreement per step: along bf16's greedy continuation (teacher-forced, so one difference does not carry over),
-  the share of steps where the variant's most likely next token is bf16's.
+  the share of steps where the variant's most likely next token is bf16's;
+- perplexity through the decoding step (the one-call C++ step that generation runs, aquila/model/native_decode.py),
+  one token at a time over the first --step-documents held-out documents (each up to --seq-len tokens): for the
+  quantized variants both with the projections' inputs rounded to int8 (int8_inputs) and with fp32 inputs, since
+  that rounding is the step's alone (the perplexity above comes from the forward pass, whose inputs stay bf16).
 The goals (int8 within +0.5% of bf16's perplexity, int4 g128 within +5%) are checked and recorded with the numbers.
 """
 
@@ -22,6 +26,7 @@ import os
 import platform
 import sys
 import tempfile
+from typing import Optional
 
 import torch
 
@@ -30,8 +35,11 @@ from aquila.data import demo_file
 from aquila.data.indexed import IndexedDataset
 from aquila.data.packing import PackedDataset, collate
 from aquila.data.tokenizer import Tokenizer
+from aquila.kernels import backend as _backend
+from aquila.model import native_decode
 from aquila.model.checkpoint import load
 from aquila.model.generate import Sampling, generate
+from aquila.model.model import KVCache
 from aquila.model.quantize import Quantization, linears_to_quantize
 from aquila.train.checkpoint import resolve
 from aquila.train.data import tokenized_corpus
@@ -65,6 +73,23 @@ def next_token_choices(model, prompt: list[int], continuation: list[int]) -> lis
     tokens = torch.tensor([prompt + continuation[:-1]])
     logits = model(tokens)[0, len(prompt) - 1:]
     return logits.float().argmax(-1).tolist()
+
+
+@torch.no_grad()
+def step_perplexity(model, documents: list[list[int]], int8_inputs: bool) -> Optional[dict]:
+    """Perplexity of the documents' tokens as the decoding step predicts them, fed one token at a time; None where
+    the C++ step does not take the model."""
+    total, count = 0.0, 0
+    for document in documents:
+        cache = KVCache(model.config, 1, len(document), dtype=model.tok_embeddings.weight.dtype)
+        step = native_decode.decoder(model, cache, int8_inputs=int8_inputs)
+        if step is None:
+            return None
+        for token, target in zip(document[:-1], document[1:]):
+            logits = step(torch.tensor([[token]]))[0, 0]
+            total -= float(logits.log_softmax(-1)[target])
+            count += 1
+    return {"loss": total / count, "perplexity": math.exp(total / count), "tokens": count}
 
 
 def agreement(reference: list[list[int]], tokens: list[list[int]]) -> dict:
@@ -102,6 +127,8 @@ def main(argv=None):
     parser.add_argument("--samples", type=int, help="packed samples to evaluate (default: the whole split, once)")
     parser.add_argument("--group-size", type=int, nargs="+", default=[128, 64, 32], help="int4 group sizes to measure")
     parser.add_argument("--new-tokens", type=int, default=32, help="greedy tokens per prompt")
+    parser.add_argument("--step-documents", type=int, default=16,
+                        help="held-out documents for the decoding step's perplexity (0: not measured)")
     parser.add_argument("--out", help="JSON results file (default: print only)")
     args = parser.parse_args(argv)
 
@@ -114,6 +141,7 @@ def main(argv=None):
         # One pass over the split: every token but the first is a target once.
         samples = PackedDataset(indexed, args.seq_len, args.samples or (tokens - 1) // args.seq_len, seed=0)
         prompts = [tokenizer.encode(text, bos=True) for text in PROMPTS]
+        documents = [indexed[i][:args.seq_len].tolist() for i in range(min(args.step_documents, len(indexed)))]
 
         dense = load(checkpoint)
         dims = [(name, layer.in_features) for name, layer in linears_to_quantize(dense)]
@@ -134,12 +162,22 @@ def main(argv=None):
                 result["greedy_agreement_vs_bf16"] = agreement(reference_tokens, continuations)
                 choices = [next_token_choices(model, p, c) for p, c in zip(prompts, reference_tokens)]
                 result["top1_agreement_per_step_vs_bf16"] = agreement(reference_tokens, choices)
+            for int8_inputs in ((True, False) if spec is not None else (False,)):
+                measured = step_perplexity(model, documents, int8_inputs) if documents else None
+                if measured is not None:
+                    result["step_perplexity", int8_inputs] = measured
             result["continuations"] = [tokenizer.decode(c) for c in continuations]
             results[name] = result
             del model
     bf16 = results["bf16"]["perplexity"]
+    bf16_step = results["bf16"].get(("step_perplexity", False))
     for result in results.values():
         result["perplexity_change_vs_bf16_percent"] = 100 * (result["perplexity"] / bf16 - 1)
+        for int8_inputs in (True, False):
+            measured = result.pop(("step_perplexity", int8_inputs), None)
+            if measured is not None:
+                measured["change_vs_bf16_percent"] = 100 * (measured["perplexity"] / bf16_step["perplexity"] - 1)
+                result["decoding_step_perplexity" + (", int8 inputs" if int8_inputs else "")] = measured
     goals = {}
     for name, limit in GOALS.items():
         if name in results:
@@ -154,6 +192,10 @@ def main(argv=None):
                   "hidden_dim": config.hidden_dim, "vocab_size": config.vocab_size},
         "seq_len": args.seq_len, "prompts": PROMPTS, "new_tokens": args.new_tokens,
         "compute": "bf16 activations for every variant but fp32 (weights dequantized to bf16 per matmul), CPU",
+        "step_documents": len(documents),
+        "cpu_isa": _backend.cpu_extension.cpu_isa() if _backend.cpu_extension else None,
+        "decoding_step": "fp32 activations; bf16 projections' inputs rounded to bf16 where the ISA is avx512_bf16 "
+                         "(bf16_inputs); quantized ones' as each entry says",
         "torch": torch.__version__, "python": platform.python_version(),
         "goals": goals, "not_measured": skipped, "variants": results,
     }
@@ -167,6 +209,10 @@ def main(argv=None):
         print(f"{name:>15}: perplexity {result['perplexity']:.3f} ({result['perplexity_change_vs_bf16_percent']:+.2f}% "
               f"vs bf16), {result['weight_bytes'] / 2**20:.2f} MiB"
               + (f", greedy {greedy_share:.1%}, top-1 per step {agree:.1%}" if agree is not None else ""))
+        for key in ("decoding_step_perplexity", "decoding_step_perplexity, int8 inputs"):
+            if key in result:
+                print(f"{'':>15}  {key}: {result[key]['perplexity']:.3f} "
+                      f"({result[key]['change_vs_bf16_percent']:+.2f}% vs bf16's step)")
     for name, why in skipped.items():
         print(f"{name:>15}: not measured ({why})")
 

@@ -245,6 +245,12 @@ def cpu_bf16_products() -> bool:
     return cpu_extension is not None and cpu_extension.cpu_isa() == "avx512_bf16"
 
 
+def cpu_int8_products() -> bool:
+    """Whether this process's decoding step multiplies int8 inputs by quantized weights on AVX512-VNNI (vpdpbusd:
+    aquila._C.cpu_vnni(), off where AQUILA_CPU_ISA caps the AVX-512 path)."""
+    return cpu_extension is not None and cpu_extension.cpu_vnni()
+
+
 PARALLEL_GRAIN = 32768
 
 

@@ -57,6 +57,24 @@ def dequantize(qweight: Tensor, scales: Tensor, zeros: Optional[Tensor], bits: i
     return (nibbles - zero) * scales.to(dtype).repeat_interleave(group_size, dim=1)
 
 
+INPUT_BLOCK = 32  # columns per scale of inputs rounded to int8 (the decoding step's int8_inputs)
+
+
+def round_inputs_to_int8(x: Tensor) -> Tensor:
+    """x [..., in] as the decoding step's int8_inputs takes it (csrc/kernels.h's DecodeStep), in float64: x in fp32,
+    in blocks of INPUT_BLOCK columns from the first (the last may be shorter), d = max |x| / 127 in fp32 and
+    q = x / d rounded to nearest (ties to even) within +-127 (past it only where d is subnormal); then d q, exactly.
+    A block with d = 0 is all zeros."""
+    x = x.float()
+    out = torch.empty(x.shape, dtype=torch.float64)
+    for first in range(0, x.shape[-1], INPUT_BLOCK):
+        block = x[..., first:first + INPUT_BLOCK]
+        d = block.abs().amax(-1, keepdim=True) / 127
+        q = torch.where(d > 0, torch.round(block / d).clamp(-127, 127), torch.zeros_like(block))
+        out[..., first:first + INPUT_BLOCK] = q.double() * d.double()
+    return out
+
+
 # --- Implementations ------------------------------------------------------------------------------------------------
 # forward(x, qweight, scales, zeros, bias, bits, group_size, out) fills out [rows, out_features] (x's dtype) for x
 # [rows >= 1, in_features] with unit last stride; zeros None for 8 bits and symmetric int4, bias fp32 [out_features]

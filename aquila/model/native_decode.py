@@ -14,6 +14,12 @@ weights are then multiplied as they lie in memory instead of being widened to fp
 step's speed on such CPUs. Elsewhere the inputs stay fp32 (the closer result, at no cost there); either can be asked
 for on any CPU.
 
+A step's weight-only quantized projections take their input rounded to int8 (``int8_inputs``: in blocks of 32, one
+scale each, as llama.cpp's Q8_0 activations), where the CPU multiplies bytes in one instruction (AVX512-VNNI:
+``aquila._C.cpu_vnni()``): the products then run on integers, 64 a instruction, instead of dequantizing each weight to
+fp32, which is what bounds an int8 or int4 step's speed on such CPUs. What the rounding costs in quality is measured by
+scripts/quantization_quality.py (docs/model.md). Elsewhere the inputs stay fp32; either can be asked for on any CPU.
+
 The step's projections prefetch their weights some distance ahead of their reads. The distance that pays depends on
 the CPU (a distance tuned on one host ran a step at a fraction of its speed on another), so it is chosen per host:
 - AQUILA_DECODE_PREFETCH=<bytes> forces one (0: no prefetch), with no tuning;
@@ -137,13 +143,15 @@ def tune_prefetch(run_step: Callable[[int], None], candidates=PREFETCH_CANDIDATE
     return min(candidates, key=medians.__getitem__), medians
 
 
-def tuning_key(model, bf16_inputs: bool) -> str:
-    """What a tuned choice holds for: the host (host_key) and the inner loops of the step's block projections (int8,
-    int4, dense with fp32 or bf16 inputs), which consume their weights at different paces and want different
-    distances. Dense with fp32 inputs alone is the host's key as it is."""
-    loops = sorted({f"int{linear.bits}" if isinstance(linear, QuantizedLinear) else
-                    "dense, bf16 inputs" if bf16_inputs else "dense"
-                    for layer in model.layers for linear in _block_linears(layer).values()})
+def tuning_key(model, bf16_inputs: bool, int8_inputs: bool = False) -> str:
+    """What a tuned choice holds for: the host (host_key) and the inner loops of the step's block projections (int8 and
+    int4 with fp32 or int8 inputs, dense with fp32 or bf16 inputs), which consume their weights at different paces and
+    want different distances. Dense with fp32 inputs alone is the host's key as it is."""
+    def loop(linear) -> str:
+        if isinstance(linear, QuantizedLinear):
+            return f"int{linear.bits}, int8 inputs" if int8_inputs else f"int{linear.bits}"
+        return "dense, bf16 inputs" if bf16_inputs else "dense"
+    loops = sorted({loop(linear) for layer in model.layers for linear in _block_linears(layer).values()})
     return host_key() if loops == ["dense"] else " | ".join([host_key(), *loops])
 
 
@@ -231,7 +239,7 @@ def _weight_tensors(model) -> list:
     return tensors + [t for t in _linear_tensors(model.output).values() if t is not model.tok_embeddings.weight]
 
 
-def _arguments(model, caches, lengths, batch, max_len, workspace, bf16_inputs):
+def _arguments(model, caches, lengths, batch, max_len, workspace, bf16_inputs, int8_inputs=False):
     """DecodeStep's fields but tokens, logits and prefetch_bytes, for `model` on the caches [(k, v) per layer]."""
     c = model.config
     layers = [{"attention_norm": layer.attention_norm.weight.data_ptr(), "ffn_norm": layer.ffn_norm.weight.data_ptr(),
@@ -244,7 +252,7 @@ def _arguments(model, caches, lengths, batch, max_len, workspace, bf16_inputs):
             "embeddings": model.tok_embeddings.weight.data_ptr(), "final_norm": model.norm.weight.data_ptr(),
             "output": _linear_fields(model.output), "dtype": _backend.DTYPE_CODES[step_dtype(model)],
             "lengths": lengths.data_ptr(), "workspace": workspace.data_ptr(), "layers": layers,
-            "bf16_inputs": bf16_inputs}
+            "bf16_inputs": bf16_inputs, "int8_inputs": int8_inputs}
 
 
 def step_dtype(model) -> torch.dtype:
@@ -260,7 +268,7 @@ def weight_bytes_per_step(model) -> int:
                if tied or t is not model.tok_embeddings.weight)
 
 
-def _scratch_runner(model, bf16_inputs: bool) -> Callable[[int], None]:
+def _scratch_runner(model, bf16_inputs: bool, int8_inputs: bool) -> Callable[[int], None]:
     """run(prefetch_bytes): one step of `model` at batch 1 on a one-position cache of its own (its length stays 0), so
     that tuning leaves the caller's cache alone."""
     c = model.config
@@ -272,7 +280,8 @@ def _scratch_runner(model, bf16_inputs: bool) -> Callable[[int], None]:
     workspace = torch.empty(workspace_floats(c, 1, 1))
     tokens = torch.zeros(1, dtype=torch.int64)
     logits = torch.empty(1, c.vocab_size)
-    arguments = {**_arguments(model, caches, lengths, 1, 1, workspace, bf16_inputs), "tokens": tokens.data_ptr(),
+    arguments = {**_arguments(model, caches, lengths, 1, 1, workspace, bf16_inputs, int8_inputs),
+                 "tokens": tokens.data_ptr(),
                  "logits": logits.data_ptr()}
     threads = torch.get_num_threads()
 
@@ -298,13 +307,14 @@ def _addresses(model, cache) -> Callable[[], list]:
     return addresses
 
 
-def decoder(model, cache, prefetch_bytes: Optional[int] = None,
-            bf16_inputs: Optional[bool] = None) -> Optional[Callable[[Tensor], Tensor]]:
+def decoder(model, cache, prefetch_bytes: Optional[int] = None, bf16_inputs: Optional[bool] = None,
+            int8_inputs: Optional[bool] = None) -> Optional[Callable[[Tensor], Tensor]]:
     """step(tokens [batch, 1]) -> logits [batch, 1, vocab] for `model` (an Aquila) and its KVCache `cache`, advancing
     the cache; None where the C++ step cannot run. prefetch_bytes: the step's prefetch distance (default: chosen for
     this host, see the module's docstring); step.prefetch says which distance it uses and where that came from.
     bf16_inputs (bf16 steps only): round the dense projections' inputs to bf16 (default: where the CPU has bf16 dot
-    products, see the module's docstring); step.bf16_inputs says which."""
+    products, see the module's docstring); step.bf16_inputs says which. int8_inputs (models with quantized linears
+    only): round the quantized projections' inputs to int8 (default: where the CPU has VNNI); step.int8_inputs."""
     if model.backend not in (None, "cpu") or _backend.cpu_extension is None or cache.k.device.type != "cpu":
         return None
     caches = [(cache.k[index], cache.v[index]) for index in range(len(model.layers))]
@@ -320,13 +330,17 @@ def decoder(model, cache, prefetch_bytes: Optional[int] = None,
         raise ValueError(f"Aquila: prefetch_bytes must be >= 0, got {prefetch_bytes}")
     if bf16_inputs and dtype != torch.bfloat16:
         raise ValueError(f"Aquila: bf16_inputs=True takes a bf16 model, got a {dtype} one")
+    quantized = any(isinstance(linear, QuantizedLinear) for linear in _linears(model))
+    if int8_inputs and not quantized:
+        raise ValueError("Aquila: int8_inputs=True takes a model with quantized linears (int8 or int4), got none")
     bf16_inputs = bool(_backend.cpu_bf16_products() if bf16_inputs is None else bf16_inputs) and dtype == torch.bfloat16
+    int8_inputs = bool(_backend.cpu_int8_products() if int8_inputs is None else int8_inputs) and quantized
     prefetch = ((prefetch_bytes, "argument") if prefetch_bytes is not None else
-                prefetch_choice(weight_bytes_per_step(model), lambda: _scratch_runner(model, bf16_inputs),
-                                tuning_key(model, bf16_inputs)))
+                prefetch_choice(weight_bytes_per_step(model), lambda: _scratch_runner(model, bf16_inputs, int8_inputs),
+                                tuning_key(model, bf16_inputs, int8_inputs)))
     c, (batch, max_len) = model.config, cache.k.shape[1:3]
     workspace = torch.empty(workspace_floats(c, batch, max_len))
-    arguments = {**_arguments(model, caches, cache.lengths, batch, max_len, workspace, bf16_inputs),
+    arguments = {**_arguments(model, caches, cache.lengths, batch, max_len, workspace, bf16_inputs, int8_inputs),
                  "prefetch_bytes": prefetch[0]}
 
     addresses = _addresses(model, cache)
@@ -348,4 +362,5 @@ def decoder(model, cache, prefetch_bytes: Optional[int] = None,
     step.keep_alive = (workspace, cache)
     step.prefetch = prefetch
     step.bf16_inputs = bf16_inputs
+    step.int8_inputs = int8_inputs
     return step

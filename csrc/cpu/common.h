@@ -223,6 +223,27 @@ AQUILA_INLINE void dot_pairs(Lanes<16>::type& acc, const Words16& a, const Words
   asm("vdpbf16ps %[b], %[a], %[acc]" : [acc] "+v"(acc) : [a] "v"(a), [b] "v"(b));
 }
 
+// Whether this process's AVX-512 path may use AVX512-VNNI's vpdpbusd (the decoding step's products of int8 inputs and
+// quantized weights): the CPU has it and AQUILA_CPU_ISA leaves the AVX-512 path on.
+inline bool has_vnni() {
+  static const bool vnni = [] {
+#if AQUILA_HAVE_SIMD_TARGETS
+    __builtin_cpu_init();
+    return simd_level() >= SimdLevel::avx512 && __builtin_cpu_supports("avx512vnni");
+#else
+    return false;
+#endif
+  }();
+  return vnni;
+}
+
+// acc += the dot products of 4 unsigned bytes of a with the 4 signed bytes of b in the same 32-bit lane, in int32
+// (vpdpbusd, without saturation: at most 4 x 255 x 128 a product set). Inline assembly as dot_pairs is; the caller is
+// compiled for AVX-512 and runs only where has_vnni().
+AQUILA_INLINE void dot_bytes(Words16& acc, const Words16& a, const Words16& b) {
+  asm("vpdpbusd %[b], %[a], %[acc]" : [acc] "+v"(acc) : [a] "v"(a), [b] "v"(b));
+}
+
 inline int thread_id() {
 #ifdef _OPENMP
   return omp_get_thread_num();

@@ -11,6 +11,14 @@
 // as do w1 and w3). Int4 takes the ISA's vector width W when its step (8W columns) divides the group size, a
 // narrower width whose step does, and otherwise a loop over each group's bytes.
 //
+// Quantized projections with int8_inputs take their input quantized to int8 in blocks of 32 columns, as llama.cpp's
+// Q8_0 activations are, and where the CPU has AVX512-VNNI multiply it by the weights as integers: one vpdpbusd sums
+// 64 products of unsigned by signed bytes into 16 int32 lanes, where dequantizing to fp32 takes a shift, a conversion
+// (int8) or a permute (int4) and an FMA per 16 weights, the instructions that bound those steps. Int8 weights become
+// unsigned by flipping their sign bit (w + 128) and int4 nibbles already are (w = nibble - zero); what the offset
+// adds is the block sums of the inputs times a constant, subtracted once per row (int8) or group (int4). Elsewhere,
+// and for the shapes those loops do not take, the inputs are rounded the same way and the fp32 kernels run on them.
+//
 // Dense bf16 projections with bf16_inputs take their input rounded to bf16 (a copy shared in the same way), as a bf16
 // model's matmuls do. Where the CPU has AVX512-BF16, one vdpbf16ps then multiplies 32 weights, as they lie in memory,
 // by 32 inputs; fp32 inputs need each vector of 16 weights widened first (two more instructions), and on a core
@@ -158,6 +166,96 @@ AQUILA_INLINE void project_dense(const T* __restrict w, int64_t rows, int64_t co
                                            prefetch);
 }
 
+// --- int8 inputs -----------------------------------------------------------------------------------------------
+// A quantized projection's input rounded to int8 (int8_inputs): in blocks of kInputBlock columns from the first (the
+// last may be shorter), d = max |x| / 127 and q = x / d rounded to nearest, ties to even (within +-127), both in fp32;
+// x is then taken as d q. A block of zeros (or so small that d is 0) has q = 0; one holding a NaN or an infinity has d = NaN,
+// which the products carry to the output as the fp32 inputs would.
+constexpr int64_t kInputBlock = 32;
+
+AQUILA_INLINE float quantize_block(const float* __restrict x, int64_t count, int8_t* __restrict q) {
+  float largest = 0.0f;
+  for (int64_t i = 0; i < count; ++i) {
+    const float magnitude = std::fabs(x[i]);
+    largest = magnitude > largest || magnitude != magnitude ? magnitude : largest;
+  }
+  const float d = largest < __builtin_inff() ? largest / 127.0f : __builtin_nanf("");
+  // Clamped: where d is subnormal it may round far below max |x| / 127, and x / d past 127.
+  for (int64_t i = 0; i < count; ++i)
+    q[i] = d > 0.0f ? static_cast<int8_t>(std::clamp(std::nearbyint(x[i] / d), -127.0f, 127.0f)) : 0;
+  return d;
+}
+
+// A row rounded to int8 and back, d q in fp32: the inputs of the fp32 kernels under int8_inputs.
+AQUILA_INLINE void dequantize_int8_row(const float* __restrict x, int64_t cols, float* __restrict out) {
+  int8_t q[kInputBlock];
+  for (int64_t c0 = 0; c0 < cols; c0 += kInputBlock) {
+    const int64_t count = std::min(kInputBlock, cols - c0);
+    const float d = quantize_block(x + c0, count, q);
+    for (int64_t i = 0; i < count; ++i) out[c0 + i] = d * static_cast<float>(q[i]);
+  }
+}
+
+// The columns of an int4 chunk (kInt4Chunk columns, 64 bytes of weights) in the order of its low nibbles, then its
+// high ones: the even columns, then the odd.
+constexpr int64_t kInt4Chunk = 128;
+
+// One input row in the vpdpbusd loops' form, in `cols` floats of space (cols a multiple of 64 for int8 weights; of
+// kInt4Chunk, the group size dividing cols, for int4): q, the int8 columns (int8 weights: in order; int4: each chunk
+// in its nibbles' order); lanes, the block scale d of each int32 lane of those loops' products (a lane sums 4 columns
+// of an int8 row, 8 of an int4 chunk: the same block); terms, what the weights' offsets add: int8, one float,
+// 128 sum_b d_b S_b (w + 128 times the inputs); int4, one per group, sum_{b in g} d_b S_b (its zero times that), S_b
+// being block b's sum of q.
+struct Int8Input {
+  const int8_t* q;
+  const float* lanes;
+  const float* terms;
+
+  template <int Bits>
+  static constexpr int64_t lanes_per_block() {
+    return Bits == 8 ? kInputBlock / 4 : kInputBlock / 8;
+  }
+
+  template <int Bits>
+  AQUILA_INLINE static Int8Input at(const float* row, int64_t cols) {
+    const int8_t* q = reinterpret_cast<const int8_t*>(row);
+    const float* lanes = reinterpret_cast<const float*>(q + cols);
+    return {q, lanes, lanes + cols / kInputBlock * lanes_per_block<Bits>()};
+  }
+};
+
+template <int Bits>
+AQUILA_INLINE void quantize_int8_row(const float* __restrict x, int64_t cols, int64_t group_size, float* row) {
+  const Int8Input form = Int8Input::at<Bits>(row, cols);
+  int8_t* q = const_cast<int8_t*>(form.q);
+  float* lanes = const_cast<float*>(form.lanes);
+  float* terms = const_cast<float*>(form.terms);
+  constexpr int64_t kLanes = Int8Input::lanes_per_block<Bits>();
+  int8_t block[kInputBlock];
+  double term = 0.0;
+  for (int64_t c0 = 0; c0 < cols; c0 += kInputBlock) {
+    const float d = quantize_block(x + c0, kInputBlock, block);
+    int sum = 0;
+    for (int64_t i = 0; i < kInputBlock; ++i) sum += block[i];
+    for (int64_t l = 0; l < kLanes; ++l) lanes[c0 / kInputBlock * kLanes + l] = d;
+    term += static_cast<double>(d) * sum;
+    if constexpr (Bits == 8) {
+      std::memcpy(q + c0, block, kInputBlock);
+    } else {
+      const int64_t chunk = c0 - c0 % kInt4Chunk;
+      for (int64_t i = 0; i < kInputBlock; ++i) {
+        const int64_t column = c0 % kInt4Chunk + i;
+        q[chunk + (column % 2) * (kInt4Chunk / 2) + column / 2] = block[i];
+      }
+      if ((c0 + kInputBlock) % group_size == 0) {
+        terms[c0 / group_size] = static_cast<float>(term);
+        term = 0.0;
+      }
+    }
+  }
+  if constexpr (Bits == 8) terms[0] = static_cast<float>(128.0 * term);
+}
+
 // A projection's input copied into the form its weights' kernel reads, shared by the projections of one input (wq, wk
 // and wv read one, as do w1 and w3): a quantized kernel's, in the order of its dequantized planes (fill_row); a bf16
 // kernel's, rounded to bf16 (as bf16 words for vdpbf16ps, or as the floats they widen to, for the ISAs without it).
@@ -168,7 +266,10 @@ struct ProjectionInput {
   const float* source = nullptr;  // what it holds: the rows of source, in `form`
   int form = 0;
 
-  static constexpr int kBf16Words = -1, kBf16Floats = -2;  // the planar forms: 16 W + P > 0
+  // The planar forms: 16 W + P > 0 (plus kDequantized with int8 inputs); the int8 forms of the vpdpbusd loops:
+  // kInt8Bytes for int8 weights, int8_chunks(group size) for int4.
+  static constexpr int kBf16Words = -1, kBf16Floats = -2, kInt8Bytes = -3, kInt8Floats = -4, kDequantized = 1024;
+  static int int8_chunks(int64_t group_size) { return static_cast<int>(-8 - group_size); }
 
   // The step rewrites its inputs in place (normed, attended, gate): called once they are new, before their readers.
   AQUILA_INLINE void forget() { source = nullptr; }
@@ -182,10 +283,35 @@ struct ProjectionInput {
     }
   }
 
+  // int8_inputs: the rows rounded to int8 (dequantize_int8_row) first.
   template <int W, int P>
-  AQUILA_INLINE const float* planar(const float* in, int64_t in_stride, int64_t cols, int64_t batch) {
-    hold(in, 16 * W + P, batch,
-         [&](int64_t b) { fill_row<float, W, P>(buffer + b * cols, in + b * in_stride, cols); });
+  AQUILA_INLINE const float* planar(const float* in, int64_t in_stride, int64_t cols, int64_t batch,
+                                    bool int8_inputs) {
+    hold(in, 16 * W + P + (int8_inputs ? kDequantized : 0), batch, [&](int64_t b) {
+      if (int8_inputs) {
+        thread_local std::vector<float> rounded;
+        rounded.resize(cols);
+        dequantize_int8_row(in + b * in_stride, cols, rounded.data());
+        fill_row<float, W, P>(buffer + b * cols, rounded.data(), cols);
+      } else {
+        fill_row<float, W, P>(buffer + b * cols, in + b * in_stride, cols);
+      }
+    });
+    return buffer;
+  }
+
+  // The rows rounded to int8 (dequantize_int8_row), in order.
+  AQUILA_INLINE const float* int8_floats(const float* in, int64_t in_stride, int64_t cols, int64_t batch) {
+    hold(in, kInt8Floats, batch, [&](int64_t b) { dequantize_int8_row(in + b * in_stride, cols, buffer + b * cols); });
+    return buffer;
+  }
+
+  // The rows in the vpdpbusd loops' form (Int8Input), cols floats apart.
+  template <int Bits>
+  AQUILA_INLINE const float* int8_bytes(const float* in, int64_t in_stride, int64_t cols, int64_t batch,
+                                        int64_t group_size) {
+    hold(in, Bits == 8 ? kInt8Bytes : int8_chunks(group_size), batch,
+         [&](int64_t b) { quantize_int8_row<Bits>(in + b * in_stride, cols, group_size, buffer + b * cols); });
     return buffer;
   }
 
@@ -211,8 +337,8 @@ struct ProjectionInput {
 template <int W, int NB, int Bits>
 AQUILA_INLINE void project_quantized(const Weights& wt, int64_t rows, int64_t cols, const float* in, int64_t in_stride,
                                      float* out, int64_t out_stride, int64_t batch, int64_t prefetch,
-                                     ProjectionInput& input) {
-  const float* x = input.planar<W, Bits == 4 ? 8 : 4>(in, in_stride, cols, batch);
+                                     ProjectionInput& input, bool int8_inputs) {
+  const float* x = input.planar<W, Bits == 4 ? 8 : 4>(in, in_stride, cols, batch, int8_inputs);
   const int64_t blocks = (rows + NB - 1) / NB;
 #pragma omp for schedule(static)
   for (int64_t block = 0; block < blocks; ++block) {
@@ -249,12 +375,14 @@ AQUILA_INLINE void project_int4_by_groups(const Weights& wt, int64_t rows, int64
 // An int4 projection at the widest vector width W whose step (8W columns) divides the group size.
 template <int W, int NB>
 AQUILA_INLINE void project_int4(const Weights& wt, int64_t rows, int64_t cols, const float* in, int64_t in_stride,
-                                float* out, int64_t out_stride, int64_t batch, int64_t prefetch, ProjectionInput& input) {
+                                float* out, int64_t out_stride, int64_t batch, int64_t prefetch, ProjectionInput& input,
+                                bool int8_inputs) {
   if (wt.group_size % (8 * W) == 0) {
-    project_quantized<W, NB, 4>(wt, rows, cols, in, in_stride, out, out_stride, batch, prefetch, input);
+    project_quantized<W, NB, 4>(wt, rows, cols, in, in_stride, out, out_stride, batch, prefetch, input, int8_inputs);
   } else if constexpr (W > 4) {
-    project_int4<W / 2, NB>(wt, rows, cols, in, in_stride, out, out_stride, batch, prefetch, input);
+    project_int4<W / 2, NB>(wt, rows, cols, in, in_stride, out, out_stride, batch, prefetch, input, int8_inputs);
   } else {
+    if (int8_inputs) in = input.int8_floats(in, in_stride, cols, batch), in_stride = cols;
     project_int4_by_groups(wt, rows, cols, in, in_stride, out, out_stride, batch);
   }
 }
@@ -265,39 +393,181 @@ AQUILA_INLINE void project_int4(const Weights& wt, int64_t rows, int64_t cols, c
 template <int W>
 AQUILA_INLINE void project_quantized_linear(const DecodeLinear& w, int64_t rows, int64_t cols, const float* in,
                                             int64_t in_stride, float* out, int64_t out_stride, int64_t batch,
-                                            int64_t prefetch, ProjectionInput& input) {
+                                            int64_t prefetch, ProjectionInput& input, bool int8_inputs) {
   constexpr int NB = W == 16 ? 8 : 4;
   const int64_t bits = w.format == WeightFormat::int4 ? 4 : 8;
   const Weights wt = Weights::of(w.weight, w.scales, w.zeros, cols, bits, w.group_size);
   if (bits == 8) {
-    project_quantized<W, NB, 8>(wt, rows, cols, in, in_stride, out, out_stride, batch, prefetch, input);
+    project_quantized<W, NB, 8>(wt, rows, cols, in, in_stride, out, out_stride, batch, prefetch, input, int8_inputs);
   } else {
-    project_int4<W, NB>(wt, rows, cols, in, in_stride, out, out_stride, batch, prefetch, input);
+    project_int4<W, NB>(wt, rows, cols, in, in_stride, out, out_stride, batch, prefetch, input, int8_inputs);
   }
 }
 
 #define AQUILA_DECODE_QUANTIZED(NAME, TARGET, W)                                                                   \
   TARGET __attribute__((noinline)) void project_quantized_##NAME(                                                  \
       const DecodeLinear& w, int64_t rows, int64_t cols, const float* in, int64_t in_stride, float* out,           \
-      int64_t out_stride, int64_t batch, int64_t prefetch, ProjectionInput& input) {                                  \
-    project_quantized_linear<W>(w, rows, cols, in, in_stride, out, out_stride, batch, prefetch, input);          \
+      int64_t out_stride, int64_t batch, int64_t prefetch, ProjectionInput& input, bool int8_inputs) {             \
+    project_quantized_linear<W>(w, rows, cols, in, in_stride, out, out_stride, batch, prefetch, input,           \
+                                int8_inputs);                                                                      \
   }
 AQUILA_DECODE_QUANTIZED(baseline, , 4)
 AQUILA_DECODE_QUANTIZED(avx2, AQUILA_TARGET_AVX2, 8)
 AQUILA_DECODE_QUANTIZED(avx512, AQUILA_TARGET_AVX512, 16)
 #undef AQUILA_DECODE_QUANTIZED
 
+// --- int8 inputs on vpdpbusd (AVX-512 with VNNI) ------------------------------------------------------------------
+
+// Whether the vpdpbusd loops take this linear: int8 rows of whole 64-byte vectors, int4 groups of whole chunks.
+AQUILA_INLINE bool int8_loops_take(const DecodeLinear& w, int64_t cols) {
+  return w.format == WeightFormat::int8 ? cols % 64 == 0 : w.group_size % kInt4Chunk == 0;
+}
+
+// The int32 lanes of a vpdpbusd sum as fp32 (exact: a lane's sum is below 2^24 in magnitude).
+AQUILA_INLINE Lanes<16>::type lanes_of(const Words16& sums) {
+  return __builtin_convertvector((Words<16>::signed_type)sums, Lanes<16>::type);
+}
+
+// out[n * out_stride] = the NB inputs (Int8Input) . an int8 row of `cols` weights with the row's scale: per 64
+// weights, their sign bits flipped (w + 128 as unsigned bytes), one vpdpbusd per input into lanes of 4 columns, each
+// lane scaled by its block's d; the offset's 128 d_b S_b taken off at the end. Two accumulators per input, as dots
+// keeps several.
+template <int NB>
+AQUILA_INLINE void int8_row_dots(const int8_t* row, int64_t cols, float scale, const Int8Input (&x)[NB],
+                                 float* out, int64_t out_stride, int64_t prefetch) {
+  using V = Lanes<16>::type;
+  const Words16 flip = Words16{} + 0x80808080u;
+  V acc[NB][2];
+#pragma GCC unroll 8
+  for (int n = 0; n < NB; ++n) acc[n][0] = acc[n][1] = V{};
+  const auto add = [&](int64_t j, int a) __attribute__((always_inline)) {
+    Words16 w;
+    std::memcpy(&w, row + j, sizeof w);
+    w ^= flip;
+#pragma GCC unroll 8
+    for (int n = 0; n < NB; ++n) {
+      Words16 q, sums = {};
+      std::memcpy(&q, x[n].q + j, sizeof q);
+      dot_bytes(sums, w, q);
+      V d;
+      load(d, x[n].lanes + j / 4);
+      acc[n][a] += lanes_of(sums) * d;
+    }
+  };
+  int64_t j = 0;
+  for (; j + 128 <= cols; j += 128) {
+    if (prefetch > 0) {
+      __builtin_prefetch(row + j + prefetch, 0, 3);
+      __builtin_prefetch(row + j + 64 + prefetch, 0, 3);
+    }
+    add(j, 0);
+    add(j + 64, 1);
+  }
+  if (j < cols) add(j, 0);
+#pragma GCC unroll 8
+  for (int n = 0; n < NB; ++n) out[n * out_stride] = scale * (lane_sum<16>(acc[n][0] + acc[n][1]) - x[n].terms[0]);
+}
+
+// The int4 counterpart: per chunk of 128 weights (64 bytes), the low and the high nibbles against the chunk's even and
+// odd inputs, two vpdpbusd per input into lanes of 8 columns, each lane scaled by its block's d and the group's scale;
+// per group, its zero times the group's term taken off.
+template <int NB>
+AQUILA_INLINE void int4_row_dots(const Weights& wt, int64_t n_row, const Int8Input (&x)[NB], float* out,
+                                 int64_t out_stride, int64_t prefetch) {
+  using V = Lanes<16>::type;
+  const Words16 low = Words16{} + 0x0F0F0F0Fu;
+  const uint8_t* row = wt.row<4>(n_row, 0);
+  V acc[NB];
+  float offsets[NB];
+#pragma GCC unroll 8
+  for (int n = 0; n < NB; ++n) acc[n] = V{}, offsets[n] = 0.0f;
+  for (int64_t g = 0; g < wt.groups; ++g) {
+    const float scale = wt.scale(n_row, g);
+    for (int64_t c = g * wt.group_size; c < (g + 1) * wt.group_size; c += kInt4Chunk) {
+      const uint8_t* bytes = row + c / 2;
+      if (prefetch > 0) __builtin_prefetch(bytes + prefetch, 0, 3);
+      Words16 nibbles;
+      std::memcpy(&nibbles, bytes, sizeof nibbles);
+      const Words16 even = nibbles & low, odd = (nibbles >> 4) & low;
+#pragma GCC unroll 8
+      for (int n = 0; n < NB; ++n) {
+        Words16 q_even, q_odd, sums = {};
+        std::memcpy(&q_even, x[n].q + c, sizeof q_even);
+        std::memcpy(&q_odd, x[n].q + c + kInt4Chunk / 2, sizeof q_odd);
+        dot_bytes(sums, even, q_even);
+        dot_bytes(sums, odd, q_odd);
+        V d;
+        load(d, x[n].lanes + c / 8);
+        acc[n] += lanes_of(sums) * d * scale;
+      }
+    }
+    const float zero_times_scale = wt.zero(n_row, g) * scale;
+#pragma GCC unroll 8
+    for (int n = 0; n < NB; ++n) offsets[n] += zero_times_scale * x[n].terms[g];
+  }
+#pragma GCC unroll 8
+  for (int n = 0; n < NB; ++n) out[n * out_stride] = lane_sum<16>(acc[n]) - offsets[n];
+}
+
+// Row n_row of W against the inputs [b, batch): NB at a time (each weight loaded once for them), then fewer.
+template <int Bits, int NB>
+AQUILA_INLINE void int8_dots_over_batch(const Weights& wt, int64_t n_row, const float* inputs, int64_t cols,
+                                        float* out, int64_t out_stride, int64_t b, int64_t batch, int64_t prefetch) {
+  for (; b + NB <= batch; b += NB) {
+    Int8Input x[NB];
+#pragma GCC unroll 8
+    for (int n = 0; n < NB; ++n) x[n] = Int8Input::at<Bits>(inputs + (b + n) * cols, cols);
+    if constexpr (Bits == 8) {
+      int8_row_dots<NB>(static_cast<const int8_t*>(wt.qweight) + n_row * cols, cols, wt.scales[n_row], x,
+                        out + b * out_stride, out_stride, prefetch);
+    } else {
+      int4_row_dots<NB>(wt, n_row, x, out + b * out_stride, out_stride, prefetch);
+    }
+  }
+  if constexpr (NB > 1) {
+    if (b < batch)
+      int8_dots_over_batch<Bits, NB / 2>(wt, n_row, inputs, cols, out, out_stride, b, batch, prefetch);
+  }
+}
+
+// out[b * out_stride + r] = in[b] . w[r] for a quantized w that int8_loops_take, the inputs rounded to int8: rows
+// split over the team, each read once for up to 4 inputs.
+template <int Bits>
+AQUILA_INLINE void project_int8_inputs(const DecodeLinear& w, int64_t rows, int64_t cols, const float* in,
+                                       float* out, int64_t out_stride, int64_t batch, int64_t prefetch,
+                                       ProjectionInput& input) {
+  const Weights wt = Weights::of(w.weight, w.scales, w.zeros, cols, Bits, w.group_size);
+  const float* inputs = input.int8_bytes<Bits>(in, cols, cols, batch, wt.group_size);
+#pragma omp for schedule(static)
+  for (int64_t r = 0; r < rows; ++r)
+    int8_dots_over_batch<Bits, 4>(wt, r, inputs, cols, out + r, out_stride, 0, batch, prefetch);
+}
+
+AQUILA_TARGET_AVX512 __attribute__((noinline)) void project_int8_inputs_vnni(
+    const DecodeLinear& w, int64_t rows, int64_t cols, const float* in, float* out, int64_t out_stride,
+    int64_t batch, int64_t prefetch, ProjectionInput& input) {
+  if (w.format == WeightFormat::int8) {
+    project_int8_inputs<8>(w, rows, cols, in, out, out_stride, batch, prefetch, input);
+  } else {
+    project_int8_inputs<4>(w, rows, cols, in, out, out_stride, batch, prefetch, input);
+  }
+}
+
 // out[b * rows + r] = in[b] . w[r] for the rows r of the linear w [rows, cols], as it is held, from the inputs in[b]
 // (cols floats each) in fp32 or, for bf16 weights with bf16_inputs, rounded to bf16. W: the ISA's vector width;
 // Bf16Dots: the ISA has vdpbf16ps.
 template <int W, int A, typename T, bool Bf16Dots>
 AQUILA_INLINE void project(const DecodeLinear& w, int64_t rows, int64_t cols, const float* __restrict in,
-                           float* __restrict out, int64_t batch, int64_t prefetch, bool bf16_inputs,
+                           float* __restrict out, int64_t batch, int64_t prefetch, bool bf16_inputs, bool int8_inputs,
                            ProjectionInput& input) {
   if (w.format != WeightFormat::dense) {
+    if (int8_inputs && W == 16 && has_vnni() && int8_loops_take(w, cols)) {
+      project_int8_inputs_vnni(w, rows, cols, in, out, rows, batch, prefetch, input);
+      return;
+    }
     const auto quantized = W == 16 ? project_quantized_avx512 : W == 8 ? project_quantized_avx2
                                                                        : project_quantized_baseline;
-    quantized(w, rows, cols, in, cols, out, rows, batch, prefetch, input);
+    quantized(w, rows, cols, in, cols, out, rows, batch, prefetch, input, int8_inputs);
     return;
   }
   const T* weight = static_cast<const T*>(w.weight);
@@ -379,7 +649,7 @@ AQUILA_INLINE void decode_in_team(const DecodeStep& a, const float* cos_sin) {
   // out [B, rows] = in [B, cols] . w^T
   const auto linear = [&](const DecodeLinear& w, int64_t rows, int64_t cols, const float* in, float* out)
                           __attribute__((always_inline)) {
-    project<W, A, T, Bf16Dots>(w, rows, cols, in, out, B, a.prefetch_bytes, a.bf16_inputs, input);
+    project<W, A, T, Bf16Dots>(w, rows, cols, in, out, B, a.prefetch_bytes, a.bf16_inputs, a.int8_inputs, input);
   };
 
 #pragma omp for schedule(static)

@@ -245,6 +245,22 @@ def test_steps_with_bf16_inputs_are_tuned_apart(tuning):
 
     quantized = quantize_model(Aquila(TINY).eval(), 4, 16, True, True).to(torch.bfloat16)
     assert native_decode.tuning_key(quantized, True) == native_decode.host_key() + " | int4"
+    assert native_decode.tuning_key(quantized, True, True) == native_decode.host_key() + " | int4, int8 inputs"
+
+
+def test_steps_with_int8_inputs_are_tuned_apart(tuning):
+    """Their vpdpbusd loops consume the weights at another pace than the fp32-input ones."""
+    from aquila.model.model import KVCache
+    from aquila.model.quantize import quantize_model
+
+    path, _ = tuning
+    model = quantize_model(Aquila(TINY).eval(), 8, None, True, True)
+    fp32_inputs = native_decode.decoder(model, KVCache(TINY, 1, 8), int8_inputs=False)
+    int8_inputs = native_decode.decoder(model, KVCache(TINY, 1, 8), int8_inputs=True)
+    assert fp32_inputs.prefetch[1] == int8_inputs.prefetch[1] == "tuned"
+    saved = json.loads(path.read_text())
+    assert set(saved) == {native_decode.host_key() + " | int8", native_decode.host_key() + " | int8, int8 inputs"}
+    assert saved[native_decode.tuning_key(model, False, True)]["prefetch_bytes"] == int8_inputs.prefetch[0]
 
 
 @pytest.mark.parametrize("content", ["{not json", '{"other host": {"prefetch_bytes": 0}}', '{"HOST": {}}',

@@ -18,6 +18,7 @@ import pytest
 import torch
 
 from aquila.kernels import backend as _backend
+from aquila.kernels.quantized_linear import round_inputs_to_int8
 from aquila.model import native_decode
 from aquila.model.config import AquilaConfig
 from aquila.model.model import Aquila, KVCache
@@ -38,10 +39,12 @@ ODD = AquilaConfig(dim=36, n_layers=2, n_heads=3, n_kv_heads=1, ffn_dim=50, voca
 KINDS = {"int8": (WIDE, 8, None, True), "int4-g128-sym": (WIDE, 4, 128, True), "int4-g64-asym": (WIDE, 4, 64, False),
          "int4-g32-sym": (WIDE, 4, 32, True), "int4-g16-asym": (TINY, 4, 16, False), "int8-odd": (ODD, 8, None, True),
          "int4-g2-sym-odd": (ODD, 4, 2, True)}
+# Kinds only the int8_inputs tests take (asymmetric groups that the vpdpbusd loops take).
+INT8_INPUT_ONLY_KINDS = {"int4-g128-asym": (WIDE, 4, 128, False)}
 
 
 def quantized_model(kind, keep_output, dtype):
-    config, bits, group_size, symmetric = KINDS[kind]
+    config, bits, group_size, symmetric = {**KINDS, **INT8_INPUT_ONLY_KINDS}[kind]
     torch.manual_seed(0)
     model = Aquila(config).eval()
     with torch.no_grad():  # norms away from 1, so that a norm weight read wrongly shows
@@ -72,18 +75,20 @@ def rotate(x, positions, config):
     return torch.stack((r1, r2), -1).flatten(-2) if config.rope_interleaved else torch.cat((r1, r2), -1)
 
 
-def reference_step(model, tokens, k_cache, v_cache, lengths, stored, bf16_inputs=False):
+def reference_step(model, tokens, k_cache, v_cache, lengths, stored, bf16_inputs=False, int8_inputs=False):
     """float64 logits [batch, vocab] of one decoding step of tokens [batch], as the C++ step computes it: the weights'
     exact values (quantized ones dequantized), float64 activations (with bf16_inputs, the dense projections' inputs
-    rounded to bf16). k_cache, v_cache: float64 [n_layers, batch, max_len, kv_heads, head_dim], written at `lengths`
-    (not advanced) with stored(layer, k, v), the new keys and values [batch, kv_heads, head_dim] as the cache keeps
-    them (rounded to its dtype)."""
+    rounded to bf16; with int8_inputs, the quantized ones' rounded to int8). k_cache, v_cache: float64 [n_layers,
+    batch, max_len, kv_heads, head_dim], written at `lengths` (not advanced) with stored(layer, k, v), the new keys and
+    values [batch, kv_heads, head_dim] as the cache keeps them (rounded to its dtype)."""
     c = model.config
     batch, rows = tokens.shape[0], torch.arange(tokens.shape[0])
 
     def project(h, linear):
         if bf16_inputs and not isinstance(linear, QuantizedLinear):
             h = h.to(torch.bfloat16).double()
+        if int8_inputs and isinstance(linear, QuantizedLinear):
+            h = round_inputs_to_int8(h)
         return h @ dense_float64(linear).T
     x = model.tok_embeddings.weight.double()[tokens]
     residual = torch.zeros_like(x)
@@ -148,7 +153,7 @@ def check_steps(kind, keep_output, dtype, batch, steps=3):
     assert any(isinstance(m, QuantizedLinear) for m in model.modules())
     assert isinstance(model.output, QuantizedLinear) != keep_output
     native_cache, module_cache, (k64, v64) = prefilled_caches(model, batch, dtype)
-    step = native_decode.decoder(model, native_cache, bf16_inputs=False)
+    step = native_decode.decoder(model, native_cache, bf16_inputs=False, int8_inputs=False)
     assert step is not None, "the native step should take this model"
     tokens = torch.randint(0, model.config.vocab_size, (batch,), generator=torch.Generator().manual_seed(7))
     initial_lengths = native_cache.lengths.tolist()
@@ -210,31 +215,14 @@ def bf16_model(name):
 @pytest.mark.parametrize("name", [*BF16_CONFIGS, "int4-g32-sym"])
 def test_bf16_inputs_round_each_dense_projection_input(name):
     """bf16_inputs=True: each dense bf16 projection multiplies its input rounded to bf16 (quantized ones keep fp32
-    inputs), at batch 1, 3 and 5. The step's fp32 activations differ from float64's by fp32 rounding, so now and then
-    one lies on the other side of a bf16 rounding tie and rounds to the neighbouring bf16, which shifts that row's
-    logits by up to a third of what rounding the inputs does in all: no reference can predict which, so no exact
-    comparison holds for every row. What must hold, per row and step: the logits are closer to the float64 step that
-    rounds the inputs than to the one that does not (at most half the distance between them), and in most rows (the
-    median) they match the rounding one to fp32's precision."""
+    inputs), at batch 1, 3 and 5; checked as check_rounded_inputs says."""
     model = bf16_model(name)
-    ratios = []
-    for batch in (1, 3, 5):
-        native_cache, _, (k64, v64) = prefilled_caches(model, batch, torch.bfloat16)
-        step = native_decode.decoder(model, native_cache, bf16_inputs=True)
+
+    def make_step(cache):
+        step = native_decode.decoder(model, cache, bf16_inputs=True, int8_inputs=False)
         assert step is not None and step.bf16_inputs
-        tokens = torch.randint(0, model.config.vocab_size, (batch,), generator=torch.Generator().manual_seed(7))
-        for _ in range(3):
-            lengths = native_cache.lengths.long()
-            native = step(tokens[:, None])[:, 0].double()
-            held = held_in(native_cache, lengths)
-            rounded = reference_step(model, tokens, k64, v64, lengths, held, bf16_inputs=True)
-            exact = reference_step(model, tokens, k64.clone(), v64.clone(), lengths, held)
-            rounding = (rounded - exact).abs().amax(-1)
-            assert (rounding > 100 * 64 * torch.finfo(torch.float32).eps * exact.abs().amax(-1)).all()  # it shows
-            ratios += ((native - rounded).abs().amax(-1) / rounding).tolist()
-            tokens = rounded.argmax(-1)
-    assert max(ratios) <= 0.5, ratios
-    assert sorted(ratios)[len(ratios) // 2] <= 1e-3, ratios
+        return step
+    check_rounded_inputs(model, (1, 3, 5), make_step, {"bf16_inputs": True})
 
 
 @pytest.mark.parametrize("isa", ["avx512", "avx2", "baseline"])
@@ -246,6 +234,84 @@ def test_bf16_inputs_on_narrower_isas(isa):
     result = subprocess.run(command, env={**os.environ, "AQUILA_CPU_ISA": isa}, capture_output=True, text=True,
                             timeout=600)
     assert result.returncode == 0 and f"{len(BF16_CONFIGS) + 1} passed" in result.stdout, result.stdout + result.stderr
+
+
+def check_rounded_inputs(model, batches, make_step, rounded_reference, steps=3):
+    """The step's logits against two float64 steps, one that rounds the projections' inputs as the step is asked to and
+    one that does not. The step's fp32 activations differ from float64's by fp32 rounding, so now and then one lies on
+    the other side of a rounding tie and rounds to the neighbouring value, which shifts that row's logits by a part of
+    what the rounding does in all: no reference can predict which, so no exact comparison holds for every row. What
+    must hold, per row and step: the logits are closer to the rounding reference than to the other (at most half the
+    distance between them), and in most rows (the median) they match the rounding one to fp32's precision."""
+    ratios = []
+    for batch in batches:
+        native_cache, _, (k64, v64) = prefilled_caches(model, batch, model.tok_embeddings.weight.dtype)
+        step = make_step(native_cache)
+        tokens = torch.randint(0, model.config.vocab_size, (batch,), generator=torch.Generator().manual_seed(7))
+        for _ in range(steps):
+            lengths = native_cache.lengths.long()
+            native = step(tokens[:, None])[:, 0].double()
+            held = held_in(native_cache, lengths)
+            rounded = reference_step(model, tokens, k64, v64, lengths, held, **rounded_reference)
+            exact = reference_step(model, tokens, k64.clone(), v64.clone(), lengths, held)
+            rounding = (rounded - exact).abs().amax(-1)
+            assert (rounding > 100 * 64 * torch.finfo(torch.float32).eps * exact.abs().amax(-1)).all()  # it shows
+            ratios += ((native - rounded).abs().amax(-1) / rounding).tolist()
+            tokens = rounded.argmax(-1)
+    assert max(ratios) <= 0.5, ratios
+    assert sorted(ratios)[len(ratios) // 2] <= 1e-3, ratios
+
+
+# The kinds whose rows the vpdpbusd loops take (int8 rows of 64k, int4 groups of 128k) and ones they leave to the fp32
+# kernels on rounded inputs (groups of 64 and 16, rows of 36 and 50).
+INT8_INPUT_KINDS = ["int8", "int4-g128-sym", "int4-g128-asym", "int4-g64-asym", "int4-g16-asym", "int8-odd"]
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16], ids=["fp32", "bf16"])
+@pytest.mark.parametrize("kind", INT8_INPUT_KINDS)
+def test_int8_inputs_round_each_quantized_projection_input(kind, dtype):
+    """int8_inputs=True: each quantized projection multiplies its input rounded to int8 in blocks of 32
+    (round_inputs_to_int8; dense ones, here the output projection, keep fp32 inputs), at batch 1, 3 and 5 (the loops
+    read each row for up to 4 inputs); checked as check_rounded_inputs says."""
+    model = quantized_model(kind, True, dtype)
+
+    def make_step(cache):
+        step = native_decode.decoder(model, cache, bf16_inputs=False, int8_inputs=True)
+        assert step is not None and step.int8_inputs
+        return step
+    check_rounded_inputs(model, (1, 3, 5), make_step, {"int8_inputs": True})
+
+
+@pytest.mark.parametrize("isa", ["avx2", "baseline"])
+def test_int8_inputs_on_narrower_isas(isa):
+    """Without VNNI (forced here by capping the ISA below AVX-512, in a fresh process) the rounded inputs feed the fp32
+    kernels: the same comparisons."""
+    tests = f"{__file__}::test_int8_inputs_round_each_quantized_projection_input"
+    command = [sys.executable, "-m", "pytest", "-q", "-p", "no:cacheprovider", tests]
+    result = subprocess.run(command, env={**os.environ, "AQUILA_CPU_ISA": isa}, capture_output=True, text=True,
+                            timeout=600)
+    assert result.returncode == 0 and f"{2 * len(INT8_INPUT_KINDS)} passed" in result.stdout, (result.stdout
+                                                                                               + result.stderr)
+
+
+def test_int8_inputs_carry_a_nan_to_the_logits():
+    """A block holding a NaN has no scale: its products are NaN, as fp32 inputs would make them, not a silent number."""
+    model = quantized_model("int8", True, torch.float32)
+    with torch.no_grad():
+        model.tok_embeddings.weight[5, 3] = float("nan")
+    cache = KVCache(model.config, 2, 8)
+    logits = native_decode.decoder(model, cache, int8_inputs=True)(torch.tensor([[5], [6]]))
+    assert logits[0].isnan().all() and logits[1].isfinite().all()
+
+
+def test_int8_inputs_default_to_where_the_cpu_multiplies_bytes():
+    model = quantized_model("int4-g128-sym", True, torch.bfloat16)
+    step = native_decode.decoder(model, KVCache(model.config, 1, 8, dtype=torch.bfloat16))
+    assert step.int8_inputs == _backend.cpu_extension.cpu_vnni()
+    dense = bf16_model("tiny")
+    assert not native_decode.decoder(dense, KVCache(dense.config, 1, 8, dtype=torch.bfloat16)).int8_inputs
+    with pytest.raises(ValueError, match="int8_inputs=True takes a model with quantized linears"):
+        native_decode.decoder(dense, KVCache(dense.config, 1, 8, dtype=torch.bfloat16), int8_inputs=True)
 
 
 def test_bf16_inputs_default_to_where_the_cpu_multiplies_bf16_pairs():
