@@ -14,11 +14,12 @@ weights are then multiplied as they lie in memory instead of being widened to fp
 step's speed on such CPUs. Elsewhere the inputs stay fp32 (the closer result, at no cost there); either can be asked
 for on any CPU.
 
-A step's weight-only quantized projections take their input rounded to int8 (``int8_inputs``: in blocks of 32, one
-scale each, as llama.cpp's Q8_0 activations), where the CPU multiplies bytes in one instruction (AVX512-VNNI:
-``aquila._C.cpu_vnni()``): the products then run on integers, 64 a instruction, instead of dequantizing each weight to
-fp32, which is what bounds an int8 or int4 step's speed on such CPUs. What the rounding costs in quality is measured by
-scripts/quantization_quality.py (docs/model.md). Elsewhere the inputs stay fp32; either can be asked for on any CPU.
+A bf16 step's weight-only quantized projections take their input rounded to int8 (``int8_inputs``: in blocks of 32,
+one scale each, as llama.cpp's Q8_0 activations), where the CPU multiplies bytes in one instruction (AVX512-VNNI:
+``aquila._C.cpu_vnni()``): the products then run on integers, 64 an instruction, instead of dequantizing each weight
+to fp32, which is what bounds an int8 or int4 step's speed on such CPUs. What the rounding costs in quality is
+measured by scripts/quantization_quality.py (docs/model.md). An fp32 step (whose user asked for fp32 precision) and
+other CPUs keep fp32 inputs; either can be asked for on any CPU and dtype.
 
 The step's projections prefetch their weights some distance ahead of their reads. The distance that pays depends on
 the CPU (a distance tuned on one host ran a step at a fraction of its speed on another), so it is chosen per host:
@@ -314,7 +315,8 @@ def decoder(model, cache, prefetch_bytes: Optional[int] = None, bf16_inputs: Opt
     this host, see the module's docstring); step.prefetch says which distance it uses and where that came from.
     bf16_inputs (bf16 steps only): round the dense projections' inputs to bf16 (default: where the CPU has bf16 dot
     products, see the module's docstring); step.bf16_inputs says which. int8_inputs (models with quantized linears
-    only): round the quantized projections' inputs to int8 (default: where the CPU has VNNI); step.int8_inputs."""
+    only): round the quantized projections' inputs to int8 (default: bf16 steps where the CPU has VNNI, see the
+    module's docstring); step.int8_inputs says which."""
     if model.backend not in (None, "cpu") or _backend.cpu_extension is None or cache.k.device.type != "cpu":
         return None
     caches = [(cache.k[index], cache.v[index]) for index in range(len(model.layers))]
@@ -334,7 +336,9 @@ def decoder(model, cache, prefetch_bytes: Optional[int] = None, bf16_inputs: Opt
     if int8_inputs and not quantized:
         raise ValueError("Aquila: int8_inputs=True takes a model with quantized linears (int8 or int4), got none")
     bf16_inputs = bool(_backend.cpu_bf16_products() if bf16_inputs is None else bf16_inputs) and dtype == torch.bfloat16
-    int8_inputs = bool(_backend.cpu_int8_products() if int8_inputs is None else int8_inputs) and quantized
+    if int8_inputs is None:
+        int8_inputs = _backend.cpu_int8_products() and dtype == torch.bfloat16
+    int8_inputs = bool(int8_inputs) and quantized
     prefetch = ((prefetch_bytes, "argument") if prefetch_bytes is not None else
                 prefetch_choice(weight_bytes_per_step(model), lambda: _scratch_runner(model, bf16_inputs, int8_inputs),
                                 tuning_key(model, bf16_inputs, int8_inputs)))

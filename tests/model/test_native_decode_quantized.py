@@ -304,10 +304,13 @@ def test_int8_inputs_carry_a_nan_to_the_logits():
     assert logits[0].isnan().all() and logits[1].isfinite().all()
 
 
-def test_int8_inputs_default_to_where_the_cpu_multiplies_bytes():
+def test_int8_inputs_default_to_bf16_steps_where_the_cpu_multiplies_bytes():
     model = quantized_model("int4-g128-sym", True, torch.bfloat16)
     step = native_decode.decoder(model, KVCache(model.config, 1, 8, dtype=torch.bfloat16))
     assert step.int8_inputs == _backend.cpu_extension.cpu_vnni()
+    fp32 = quantized_model("int8", True, torch.float32)
+    assert not native_decode.decoder(fp32, KVCache(fp32.config, 1, 8)).int8_inputs
+    assert native_decode.decoder(fp32, KVCache(fp32.config, 1, 8), int8_inputs=True).int8_inputs
     dense = bf16_model("tiny")
     assert not native_decode.decoder(dense, KVCache(dense.config, 1, 8, dtype=torch.bfloat16)).int8_inputs
     with pytest.raises(ValueError, match="int8_inputs=True takes a model with quantized linears"):
