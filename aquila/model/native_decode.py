@@ -19,7 +19,8 @@ one scale each, as llama.cpp's Q8_0 activations), where the CPU multiplies bytes
 ``aquila._C.cpu_vnni()``): the products then run on integers, 64 an instruction, instead of dequantizing each weight
 to fp32, which is what bounds an int8 or int4 step's speed on such CPUs. What the rounding costs in quality is
 measured by scripts/quantization_quality.py (docs/model.md). An fp32 step (whose user asked for fp32 precision) and
-other CPUs keep fp32 inputs; either can be asked for on any CPU and dtype.
+other CPUs keep fp32 inputs; either can be asked for on any CPU and dtype, by decoder()'s argument or, for every step
+the process makes (`aquila generate`, `generate()`), by AQUILA_DECODE_INT8_INPUTS=1 or =0.
 
 The step's projections prefetch their weights some distance ahead of their reads. The distance that pays depends on
 the CPU (a distance tuned on one host ran a step at a fraction of its speed on another), so it is chosen per host:
@@ -52,6 +53,7 @@ from aquila.model.quantize import QuantizedLinear
 
 PREFETCH_CANDIDATES = (0, 2048, 8192, 32768)
 PREFETCH_ENV = "AQUILA_DECODE_PREFETCH"
+INT8_INPUTS_ENV = "AQUILA_DECODE_INT8_INPUTS"
 TUNING_FILE = "decode-tuning.json"
 TUNING_ROUNDS = 5  # timed steps per candidate, taken in turns so that a load that comes and goes hits each alike
 
@@ -113,6 +115,16 @@ def forced_prefetch() -> Optional[int]:
     if forced < 0:
         raise ValueError(f"Aquila: {PREFETCH_ENV} must be a whole number of bytes >= 0, got {value!r}")
     return forced
+
+
+def forced_int8_inputs() -> Optional[bool]:
+    """AQUILA_DECODE_INT8_INPUTS: 1 or 0 for every quantized step of the process, unset for the default."""
+    value = os.environ.get(INT8_INPUTS_ENV, "").strip()
+    if not value:
+        return None
+    if value not in ("0", "1"):
+        raise ValueError(f"Aquila: {INT8_INPUTS_ENV} must be 1 or 0, got {value!r}")
+    return value == "1"
 
 
 def _read_tuning(path: str) -> dict:
@@ -315,8 +327,8 @@ def decoder(model, cache, prefetch_bytes: Optional[int] = None, bf16_inputs: Opt
     this host, see the module's docstring); step.prefetch says which distance it uses and where that came from.
     bf16_inputs (bf16 steps only): round the dense projections' inputs to bf16 (default: where the CPU has bf16 dot
     products, see the module's docstring); step.bf16_inputs says which. int8_inputs (models with quantized linears
-    only): round the quantized projections' inputs to int8 (default: bf16 steps where the CPU has VNNI, see the
-    module's docstring); step.int8_inputs says which."""
+    only): round the quantized projections' inputs to int8 (default: AQUILA_DECODE_INT8_INPUTS where set, else bf16
+    steps where the CPU has VNNI, see the module's docstring); step.int8_inputs says which."""
     if model.backend not in (None, "cpu") or _backend.cpu_extension is None or cache.k.device.type != "cpu":
         return None
     caches = [(cache.k[index], cache.v[index]) for index in range(len(model.layers))]
@@ -336,6 +348,8 @@ def decoder(model, cache, prefetch_bytes: Optional[int] = None, bf16_inputs: Opt
     if int8_inputs and not quantized:
         raise ValueError("Aquila: int8_inputs=True takes a model with quantized linears (int8 or int4), got none")
     bf16_inputs = bool(_backend.cpu_bf16_products() if bf16_inputs is None else bf16_inputs) and dtype == torch.bfloat16
+    if int8_inputs is None:
+        int8_inputs = forced_int8_inputs()
     if int8_inputs is None:
         int8_inputs = _backend.cpu_int8_products() and dtype == torch.bfloat16
     int8_inputs = bool(int8_inputs) and quantized

@@ -317,6 +317,22 @@ def test_int8_inputs_default_to_bf16_steps_where_the_cpu_multiplies_bytes():
         native_decode.decoder(dense, KVCache(dense.config, 1, 8, dtype=torch.bfloat16), int8_inputs=True)
 
 
+def test_the_environment_sets_int8_inputs_for_every_step(monkeypatch):
+    """AQUILA_DECODE_INT8_INPUTS: for the steps generate() makes; an argument still wins; a dense model is unaffected;
+    another value is refused by name."""
+    model = quantized_model("int8", True, torch.bfloat16)
+    dense = bf16_model("tiny")
+    for value in ("0", "1"):
+        monkeypatch.setenv(native_decode.INT8_INPUTS_ENV, value)
+        assert model.decoder(KVCache(model.config, 1, 8, dtype=torch.bfloat16)).int8_inputs == (value == "1")
+        assert native_decode.decoder(model, KVCache(model.config, 1, 8, dtype=torch.bfloat16),
+                                     int8_inputs=value == "0").int8_inputs == (value == "0")
+        assert not native_decode.decoder(dense, KVCache(dense.config, 1, 8, dtype=torch.bfloat16)).int8_inputs
+    monkeypatch.setenv(native_decode.INT8_INPUTS_ENV, "yes")
+    with pytest.raises(ValueError, match="AQUILA_DECODE_INT8_INPUTS must be 1 or 0, got 'yes'"):
+        model.decoder(KVCache(model.config, 1, 8, dtype=torch.bfloat16))
+
+
 def test_bf16_inputs_default_to_where_the_cpu_multiplies_bf16_pairs():
     bf16 = bf16_model("tiny")
     assert native_decode.decoder(bf16, KVCache(bf16.config, 1, 8, dtype=torch.bfloat16)).bf16_inputs == (
