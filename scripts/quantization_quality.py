@@ -131,6 +131,8 @@ def main(argv=None):
                         help="held-out documents for the decoding step's perplexity (0: not measured)")
     parser.add_argument("--out", help="JSON results file (default: print only)")
     args = parser.parse_args(argv)
+    if args.step_documents < 0:
+        parser.error(f"--step-documents must be >= 0, got {args.step_documents}")
 
     checkpoint = resolve(args.checkpoint)
     tokenizer = Tokenizer.load(args.tokenizer or checkpoint)

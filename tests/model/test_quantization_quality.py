@@ -56,3 +56,11 @@ def test_step_perplexity_with_int8_inputs_differs_by_the_rounding():
     assert fp32_inputs["loss"] == pytest.approx(forward_loss(model, docs), rel=1e-5)
     assert int8_inputs["loss"] != fp32_inputs["loss"]
     assert int8_inputs["loss"] == pytest.approx(fp32_inputs["loss"], rel=1e-2)
+
+
+def test_a_negative_step_document_count_is_refused_by_name(capsys):
+    script = load_script("quantization_quality")
+    with pytest.raises(SystemExit) as exit_info:
+        script.main(["runs/none", "--step-documents", "-1"])
+    assert exit_info.value.code == 2
+    assert "--step-documents must be >= 0, got -1" in capsys.readouterr().err
