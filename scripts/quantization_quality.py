@@ -46,6 +46,8 @@ from aquila.train.data import tokenized_corpus
 
 PROMPTS = ["床前明月光，", "白日依山尽，", "The history of the city", "In mathematics, a prime number",
            "def fibonacci(n):\n", "import numpy as np\n"]
+# The report's keys of the decoding step's perplexity, by int8_inputs.
+STEP_PERPLEXITY = {False: "decoding_step_perplexity", True: "decoding_step_perplexity, int8 inputs"}
 GOALS = {"int8": 0.5, "int4 g128 sym": 5.0, "int4 g128 asym": 5.0}  # % of bf16's perplexity
 
 
@@ -167,19 +169,17 @@ def main(argv=None):
             for int8_inputs in ((True, False) if spec is not None else (False,)):
                 measured = step_perplexity(model, documents, int8_inputs) if documents else None
                 if measured is not None:
-                    result["step_perplexity", int8_inputs] = measured
+                    result[STEP_PERPLEXITY[int8_inputs]] = measured
             result["continuations"] = [tokenizer.decode(c) for c in continuations]
             results[name] = result
             del model
     bf16 = results["bf16"]["perplexity"]
-    bf16_step = results["bf16"].get(("step_perplexity", False))
+    bf16_step = results["bf16"].get(STEP_PERPLEXITY[False])
     for result in results.values():
         result["perplexity_change_vs_bf16_percent"] = 100 * (result["perplexity"] / bf16 - 1)
-        for int8_inputs in (True, False):
-            measured = result.pop(("step_perplexity", int8_inputs), None)
-            if measured is not None:
-                measured["change_vs_bf16_percent"] = 100 * (measured["perplexity"] / bf16_step["perplexity"] - 1)
-                result["decoding_step_perplexity" + (", int8 inputs" if int8_inputs else "")] = measured
+        for key in STEP_PERPLEXITY.values():
+            if key in result:
+                result[key]["change_vs_bf16_percent"] = 100 * (result[key]["perplexity"] / bf16_step["perplexity"] - 1)
     goals = {}
     for name, limit in GOALS.items():
         if name in results:
@@ -211,7 +211,7 @@ def main(argv=None):
         print(f"{name:>15}: perplexity {result['perplexity']:.3f} ({result['perplexity_change_vs_bf16_percent']:+.2f}% "
               f"vs bf16), {result['weight_bytes'] / 2**20:.2f} MiB"
               + (f", greedy {greedy_share:.1%}, top-1 per step {agree:.1%}" if agree is not None else ""))
-        for key in ("decoding_step_perplexity", "decoding_step_perplexity, int8 inputs"):
+        for key in STEP_PERPLEXITY.values():
             if key in result:
                 print(f"{'':>15}  {key}: {result[key]['perplexity']:.3f} "
                       f"({result[key]['change_vs_bf16_percent']:+.2f}% vs bf16's step)")
