@@ -30,6 +30,7 @@ from aquila.model.quantize import DEFAULT_GROUP_SIZE
 
 DTYPES = {"fp32": torch.float32, "bf16": torch.bfloat16, "fp16": torch.float16}
 QUANTIZE_BITS = {"int8": 8, "int4": 4}
+OUTPUT_PROJECTION_BITS = {"int8": 8, "int4": 4, "dense": None}
 # What the `train` extra installs (pyproject.toml), by the name it is imported as.
 TRAIN_EXTRA_MODULES = {"safetensors", "tokenizers", "yaml", "tqdm", "matplotlib"}
 
@@ -47,21 +48,27 @@ def convert(args):
           f"{sum(p.numel() for p in model.parameters()):,} parameters)")
 
 
-def quantization_from(args, bits: Optional[int], keep_output: bool = True):
-    """The Quantization that --group-size and --asymmetric describe for `bits` (None: no quantization, and then
-    neither option may be given)."""
+def quantization_from(args, bits: Optional[int]):
+    """The Quantization that --group-size, --asymmetric and --output-projection describe for `bits` (None: no
+    quantization, and then none of them may be given)."""
     from aquila.model.quantize import Quantization
 
     if bits is None:
         if args.group_size is not None or args.asymmetric:
             raise ValueError("--group-size and --asymmetric describe int4 quantization; add --quantize int4")
+        if args.output_projection is not None:
+            raise ValueError("--output-projection describes a quantized model; add --quantize int8 or int4")
         return None
     if bits == 8 and (args.group_size is not None or args.asymmetric):
         raise ValueError("--group-size and --asymmetric apply to int4 only: int8 is symmetric, one scale per output "
                          "channel")
     if args.group_size is not None and (args.group_size < 2 or args.group_size % 2):
         raise ValueError(f"--group-size must be an even number >= 2, got {args.group_size}")
-    return Quantization(bits, args.group_size, symmetric=not args.asymmetric, keep_output=keep_output)
+    if args.output_projection == "int4" and bits != 4:
+        raise ValueError("--output-projection int4 quantizes the output projection as the int4 blocks; int8 blocks "
+                         "take int8 or dense")
+    return Quantization(bits, args.group_size, symmetric=not args.asymmetric,
+                        output_bits=OUTPUT_PROJECTION_BITS[args.output_projection or "int8"])
 
 
 def quantize(args):
@@ -70,7 +77,7 @@ def quantize(args):
     if os.path.exists(args.dest) and os.path.exists(args.source) and os.path.samefile(args.source, args.dest):
         raise ValueError(f"SOURCE and DEST are the same directory ({os.path.realpath(args.dest)}); quantize into a "
                          "new directory")
-    spec = quantization_from(args, args.bits, keep_output=not args.quantize_output)
+    spec = quantization_from(args, args.bits)
     stored = checkpoint_quantization(args.source) if os.path.isfile(os.path.join(args.source, "config.json")) else None
     if stored is not None:
         raise ValueError(f"{args.source} is already quantized ({stored.describe()}); quantize the original weights")
@@ -79,8 +86,8 @@ def quantize(args):
     model = load(args.source, dtype=DTYPES[args.dtype], quantize=spec)
     save_hf(model, args.dest, overwrite=args.overwrite)
     size = sum(t.numel() * t.element_size() for t in itertools.chain(model.parameters(), model.buffers()))
-    print(f"{args.source} -> {args.dest} ({spec.describe()}, output projection "
-          f"{'quantized' if not spec.keep_output else f'in {args.dtype}'}, {size / 2**20:,.1f} MiB of weights)")
+    print(f"{args.source} -> {args.dest} ({spec.describe()}, unquantized tensors in {args.dtype}, "
+          f"{size / 2**20:,.1f} MiB of weights)")
 
 
 def random_checkpoint(args):
@@ -294,8 +301,8 @@ def add_inference_arguments(command):
     command.add_argument("--dtype", choices=sorted(DTYPES), default="fp32",
                          help="the weights' dtype (with --quantize: of those not quantized) and the compute dtype")
     command.add_argument("--quantize", choices=sorted(QUANTIZE_BITS),
-                         help="quantize the linear layers while loading (weight-only; the output projection, "
-                              "embeddings and norms stay in --dtype)")
+                         help="quantize the linear layers while loading (weight-only; the output projection as "
+                              "--output-projection says; embeddings and norms stay in --dtype)")
     add_quantization_arguments(command)
     command.add_argument("--max-new-tokens", type=int, default=128)
     command.add_argument("--min-new-tokens", type=int, default=0)
@@ -315,6 +322,9 @@ def add_quantization_arguments(command):
                               "layer's input size")
     command.add_argument("--asymmetric", action="store_true",
                          help="int4: a zero point per group besides its scale (default: symmetric)")
+    command.add_argument("--output-projection", choices=sorted(OUTPUT_PROJECTION_BITS),
+                         help="the output projection (lm_head): int8, one scale per output channel (the default); "
+                              "int4, as the int4 blocks; dense, kept in --dtype")
 
 
 class Parser(argparse.ArgumentParser):
@@ -395,10 +405,9 @@ def parser() -> argparse.ArgumentParser:
     command.add_argument("--bits", type=int, choices=(4, 8), required=True,
                          help="8: int8, one scale per output channel; 4: int4 in groups along the input")
     add_quantization_arguments(command)
-    command.add_argument("--quantize-output", action="store_true",
-                         help="quantize the output projection too (default: kept in --dtype)")
     command.add_argument("--dtype", choices=sorted(DTYPES), default="bf16",
-                         help="dtype of the tensors not quantized: embeddings, norms, the output projection")
+                         help="dtype of the tensors not quantized: embeddings, norms (and a dense output "
+                              "projection)")
     command.add_argument("--overwrite", action="store_true",
                          help="replace a checkpoint already in DEST (only a DEST that holds nothing but config.json "
                               "and model*.safetensors files)")

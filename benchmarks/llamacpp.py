@@ -3,8 +3,10 @@ count, one sequence, a fixed prompt and greedy generation. For each precision pa
 
     Aquila bf16  vs llama.cpp BF16,   Aquila int8 (per channel)  vs Q8_0,   Aquila int4 (symmetric, g128)  vs Q4_0
 
-and transformers in bf16, it reports prompt processing tokens/s (the prompt's forward pass), generation tokens/s (the
-decoding steps that follow, each with its greedy pick), load seconds and peak resident memory. Every measurement runs
+(the quantized ones with the output projection in int8, Aquila's default, where a Q8_0 file holds it in Q8_0 and a
+Q4_0 file in Q6_K), and transformers in bf16, it reports prompt processing tokens/s (the prompt's forward pass),
+generation tokens/s (the decoding steps that follow, each with its greedy pick), load seconds and peak resident
+memory. Every measurement runs
 in a fresh process (so peak memory is that engine's alone and nothing is left cached in the process), in turns: one
 run is every engine once, so that a load on the shared host that comes and goes hits each alike; the ratios are taken
 within a run. Each process warms up first (a short prompt and a few steps: first-touch allocations, Aquila's one-off
@@ -89,6 +91,7 @@ def measure_aquila(checkpoint, precision, group_size, prompt, new_tokens, thread
     prompt_seconds, generate_seconds = run(prompt, new_tokens)
     native = native_decode.decoder(model, KVCache(model.config, 1, 1, dtype=torch.bfloat16))
     return {"load_s": load_seconds, "prompt_s": prompt_seconds, "generate_s": generate_seconds,
+            "quantization": None if quantize is None else quantize.describe(),
             "decode_path": "modules" if native is None else "native C++ step",
             "bf16_inputs": None if native is None else native.bf16_inputs,
             "int8_inputs": None if native is None else native.int8_inputs,

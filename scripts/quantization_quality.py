@@ -3,8 +3,8 @@
     python scripts/quantization_quality.py runs/demo --out benchmarks/results/quantization-quality-demo.json
 
 For the checkpoint (or a run directory: its latest checkpoint) loaded as fp32, bf16, int8 and int4 (symmetric and
-asymmetric, for each --group-size that divides every layer's input size), all computing in bf16 but the fp32
-reference:
+asymmetric, for each --group-size that divides every block layer's input size; the output projection in int8, and for
+int8 and symmetric int4 also kept in bf16), all computing in bf16 but the fp32 reference:
 - perplexity on the held-out split, the one the trainer validates on (by default the demo corpus's valid.jsonl.gz,
   tokenized as the trainer does, [BOS] + ids + [EOS] per document), read once whole in packed samples of --seq-len
   tokens whose documents attend only to themselves, as in training;
@@ -104,15 +104,18 @@ def agreement(reference: list[list[int]], tokens: list[list[int]]) -> dict:
 
 
 def variants(model_dims, group_sizes) -> tuple[dict, dict]:
-    """{name: (dtype, Quantization or None)} to measure, and {name: why not} for the group sizes a layer refuses."""
-    chosen = {"bf16": (torch.bfloat16, None), "fp32": (torch.float32, None), "int8": (torch.bfloat16, Quantization(8))}
+    """{name: (dtype, Quantization or None)} to measure, and {name: why not} for the group sizes a layer refuses. The
+    quantized variants hold the output projection in int8 (the default); the symmetric ones are measured again with
+    it kept in bf16 ("..., output bf16"), to show what quantizing it costs."""
+    chosen = {"bf16": (torch.bfloat16, None), "fp32": (torch.float32, None), "int8": (torch.bfloat16, Quantization(8)),
+              "int8, output bf16": (torch.bfloat16, Quantization(8, output_bits=None))}
     skipped = {}
     for group_size in group_sizes:
         misfit = next(((name, size) for name, size in model_dims if size % group_size), None)
-        for symmetric in (True, False):
-            name = f"int4 g{group_size} {'sym' if symmetric else 'asym'}"
+        for symmetric, output_bits in ((True, 8), (True, None), (False, 8)):
+            name = f"int4 g{group_size} {'sym' if symmetric else 'asym'}{'' if output_bits else ', output bf16'}"
             if misfit is None:
-                chosen[name] = (torch.bfloat16, Quantization(4, group_size, symmetric))
+                chosen[name] = (torch.bfloat16, Quantization(4, group_size, symmetric, output_bits))
             else:
                 skipped[name] = (f"layer {misfit[0]} has {misfit[1]} input features, not a multiple of {group_size}")
     return chosen, skipped
@@ -148,7 +151,7 @@ def main(argv=None):
         documents = [indexed[i][:args.seq_len].tolist() for i in range(min(args.step_documents, len(indexed)))]
 
         dense = load(checkpoint)
-        dims = [(name, layer.in_features) for name, layer in linears_to_quantize(dense)]
+        dims = [(name, layer.in_features) for name, layer in linears_to_quantize(dense, quantize_output=False)]
         config = dense.config
         del dense
         chosen, skipped = variants(dims, args.group_size)
@@ -208,15 +211,15 @@ def main(argv=None):
     for name, result in results.items():
         agree = result.get("top1_agreement_per_step_vs_bf16", {}).get("share")
         greedy_share = result.get("greedy_agreement_vs_bf16", {}).get("share")
-        print(f"{name:>15}: perplexity {result['perplexity']:.3f} ({result['perplexity_change_vs_bf16_percent']:+.2f}% "
+        print(f"{name:>26}: perplexity {result['perplexity']:.3f} ({result['perplexity_change_vs_bf16_percent']:+.2f}% "
               f"vs bf16), {result['weight_bytes'] / 2**20:.2f} MiB"
               + (f", greedy {greedy_share:.1%}, top-1 per step {agree:.1%}" if agree is not None else ""))
         for key in STEP_PERPLEXITY.values():
             if key in result:
-                print(f"{'':>15}  {key}: {result[key]['perplexity']:.3f} "
+                print(f"{'':>26}  {key}: {result[key]['perplexity']:.3f} "
                       f"({result[key]['change_vs_bf16_percent']:+.2f}% vs bf16's step)")
     for name, why in skipped.items():
-        print(f"{name:>15}: not measured ({why})")
+        print(f"{name:>26}: not measured ({why})")
 
 
 if __name__ == "__main__":

@@ -15,6 +15,7 @@ so loading keeps the source's rows; saving to the Hugging Face layout permutes i
 """
 
 import ctypes
+import dataclasses
 import functools
 import json
 import os
@@ -111,29 +112,38 @@ def config_to_hf(config: AquilaConfig) -> dict:
 # --- The quantized checkpoint format ----------------------------------------------------------------------------------
 
 # config.json's "quantization_config" names the format (quant_method) and its version: a loader refuses any other.
-# Every shard repeats them in its safetensors metadata, so that no shard is read as another kind.
+# Every shard repeats them in its safetensors metadata, so that no shard is read as another kind. Version 1 said
+# whether the output projection was quantized as the blocks (quantized_output); version 2 says how (output_bits: 8,
+# 4 or null). Both are read; version 2 is written.
 QUANT_METHOD = "aquila-weight-only"
-FORMAT_VERSION = 1
-QUANTIZATION_KEYS = ("quant_method", "format_version", "bits", "group_size", "symmetric", "quantized_output")
+FORMAT_VERSION = 2
+QUANTIZATION_KEYS = {1: ("quant_method", "format_version", "bits", "group_size", "symmetric", "quantized_output"),
+                     2: ("quant_method", "format_version", "bits", "group_size", "symmetric", "output_bits")}
 
 
 def quantization_config(spec: Quantization) -> dict:
     """config.json's "quantization_config" for a checkpoint quantized as spec."""
     return {"quant_method": QUANT_METHOD, "format_version": FORMAT_VERSION, "bits": spec.bits,
-            "group_size": spec.group_size, "symmetric": spec.symmetric, "quantized_output": not spec.keep_output}
+            "group_size": spec.group_size, "symmetric": spec.symmetric, "output_bits": spec.output_bits}
+
+
+def _metadata_strings(section: Optional[dict]) -> dict[str, str]:
+    """The safetensors metadata of each shard for a quantization_config section (strings only, as the format
+    wants)."""
+    if section is None:
+        return {"format": "pt"}
+    return {"format": "pt", **{key: json.dumps(value) if not isinstance(value, str) else value
+                               for key, value in section.items()}}
 
 
 def shard_metadata(spec: Optional[Quantization]) -> dict[str, str]:
-    """The safetensors metadata of each shard (strings only, as the format wants)."""
-    if spec is None:
-        return {"format": "pt"}
-    return {"format": "pt", **{key: json.dumps(value) if not isinstance(value, str) else value
-                               for key, value in quantization_config(spec).items()}}
+    """The safetensors metadata of each shard of a checkpoint quantized as spec (None: not quantized)."""
+    return _metadata_strings(None if spec is None else quantization_config(spec))
 
 
-def quantization_from_config(values: dict, path: str) -> Optional[Quantization]:
-    """How a checkpoint's config.json says it is quantized: None when it is not; a ValueError naming the file for a
-    format or version this code does not read, or a description that is incomplete or invalid."""
+def quantization_section(values: dict, path: str) -> Optional[dict]:
+    """config.json's quantization_config (None when the checkpoint is not quantized), checked: a ValueError naming the
+    file for a format or version this code does not read, or a description that is incomplete or invalid."""
     section = values.get("quantization_config")
     if section is None:
         return None
@@ -142,21 +152,38 @@ def quantization_from_config(values: dict, path: str) -> Optional[Quantization]:
     if section.get("quant_method") != QUANT_METHOD:
         raise ValueError(f"{path}: quantization_config's quant_method {section.get('quant_method')!r} is not a format "
                          f"aquila reads (it reads {QUANT_METHOD!r})")
-    if section.get("format_version") != FORMAT_VERSION:
-        raise ValueError(f"{path}: {QUANT_METHOD} format version {section.get('format_version')!r} is unknown; this "
-                         f"aquila reads version {FORMAT_VERSION}")
-    unknown = sorted(set(section) - set(QUANTIZATION_KEYS))
-    missing = [key for key in QUANTIZATION_KEYS if key not in section]
+    version = section.get("format_version")
+    if isinstance(version, bool) or version not in QUANTIZATION_KEYS:
+        raise ValueError(f"{path}: {QUANT_METHOD} format version {version!r} is unknown; this aquila reads versions "
+                         f"{' and '.join(map(str, QUANTIZATION_KEYS))}")
+    keys = QUANTIZATION_KEYS[version]
+    unknown = sorted(set(section) - set(keys))
+    missing = [key for key in keys if key not in section]
     if unknown or missing:
-        raise ValueError(f"{path}: quantization_config has unknown keys {unknown} and lacks {missing}; it takes "
-                         f"{list(QUANTIZATION_KEYS)}")
-    if not isinstance(section["quantized_output"], bool):
+        raise ValueError(f"{path}: quantization_config has unknown keys {unknown} and lacks {missing}; version "
+                         f"{version} takes {list(keys)}")
+    if version == 1 and not isinstance(section["quantized_output"], bool):
         raise ValueError(f"{path}: quantization_config's quantized_output must be a bool")
+    _spec_of_section(section, path)
+    return section
+
+
+def _spec_of_section(section: dict, path: str) -> Quantization:
+    if section["format_version"] == 1:
+        output_bits = section["bits"] if section["quantized_output"] else None
+    else:
+        output_bits = section["output_bits"]
     try:
-        return Quantization(section["bits"], section["group_size"], section["symmetric"],
-                            keep_output=not section["quantized_output"])
+        return Quantization(section["bits"], section["group_size"], section["symmetric"], output_bits)
     except ValueError as error:
         raise ValueError(f"{path}: quantization_config: {error}") from None
+
+
+def quantization_from_config(values: dict, path: str) -> Optional[Quantization]:
+    """How a checkpoint's config.json says it is quantized: None when it is not; a ValueError naming the file as
+    quantization_section's."""
+    section = quantization_section(values, path)
+    return None if section is None else _spec_of_section(section, path)
 
 
 def checkpoint_quantization(directory: str) -> Optional[Quantization]:
@@ -165,19 +192,21 @@ def checkpoint_quantization(directory: str) -> Optional[Quantization]:
     return quantization_from_config(read_json(path), path)
 
 
-def _check_shard_metadata(metadata: dict, spec: Optional[Quantization], path: str) -> None:
-    """Refuses a shard whose metadata describes another quantization than config.json (or none where it has one)."""
-    expected = shard_metadata(spec)
-    if spec is None:
+def _check_shard_metadata(metadata: dict, section: Optional[dict], path: str) -> None:
+    """Refuses a shard whose metadata describes another quantization than config.json's section (or none where it
+    has one)."""
+    if section is None:
         if "quant_method" in metadata:
             raise ValueError(f"{path}: the shard is quantized ({metadata['quant_method']}) but config.json has no "
                              "quantization_config")
         return
-    if metadata.get("quant_method") != QUANT_METHOD or metadata.get("format_version") != str(FORMAT_VERSION):
+    expected = _metadata_strings(section)
+    if metadata.get("quant_method") != expected["quant_method"] or (metadata.get("format_version")
+                                                                     != expected["format_version"]):
         raise ValueError(f"{path}: the shard's metadata names format {metadata.get('quant_method')!r} version "
                          f"{metadata.get('format_version')!r}; config.json says {QUANT_METHOD!r} version "
-                         f"{FORMAT_VERSION}")
-    different = [key for key in QUANTIZATION_KEYS if metadata.get(key) != expected[key]]
+                         f"{section['format_version']}")
+    different = [key for key in section if metadata.get(key) != expected[key]]
     if different:
         raise ValueError(f"{path}: the shard's metadata differs from config.json's quantization_config in "
                          f"{', '.join(different)}")
@@ -246,9 +275,9 @@ def _safetensors_rows(path: str, name: str) -> Callable[[int, int], Tensor]:
     return rows
 
 
-def _hf_tensors(directory: str, quantization: Optional[Quantization]) -> Iterator[Stored]:
-    """The tensors of model.safetensors or of the shards of its index, each shard's metadata checked against the
-    quantization config.json describes."""
+def _hf_tensors(directory: str, quantization: Optional[dict]) -> Iterator[Stored]:
+    """The tensors of model.safetensors or of the shards of its index, each shard's metadata checked against
+    config.json's quantization_config (quantization_section's; None: not quantized)."""
     from safetensors import SafetensorError, safe_open
 
     for path in _safetensors_files(directory):
@@ -350,16 +379,17 @@ def _release_freed_heap() -> None:
         trim(0)
 
 
-def _read_quantizing(stored: Stored, spec: Quantization, device) -> dict[str, Tensor]:
-    """A weight [out, in] quantized chunk by chunk of rows (each row is quantized on its own): {buffer: tensor}."""
+def _read_quantizing(stored: Stored, layer: QuantizedLinear, device) -> dict[str, Tensor]:
+    """A weight [out, in] quantized as `layer` is, chunk by chunk of rows (each row is quantized on its own):
+    {buffer: tensor}."""
     if stored.dtype is None or not stored.dtype.is_floating_point:
         raise ValueError(f"load: {stored.path}: tensor {stored.name!r} is {stored.dtype or 'of a dtype torch lacks'}, "
                          "not floating point")
-    shapes = quantized_shapes(*stored.shape, spec.bits, spec.group_size, spec.symmetric)
+    layout = (layer.bits, layer.group_size, layer.symmetric)
+    shapes = quantized_shapes(*stored.shape, *layout)
     out = {buffer: torch.empty(shape, dtype=dtype, device=device) for buffer, (dtype, shape) in shapes.items()}
     for start, stop in _row_chunks(stored.shape):
-        chunk = quantize_tensor(stored.rows(start, stop), spec.bits, spec.group_size, spec.symmetric,
-                                name=f"{stored.path}: tensor {stored.name!r}")
+        chunk = quantize_tensor(stored.rows(start, stop), *layout, name=f"{stored.path}: tensor {stored.name!r}")
         for buffer, tensor in out.items():
             tensor[start:stop].copy_(getattr(chunk, buffer))
     return out
@@ -409,7 +439,7 @@ def _targets(model: Aquila, quantized_checkpoint: bool) -> dict[str, _Target]:
 
 
 def _assign(model: Aquila, tensors: Iterator[Stored], rename: dict, dtype, device, source: str,
-            spec: Optional[Quantization], quantized_checkpoint: bool):
+            quantized_checkpoint: bool):
     targets = _targets(model, quantized_checkpoint)
     seen = set()
     unexpected = []
@@ -427,7 +457,7 @@ def _assign(model: Aquila, tensors: Iterator[Stored], rename: dict, dtype, devic
         if isinstance(target.module, QuantizedLinear) and quantized_checkpoint:
             setattr(target.module, target.attribute, _read_quantized(stored, target.expected, device))
         elif isinstance(target.module, QuantizedLinear):
-            for buffer, tensor in _read_quantizing(stored, spec, device).items():
+            for buffer, tensor in _read_quantizing(stored, target.module, device).items():
                 setattr(target.module, buffer, tensor)
             _release_freed_heap()
         else:
@@ -454,7 +484,8 @@ def load(directory: str, dtype: torch.dtype = torch.float32, device="cpu", backe
     path = os.path.join(directory, "config.json")
     values = read_json(path)
     hf = "hidden_size" in values
-    stored_spec = quantization_from_config(values, path) if hf else None
+    section = quantization_section(values, path) if hf else None
+    stored_spec = None if section is None else _spec_of_section(section, path)
     try:
         config = config_from_hf(values) if hf else AquilaConfig.from_dict(
             {"rope_interleaved": True, **{k: v for k, v in values.items() if k != "checkpoint_activations"}})
@@ -462,24 +493,23 @@ def load(directory: str, dtype: torch.dtype = torch.float32, device="cpu", backe
         raise ValueError(f"{path}: missing the key {error.args[0]!r}") from None
     except (ValueError, TypeError) as error:
         raise ValueError(f"{path}: {error}") from None
+    if quantize is not None and config.tie_embeddings:
+        quantize = dataclasses.replace(quantize, output_bits=None)  # an output tied to the embeddings stays dense
     if stored_spec is not None and quantize is not None and quantize != stored_spec:
-        raise ValueError(f"load: {directory} holds a checkpoint quantized as {stored_spec.describe()} (output "
-                         f"{'kept' if stored_spec.keep_output else 'quantized'}); it cannot be loaded as "
-                         f"{quantize.describe()} (output {'kept' if quantize.keep_output else 'quantized'}): "
-                         "quantize the original weights instead")
+        raise ValueError(f"load: {directory} holds a checkpoint quantized as {stored_spec.describe()}; it cannot be "
+                         f"loaded as {quantize.describe()}: quantize the original weights instead")
     spec = stored_spec or quantize
     with torch.device("meta"):
         model = Aquila(config, backend=backend)
     if spec is not None:
-        quantize_model(model, spec.bits, spec.group_size, spec.symmetric, spec.keep_output)
+        quantize_model(model, spec.bits, spec.group_size, spec.symmetric, spec.output_bits)
     names = list(_targets(model, stored_spec is not None))
     if hf:
-        _assign(model, _hf_tensors(directory, stored_spec), {hf_name(n): n for n in names}, dtype, device,
-                "quantized Hugging Face checkpoint" if stored_spec else "Hugging Face checkpoint", spec,
+        _assign(model, _hf_tensors(directory, section), {hf_name(n): n for n in names}, dtype, device,
+                "quantized Hugging Face checkpoint" if stored_spec else "Hugging Face checkpoint",
                 stored_spec is not None)
     else:
-        _assign(model, _flagai_tensors(directory), {n: n for n in names}, dtype, device, "FlagAI checkpoint", spec,
-                False)
+        _assign(model, _flagai_tensors(directory), {n: n for n in names}, dtype, device, "FlagAI checkpoint", False)
     return model
 
 

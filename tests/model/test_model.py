@@ -243,7 +243,7 @@ def test_steps_with_bf16_inputs_are_tuned_apart(tuning):
     assert saved[native_decode.tuning_key(model, True)]["prefetch_bytes"] == rounded.prefetch[0]
     from aquila.model.quantize import quantize_model
 
-    quantized = quantize_model(Aquila(TINY).eval(), 4, 16, True, True).to(torch.bfloat16)
+    quantized = quantize_model(Aquila(TINY).eval(), 4, 16).to(torch.bfloat16)
     assert native_decode.tuning_key(quantized, True) == native_decode.host_key() + " | int4"
     assert native_decode.tuning_key(quantized, True, True) == native_decode.host_key() + " | int4, int8 inputs"
 
@@ -254,7 +254,7 @@ def test_steps_with_int8_inputs_are_tuned_apart(tuning):
     from aquila.model.quantize import quantize_model
 
     path, _ = tuning
-    model = quantize_model(Aquila(TINY).eval(), 8, None, True, True)
+    model = quantize_model(Aquila(TINY).eval(), 8)
     fp32_inputs = native_decode.decoder(model, KVCache(TINY, 1, 8), int8_inputs=False)
     int8_inputs = native_decode.decoder(model, KVCache(TINY, 1, 8), int8_inputs=True)
     assert fp32_inputs.prefetch[1] == int8_inputs.prefetch[1] == "tuned"

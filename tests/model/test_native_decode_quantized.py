@@ -39,11 +39,17 @@ ODD = AquilaConfig(dim=36, n_layers=2, n_heads=3, n_kv_heads=1, ffn_dim=50, voca
 KINDS = {"int8": (WIDE, 8, None, True), "int4-g128-sym": (WIDE, 4, 128, True), "int4-g64-asym": (WIDE, 4, 64, False),
          "int4-g32-sym": (WIDE, 4, 32, True), "int4-g16-asym": (TINY, 4, 16, False), "int8-odd": (ODD, 8, None, True),
          "int4-g2-sym-odd": (ODD, 4, 2, True)}
+# The output projection's forms: output_bits given the blocks' bits.
+OUTPUTS = {"dense-output": lambda bits: None, "output-as-blocks": lambda bits: bits, "int8-output": lambda bits: 8}
+# Each kind with each form of output projection (an int8 one differs from the blocks' for int4 kinds only).
+KINDS_AND_OUTPUTS = [(kind, output) for kind, (_, bits, _, _) in KINDS.items() for output in OUTPUTS
+                     if not (output == "int8-output" and bits == 8)]
 # Kinds only the int8_inputs tests take (asymmetric groups that the vpdpbusd loops take).
 INT8_INPUT_ONLY_KINDS = {"int4-g128-asym": (WIDE, 4, 128, False)}
 
 
-def quantized_model(kind, keep_output, dtype):
+def quantized_model(kind, output, dtype):
+    """The model of KINDS[kind] quantized, its output projection as OUTPUTS[output] says, in dtype."""
     config, bits, group_size, symmetric = {**KINDS, **INT8_INPUT_ONLY_KINDS}[kind]
     torch.manual_seed(0)
     model = Aquila(config).eval()
@@ -51,7 +57,7 @@ def quantized_model(kind, keep_output, dtype):
         for name, p in model.named_parameters():
             if "norm" in name:
                 p.uniform_(0.5, 1.5)
-    return quantize_model(model, bits, group_size, symmetric, keep_output).to(dtype)
+    return quantize_model(model, bits, group_size, symmetric, OUTPUTS[output](bits)).to(dtype)
 
 
 def dense_float64(linear):
@@ -148,10 +154,10 @@ def held_in(cache, lengths):
     return lambda index, k, v: (cache.k[index, rows, lengths].double(), cache.v[index, rows, lengths].double())
 
 
-def check_steps(kind, keep_output, dtype, batch, steps=3):
-    model = quantized_model(kind, keep_output, dtype)
+def check_steps(kind, output, dtype, batch, steps=3):
+    model = quantized_model(kind, output, dtype)
     assert any(isinstance(m, QuantizedLinear) for m in model.modules())
-    assert isinstance(model.output, QuantizedLinear) != keep_output
+    assert isinstance(model.output, QuantizedLinear) == (output != "dense-output")
     native_cache, module_cache, (k64, v64) = prefilled_caches(model, batch, dtype)
     step = native_decode.decoder(model, native_cache, bf16_inputs=False, int8_inputs=False)
     assert step is not None, "the native step should take this model"
@@ -177,10 +183,9 @@ def check_steps(kind, keep_output, dtype, batch, steps=3):
 
 @pytest.mark.parametrize("batch", [1, 3, 5], ids=["batch1", "batch3", "batch5"])
 @pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16], ids=["fp32", "bf16"])
-@pytest.mark.parametrize("keep_output", [True, False], ids=["dense-output", "quantized-output"])
-@pytest.mark.parametrize("kind", list(KINDS))
-def test_native_step_on_quantized_weights_matches_float64(kind, keep_output, dtype, batch):
-    check_steps(kind, keep_output, dtype, batch)
+@pytest.mark.parametrize("kind, output", KINDS_AND_OUTPUTS)
+def test_native_step_on_quantized_weights_matches_float64(kind, output, dtype, batch):
+    check_steps(kind, output, dtype, batch)
 
 
 @pytest.mark.parametrize("isa", ["avx2", "baseline"])
@@ -191,7 +196,7 @@ def test_native_step_on_quantized_weights_on_narrower_isas(isa):
     command = [sys.executable, "-m", "pytest", "-q", "-p", "no:cacheprovider", tests, "-k", "batch5"]
     result = subprocess.run(command, env={**os.environ, "AQUILA_CPU_ISA": isa}, capture_output=True, text=True,
                             timeout=600)
-    count = len(KINDS) * 2 * 2
+    count = len(KINDS_AND_OUTPUTS) * 2
     assert result.returncode == 0 and f"{count} passed" in result.stdout, result.stdout + result.stderr
 
 
@@ -202,7 +207,7 @@ BF16_CONFIGS = {"wide": WIDE, "tiny": TINY, "odd": ODD}
 def bf16_model(name):
     """A dense bf16 model of BF16_CONFIGS[name], or the quantized model `name` (bf16, its output projection dense)."""
     if name not in BF16_CONFIGS:
-        return quantized_model(name, True, torch.bfloat16)
+        return quantized_model(name, "dense-output", torch.bfloat16)
     torch.manual_seed(0)
     model = Aquila(BF16_CONFIGS[name]).eval()
     with torch.no_grad():
@@ -273,7 +278,25 @@ def test_int8_inputs_round_each_quantized_projection_input(kind, dtype):
     """int8_inputs=True: each quantized projection multiplies its input rounded to int8 in blocks of 32
     (round_inputs_to_int8; dense ones, here the output projection, keep fp32 inputs), at batch 1, 3 and 5 (the loops
     read each row for up to 4 inputs); checked as check_rounded_inputs says."""
-    model = quantized_model(kind, True, dtype)
+    model = quantized_model(kind, "dense-output", dtype)
+
+    def make_step(cache):
+        step = native_decode.decoder(model, cache, bf16_inputs=False, int8_inputs=True)
+        assert step is not None and step.int8_inputs
+        return step
+    check_rounded_inputs(model, (1, 3, 5), make_step, {"int8_inputs": True})
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16], ids=["fp32", "bf16"])
+@pytest.mark.parametrize("config", ["wide", "odd"])
+def test_int8_inputs_round_an_int8_output_projections_input(config, dtype):
+    """An int8 output projection (quantize_model's default, here under dense blocks) takes its input rounded to int8
+    too: on the vpdpbusd loops at dim 128, on the fp32 kernels at dim 36. Its blocks are dense so that it is the only
+    projection that rounds: where quantized blocks round too, a rounding tie met in a block (which check_rounded_inputs
+    allows for) moves the output projection's input, and at these small widths that can move the rounding of one of
+    its elements, a step as large as all the rounding at once."""
+    model = bf16_model(config).float() if dtype == torch.float32 else bf16_model(config)
+    model.output = QuantizedLinear.from_weight(model.output.weight.float(), 8)
 
     def make_step(cache):
         step = native_decode.decoder(model, cache, bf16_inputs=False, int8_inputs=True)
@@ -286,17 +309,18 @@ def test_int8_inputs_round_each_quantized_projection_input(kind, dtype):
 def test_int8_inputs_on_narrower_isas(isa):
     """Without VNNI (forced here by capping the ISA below AVX-512, in a fresh process) the rounded inputs feed the fp32
     kernels: the same comparisons."""
-    tests = f"{__file__}::test_int8_inputs_round_each_quantized_projection_input"
-    command = [sys.executable, "-m", "pytest", "-q", "-p", "no:cacheprovider", tests]
+    tests = [f"{__file__}::test_int8_inputs_round_each_quantized_projection_input",
+             f"{__file__}::test_int8_inputs_round_an_int8_output_projections_input"]
+    command = [sys.executable, "-m", "pytest", "-q", "-p", "no:cacheprovider", *tests]
     result = subprocess.run(command, env={**os.environ, "AQUILA_CPU_ISA": isa}, capture_output=True, text=True,
                             timeout=600)
-    assert result.returncode == 0 and f"{2 * len(INT8_INPUT_KINDS)} passed" in result.stdout, (result.stdout
+    assert result.returncode == 0 and f"{2 * len(INT8_INPUT_KINDS) + 4} passed" in result.stdout, (result.stdout
                                                                                                + result.stderr)
 
 
 def test_int8_inputs_carry_a_nan_to_the_logits():
     """A block holding a NaN has no scale: its products are NaN, as fp32 inputs would make them, not a silent number."""
-    model = quantized_model("int8", True, torch.float32)
+    model = quantized_model("int8", "dense-output", torch.float32)
     with torch.no_grad():
         model.tok_embeddings.weight[5, 3] = float("nan")
     cache = KVCache(model.config, 2, 8)
@@ -305,10 +329,10 @@ def test_int8_inputs_carry_a_nan_to_the_logits():
 
 
 def test_int8_inputs_default_to_bf16_steps_where_the_cpu_multiplies_bytes():
-    model = quantized_model("int4-g128-sym", True, torch.bfloat16)
+    model = quantized_model("int4-g128-sym", "dense-output", torch.bfloat16)
     step = native_decode.decoder(model, KVCache(model.config, 1, 8, dtype=torch.bfloat16))
     assert step.int8_inputs == _backend.cpu_extension.cpu_vnni()
-    fp32 = quantized_model("int8", True, torch.float32)
+    fp32 = quantized_model("int8", "dense-output", torch.float32)
     assert not native_decode.decoder(fp32, KVCache(fp32.config, 1, 8)).int8_inputs
     assert native_decode.decoder(fp32, KVCache(fp32.config, 1, 8), int8_inputs=True).int8_inputs
     dense = bf16_model("tiny")
@@ -320,7 +344,7 @@ def test_int8_inputs_default_to_bf16_steps_where_the_cpu_multiplies_bytes():
 def test_the_environment_sets_int8_inputs_for_every_step(monkeypatch):
     """AQUILA_DECODE_INT8_INPUTS: for the steps generate() makes; an argument still wins; a dense model is unaffected;
     another value is refused by name."""
-    model = quantized_model("int8", True, torch.bfloat16)
+    model = quantized_model("int8", "dense-output", torch.bfloat16)
     dense = bf16_model("tiny")
     for value in ("0", "1"):
         monkeypatch.setenv(native_decode.INT8_INPUTS_ENV, value)
@@ -337,7 +361,7 @@ def test_bf16_inputs_default_to_where_the_cpu_multiplies_bf16_pairs():
     bf16 = bf16_model("tiny")
     assert native_decode.decoder(bf16, KVCache(bf16.config, 1, 8, dtype=torch.bfloat16)).bf16_inputs == (
         _backend.cpu_extension.cpu_isa() == "avx512_bf16")
-    fp32 = quantized_model("int8", True, torch.float32)
+    fp32 = quantized_model("int8", "dense-output", torch.float32)
     assert not native_decode.decoder(fp32, KVCache(fp32.config, 1, 8)).bf16_inputs
     with pytest.raises(ValueError, match="bf16_inputs=True takes a bf16 model"):
         native_decode.decoder(fp32, KVCache(fp32.config, 1, 8), bf16_inputs=True)
@@ -350,7 +374,10 @@ def test_bf16_inputs_default_to_where_the_cpu_multiplies_bf16_pairs():
 def test_every_prefetch_distance_gives_the_same_logits(dtype):
     """A prefetch only moves data into cache: rows prefetched at each distance give bit-identical logits (quantized
     rows; dense bf16 ones with bf16 inputs, on vdpbf16ps where the CPU has it)."""
-    model = quantized_model("int4-g64-asym", False, dtype) if dtype == torch.float32 else bf16_model("wide")
+    if dtype == torch.float32:
+        model = quantized_model("int4-g64-asym", "output-as-blocks", dtype)
+    else:
+        model = bf16_model("wide")
     outcomes = []
     for distance in (0, *native_decode.PREFETCH_CANDIDATES, 1 << 20):
         cache = KVCache(model.config, 2, 8, dtype=dtype)
@@ -363,7 +390,7 @@ def test_every_prefetch_distance_gives_the_same_logits(dtype):
 def test_a_replaced_quantized_buffer_stops_the_step():
     """A QuantizedLinear's buffers are replaced whole (loading, a cast of the scales): a step made before refuses to
     run on them."""
-    model = quantized_model("int8", True, torch.float32)
+    model = quantized_model("int8", "dense-output", torch.float32)
     cache = KVCache(model.config, 1, 8)
     step = model.decoder(cache)
     step(torch.tensor([[1]]))
@@ -375,7 +402,7 @@ def test_a_replaced_quantized_buffer_stops_the_step():
 
 def test_fp16_quantized_models_decode_through_the_modules():
     """The step takes fp32 and bf16 only: an fp16 model with quantized linears keeps the module path."""
-    model = quantized_model("int8", True, torch.float16)
+    model = quantized_model("int8", "dense-output", torch.float16)
     cache = KVCache(model.config, 1, 8, dtype=torch.float16)
     assert model._native_decoder(cache) is None
     with torch.no_grad():
@@ -400,7 +427,7 @@ def step_arguments(model, cache):
     (dict(weight=0), r"layers\[1\]\.wq: weight is null"),
 ])
 def test_the_step_refuses_a_bad_linear_by_name(change, words):
-    model = quantized_model("int4-g32-sym", True, torch.float32)
+    model = quantized_model("int4-g32-sym", "dense-output", torch.float32)
     arguments, keep_alive = step_arguments(model, KVCache(model.config, 1, 8))
     arguments["layers"][1]["wq"].update(change)
     with pytest.raises(ValueError, match=words):

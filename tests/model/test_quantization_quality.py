@@ -49,7 +49,7 @@ def test_step_perplexity_with_int8_inputs_differs_by_the_rounding():
     """int8 inputs move the quantized model's loss, by little: the rounding is measured, not hidden."""
     script = load_script("quantization_quality")
     torch.manual_seed(0)
-    model = quantize_model(Aquila(CONFIG).eval(), 8, None, True, True)
+    model = quantize_model(Aquila(CONFIG).eval(), 8)
     docs = documents()
     fp32_inputs = script.step_perplexity(model, docs, int8_inputs=False)
     int8_inputs = script.step_perplexity(model, docs, int8_inputs=True)

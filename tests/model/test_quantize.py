@@ -252,37 +252,86 @@ LINEARS = {"attention.wq", "attention.wk", "attention.wv", "attention.wo", "feed
            "feed_forward.w3"}
 
 
-@pytest.mark.parametrize("keep_output", [True, False])
-def test_quantize_model_replaces_every_block_linear_and_the_output_on_request(keep_output):
+OUTPUT_FORMS = {8: (8, None, True), 4: (4, 16, False), None: None}  # output_bits: the output's (bits, group, sym)
+
+
+@pytest.mark.parametrize("output_bits", [8, 4, None], ids=["int8-output", "int4-output", "dense-output"])
+def test_quantize_model_replaces_every_block_linear_and_the_output_as_asked(output_bits):
     model = tiny_model()
-    quantize_model(model, 4, 16, symmetric=False, keep_output=keep_output)
+    quantize_model(model, 4, 16, symmetric=False, output_bits=output_bits)
     quantized = {name for name, m in model.named_modules() if isinstance(m, QuantizedLinear)}
-    expected = {f"layers.{i}.{linear}" for i in range(2) for linear in LINEARS} | (set() if keep_output else
+    expected = {f"layers.{i}.{linear}" for i in range(2) for linear in LINEARS} | (set() if output_bits is None else
                                                                                      {"output"})
     assert quantized == expected
     assert not any(isinstance(m, torch.nn.Linear) for name, m in model.named_modules() if name in expected)
+    assert all((m.bits, m.group_size, m.symmetric) == (4, 16, False) for name, m in model.named_modules()
+               if name in expected and name != "output")
+    if output_bits is not None:
+        assert (model.output.bits, model.output.group_size, model.output.symmetric) == OUTPUT_FORMS[output_bits]
     assert isinstance(model.tok_embeddings, torch.nn.Embedding)
-    assert quantization_of(model) == Quantization(4, 16, symmetric=False, keep_output=keep_output)
+    assert quantization_of(model) == Quantization(4, 16, symmetric=False, output_bits=output_bits)
+
+
+def test_the_output_projection_is_int8_by_default():
+    spec = Quantization(4)
+    assert (spec.output_bits, spec.output_layout(), spec.describe()) == (8, (8, None, True),
+                                                                         "int4 g128 sym, output int8")
+    assert Quantization(8).describe() == "int8, output int8"
+    assert Quantization(8, output_bits=None).describe() == "int8, output dense"
+    assert Quantization(4, 32, False, output_bits=4).describe() == "int4 g32 asym, output int4"
+    assert Quantization(4, 64, False, output_bits=4).output_layout() == (4, 64, False)
+    model = quantize_model(tiny_model(), 8)
+    assert (model.output.bits, quantization_of(model)) == (8, Quantization(8))
+
+
+@pytest.mark.parametrize("spec, message", [
+    (lambda: Quantization(8, output_bits=4), r"^Quantization: output_bits=4 quantizes the output projection as the "
+                                             r"int4 blocks; int8 blocks take output_bits 8 or None$"),
+    (lambda: Quantization(4, output_bits=2), r"^Quantization: output_bits must be 8, 4 or None \(kept in the model's "
+                                             r"dtype\), got 2$"),
+    (lambda: Quantization(4, output_bits=True), r"output_bits must be 8, 4 or None .*got True$"),
+    (lambda: Quantization(4, symmetric=1), r"^Quantization: symmetric must be a bool, got 1$"),
+])
+def test_bad_output_projection_forms_are_refused_by_name(spec, message):
+    with pytest.raises(ValueError, match=message):
+        spec()
+
+
+def test_quantization_of_refuses_an_output_it_cannot_describe():
+    model = quantize_model(tiny_model(), 4, 16, output_bits=None)
+    model.output = QuantizedLinear.from_weight(torch.randn(97, 64), 4, 32)  # int4, but not as the blocks
+    with pytest.raises(ValueError, match=r"output projection is quantized as \(4, 32, True\), which is neither int8 "
+                                         r"nor its blocks' \(4, 16, True\)"):
+        quantization_of(model)
+    dense_blocks = tiny_model()
+    dense_blocks.output = QuantizedLinear.from_weight(torch.randn(97, 64), 8)
+    with pytest.raises(ValueError, match=r"output projection is quantized but none of its blocks' linears is"):
+        quantization_of(dense_blocks)
 
 
 def test_a_tied_output_stays_with_the_embeddings():
     model = tiny_model(tie_embeddings=True)
-    assert [name for name, _ in linears_to_quantize(model, keep_output=False)] == [
+    assert [name for name, _ in linears_to_quantize(model, quantize_output=True)] == [
         f"layers.{i}.{linear}" for i in range(2) for linear in
         ("attention.wq", "attention.wk", "attention.wv", "attention.wo", "feed_forward.w1", "feed_forward.w2",
          "feed_forward.w3")]
-    quantize_model(model, 8, keep_output=False)
+    quantize_model(model, 8)
     assert model.output.weight is model.tok_embeddings.weight
+    assert quantization_of(model) == Quantization(8, output_bits=None)
 
 
-@pytest.mark.parametrize("spec, bound", [(Quantization(8), 0.01), (Quantization(4, 16), 0.15),
-                                         (Quantization(4, 16, symmetric=False, keep_output=False), 0.15)],
-                         ids=["int8", "int4-g16-sym", "int4-g16-asym-output"])
+# bound: the logits' distance from the unquantized model's, relative. Int8 rounds each weight by up to absmax / 254,
+# about 0.6% of a row's norm at these widths; an int8 output projection puts its share straight into the logits.
+@pytest.mark.parametrize("spec, bound", [(Quantization(8, output_bits=None), 0.01), (Quantization(8), 0.02),
+                                         (Quantization(4, 16, output_bits=None), 0.15), (Quantization(4, 16), 0.15),
+                                         (Quantization(4, 16, symmetric=False, output_bits=4), 0.15)],
+                         ids=["int8-dense-output", "int8", "int4-g16-sym-dense-output", "int4-g16-sym",
+                              "int4-g16-asym-int4-output"])
 def test_a_quantized_model_computes_its_dequantized_weights(spec, bound):
     """Logits and loss equal those of a dense model holding the dequantized weights; they stay near the original
     model's."""
     original = tiny_model()
-    model = quantize_model(tiny_model(), spec.bits, spec.group_size, spec.symmetric, spec.keep_output)
+    model = quantize_model(tiny_model(), spec.bits, spec.group_size, spec.symmetric, spec.output_bits)
     dense = tiny_model()
     with torch.no_grad():
         for name, module in model.named_modules():

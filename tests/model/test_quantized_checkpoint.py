@@ -58,23 +58,25 @@ def same_buffers(a, b):
         assert tensor.dtype == named_b[name].dtype and torch.equal(tensor, named_b[name]), name
 
 
-@pytest.mark.parametrize("spec", [Quantization(8), Quantization(4, 16), Quantization(4, 32, symmetric=False),
-                                  Quantization(4, 16, keep_output=False)],
-                         ids=["int8", "int4-g16-sym", "int4-g32-asym", "int4-g16-output"])
+@pytest.mark.parametrize("spec", [Quantization(8), Quantization(8, output_bits=None), Quantization(4, 16),
+                                  Quantization(4, 32, symmetric=False), Quantization(4, 16, output_bits=4),
+                                  Quantization(4, 32, symmetric=False, output_bits=None)],
+                         ids=["int8", "int8-dense-output", "int4-g16-sym", "int4-g32-asym", "int4-g16-int4-output",
+                              "int4-g32-asym-dense-output"])
 def test_the_format_holds_what_docs_model_md_says(tmp_path, spec):
     quantized = quantize_model(model().to(torch.bfloat16), spec.bits, spec.group_size, spec.symmetric,
-                               spec.keep_output)
+                               spec.output_bits)
     save_hf(quantized, str(tmp_path / "q"), max_shard_bytes=30_000)
     values = json.loads((tmp_path / "q" / "config.json").read_text())
     assert values["quantization_config"] == {
-        "quant_method": "aquila-weight-only", "format_version": 1, "bits": spec.bits, "group_size": spec.group_size,
-        "symmetric": spec.symmetric, "quantized_output": not spec.keep_output}
+        "quant_method": "aquila-weight-only", "format_version": 2, "bits": spec.bits, "group_size": spec.group_size,
+        "symmetric": spec.symmetric, "output_bits": spec.output_bits}
     tensors, metadata = stored_tensors(tmp_path / "q")
     assert len(metadata) > 1 and (tmp_path / "q" / "model.safetensors.index.json").exists()
     for shard in metadata:
-        assert shard == {"format": "pt", "quant_method": "aquila-weight-only", "format_version": "1",
+        assert shard == {"format": "pt", "quant_method": "aquila-weight-only", "format_version": "2",
                          "bits": str(spec.bits), "group_size": json.dumps(spec.group_size),
-                         "symmetric": json.dumps(spec.symmetric), "quantized_output": json.dumps(not spec.keep_output)}
+                         "symmetric": json.dumps(spec.symmetric), "output_bits": json.dumps(spec.output_bits)}
     expected = {"model.embed_tokens.weight": ("BF16", (97, 64)), "model.norm.weight": ("BF16", (64,))}
     shapes = {"self_attn.q_proj": (64, 64), "self_attn.k_proj": (32, 64), "self_attn.v_proj": (32, 64),
               "self_attn.o_proj": (64, 64), "mlp.gate_proj": (192, 64), "mlp.up_proj": (192, 64),
@@ -85,9 +87,10 @@ def test_the_format_holds_what_docs_model_md_says(tmp_path, spec):
         expected[f"model.layers.{i}.input_layernorm.weight"] = ("BF16", (64,))
         expected[f"model.layers.{i}.post_attention_layernorm.weight"] = ("BF16", (64,))
     for prefix, (rows, columns) in linears.items():
-        if prefix == "lm_head" and spec.keep_output:
+        bits = spec.output_bits if prefix == "lm_head" else spec.bits
+        if bits is None:
             expected["lm_head.weight"] = ("BF16", (rows, columns))
-        elif spec.bits == 8:
+        elif bits == 8:
             expected[f"{prefix}.qweight"] = ("I8", (rows, columns))
             expected[f"{prefix}.scales"] = ("F32", (rows,))
         else:
@@ -104,14 +107,15 @@ def test_the_format_holds_what_docs_model_md_says(tmp_path, spec):
         assert torch.equal(loaded(tokens), quantized(tokens))
 
 
-@pytest.mark.parametrize("spec", [Quantization(8), Quantization(4, 16, symmetric=False, keep_output=False)],
-                         ids=["int8", "int4-g16-asym-output"])
+@pytest.mark.parametrize("spec", [Quantization(8), Quantization(4, 16, symmetric=False),
+                                  Quantization(4, 16, symmetric=False, output_bits=4)],
+                         ids=["int8", "int4-g16-asym", "int4-g16-asym-int4-output"])
 def test_quantizing_while_loading_equals_quantizing_the_loaded_model(dense, monkeypatch, spec):
     """Chunks of a few rows (each row is quantized on its own) give what quantizing whole tensors gives."""
     monkeypatch.setattr(checkpoint_module, "CHUNK_ELEMENTS", 1000)
     streamed = load(dense, dtype=torch.bfloat16, quantize=spec)
     whole = quantize_model(load(dense, dtype=torch.bfloat16), spec.bits, spec.group_size, spec.symmetric,
-                           spec.keep_output)
+                           spec.output_bits)
     same_buffers(streamed, whole)
     # The kept tensors are converted to the dtype asked for.
     as_fp32 = load(dense, quantize=spec)
@@ -200,26 +204,34 @@ def test_a_broken_quantized_checkpoint_is_refused_naming_the_file_and_tensor(qua
     with pytest.raises(ValueError, match=rf"missing \[\], unexpected \['{name}.weight'\]"):
         load(str(quantized))
     rewrite_shard(quantized, lambda tensors, metadata: (tensors.pop(f"{name}.weight"),
-                                                        metadata.update(format_version="2")))
+                                                        metadata.update(format_version="1")))
     with pytest.raises(ValueError, match=rf"^{shard}: the shard's metadata names format 'aquila-weight-only' version "
-                                         r"'2'; config.json says 'aquila-weight-only' version 1$"):
+                                         r"'1'; config.json says 'aquila-weight-only' version 2$"):
         load(str(quantized))
-    rewrite_shard(quantized, lambda tensors, metadata: metadata.update(format_version="1", group_size="32"))
+    rewrite_shard(quantized, lambda tensors, metadata: metadata.update(format_version="2", group_size="32"))
     with pytest.raises(ValueError, match=rf"^{shard}: the shard's metadata differs from config.json's "
                                          r"quantization_config in group_size$"):
         load(str(quantized))
-    rewrite_shard(quantized, lambda tensors, metadata: metadata.update(group_size="16"))
+    rewrite_shard(quantized, lambda tensors, metadata: metadata.update(group_size="16", output_bits="null"))
+    with pytest.raises(ValueError, match=rf"^{shard}: the shard's metadata differs from config.json's "
+                                         r"quantization_config in output_bits$"):
+        load(str(quantized))
+    rewrite_shard(quantized, lambda tensors, metadata: metadata.update(output_bits="8"))
     load(str(quantized))  # repaired
 
 
 def test_a_quantized_config_is_checked_before_any_tensor(quantized):
     path = quantized / "config.json"
     original = path.read_text()
-    set_config(quantized, format_version=2)
-    with pytest.raises(ValueError, match=rf"^{path}: aquila-weight-only format version 2 is unknown; this aquila "
-                                         r"reads version 1$"):
+    set_config(quantized, format_version=3)
+    with pytest.raises(ValueError, match=rf"^{path}: aquila-weight-only format version 3 is unknown; this aquila "
+                                         r"reads versions 1 and 2$"):
         load(str(quantized))
-    set_config(quantized, format_version=1, quant_method="gptq")
+    set_config(quantized, format_version=2, output_bits=5)
+    with pytest.raises(ValueError, match=rf"^{path}: quantization_config: Quantization: output_bits must be 8, 4 or "
+                                         r"None \(kept in the model's dtype\), got 5$"):
+        load(str(quantized))
+    set_config(quantized, output_bits=8, quant_method="gptq")
     with pytest.raises(ValueError, match=rf"^{path}: quantization_config's quant_method 'gptq' is not a format aquila "
                                          r"reads \(it reads 'aquila-weight-only'\)$"):
         load(str(quantized))
@@ -236,7 +248,7 @@ def test_a_quantized_config_is_checked_before_any_tensor(quantized):
     values["quantization_config"]["extra"] = 1
     path.write_text(json.dumps(values))
     with pytest.raises(ValueError, match=rf"^{path}: quantization_config has unknown keys \['extra'\] and lacks "
-                                         r"\['symmetric'\]"):
+                                         r"\['symmetric'\]; version 2 takes"):
         load(str(quantized))
     del values["quantization_config"]
     path.write_text(json.dumps(values))
@@ -245,10 +257,50 @@ def test_a_quantized_config_is_checked_before_any_tensor(quantized):
                                          r"has no quantization_config$"):
         load(str(quantized))
     path.write_text(original)
-    with pytest.raises(ValueError, match=r"holds a checkpoint quantized as int4 g16 asym \(output kept\); it cannot "
-                                         r"be loaded as int8 \(output kept\): quantize the original weights instead"):
+    with pytest.raises(ValueError, match=r"holds a checkpoint quantized as int4 g16 asym, output int8; it cannot be "
+                                         r"loaded as int8, output int8: quantize the original weights instead"):
         load(str(quantized), quantize=Quantization(8))
+    with pytest.raises(ValueError, match=r"quantized as int4 g16 asym, output int8; it cannot be loaded as int4 g16 "
+                                         r"asym, output dense"):
+        load(str(quantized), quantize=Quantization(4, 16, symmetric=False, output_bits=None))
     same_buffers(load(str(quantized), quantize=Quantization(4, 16, symmetric=False)), load(str(quantized)))
+
+
+@pytest.mark.parametrize("output_bits, quantized_output", [(None, False), (4, True)], ids=["kept", "quantized"])
+def test_version_1_checkpoints_still_load(tmp_path, output_bits, quantized_output):
+    """Version 1 said quantized_output (the output as the blocks, or dense) where version 2 says output_bits."""
+    directory = tmp_path / "v1"
+    original = quantize_model(model().to(torch.bfloat16), 4, 16, symmetric=False, output_bits=output_bits)
+    save_hf(original, str(directory))
+    v1 = {"quant_method": "aquila-weight-only", "format_version": 1, "bits": 4, "group_size": 16, "symmetric": False,
+          "quantized_output": quantized_output}
+    values = json.loads((directory / "config.json").read_text())
+    values["quantization_config"] = v1
+    (directory / "config.json").write_text(json.dumps(values))
+    as_strings = {key: value if isinstance(value, str) else json.dumps(value) for key, value in v1.items()}
+    rewrite_shard(directory, lambda tensors, metadata: (metadata.clear(), metadata.update(format="pt", **as_strings)))
+    loaded = load(str(directory), dtype=torch.bfloat16)
+    same_buffers(loaded, original)
+    assert checkpoint_module.checkpoint_quantization(str(directory)) == Quantization(4, 16, False, output_bits)
+    set_config(directory, quantized_output=1)
+    with pytest.raises(ValueError, match=r"config.json: quantization_config's quantized_output must be a bool$"):
+        load(str(directory))
+    set_config(directory, quantized_output=quantized_output, output_bits=8)
+    with pytest.raises(ValueError, match=r"quantization_config has unknown keys \['output_bits'\] and lacks \[\]; "
+                                         r"version 1 takes"):
+        load(str(directory))
+
+
+def test_a_tied_output_stays_dense_whatever_the_request(tmp_path):
+    """An output projection that shares the embedding table is never quantized, so quantizing while loading with the
+    default int8 output, saving, and loading the saved checkpoint with that same request all agree."""
+    config = AquilaConfig(dim=64, n_layers=1, n_heads=4, vocab_size=97, ffn_dim=192, tie_embeddings=True)
+    save_hf(model(config), str(tmp_path / "tied"))
+    loaded = load(str(tmp_path / "tied"), quantize=Quantization(8))
+    assert loaded.output.weight is loaded.tok_embeddings.weight
+    save_hf(loaded, str(tmp_path / "tied-int8"))
+    assert checkpoint_module.checkpoint_quantization(str(tmp_path / "tied-int8")) == Quantization(8, output_bits=None)
+    same_buffers(load(str(tmp_path / "tied-int8"), quantize=Quantization(8)), loaded)
 
 
 # --- The commands -----------------------------------------------------------------------------------------------------
@@ -277,7 +329,8 @@ def test_quantize_command_writes_a_checkpoint_that_generate_loads(served, tmp_pa
 
     dest = tmp_path / "int4"
     main(["quantize", str(served), str(dest), "--bits", "4", "--group-size", "32"])
-    assert capsys.readouterr().out.startswith(f"{served} -> {dest} (int4 g32 sym, output projection in bf16, ")
+    assert capsys.readouterr().out.startswith(f"{served} -> {dest} (int4 g32 sym, output int8, unquantized tensors "
+                                              "in bf16, ")
     expected = quantize_model(load(str(served), dtype=torch.bfloat16), 4, 32)
     same_buffers(load(str(dest), dtype=torch.bfloat16), expected)
     small_tokenizer.save(str(dest))
@@ -292,6 +345,22 @@ def test_quantize_command_writes_a_checkpoint_that_generate_loads(served, tmp_pa
     main(["generate", "--checkpoint", str(served), "床前明月光，", "--device", "cpu", "--max-new-tokens", "6",
           "--temperature", "0", "--no-echo", "--quantize", "int4", "--group-size", "32"])
     assert capsys.readouterr().out == text + "\n"
+
+
+@pytest.mark.parametrize("form, output_bits", [("dense", None), ("int4", 4), ("int8", 8)])
+def test_output_projection_option(served, tmp_path, capsys, form, output_bits):
+    dest = tmp_path / form
+    main(["quantize", str(served), str(dest), "--bits", "4", "--group-size", "32", "--output-projection", form])
+    assert f"(int4 g32 sym, output {form}, " in capsys.readouterr().out
+    expected = quantize_model(load(str(served), dtype=torch.bfloat16), 4, 32, output_bits=output_bits)
+    same_buffers(load(str(dest), dtype=torch.bfloat16), expected)
+    assert checkpoint_module.checkpoint_quantization(str(dest)) == Quantization(4, 32, output_bits=output_bits)
+    arguments = ["generate", "--checkpoint", str(served), "hi", "--device", "cpu", "--max-new-tokens", "3",
+                 "--temperature", "0", "--no-echo", "--tokenizer", str(served), "--dtype", "bf16"]
+    main([*arguments, "--quantize", "int4", "--group-size", "32", "--output-projection", form])
+    on_the_fly = capsys.readouterr().out
+    main([*arguments[:2], str(dest), *arguments[3:]])
+    assert capsys.readouterr().out == on_the_fly
 
 
 def test_chat_and_generate_quantize_while_loading(served, monkeypatch, capsys):
@@ -309,6 +378,11 @@ def test_chat_and_generate_quantize_while_loading(served, monkeypatch, capsys):
 
 def test_the_commands_refuse_bad_quantization_arguments(served, tmp_path, capsys):
     generate = ["generate", "--checkpoint", str(served), "hi", "--device", "cpu"]
+    fails_with([*generate, "--output-projection", "int8"],
+               "aquila generate: --output-projection describes a quantized model; add --quantize int8 or int4")
+    fails_with([*generate, "--quantize", "int8", "--output-projection", "int4"],
+               "aquila generate: --output-projection int4 quantizes the output projection as the int4 blocks; int8 "
+               "blocks take int8 or dense")
     fails_with([*generate, "--quantize", "int4", "--group-size", "128"],
                "aquila generate: quantize_model: layer 'layers.0.attention.wq' has 64 input features, not a multiple "
                "of group_size 128")
@@ -346,7 +420,8 @@ def test_quantize_never_overwrites_without_overwrite(served, tmp_path):
     main(["quantize", str(served), str(dest), "--bits", "4", "--group-size", "16", "--overwrite"])
     assert load(str(dest)).layers[0].attention.wq.bits == 4
     fails_with(["quantize", str(dest), str(tmp_path / "again"), "--bits", "8"],
-               f"aquila quantize: {dest} is already quantized (int4 g16 sym); quantize the original weights")
+               f"aquila quantize: {dest} is already quantized (int4 g16 sym, output int8); quantize the original "
+               "weights")
     (dest / "notes.txt").write_text("mine")
     fails_with(["quantize", str(served), str(dest), "--bits", "8", "--overwrite"],
                f"aquila quantize: {dest} holds files that are not a checkpoint's config.json or safetensors "
