@@ -497,7 +497,8 @@ def load(directory: str, dtype: torch.dtype = torch.float32, device="cpu", backe
         quantize = dataclasses.replace(quantize, output_bits=None)  # an output tied to the embeddings stays dense
     if stored_spec is not None and quantize is not None and quantize != stored_spec:
         raise ValueError(f"load: {directory} holds a checkpoint quantized as {stored_spec.describe()}; it cannot be "
-                         f"loaded as {quantize.describe()}: quantize the original weights instead")
+                         f"loaded as {quantize.describe()}: load it without quantize= (--quantize), as it is "
+                         "stored, or quantize the original weights")
     spec = stored_spec or quantize
     with torch.device("meta"):
         model = Aquila(config, backend=backend)

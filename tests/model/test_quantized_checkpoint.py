@@ -258,7 +258,8 @@ def test_a_quantized_config_is_checked_before_any_tensor(quantized):
         load(str(quantized))
     path.write_text(original)
     with pytest.raises(ValueError, match=r"holds a checkpoint quantized as int4 g16 asym, output int8; it cannot be "
-                                         r"loaded as int8, output int8: quantize the original weights instead"):
+                                         r"loaded as int8, output int8: load it without quantize= \(--quantize\), as "
+                                         r"it is stored, or quantize the original weights$"):
         load(str(quantized), quantize=Quantization(8))
     with pytest.raises(ValueError, match=r"quantized as int4 g16 asym, output int8; it cannot be loaded as int4 g16 "
                                          r"asym, output dense"):
