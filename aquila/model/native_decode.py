@@ -29,7 +29,8 @@ the CPU (a distance tuned on one host ran a step at a fraction of its speed on a
   where the distance matters), the first decoder made in a process times a few steps of that model at each of
   PREFETCH_CANDIDATES and keeps the fastest median. The choice is saved per (CPU model, ISA path) in
   decode-tuning.json under $AQUILA_CACHE_DIR (default ~/.cache/aquila), which later processes read instead of tuning
-  (per kind of projection loop as well: tuning_key);
+  (per kind of projection loop as well: tuning_key), for models within TUNING_SIZE_FACTOR of the size it was tuned
+  on: a model further from it tunes again and replaces the entry;
 - a model whose weights fit in the last-level cache has nothing for a prefetch to hide: no prefetch, no tuning.
 """
 
@@ -56,8 +57,12 @@ PREFETCH_ENV = "AQUILA_DECODE_PREFETCH"
 INT8_INPUTS_ENV = "AQUILA_DECODE_INT8_INPUTS"
 TUNING_FILE = "decode-tuning.json"
 TUNING_ROUNDS = 5  # timed steps per candidate, taken in turns so that a load that comes and goes hits each alike
+# A choice tuned on a model that reads more than this many times fewer (or more) bytes a step is not reused: its steps
+# met the caches and the timer's noise in other proportions (a 60 MB model's 2-8 ms steps say little of a 14 GB one's).
+TUNING_SIZE_FACTOR = 4
 
-# This process's choice for models that stream their weights: {host key: (bytes, where it came from)}.
+# This process's choice for models that stream their weights: {host key: (bytes, where it came from, the weight bytes
+# a step of the model it was tuned on reads)}.
 _choices: dict = {}
 
 
@@ -136,8 +141,17 @@ def _read_tuning(path: str) -> dict:
     return hosts if isinstance(hosts, dict) else {}
 
 
-def _saved_choice(entry) -> Optional[int]:
-    value = entry.get("prefetch_bytes") if isinstance(entry, dict) else None
+def _comparable(tuned_bytes, weight_bytes: int) -> bool:
+    """Whether a choice tuned on a model reading tuned_bytes a step holds for one reading weight_bytes."""
+    return (isinstance(tuned_bytes, int) and tuned_bytes > 0
+            and tuned_bytes * TUNING_SIZE_FACTOR >= weight_bytes and weight_bytes * TUNING_SIZE_FACTOR >= tuned_bytes)
+
+
+def _saved_choice(entry, weight_bytes: int) -> Optional[int]:
+    """The entry's distance, if it is one and was tuned on a model of comparable size (_comparable)."""
+    if not isinstance(entry, dict) or not _comparable(entry.get("weight_bytes"), weight_bytes):
+        return None
+    value = entry.get("prefetch_bytes")
     return value if isinstance(value, int) and value >= 0 else None
 
 
@@ -171,21 +185,22 @@ def tuning_key(model, bf16_inputs: bool, int8_inputs: bool = False) -> str:
 def prefetch_choice(weight_bytes: int, make_runner: Callable[[], Callable[[int], None]], key: str) -> tuple:
     """(prefetch distance in bytes, where it came from: "env", "fits in cache", "cache file", "tuned" or "tuned, not
     saved") for a model that reads weight_bytes per step, under `key` (tuning_key) in the tuning file; make_runner()
-    gives run(prefetch_bytes), which runs one step of it, when the choice needs tuning."""
+    gives run(prefetch_bytes), which runs one step of it, when the choice needs tuning. A choice made on a model of
+    another size (beyond TUNING_SIZE_FACTOR) is tuned again, and the new one replaces it in the file."""
     forced = forced_prefetch()
     if forced is not None:
         return forced, "env"
     cache_size = last_level_cache_bytes()
     if cache_size is not None and weight_bytes <= cache_size:
         return 0, "fits in cache"
-    if key in _choices:
-        return _choices[key]
+    if key in _choices and _comparable(_choices[key][2], weight_bytes):
+        return _choices[key][:2]
     path = os.path.join(cache_directory(), TUNING_FILE)
     hosts = _read_tuning(path)
-    saved = _saved_choice(hosts.get(key))
+    saved = _saved_choice(hosts.get(key), weight_bytes)
     if saved is not None:
-        _choices[key] = (saved, "cache file")
-        return _choices[key]
+        _choices[key] = (saved, "cache file", hosts[key]["weight_bytes"])
+        return _choices[key][:2]
     best, medians = tune_prefetch(make_runner())
     hosts[key] = {"prefetch_bytes": best, "median_ms": {str(c): round(s * 1e3, 4) for c, s in medians.items()},
                   "weight_bytes": weight_bytes, "threads": torch.get_num_threads(),
@@ -194,12 +209,12 @@ def prefetch_choice(weight_bytes: int, make_runner: Callable[[], Callable[[int],
         os.makedirs(os.path.dirname(path), exist_ok=True)
         with AtomicFile(path, "w") as out:
             json.dump(hosts, out, indent=1)
-        _choices[key] = (best, "tuned")
+        _choices[key] = (best, "tuned", weight_bytes)
     except OSError as error:
         warnings.warn(f"Aquila: could not save the decoding step's tuning ({error}); this process keeps its choice",
                       stacklevel=3)
-        _choices[key] = (best, "tuned, not saved")
-    return _choices[key]
+        _choices[key] = (best, "tuned, not saved", weight_bytes)
+    return _choices[key][:2]
 
 
 def _block_linears(layer) -> dict:

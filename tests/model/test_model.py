@@ -219,7 +219,8 @@ def test_the_prefetch_distance_is_tuned_once_per_host_saved_and_used(tuning, mon
 
     # Another process reads the file instead of tuning: a saved choice other than the tuned one shows which is used.
     other = next(c for c in native_decode.PREFETCH_CANDIDATES if c != choice)
-    path.write_text(json.dumps({native_decode.host_key(): {"prefetch_bytes": other}}))
+    size = native_decode.weight_bytes_per_step(model)
+    path.write_text(json.dumps({native_decode.host_key(): {"prefetch_bytes": other, "weight_bytes": size}}))
     monkeypatch.setattr(native_decode, "_choices", {})
     distances.clear()
     cache = KVCache(TINY, batch=1, max_len=8)
@@ -263,16 +264,45 @@ def test_steps_with_int8_inputs_are_tuned_apart(tuning):
     assert saved[native_decode.tuning_key(model, False, True)]["prefetch_bytes"] == int8_inputs.prefetch[0]
 
 
-@pytest.mark.parametrize("content", ["{not json", '{"other host": {"prefetch_bytes": 0}}', '{"HOST": {}}',
-                                     '{"HOST": {"prefetch_bytes": -5}}', "[]"])
+@pytest.mark.parametrize("content", ["{not json", '{"other host": {"prefetch_bytes": 0, "weight_bytes": SIZE}}',
+                                     '{"HOST": {}}', '{"HOST": {"prefetch_bytes": -5, "weight_bytes": SIZE}}',
+                                     '{"HOST": {"prefetch_bytes": 0}}', '{"HOST": {"prefetch_bytes": 0, '
+                                     '"weight_bytes": "many"}}', "[]"])
 def test_an_unusable_tuning_file_is_tuned_again_and_rewritten(tuning, content):
     from aquila.model.model import KVCache
 
     path, _ = tuning
-    path.write_text(content.replace("HOST", native_decode.host_key()))
-    step = Aquila(TINY).eval().decoder(KVCache(TINY, batch=1, max_len=8))
+    model = Aquila(TINY).eval()
+    size = native_decode.weight_bytes_per_step(model)
+    path.write_text(content.replace("HOST", native_decode.host_key()).replace("SIZE", str(size)))
+    step = model.decoder(KVCache(TINY, batch=1, max_len=8))
     assert step.prefetch[1] == "tuned"
     assert json.loads(path.read_text())[native_decode.host_key()]["prefetch_bytes"] == step.prefetch[0]
+
+
+@pytest.mark.parametrize("ratio, reused", [(3, True), (1 / 3, True), (5, False), (1 / 5, False)])
+def test_a_choice_tuned_on_a_model_of_another_size_is_tuned_again(tuning, monkeypatch, ratio, reused):
+    """A saved choice holds for models within TUNING_SIZE_FACTOR of the size it was tuned on; beyond it the step is
+    tuned again and the file's entry replaced. The same holds for the choice a process keeps."""
+    from aquila.model.model import KVCache
+
+    path, _ = tuning
+    model = Aquila(TINY).eval()
+    size = native_decode.weight_bytes_per_step(model)
+    saved = {"prefetch_bytes": 3000, "weight_bytes": int(size * ratio)}  # 3000: no candidate, so it shows
+    path.write_text(json.dumps({native_decode.host_key(): saved}))
+    step = model.decoder(KVCache(TINY, batch=1, max_len=8))
+    entry = json.loads(path.read_text())[native_decode.host_key()]
+    if reused:
+        assert step.prefetch == (3000, "cache file") and entry == saved
+    else:
+        assert step.prefetch[1] == "tuned" and step.prefetch[0] in native_decode.PREFETCH_CANDIDATES
+        assert entry["prefetch_bytes"] == step.prefetch[0] and entry["weight_bytes"] == size
+    # In the same process, a model of another size than the kept choice's is not given it either.
+    larger = 5 * entry["weight_bytes"]
+    monkeypatch.setattr(native_decode, "weight_bytes_per_step", lambda model: larger)
+    assert model.decoder(KVCache(TINY, batch=1, max_len=8)).prefetch[1] == "tuned"
+    assert json.loads(path.read_text())[native_decode.host_key()]["weight_bytes"] == larger
 
 
 def test_the_environment_forces_a_prefetch_distance_and_nothing_is_tuned(tuning, monkeypatch):
