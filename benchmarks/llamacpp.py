@@ -6,11 +6,10 @@ count, one sequence, a fixed prompt and greedy generation. For each precision pa
 (the quantized ones with the output projection in int8, Aquila's default, where a Q8_0 file holds it in Q8_0 and a
 Q4_0 file in Q6_K), and transformers in bf16, it reports prompt processing tokens/s (the prompt's forward pass),
 generation tokens/s (the decoding steps that follow, each with its greedy pick), load seconds and peak resident
-memory. Every measurement runs
-in a fresh process (so peak memory is that engine's alone and nothing is left cached in the process), in turns: one
-run is every engine once, so that a load on the shared host that comes and goes hits each alike; the ratios are taken
-within a run. Each process warms up first (a short prompt and a few steps: first-touch allocations, Aquila's one-off
-decoding-step tuning) before the timed prompt and steps.
+memory. Every measurement runs in a fresh process (so peak memory is that engine's alone and nothing is left cached
+in the process), in turns: one run is every engine once, so that a load on the shared host that comes and goes hits
+each alike; the ratios are taken within a run. Each process warms up first (a short prompt and a few steps:
+first-touch allocations, Aquila's one-off decoding-step tuning) before the timed prompt and steps.
 
 The GGUF files come from the checkpoint by llama.cpp's own converter, `convert_hf_to_gguf.py` with its bundled
 gguf-py (from the llama-cpp-python 0.3.36 source distribution: the PyPI `gguf` package is too old for it), to BF16

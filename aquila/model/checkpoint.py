@@ -141,12 +141,13 @@ def shard_metadata(spec: Optional[Quantization]) -> dict[str, str]:
     return _metadata_strings(None if spec is None else quantization_config(spec))
 
 
-def quantization_section(values: dict, path: str) -> Optional[dict]:
-    """config.json's quantization_config (None when the checkpoint is not quantized), checked: a ValueError naming the
-    file for a format or version this code does not read, or a description that is incomplete or invalid."""
+def read_quantization_config(values: dict, path: str) -> tuple[Optional[dict], Optional[Quantization]]:
+    """config.json's quantization_config and the Quantization it describes ((None, None) when the checkpoint is not
+    quantized): a ValueError naming the file for a format or version this code does not read, or a description that
+    is incomplete or invalid."""
     section = values.get("quantization_config")
     if section is None:
-        return None
+        return None, None
     if not isinstance(section, dict):
         raise ValueError(f"{path}: quantization_config must be an object, got {type(section).__name__}")
     if section.get("quant_method") != QUANT_METHOD:
@@ -162,34 +163,22 @@ def quantization_section(values: dict, path: str) -> Optional[dict]:
     if unknown or missing:
         raise ValueError(f"{path}: quantization_config has unknown keys {unknown} and lacks {missing}; version "
                          f"{version} takes {list(keys)}")
-    if version == 1 and not isinstance(section["quantized_output"], bool):
-        raise ValueError(f"{path}: quantization_config's quantized_output must be a bool")
-    _spec_of_section(section, path)
-    return section
-
-
-def _spec_of_section(section: dict, path: str) -> Quantization:
-    if section["format_version"] == 1:
+    if version == 1:
+        if not isinstance(section["quantized_output"], bool):
+            raise ValueError(f"{path}: quantization_config's quantized_output must be a bool")
         output_bits = section["bits"] if section["quantized_output"] else None
     else:
         output_bits = section["output_bits"]
     try:
-        return Quantization(section["bits"], section["group_size"], section["symmetric"], output_bits)
+        return section, Quantization(section["bits"], section["group_size"], section["symmetric"], output_bits)
     except ValueError as error:
         raise ValueError(f"{path}: quantization_config: {error}") from None
-
-
-def quantization_from_config(values: dict, path: str) -> Optional[Quantization]:
-    """How a checkpoint's config.json says it is quantized: None when it is not; a ValueError naming the file as
-    quantization_section's."""
-    section = quantization_section(values, path)
-    return None if section is None else _spec_of_section(section, path)
 
 
 def checkpoint_quantization(directory: str) -> Optional[Quantization]:
     """How the checkpoint in `directory` is quantized, from its config.json (None: it is not)."""
     path = os.path.join(directory, "config.json")
-    return quantization_from_config(read_json(path), path)
+    return read_quantization_config(read_json(path), path)[1]
 
 
 def _check_shard_metadata(metadata: dict, section: Optional[dict], path: str) -> None:
@@ -277,7 +266,7 @@ def _safetensors_rows(path: str, name: str) -> Callable[[int, int], Tensor]:
 
 def _hf_tensors(directory: str, quantization: Optional[dict]) -> Iterator[Stored]:
     """The tensors of model.safetensors or of the shards of its index, each shard's metadata checked against
-    config.json's quantization_config (quantization_section's; None: not quantized)."""
+    config.json's quantization_config (read_quantization_config's; None: not quantized)."""
     from safetensors import SafetensorError, safe_open
 
     for path in _safetensors_files(directory):
@@ -484,8 +473,7 @@ def load(directory: str, dtype: torch.dtype = torch.float32, device="cpu", backe
     path = os.path.join(directory, "config.json")
     values = read_json(path)
     hf = "hidden_size" in values
-    section = quantization_section(values, path) if hf else None
-    stored_spec = None if section is None else _spec_of_section(section, path)
+    section, stored_spec = read_quantization_config(values, path) if hf else (None, None)
     try:
         config = config_from_hf(values) if hf else AquilaConfig.from_dict(
             {"rope_interleaved": True, **{k: v for k, v in values.items() if k != "checkpoint_activations"}})
