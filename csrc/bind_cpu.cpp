@@ -57,7 +57,8 @@ inline LayerNormBackward read(Fields& f, LayerNormBackward*) {
 inline QuantizedLinear read(Fields& f, QuantizedLinear*) {
   return {f.ptr("x"), f.i64("x_row_stride"), f.ptr("qweight"), f.ptr<const float>("scales"),
           f.ptr<const uint8_t>("zeros"), f.ptr<const float>("bias"), f.ptr("out"), f.i64("rows"),
-          f.i64("in_features"), f.i64("out_features"), f.i64("bits"), f.i64("group_size"), f.dtype()};
+          f.i64("in_features"), f.i64("out_features"), f.i64("bits"), f.i64("group_size"), f.dtype(),
+          f.flag("int8_inputs")};
 }
 
 inline QuantizedLinearBackward read(Fields& f, QuantizedLinearBackward*) {

@@ -239,6 +239,11 @@ struct QuantizedLinear {
   void* out;             // rows x out_features, contiguous, in dtype
   int64_t rows, in_features, out_features, bits, group_size;
   DType dtype;
+  // x rounded to int8 first, as DecodeStep's int8_inputs rounds a projection's input (below): in blocks of 32 columns,
+  // d = max |x| / 127, x taken as d q. Where the CPU has AVX512-VNNI and the blocks fit the weights (in_features a
+  // multiple of 32; int4: group_size too) the products run on vpdpbusd, 16 rows of x at a time; elsewhere d q feeds
+  // the fp32 kernels. For inference: the backward never rounds.
+  bool int8_inputs;
 };
 
 // The gradient of x through the same weights (held fixed): grad_x = grad_out W.

@@ -30,6 +30,17 @@ by torch's bf16 matmul (fp32 accumulation), a chunk of W's rows at a time throug
 There, for a 4096 x 11008 layer, dequantizing costs what the kernels spend on 5 or 6 rows, and the copy is faster from
 about 10 rows on (2.3x-2.4x at 32 rows, 4.4x-4.6x at 256); the threshold leaves a margin for CPUs whose matmul gains
 less. The gradient keeps the kernels.
+
+int8_inputs (inference only): x is first rounded to int8 as the decoding step rounds a quantized projection's input
+(round_inputs_to_int8: blocks of INPUT_BLOCK columns, one scale each, as llama.cpp's Q8_0 activations), and the
+product is then that of the rounded x. On a CPU with AVX512-VNNI, for 16 rows or more whose blocks lie within the
+weights' groups, the CPU backend multiplies integers: a GEMM on vpdpbusd with 16 rows of x in the lanes of a vector
+and each 4 weights broadcast to them (csrc/cpu/quantized.cpp), 64 products an instruction where bf16's vdpbf16ps does
+32. Measured on the AMD EPYC above (AVX512-VNNI, no AMX, 2 threads), bf16 x at Aquila-7B's widths and 16 to 1024
+rows, alternating in one process (benchmarks/results/quantized-prefill-2026-12-07.md, medians of 7): int8 1.20x-1.58x
+and int4 g128 1.02x-1.64x torch's bf16 matmul of the dense weights, and 1.2x-3.2x the path above. Elsewhere (fewer
+rows, other CPUs, other widths) the rounded x feeds the fp32 kernels. The model's prefill takes int8 inputs where its
+decoding step does (aquila.model.quantize.int8_inputs, Aquila.forward_with_cache).
 """
 
 from typing import Optional
@@ -66,7 +77,7 @@ def round_inputs_to_int8(x: Tensor) -> Tensor:
     q = x / d rounded to nearest (ties to even) within +-127 (past it only where d is subnormal); then d q, exactly.
     A block with d = 0 is all zeros."""
     x = x.float()
-    out = torch.empty(x.shape, dtype=torch.float64)
+    out = torch.empty(x.shape, dtype=torch.float64, device=x.device)
     for first in range(0, x.shape[-1], INPUT_BLOCK):
         block = x[..., first:first + INPUT_BLOCK]
         d = block.abs().amax(-1, keepdim=True) / 127
@@ -76,14 +87,16 @@ def round_inputs_to_int8(x: Tensor) -> Tensor:
 
 
 # --- Implementations ------------------------------------------------------------------------------------------------
-# forward(x, qweight, scales, zeros, bias, bits, group_size, out) fills out [rows, out_features] (x's dtype) for x
-# [rows >= 1, in_features] with unit last stride; zeros None for 8 bits and symmetric int4, bias fp32 [out_features]
-# or None, group_size 0 for 8 bits. backward(grad_out, qweight, scales, zeros, bits, group_size, grad_x) fills grad_x
+# forward(x, qweight, scales, zeros, bias, bits, group_size, int8_inputs, out) fills out [rows, out_features] (x's
+# dtype) for x [rows >= 1, in_features] with unit last stride (rounded to int8 first with int8_inputs); zeros None for
+# 8 bits and symmetric int4, bias fp32 [out_features] or None, group_size 0 for 8 bits; None where int8_inputs is
+# not implemented (Triton). backward(grad_out, qweight, scales, zeros, bits, group_size, grad_x) fills grad_x
 # [rows, in_features] for grad_out [rows >= 1, out_features] with unit last stride. Weights contiguous.
 
 
-def _torch_forward(x, qweight, scales, zeros, bias, bits, group_size, out):
-    out.copy_(F.linear(x.float(), dequantize(qweight, scales, zeros, bits, group_size), bias))
+def _torch_forward(x, qweight, scales, zeros, bias, bits, group_size, int8_inputs, out):
+    x = round_inputs_to_int8(x).float() if int8_inputs else x.float()
+    out.copy_(F.linear(x, dequantize(qweight, scales, zeros, bits, group_size), bias))
 
 
 def _torch_backward(grad_out, qweight, scales, zeros, bits, group_size, grad_x):
@@ -94,11 +107,11 @@ DEQUANTIZED_MATMUL_ROWS = 32
 DEQUANTIZED_CHUNK_BYTES = 4 << 20  # W is dequantized this much at a time, into one buffer that stays in cache
 
 
-def dequantizes_for_matmul(x: Tensor, bias: Optional[Tensor]) -> bool:
+def dequantizes_for_matmul(x: Tensor, bias: Optional[Tensor], int8_inputs: bool = False) -> bool:
     """Whether the CPU backend multiplies x [rows, in] (on the CPU) by a bf16 copy of W rather than by the kernels
     (the module's docstring)."""
     return (x.shape[0] >= DEQUANTIZED_MATMUL_ROWS and x.dtype == torch.bfloat16 and bias is None
-            and _backend.cpu_bf16_products())
+            and not int8_inputs and _backend.cpu_bf16_products())
 
 
 def cpu_dequantize(qweight: Tensor, scales: Tensor, zeros: Optional[Tensor], bits: int, group_size: Optional[int],
@@ -124,15 +137,15 @@ def _dequantized_matmul(x, qweight, scales, zeros, bits, group_size, out):
         out[:, start:stop] = x @ weight.T
 
 
-def _cpu_forward(x, qweight, scales, zeros, bias, bits, group_size, out):
+def _cpu_forward(x, qweight, scales, zeros, bias, bits, group_size, int8_inputs, out):
     rows, in_features = x.shape
-    if dequantizes_for_matmul(x, bias):
+    if dequantizes_for_matmul(x, bias, int8_inputs):
         _dequantized_matmul(x, qweight, scales, zeros, bits, group_size, out)
         return
     _backend.call_native(
         "cpu", "quantized_linear", x, work=(rows + out.shape[1]) * in_features, x=x, x_row_stride=x.stride(0),
         qweight=qweight, scales=scales, zeros=zeros, bias=bias, out=out, rows=rows, in_features=in_features,
-        out_features=out.shape[1], bits=bits, group_size=group_size, dtype=x.dtype)
+        out_features=out.shape[1], bits=bits, group_size=group_size, dtype=x.dtype, int8_inputs=int8_inputs)
 
 
 def _cpu_backward(grad_out, qweight, scales, zeros, bits, group_size, grad_x):
@@ -144,9 +157,17 @@ def _cpu_backward(grad_out, qweight, scales, zeros, bits, group_size, grad_x):
         group_size=group_size, dtype=grad_x.dtype)
 
 
+def _triton_forward(x, qweight, scales, zeros, bias, bits, group_size, int8_inputs, out):
+    triton_quantized_linear.forward(x, qweight, scales, zeros, bias, bits, group_size, out)
+
+
+def _triton_limits(int8_inputs):
+    return "does not round inputs to int8 (int8_inputs, a CPU path)" if int8_inputs else None
+
+
 IMPLEMENTATIONS = Implementations(
     "quantized_linear",
-    triton=Implementation(triton_quantized_linear.forward, triton_quantized_linear.backward),
+    triton=Implementation(_triton_forward, triton_quantized_linear.backward, limits=_triton_limits),
     cpu=Implementation(_cpu_forward, _cpu_backward),
     torch=Implementation(_torch_forward, _torch_backward),
 )
@@ -157,12 +178,12 @@ def _in_features(qweight, bits):
 
 
 @_backend.autocast_off
-def _forward(x, qweight, scales, zeros, bias, bits, group_size, backend):
+def _forward(x, qweight, scales, zeros, bias, bits, group_size, int8_inputs, backend):
     """x: (rows, in_features) with unit last stride. Returns out (rows, out_features) in x's dtype."""
     out = torch.empty((x.shape[0], qweight.shape[0]), dtype=x.dtype, device=x.device)
     if out.numel():
         with _backend.on_device(x):
-            IMPLEMENTATIONS[backend].forward(x, qweight, scales, zeros, bias, bits, group_size, out)
+            IMPLEMENTATIONS[backend].forward(x, qweight, scales, zeros, bias, bits, group_size, int8_inputs, out)
     return out
 
 
@@ -182,12 +203,12 @@ def _backward(grad_out, qweight, scales, zeros, bits, group_size, backend):
 
 @torch.library.custom_op("aquila::quantized_linear", mutates_args=())
 def _forward_op(x: Tensor, qweight: Tensor, scales: Tensor, zeros: Optional[Tensor], bias: Optional[Tensor],
-                bits: int, group_size: int, backend: str) -> Tensor:
-    return _forward(x, qweight, scales, zeros, bias, bits, group_size, backend)
+                bits: int, group_size: int, int8_inputs: bool, backend: str) -> Tensor:
+    return _forward(x, qweight, scales, zeros, bias, bits, group_size, int8_inputs, backend)
 
 
 @_forward_op.register_fake
-def _(x, qweight, scales, zeros, bias, bits, group_size, backend):
+def _(x, qweight, scales, zeros, bias, bits, group_size, int8_inputs, backend):
     return x.new_empty((x.shape[0], qweight.shape[0]))
 
 
@@ -207,7 +228,7 @@ class QuantizedLinearFunction(torch.autograd.Function):
     def forward(ctx, x, qweight, scales, zeros, bias, bits, group_size, backend):
         ctx.save_for_backward(qweight, scales, zeros)
         ctx.options = (bits, group_size, backend)
-        return _forward_op(x, qweight, scales, zeros, bias, bits, group_size, backend)
+        return _forward_op(x, qweight, scales, zeros, bias, bits, group_size, False, backend)
 
     @staticmethod
     def backward(ctx, grad_out):
@@ -265,17 +286,22 @@ def _check_weights(op, qweight, scales, zeros, bits, group_size, symmetric, in_f
 
 def quantized_linear(x: Tensor, qweight: Tensor, scales: Tensor, zeros: Optional[Tensor] = None, *, bits: int,
                      group_size: Optional[int] = None, bias: Optional[Tensor] = None,
-                     symmetric: Optional[bool] = None, backend: Optional[str] = None) -> Tensor:
+                     symmetric: Optional[bool] = None, int8_inputs: bool = False,
+                     backend: Optional[str] = None) -> Tensor:
     """x @ W^T + bias for x [..., in_features] (fp32, fp16 or bf16) and W quantized (this module's docstring):
     bits 8 (group_size None, zeros None) or bits 4 (group_size given; zeros for asymmetric weights). symmetric, when
     given, is checked against zeros. bias [out_features] in any float dtype, or None. Returns [..., out_features] in
-    x's dtype (autocast's under autocast). Differentiable in x and bias; the quantized tensors are frozen."""
+    x's dtype (autocast's under autocast). Differentiable in x and bias; the quantized tensors are frozen.
+    int8_inputs: x rounded to int8 first (round_inputs_to_int8; the module's docstring), for inference only (no
+    gradient), on the CPU and torch backends."""
     op = "quantized_linear"
     _backend.check_tensor(op, "x", x)
     if x.dim() == 0 or x.shape[-1] == 0:
         raise ValueError(f"{op}: x must have a non-empty last (in_features) dimension, got shape {tuple(x.shape)}")
     if symmetric is not None and not isinstance(symmetric, bool):
         raise ValueError(f"{op}: symmetric must be a bool or None, got {symmetric!r}")
+    if not isinstance(int8_inputs, bool):
+        raise ValueError(f"{op}: int8_inputs must be a bool, got {int8_inputs!r}")
     out_features = _check_weights(op, qweight, scales, zeros, bits, group_size, symmetric, x.shape[-1], x.device)
     if bias is not None:
         _backend.check_tensor(op, "bias", bias, device=x.device, shape=(out_features,))
@@ -287,13 +313,16 @@ def quantized_linear(x: Tensor, qweight: Tensor, scales: Tensor, zeros: Optional
     if cast is not None:
         x = x.to(cast)
     backward = _backend.needs_backward(x, bias)
-    backend = _backend.resolve(IMPLEMENTATIONS, x, backend, op=op, backward=backward)
+    if int8_inputs and backward:
+        raise ValueError(f"{op}: int8_inputs rounds x for inference and has no gradient: call it under "
+                         "torch.no_grad(), or on x and bias that do not require grad")
+    backend = _backend.resolve(IMPLEMENTATIONS, x, backend, op=op, backward=backward, int8_inputs=int8_inputs)
     rows = _backend.as_rows(x)
     weights = [qweight.contiguous(), scales.contiguous(), None if zeros is None else zeros.contiguous()]
     bias = None if bias is None else bias.float().contiguous()
     group_size = 0 if bits == 8 else group_size
     if _backend.direct_call(backward):
-        out = _forward(rows, *weights, bias, bits, group_size, backend)
+        out = _forward(rows, *weights, bias, bits, group_size, int8_inputs, backend)
     else:
         out = QuantizedLinearFunction.apply(rows, *weights, bias, bits, group_size, backend)
     return out.view(*x.shape[:-1], out_features)

@@ -21,7 +21,7 @@ from aquila import IGNORE_INDEX
 from aquila.kernels import RMSNorm, apply_rotary, attention, attention_with_kv_cache, linear_cross_entropy, swiglu
 from aquila.model import native_decode
 from aquila.model.config import AquilaConfig
-from aquila.model.quantize import QuantizedLinear
+from aquila.model.quantize import QuantizedLinear, int8_inputs
 
 
 class KVCache:
@@ -204,7 +204,9 @@ class Aquila(nn.Module):
         """Logits [batch, new, vocab] of new tokens [batch, new] appended to each sequence in the cache (a prompt
         for the prefill, then one token at a time), which is updated in place. last_only: the last position's
         logits alone ([batch, 1, vocab]), all that sampling needs (a prefill's other logits would cost a full
-        vocabulary projection per prompt token)."""
+        vocabulary projection per prompt token). Quantized linears take their inputs rounded to int8 where the
+        decoding step does (native_decode.default_int8_inputs: bf16 on a CPU with VNNI, unless
+        AQUILA_DECODE_INT8_INPUTS says otherwise), so that a prompt and the steps after it compute alike."""
         self._check_cache(cache)
         if tokens.shape[-1:] == (1,) and last_only:
             native = self._native_decoder(cache)
@@ -217,14 +219,16 @@ class Aquila(nn.Module):
         slots = (rows * cache.k.shape[2] + positions).view(-1)
         cache.lengths += new
         x = self.tok_embeddings(tokens)
+        rounds = x.device.type == "cpu" and self.backend in (None, "cpu") and native_decode.default_int8_inputs(x.dtype)
         residual = None
-        for index, layer in enumerate(self.layers):
-            x, residual = layer(x, residual, positions, None,
-                                LayerCache(cache.k[index], cache.v[index], cache.lengths, slots))
-        if last_only:
-            x, residual = x[:, -1:], residual[:, -1:]
-        hidden, _ = self.norm(x, residual)
-        return self.output(hidden)
+        with int8_inputs(rounds):
+            for index, layer in enumerate(self.layers):
+                x, residual = layer(x, residual, positions, None,
+                                    LayerCache(cache.k[index], cache.v[index], cache.lengths, slots))
+            if last_only:
+                x, residual = x[:, -1:], residual[:, -1:]
+            hidden, _ = self.norm(x, residual)
+            return self.output(hidden)
 
     def decoder(self, cache: KVCache) -> Callable[[Tensor], Tensor]:
         """step(tokens [batch, 1]) -> logits [batch, 1, vocab]: forward_with_cache(tokens, cache, last_only=True),

@@ -20,7 +20,9 @@ one scale each, as llama.cpp's Q8_0 activations), where the CPU multiplies bytes
 to fp32, which is what bounds an int8 or int4 step's speed on such CPUs. What the rounding costs in quality is
 measured by scripts/quantization_quality.py (docs/model.md). An fp32 step (whose user asked for fp32 precision) and
 other CPUs keep fp32 inputs; either can be asked for on any CPU and dtype, by decoder()'s argument or, for every step
-the process makes (`aquila generate`, `generate()`), by AQUILA_DECODE_INT8_INPUTS=1 or =0.
+and prefill the process makes (`aquila generate`, `generate()`), by AQUILA_DECODE_INT8_INPUTS=1 or =0. A prompt's
+prefill (Aquila.forward_with_cache) rounds where its steps do (default_int8_inputs), so that both compute alike; on
+VNNI it then multiplies integers too (aquila.kernels.quantized_linear's int8_inputs: a GEMM on vpdpbusd).
 
 The step's projections prefetch their weights some distance ahead of their reads. The distance that pays depends on
 the CPU (a distance tuned on one host ran a step at a fraction of its speed on another), so it is chosen per host:
@@ -130,6 +132,13 @@ def forced_int8_inputs() -> Optional[bool]:
     if value not in ("0", "1"):
         raise ValueError(f"Aquila: {INT8_INPUTS_ENV} must be 1 or 0, got {value!r}")
     return value == "1"
+
+
+def default_int8_inputs(dtype: torch.dtype) -> bool:
+    """Whether quantized projections take their inputs rounded to int8 where nobody asked either way, in decoding steps
+    and prefills alike: AQUILA_DECODE_INT8_INPUTS where set, else bf16 activations on a CPU with VNNI."""
+    forced = forced_int8_inputs()
+    return forced if forced is not None else _backend.cpu_int8_products() and dtype == torch.bfloat16
 
 
 def _read_tuning(path: str) -> dict:
@@ -363,11 +372,7 @@ def decoder(model, cache, prefetch_bytes: Optional[int] = None, bf16_inputs: Opt
     if int8_inputs and not quantized:
         raise ValueError("Aquila: int8_inputs=True takes a model with quantized linears (int8 or int4), got none")
     bf16_inputs = bool(_backend.cpu_bf16_products() if bf16_inputs is None else bf16_inputs) and dtype == torch.bfloat16
-    if int8_inputs is None:
-        int8_inputs = forced_int8_inputs()
-    if int8_inputs is None:
-        int8_inputs = _backend.cpu_int8_products() and dtype == torch.bfloat16
-    int8_inputs = bool(int8_inputs) and quantized
+    int8_inputs = bool(default_int8_inputs(dtype) if int8_inputs is None else int8_inputs) and quantized
     prefetch = ((prefetch_bytes, "argument") if prefetch_bytes is not None else
                 prefetch_choice(weight_bytes_per_step(model), lambda: _scratch_runner(model, bf16_inputs, int8_inputs),
                                 tuning_key(model, bf16_inputs, int8_inputs)))

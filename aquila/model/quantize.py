@@ -30,6 +30,8 @@ parameters: in bf16, 0.82 of the 4.3 GB an int4 g128 decoding step reads. A shar
 never quantized, so neither is an output tied to it. Embeddings and norms are never quantized.
 """
 
+import contextlib
+import contextvars
 import dataclasses
 from typing import NamedTuple, Optional
 
@@ -234,7 +236,7 @@ class QuantizedLinear(nn.Module):
         return dequantize_tensor(self.qweight, self.scales, self.zeros, self.bits, self.group_size, dtype)
 
     def forward(self, x: Tensor) -> Tensor:
-        return quantized_linear(x, self)
+        return quantized_linear(x, self, int8_inputs=_int8_inputs.get())
 
     def extra_repr(self) -> str:
         groups = "per output channel" if self.bits == 8 else f"group_size={self.group_size}"
@@ -242,11 +244,29 @@ class QuantizedLinear(nn.Module):
                 f"symmetric={self.symmetric}")
 
 
-def quantized_linear(x: Tensor, layer: QuantizedLinear) -> Tensor:
+def quantized_linear(x: Tensor, layer: QuantizedLinear, int8_inputs: bool = False) -> Tensor:
     """x @ W^T for a QuantizedLinear, on aquila.kernels.quantized_linear: the weights dequantized in registers, never
-    materialised."""
+    materialised. int8_inputs: x rounded to int8 first (inference only)."""
     return kernels.quantized_linear(x, layer.qweight, layer.scales, layer.zeros, bits=layer.bits,
-                                    group_size=layer.group_size, symmetric=layer.symmetric)
+                                    group_size=layer.group_size, symmetric=layer.symmetric, int8_inputs=int8_inputs)
+
+
+_int8_inputs = contextvars.ContextVar("aquila_int8_inputs", default=False)
+
+
+@contextlib.contextmanager
+def int8_inputs(enabled: bool = True):
+    """Within it, every QuantizedLinear takes its input rounded to int8 (aquila.kernels.quantized_linear's
+    int8_inputs: blocks of 32 columns, one scale each, as the decoding step's int8_inputs), for inference: a call
+    that needs a gradient is refused. The model's prefill (Aquila.forward_with_cache) enters it where the decoding
+    step would round its inputs too."""
+    if not isinstance(enabled, bool):
+        raise ValueError(f"int8_inputs: enabled must be a bool, got {enabled!r}")
+    token = _int8_inputs.set(enabled)
+    try:
+        yield
+    finally:
+        _int8_inputs.reset(token)
 
 
 def linears_to_quantize(model: nn.Module, quantize_output: bool = True) -> list[tuple[str, nn.Linear]]:

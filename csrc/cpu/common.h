@@ -244,6 +244,14 @@ AQUILA_INLINE void dot_bytes(Words16& acc, const Words16& a, const Words16& b) {
   asm("vpdpbusd %[b], %[a], %[acc]" : [acc] "+v"(acc) : [a] "v"(a), [b] "v"(b));
 }
 
+// dot_bytes with the 4 signed bytes at b broadcast to every lane, read by the instruction itself (an embedded
+// broadcast, no register or instruction of its own).
+AQUILA_INLINE void dot_bytes_broadcast(Words16& acc, const Words16& a, const void* b) {
+  asm("vpdpbusd %[b]%{1to16%}, %[a], %[acc]"
+      : [acc] "+v"(acc)
+      : [a] "v"(a), [b] "m"(*static_cast<const uint32_t*>(b)));
+}
+
 inline int thread_id() {
 #ifdef _OPENMP
   return omp_get_thread_num();

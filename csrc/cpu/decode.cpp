@@ -167,35 +167,6 @@ AQUILA_INLINE void project_dense(const T* __restrict w, int64_t rows, int64_t co
 }
 
 // --- int8 inputs -----------------------------------------------------------------------------------------------
-// A quantized projection's input rounded to int8 (int8_inputs): in blocks of kInputBlock columns from the first (the
-// last may be shorter), d = max |x| / 127 and q = x / d rounded to nearest, ties to even (within +-127), both in fp32;
-// x is then taken as d q. A block of zeros (or so small that d is 0) has q = 0; one holding a NaN or an infinity has d = NaN,
-// which the products carry to the output as the fp32 inputs would.
-constexpr int64_t kInputBlock = 32;
-
-AQUILA_INLINE float quantize_block(const float* __restrict x, int64_t count, int8_t* __restrict q) {
-  float largest = 0.0f;
-  for (int64_t i = 0; i < count; ++i) {
-    const float magnitude = std::fabs(x[i]);
-    largest = magnitude > largest || magnitude != magnitude ? magnitude : largest;
-  }
-  const float d = largest < __builtin_inff() ? largest / 127.0f : __builtin_nanf("");
-  // Clamped: where d is subnormal it may round far below max |x| / 127, and x / d past 127.
-  for (int64_t i = 0; i < count; ++i)
-    q[i] = d > 0.0f ? static_cast<int8_t>(std::clamp(std::nearbyint(x[i] / d), -127.0f, 127.0f)) : 0;
-  return d;
-}
-
-// A row rounded to int8 and back, d q in fp32: the inputs of the fp32 kernels under int8_inputs.
-AQUILA_INLINE void dequantize_int8_row(const float* __restrict x, int64_t cols, float* __restrict out) {
-  int8_t q[kInputBlock];
-  for (int64_t c0 = 0; c0 < cols; c0 += kInputBlock) {
-    const int64_t count = std::min(kInputBlock, cols - c0);
-    const float d = quantize_block(x + c0, count, q);
-    for (int64_t i = 0; i < count; ++i) out[c0 + i] = d * static_cast<float>(q[i]);
-  }
-}
-
 // The columns of an int4 chunk (kInt4Chunk columns, 64 bytes of weights) in the order of its low nibbles, then its
 // high ones: the even columns, then the odd.
 constexpr int64_t kInt4Chunk = 128;
@@ -423,11 +394,6 @@ AQUILA_INLINE bool int8_loops_take(const DecodeLinear& w, int64_t cols) {
   return w.format == WeightFormat::int8 ? cols % 64 == 0 : w.group_size % kInt4Chunk == 0;
 }
 
-// The int32 lanes of a vpdpbusd sum as fp32 (exact: a lane's sum is below 2^24 in magnitude).
-AQUILA_INLINE Lanes<16>::type lanes_of(const Words16& sums) {
-  return __builtin_convertvector((Words<16>::signed_type)sums, Lanes<16>::type);
-}
-
 // out[n * out_stride] = the NB inputs (Int8Input) . an int8 row of `cols` weights with the row's scale: per 64
 // weights, their sign bits flipped (w + 128 as unsigned bytes), one vpdpbusd per input into lanes of 4 columns, each
 // lane scaled by its block's d; the offset's 128 d_b S_b taken off at the end. Two accumulators per input, as dots
@@ -451,7 +417,9 @@ AQUILA_INLINE void int8_row_dots(const int8_t* row, int64_t cols, float scale, c
       dot_bytes(sums, w, q);
       V d;
       load(d, x[n].lanes + j / 4);
-      acc[n][a] += lanes_of(sums) * d;
+      V products;
+      lanes_of(products, sums);
+      acc[n][a] += products * d;
     }
   };
   int64_t j = 0;
@@ -498,7 +466,9 @@ AQUILA_INLINE void int4_row_dots(const Weights& wt, int64_t n_row, const Int8Inp
         dot_bytes(sums, odd, q_odd);
         V d;
         load(d, x[n].lanes + c / 8);
-        acc[n] += lanes_of(sums) * d * scale;
+        V products;
+        lanes_of(products, sums);
+        acc[n] += products * d * scale;
       }
     }
     const float zero_times_scale = wt.zero(n_row, g) * scale;

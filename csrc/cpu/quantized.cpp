@@ -23,6 +23,8 @@
 // terms).
 // Group sizes that are not a multiple of 32 (int4 steps are 8W columns, W >= 4) take a scalar path.
 // Weights stream from memory in order, C rows at a time: the hardware prefetchers follow such streams.
+// int8_inputs: x rounded to int8 first; on AVX512-VNNI, from 16 rows, a GEMM of integers (the last section), else the
+// rounded x in fp32 through the kernels above.
 #include <algorithm>
 #include <string>
 #include <type_traits>
@@ -60,21 +62,23 @@ AQUILA_INLINE void store_value(DType dtype, void* out, int64_t index, float v) {
 // Forward.
 
 struct Panels {
+  const void* x;  // the input: a.x, or (int8_inputs off the vpdpbusd path) x rounded, in fp32
+  int64_t x_row_stride;
+  DType x_dtype;
   int64_t rows, cols;  // of x a panel holds
   float* buffers;      // rows x cols floats per thread
   float* partial;      // rows x out_features fp32 partial sums (when cols < in_features)
 };
 
 template <int W, int P>
-AQUILA_INLINE void fill_panel(const QuantizedLinear& a, float* panel, int64_t m0, int64_t rows, int64_t k0,
-                              int64_t cols) {
+AQUILA_INLINE void fill_panel(const Panels& p, float* panel, int64_t m0, int64_t rows, int64_t k0, int64_t cols) {
   for (int64_t r = 0; r < rows; ++r) {
-    const int64_t offset = (m0 + r) * a.x_row_stride + k0;
+    const int64_t offset = (m0 + r) * p.x_row_stride + k0;
     float* dst = panel + r * cols;
-    switch (a.dtype) {
-      case DType::f32: fill_row<float, W, P>(dst, static_cast<const float*>(a.x) + offset, cols); break;
-      case DType::f16: fill_row<f16, W, P>(dst, static_cast<const f16*>(a.x) + offset, cols); break;
-      case DType::bf16: fill_row<bf16, W, P>(dst, static_cast<const bf16*>(a.x) + offset, cols); break;
+    switch (p.x_dtype) {
+      case DType::f32: fill_row<float, W, P>(dst, static_cast<const float*>(p.x) + offset, cols); break;
+      case DType::f16: fill_row<f16, W, P>(dst, static_cast<const f16*>(p.x) + offset, cols); break;
+      case DType::bf16: fill_row<bf16, W, P>(dst, static_cast<const bf16*>(p.x) + offset, cols); break;
     }
   }
 }
@@ -107,7 +111,7 @@ AQUILA_INLINE void forward_in_team(const QuantizedLinear& a, const Panels& p, in
     const bool first = k0 == 0, last = k0 + cols == a.in_features;
     for (int64_t m0 = 0; m0 < a.rows; m0 += p.rows) {
       const int64_t rows = std::min(p.rows, a.rows - m0);
-      fill_panel<W, P>(a, panel, m0, rows, k0, cols);
+      fill_panel<W, P>(p, panel, m0, rows, k0, cols);
       for (int64_t b = first_block; b < end_block; ++b) {
         block_dots<W, NB, Bits>(wt, a.out_features, b * NB, panel, cols, rows, k0, cols, 0,
                                 [&](int64_t m, int64_t n, float v) { emit(a, p, m0 + m, n, v, first, last); });
@@ -297,10 +301,9 @@ const float* as_fp32(const void* src, int64_t row_stride, int64_t rows, int64_t 
 // ------------------------------------------------------------------------------------------------------------------
 // The scalar path (int4 with a group size that is not a multiple of 32), and the int8 backward's last columns.
 
-void scalar_forward(const QuantizedLinear& a, int threads) {
+// x: the input in fp32, rows in_features apart.
+void scalar_forward(const QuantizedLinear& a, const float* x, int threads) {
   const Weights wt = weights_of(a);
-  std::vector<float> buffer;
-  const float* x = as_fp32(a.x, a.x_row_stride, a.rows, a.in_features, a.dtype, buffer, threads);
   const int64_t K = a.in_features, N = a.out_features;
 #pragma omp parallel for num_threads(threads) schedule(static)
   for (int64_t n = 0; n < N; ++n) {
@@ -383,6 +386,298 @@ AQUILA_DEQUANTIZE_ROWS(f16)
 AQUILA_DEQUANTIZE_ROWS(bf16)
 #undef AQUILA_DEQUANTIZE_ROWS
 
+// ------------------------------------------------------------------------------------------------------------------
+// Forward with int8 inputs on vpdpbusd (AVX512-VNNI): a GEMM with the rows of x in the vector lanes.
+//
+// x is rounded as the decoding step rounds its inputs (quantize_block: blocks of kInputBlock = 32 columns, one d
+// each) and held in "lanes": per 16 rows of x (a vector, a lane per row) and per quad of 4 columns, 64 bytes, lane t
+// holding row t's four q + 128 (vpdpbusd multiplies unsigned bytes by signed ones). Each quad of a row of W, 4 signed
+// bytes, is broadcast to the 16 lanes by the instruction itself, so one vpdpbusd adds 4 columns' products for 16 rows
+// of x and one of W, and the weights need no layout of their own. A block's int32 sums start from -128 times the
+// block's sum of weights (what the + 128 adds; exact: every partial sum stays below 2^21 in magnitude) and are then
+// scaled by each lane's d into fp32 accumulators.
+//   Int8 weights are broadcast from the weights as they lie. Int4 ones are first unpacked, C rows at a time, into a
+// scratch of bytes 0..15 (L1/L2-resident) that holds each block's low nibbles (columns 2j) then its high ones
+// (2j + 1); x's quads take the same order. The nibbles enter unshifted, so each group's zero adds
+// - zero scale sum_b d_b S_b (S_b: block b's sum of q; "terms"), once per group and row of x, as in the decoding step.
+// Tiles: R = 2 vectors of x (32 rows) by C = 4 rows of W: 8 int32 chains of 8 vpdpbusd a block, beside 8 fp32
+// accumulators a group and 8 in all. Each thread owns a range of W's rows and runs, per panel of x, every tile of its
+// range against every pair of the panel's vectors: W streams from memory once per panel, and each tile reads the
+// panel from the caches (L2, or L3 for long prompts).
+
+constexpr int64_t kLaneRows = 16;
+constexpr int64_t kQuadsPerBlock = kInputBlock / 4;
+// x's lanes a panel holds: a prompt of up to 736 tokens at 11008 columns (2048 at 4096) is one panel. Panels the size of an L2 (512
+// KiB) streamed W from memory once per 32 rows there, and ran 256 rows of Aquila-7B's w2 at 0.93x torch's bf16 matmul
+// of dense weights, against 1.6x-1.9x with one panel (benchmarks/quantized_prefill.py).
+constexpr int64_t kLanePanelBytes = 8 << 20;
+constexpr int kGemmRows = 2, kGemmWeightRows = 4;  // R vectors of x, C rows of W
+
+// Whether the vpdpbusd GEMM takes this call: blocks of x that lie within one group of the weights, and a vector of
+// rows of x at least (with fewer, most lanes would multiply zeros: the fp32 kernels, which read each row of W once for
+// a few rows of x, are then the faster).
+bool int8_gemm_takes(const QuantizedLinear& a) {
+  return has_vnni() && a.rows >= kLaneRows && a.in_features % kInputBlock == 0 &&
+         (a.bits == 8 || a.group_size % kInputBlock == 0);
+}
+
+// x rounded and laid out in lanes, for vectors of kLaneRows rows.
+struct LaneInputs {
+  uint8_t* q;      // [vector][quad][lane][4]: q + 128, each block's quads in the weights' order
+  float* d;        // [vector][block][lane]
+  float* terms;    // int4: [vector][group][lane], sum over the group's blocks of d S
+  int64_t quads, blocks, groups;
+
+  const uint8_t* quad(int64_t v, int64_t quad) const { return q + (v * quads + quad) * 64; }
+  const float* scales(int64_t v, int64_t block) const { return d + (v * blocks + block) * kLaneRows; }
+  const float* group_terms(int64_t v, int64_t g) const { return terms + (v * groups + g) * kLaneRows; }
+};
+
+// The column of x that byte j (j < 4) of quad i (i < kQuadsPerBlock) of a block holds: int8 weights, in order; int4,
+// the block's even columns (low nibbles), then its odd ones.
+template <int Bits>
+AQUILA_INLINE int64_t quad_column(int64_t i, int64_t j) {
+  if constexpr (Bits == 8) return 4 * i + j;
+  return i < kQuadsPerBlock / 2 ? 8 * i + 2 * j : 8 * (i - kQuadsPerBlock / 2) + 2 * j + 1;
+}
+
+// Rows [16 v, 16 v + 16) of x, for the blocks of `unit` (an int4 group: a unit of terms; for int8, one block):
+// rounded, laid out, and their d and terms. Rows past x's are zeros (q = 0, d = 0).
+template <int Bits>
+AQUILA_INLINE void fill_lanes(const QuantizedLinear& a, const LaneInputs& x, int64_t v, int64_t first_block, int64_t blocks) {
+  float values[kInputBlock];
+  int8_t q[kInputBlock];
+  for (int64_t lane = 0; lane < kLaneRows; ++lane) {
+    const int64_t row = v * kLaneRows + lane;
+    double term = 0.0;
+    for (int64_t b = first_block; b < first_block + blocks; ++b) {
+      float d = 0.0f;
+      int sum = 0;
+      std::fill(q, q + kInputBlock, int8_t{0});
+      if (row < a.rows) {
+        dispatch_dtype(a.dtype, [&](auto* tag) {
+          using T = std::remove_pointer_t<decltype(tag)>;
+          const T* src = static_cast<const T*>(a.x) + row * a.x_row_stride + b * kInputBlock;
+          for (int64_t i = 0; i < kInputBlock; ++i) values[i] = to_float(src[i]);
+        });
+        d = quantize_block(values, kInputBlock, q);
+        for (int64_t i = 0; i < kInputBlock; ++i) sum += q[i];
+      }
+      for (int64_t i = 0; i < kQuadsPerBlock; ++i) {
+        uint8_t* lane_bytes = const_cast<uint8_t*>(x.quad(v, b * kQuadsPerBlock + i)) + lane * 4;
+        for (int64_t j = 0; j < 4; ++j) lane_bytes[j] = static_cast<uint8_t>(q[quad_column<Bits>(i, j)] + 128);
+      }
+      x.d[(v * x.blocks + b) * kLaneRows + lane] = d;
+      term += static_cast<double>(d) * sum;
+    }
+    if constexpr (Bits == 4) x.terms[(v * x.groups + first_block / blocks) * kLaneRows + lane] = static_cast<float>(term);
+  }
+}
+
+// Per thread: C rows of W ready for the tiles. int8: their rows as they lie; int4: unpacked into the scratch. And each
+// block's -128 sum of weights (int4: of nibbles), the start of its int32 sums.
+struct WeightRows {
+  const uint8_t* rows[kGemmWeightRows];
+  int64_t padded_blocks;  // the blocks of a row, rounded up to whole vectors of weights (4 blocks)
+  int32_t* starts;        // [C][padded_blocks]
+  uint8_t* scratch;       // int4: [C][padded_blocks * 32]
+};
+
+using Bytes64 = uint8_t __attribute__((vector_size(64)));
+using Quads64 = uint64_t __attribute__((vector_size(64)));
+
+// The sum of each 32-byte half of v's unsigned bytes: vpsadbw against zeros sums each 8 bytes (inline assembly, as
+// dot_bytes), then the half's four sums.
+AQUILA_INLINE void half_sums(const Bytes64& v, int32_t (&sums)[2]) {
+  Quads64 eights;
+  asm("vpsadbw %[zeros], %[v], %[eights]" : [eights] "=v"(eights) : [v] "v"(v), [zeros] "v"(Bytes64{}));
+  sums[0] = static_cast<int32_t>(eights[0] + eights[1] + eights[2] + eights[3]);
+  sums[1] = static_cast<int32_t>(eights[4] + eights[5] + eights[6] + eights[7]);
+}
+
+// 64 bytes from p, of which only `count` are to be read (the rest zeros): a whole vector in a loop's body, fewer once
+// at a row's end (a copy of variable size costs far more than the vector's work).
+AQUILA_INLINE void load_bytes(Bytes64& v, const uint8_t* p, int64_t count) {
+  if (count >= 64) {
+    std::memcpy(&v, p, 64);
+  } else {
+    v = Bytes64{};
+    std::memcpy(&v, p, count);
+  }
+}
+
+template <int Bits>
+AQUILA_INLINE void prepare_rows(const QuantizedLinear& a, const int64_t (&n)[kGemmWeightRows], WeightRows& w) {
+  const int64_t blocks = a.in_features / kInputBlock;
+  for (int c = 0; c < kGemmWeightRows; ++c) {
+    int32_t* starts = w.starts + c * w.padded_blocks;
+    if constexpr (Bits == 8) {
+      const uint8_t* row = static_cast<const uint8_t*>(a.qweight) + n[c] * a.in_features;
+      w.rows[c] = row;
+      for (int64_t b = 0; b < blocks; b += 2) {  // 64 bytes: 2 blocks
+        Bytes64 v;
+        load_bytes(v, row + b * kInputBlock, a.in_features - b * kInputBlock);
+        int32_t sums[2];
+        half_sums(v ^ 0x80, sums);  // of w + 128
+        starts[b] = -128 * (sums[0] - 128 * kInputBlock);
+        starts[b + 1] = -128 * (sums[1] - 128 * kInputBlock);
+      }
+    } else {
+      const Bytes64 low = Bytes64{} + 15;
+      const uint8_t* row = static_cast<const uint8_t*>(a.qweight) + n[c] * a.in_features / 2;
+      uint8_t* out = w.scratch + c * w.padded_blocks * kInputBlock;
+      w.rows[c] = out;
+      for (int64_t b = 0; b < blocks; b += 4) {  // 64 packed bytes: 4 blocks, 128-bit lane L holding block b + L
+        Bytes64 v;
+        load_bytes(v, row + b * kInputBlock / 2, (blocks - b) * kInputBlock / 2);
+        const Quads64 even = (Quads64)(v & low), odd = (Quads64)((v >> 4) & low);
+        const Quads64 first = __builtin_shuffle(even, odd, Quads64{0, 1, 8, 9, 2, 3, 10, 11});
+        const Quads64 second = __builtin_shuffle(even, odd, Quads64{4, 5, 12, 13, 6, 7, 14, 15});
+        int32_t sums[2];
+        half_sums((Bytes64)first, sums);
+        starts[b] = -128 * sums[0], starts[b + 1] = -128 * sums[1];
+        half_sums((Bytes64)second, sums);
+        starts[b + 2] = -128 * sums[0], starts[b + 3] = -128 * sums[1];
+        std::memcpy(out + b * kInputBlock, &first, 64);
+        std::memcpy(out + (b + 2) * kInputBlock, &second, 64);
+      }
+    }
+  }
+}
+
+// One quad (4 columns, from byte `offset` of each prepared row) of every row of a tile: sums[r][c] += the lanes of
+// vector r times row c's quad. A recursion over the rows, as step_rows, so that the sums stay in registers.
+template <int R, int C, int Row>
+AQUILA_INLINE void quad_rows(Words16 (&sums)[R][C], const Words16 (&lanes)[R], const uint8_t* const (&rows)[C],
+                             int64_t offset) {
+  if constexpr (Row < C) {
+#pragma GCC unroll 4
+    for (int r = 0; r < R; ++r) dot_bytes_broadcast(sums[r][Row], lanes[r], rows[Row] + offset);
+    quad_rows<R, C, Row + 1>(sums, lanes, rows, offset);
+  }
+}
+
+// R vectors of x from v against the C prepared rows n of W: out rows 16 v.., columns n, in x's dtype.
+// Compiled on its own (not inlined into its caller, where GCC kept the int32 sums in memory).
+template <int R, int Bits>
+AQUILA_TARGET_AVX512 __attribute__((noinline)) void gemm_tile(const QuantizedLinear& a, const LaneInputs& x, int64_t v,
+                             const int64_t (&n)[kGemmWeightRows], int64_t valid, const WeightRows& w) {
+  constexpr int C = kGemmWeightRows;
+  using V = Lanes<16>::type;
+  const Weights wt = weights_of(a);
+  const int64_t blocks = a.in_features / kInputBlock;
+  const int64_t blocks_per_group = Bits == 4 ? a.group_size / kInputBlock : blocks;
+  V acc[R][C] = {};
+  for (int64_t g = 0; g < blocks / blocks_per_group; ++g) {
+    V group_acc[R][C] = {};
+    for (int64_t b = g * blocks_per_group; b < (g + 1) * blocks_per_group; ++b) {
+      Words16 sums[R][C];
+#pragma GCC unroll 4
+      for (int c = 0; c < C; ++c) {
+        const Words16 start = Words16{} + static_cast<uint32_t>(w.starts[c * w.padded_blocks + b]);
+#pragma GCC unroll 2
+        for (int r = 0; r < R; ++r) sums[r][c] = start;
+      }
+#pragma GCC unroll 8
+      for (int64_t i = 0; i < kQuadsPerBlock; ++i) {
+        Words16 lanes[R];
+#pragma GCC unroll 4
+        for (int r = 0; r < R; ++r) std::memcpy(&lanes[r], x.quad(v + r, b * kQuadsPerBlock + i), 64);
+        quad_rows<R, C, 0>(sums, lanes, w.rows, b * kInputBlock + 4 * i);
+      }
+#pragma GCC unroll 2
+      for (int r = 0; r < R; ++r) {
+        V d;
+        load(d, x.scales(v + r, b));
+#pragma GCC unroll 4
+        for (int c = 0; c < C; ++c) {
+          V products;
+          lanes_of(products, sums[r][c]);
+          group_acc[r][c] += products * d;
+        }
+      }
+    }
+#pragma GCC unroll 4
+    for (int c = 0; c < C; ++c) {
+      const float scale = Bits == 8 ? a.scales[n[c]] : wt.scale(n[c], g);
+#pragma GCC unroll 2
+      for (int r = 0; r < R; ++r) {
+        acc[r][c] += group_acc[r][c] * scale;
+        if constexpr (Bits == 4) {
+          V terms;
+          load(terms, x.group_terms(v + r, g));
+          acc[r][c] -= (wt.zero(n[c], g) * scale) * terms;
+        }
+      }
+    }
+  }
+  for (int r = 0; r < R; ++r) {
+    float values[kLaneRows];
+    for (int c = 0; c < valid; ++c) {
+      store(values, acc[r][c]);
+      const float bias = a.bias ? a.bias[n[c]] : 0.0f;
+      for (int64_t lane = 0; lane < kLaneRows && (v + r) * kLaneRows + lane < a.rows; ++lane)
+        store_value(a.dtype, a.out, ((v + r) * kLaneRows + lane) * a.out_features + n[c], values[lane] + bias);
+    }
+  }
+}
+
+template <int Bits>
+AQUILA_TARGET_AVX512 __attribute__((noinline)) void int8_gemm_in_team(const QuantizedLinear& a, const LaneInputs& x,
+                                                                     int64_t vectors, WeightRows w, int thread,
+                                                                     int team) {
+  constexpr int C = kGemmWeightRows;
+  // Fill the lanes: per (vector, unit of blocks), a group for int4 (its terms), a block for int8.
+  const int64_t unit = Bits == 4 ? a.group_size / kInputBlock : 1;
+  const int64_t units = x.blocks / unit;
+#pragma omp for schedule(static)
+  for (int64_t item = 0; item < vectors * units; ++item)
+    fill_lanes<Bits>(a, x, item / units, item % units * unit, unit);
+  // Every thread's rows of W against every vector of x, a panel of vectors at a time.
+  const int64_t tiles = (a.out_features + C - 1) / C;
+  const int64_t first = tiles * thread / team, end = tiles * (thread + 1) / team;
+  const int64_t panel = std::max<int64_t>(kGemmRows, kLanePanelBytes / (kLaneRows * a.in_features) / kGemmRows *
+                                                         kGemmRows);
+  for (int64_t v0 = 0; v0 < vectors; v0 += panel) {
+    const int64_t v_end = std::min(vectors, v0 + panel);
+    for (int64_t tile = first; tile < end; ++tile) {
+      int64_t n[C];
+      for (int c = 0; c < C; ++c) n[c] = std::min(tile * C + c, a.out_features - 1);  // past the end: not stored
+      const int64_t valid = std::min<int64_t>(C, a.out_features - tile * C);
+      prepare_rows<Bits>(a, n, w);
+      int64_t v = v0;
+      for (; v + kGemmRows <= v_end; v += kGemmRows) gemm_tile<kGemmRows, Bits>(a, x, v, n, valid, w);
+      if (v < v_end) gemm_tile<1, Bits>(a, x, v, n, valid, w);
+    }
+  }
+}
+
+void int8_inputs_forward(const QuantizedLinear& a, int threads) {
+  const int64_t vectors = (a.rows + kLaneRows - 1) / kLaneRows;
+  const int64_t blocks = a.in_features / kInputBlock;
+  LaneInputs x{};
+  x.quads = a.in_features / 4, x.blocks = blocks, x.groups = a.bits == 4 ? a.in_features / a.group_size : 1;
+  // Allocated here, where running out of memory throws, rather than inside the parallel region, where it would abort.
+  std::vector<uint8_t> q(vectors * kLaneRows * a.in_features);
+  std::vector<float> d(vectors * blocks * kLaneRows), terms(vectors * x.groups * kLaneRows);
+  x.q = q.data(), x.d = d.data(), x.terms = terms.data();
+  const int64_t padded_blocks = (blocks + 3) / 4 * 4, rows = kGemmWeightRows * padded_blocks;
+  std::vector<int32_t> starts(threads * rows);
+  std::vector<uint8_t> scratch(a.bits == 4 ? threads * rows * kInputBlock : 0);
+#pragma omp parallel num_threads(threads)
+  {
+    WeightRows w{};
+    w.padded_blocks = padded_blocks;
+    w.starts = starts.data() + thread_id() * rows;
+    w.scratch = scratch.data() + (a.bits == 4 ? thread_id() * rows * kInputBlock : 0);
+    if (a.bits == 4) {
+      int8_gemm_in_team<4>(a, x, vectors, w, thread_id(), team_size());
+    } else {
+      int8_gemm_in_team<8>(a, x, vectors, w, thread_id(), team_size());
+    }
+  }
+}
+
 }  // namespace
 
 void quantized_dequantize(const QuantizedDequantize& args, int threads) {
@@ -403,14 +698,30 @@ void quantized_linear(const QuantizedLinear& args, int threads) {
   check(args, "quantized_linear");
   if (args.rows <= 0 || args.out_features <= 0) return;
   threads = std::max(threads, 1);
+  if (args.int8_inputs && int8_gemm_takes(args)) {
+    int8_inputs_forward(args, threads);
+    return;
+  }
+  Panels p{args.x, args.x_row_stride, args.dtype};
+  std::vector<float> x_buffer;
+  if (args.int8_inputs) {  // x rounded to int8 and back, in fp32, for the fp32 kernels
+    const float* x = as_fp32(args.x, args.x_row_stride, args.rows, args.in_features, args.dtype, x_buffer, threads);
+    std::vector<float> rounded(args.rows * args.in_features);
+#pragma omp parallel for num_threads(threads) schedule(static)
+    for (int64_t r = 0; r < args.rows; ++r)
+      dequantize_int8_row(x + r * args.in_features, args.in_features, rounded.data() + r * args.in_features);
+    x_buffer.swap(rounded);
+    p.x = x_buffer.data(), p.x_row_stride = args.in_features, p.x_dtype = DType::f32;
+  }
   const int w = vector_width(args.bits, args.group_size);
   if (w == 0) {
-    scalar_forward(args, threads);
+    std::vector<float> buffer;
+    scalar_forward(args, as_fp32(p.x, p.x_row_stride, args.rows, args.in_features, p.x_dtype, buffer, threads),
+                   threads);
     return;
   }
   // Panels: up to kPanelRows rows of x and as many columns as kPanelFloats allow, in whole groups (int4) or steps.
   const int64_t unit = args.bits == 4 ? args.group_size : 4 * w;
-  Panels p{};
   p.rows = std::min(args.rows, kPanelRows);
   p.cols = p.rows * args.in_features <= kPanelFloats
                ? args.in_features

@@ -16,6 +16,7 @@
 #pragma once
 
 #include <algorithm>
+#include <cmath>
 #include <cstring>
 
 #include "cpu/common.h"
@@ -107,6 +108,11 @@ struct Int8Planes {
     int8_plane<W, J>(w, words);
   }
 };
+
+// The int32 lanes of a vpdpbusd sum as fp32 (exact: a lane's sum is below 2^24 in magnitude).
+AQUILA_INLINE void lanes_of(Lanes<16>::type& out, const Words16& sums) {
+  out = __builtin_convertvector((Words<16>::signed_type)sums, Lanes<16>::type);
+}
 
 // The lanes of v summed pairwise, as a tree: W dependent scalar adds would cost as much as a row's FMAs.
 template <int W>
@@ -245,6 +251,37 @@ AQUILA_INLINE void block_dots(const Weights& wt, int64_t rows, int64_t n_first, 
     m += 2;
   }
   if (inputs - m == 1) tile_rows<W, NB, 1, Bits>(wt, rows, n_first, x, x_stride, m, k0, cols, prefetch, emit);
+}
+
+// --- Inputs rounded to int8 ---------------------------------------------------------------------------------------
+// A quantized projection's input rounded to int8 (int8_inputs of DecodeStep and QuantizedLinear): in blocks of
+// kInputBlock columns from the first (the last may be shorter), d = max |x| / 127 and q = x / d rounded to nearest,
+// ties to even (within +-127), both in fp32; x is then taken as d q. A block of zeros (or so small that d is 0) has q = 0; one holding a NaN or an infinity has
+// d = NaN, which the products carry to the output as the fp32 inputs would.
+constexpr int64_t kInputBlock = 32;
+
+AQUILA_INLINE float quantize_block(const float* __restrict x, int64_t count, int8_t* __restrict q) {
+  float largest = 0.0f;
+  for (int64_t i = 0; i < count; ++i) {
+    const float magnitude = std::fabs(x[i]);
+    largest = magnitude > largest || magnitude != magnitude ? magnitude : largest;
+  }
+  const float d = largest < __builtin_inff() ? largest / 127.0f : __builtin_nanf("");
+  // Clamped: where d is subnormal it may round far below max |x| / 127, and x / d past 127.
+  for (int64_t i = 0; i < count; ++i)
+    q[i] = d > 0.0f ? static_cast<int8_t>(std::clamp(std::nearbyint(x[i] / d), -127.0f, 127.0f)) : 0;
+  return d;
+}
+
+// A row rounded to int8 and back, d q in fp32: the inputs of the fp32 kernels under int8_inputs (where the vpdpbusd
+// loops do not apply).
+AQUILA_INLINE void dequantize_int8_row(const float* __restrict x, int64_t cols, float* __restrict out) {
+  int8_t q[kInputBlock];
+  for (int64_t c0 = 0; c0 < cols; c0 += kInputBlock) {
+    const int64_t count = std::min(kInputBlock, cols - c0);
+    const float d = quantize_block(x + c0, count, q);
+    for (int64_t i = 0; i < count; ++i) out[c0 + i] = d * static_cast<float>(q[i]);
+  }
 }
 
 }  // namespace aquila::cpu

@@ -13,9 +13,11 @@ from aquila.kernels import UnsupportedBackend, quantized_linear
 from aquila.kernels import backend as _backend
 from aquila.kernels.quantized_linear import (
     DEQUANTIZED_MATMUL_ROWS,
+    INPUT_BLOCK,
     cpu_dequantize,
     dequantize,
     dequantizes_for_matmul,
+    round_inputs_to_int8,
 )
 from tests.helpers import backend_params, with_dtypes
 from tests.tolerance import assert_matches_reference
@@ -228,14 +230,106 @@ def test_compiles_in_one_graph():
         torch.testing.assert_close(grad, eager_grad)
 
 
+# --- int8_inputs: x rounded to int8 first ---------------------------------------------------------------------------
+# The reference rounds x with round_inputs_to_int8 (blocks of 32 columns, from x's fp32 values), then multiplies in
+# float64. On a CPU with VNNI, 16 rows or more whose blocks lie within the weights' groups (in_features a multiple of
+# 32; int4: the group size too) run on the vpdpbusd GEMM: 16 rows (one vector of lanes), 17 and 40 (a part-filled
+# vector), 130 (panels of vectors); fewer rows, and the other widths (int8 at 33 columns a unit, int4 g6), take the
+# fp32 kernels on the rounded x.
+INT8_INPUT_BACKENDS = [p for p in BACKENDS if p.values in (("cpu", "cpu"), ("torch", "cpu"))]
+INT8_INPUT_SHAPES = [(1, 4, 37), (5, 3, 9), (16, 1, 5), (17, 2, 33), (40, 4, 7), (130, 2, 1)]  # rows, units, out
+
+
+def int8_input_width(kind, units, whole_blocks=True):
+    """units groups (int4), or units blocks of 32 columns (int8; with whole_blocks False, 33 columns a unit)."""
+    bits, group_size, _ = KINDS[kind]
+    return units * (group_size if bits == 4 else INPUT_BLOCK if whole_blocks else 33)
+
+
+def check_int8_inputs(kind, rows, in_features, out_features, dtype, backend, x=None):
+    bits, group_size, asymmetric = KINDS[kind]
+    weights = make_weights(kind, out_features, in_features)
+    x = torch.randn(rows, in_features).to(dtype) if x is None else x
+    bias = torch.randn(out_features)
+    out = quantized_linear(x, *weights, bits=bits, group_size=group_size, bias=bias, symmetric=not asymmetric,
+                           int8_inputs=True, backend=backend)
+    assert out.shape == (rows, out_features) and out.dtype == dtype
+    expected = round_inputs_to_int8(x) @ exact_weight(*weights, bits, group_size).T + bias.double()
+    assert_matches_reference(out, expected)
+    return out
+
+
+@pytest.mark.parametrize("backend, device, dtype", with_dtypes(INT8_INPUT_BACKENDS))
+@pytest.mark.parametrize("kind, whole_blocks", [(kind, True) for kind in KINDS] + [("int8", False)],
+                         ids=[*KINDS, "int8-33-column-units"])
+@pytest.mark.parametrize("shape", INT8_INPUT_SHAPES, ids=str)
+def test_int8_inputs_match_float64_reference(backend, device, dtype, kind, whole_blocks, shape):
+    rows, units, out_features = shape
+    check_int8_inputs(kind, rows, int8_input_width(kind, units, whole_blocks), out_features, dtype, backend)
+
+
+# Aquila-7B's widths: panels of vectors for the long rows (11008 columns), many blocks a row.
+@pytest.mark.parametrize("kind", ["int8", "int4-g128-sym", "int4-g128-asym", "int4-g32-sym"])
+@pytest.mark.parametrize("rows, in_features, out_features", [(64, 4096, 19), (70, 11008, 6)], ids=str)
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
+def test_int8_inputs_at_aquila_7b_widths(kind, rows, in_features, out_features, dtype):
+    check_int8_inputs(kind, rows, in_features, out_features, dtype, "cpu")
+
+
+@pytest.mark.parametrize("kind", ["int8", "int4-g64-asym"])
+def test_int8_inputs_carry_a_non_finite_input_to_its_row_only(kind):
+    """A NaN or an infinity makes its block's scale NaN: its row's outputs are NaN, every other row's exact."""
+    in_features = int8_input_width(kind, 2)
+    x = torch.randn(20, in_features)
+    x[3, 5], x[17, in_features - 1] = float("nan"), float("inf")
+    bits, group_size, asymmetric = KINDS[kind]
+    weights = make_weights(kind, 9, in_features)
+    out = quantized_linear(x, *weights, bits=bits, group_size=group_size, symmetric=not asymmetric, int8_inputs=True)
+    finite = torch.ones(20, dtype=torch.bool)
+    finite[[3, 17]] = False
+    assert out[~finite].isnan().all()
+    expected = round_inputs_to_int8(x[finite]) @ exact_weight(*weights, bits, group_size).T
+    assert_matches_reference(out[finite], expected)
+
+
+@pytest.mark.parametrize("kind", ["int8", "int4-g128-asym"])
+def test_int8_inputs_do_not_depend_on_the_thread_count(kind):
+    weights = make_weights(kind, 45, int8_input_width(kind, 4))
+    bits, group_size, asymmetric = KINDS[kind]
+    x = torch.randn(37, int8_input_width(kind, 4))
+    results = []
+    threads = torch.get_num_threads()
+    try:
+        for count in (1, 3):
+            torch.set_num_threads(count)
+            results.append(quantized_linear(x, *weights, bits=bits, group_size=group_size, symmetric=not asymmetric,
+                                            int8_inputs=True, backend="cpu"))
+    finally:
+        torch.set_num_threads(threads)
+    assert torch.equal(results[0], results[1])
+
+
+def test_int8_inputs_are_for_inference_on_the_cpu():
+    weights = make_weights("int8", 4, 64)
+    x = torch.randn(2, 64, requires_grad=True)
+    with pytest.raises(ValueError, match="int8_inputs rounds x for inference and has no gradient"):
+        quantized_linear(x, *weights, bits=8, int8_inputs=True)
+    with pytest.raises(ValueError, match="int8_inputs must be a bool, got 1"):
+        quantized_linear(x.detach(), *weights, bits=8, int8_inputs=1)
+    with pytest.raises(UnsupportedBackend, match=r"triton does not round inputs to int8 \(int8_inputs"):
+        quantized_linear(x.detach(), *weights, bits=8, int8_inputs=True, backend="triton")
+
+
 @pytest.mark.parametrize("isa", ["avx2", "baseline"])
 def test_narrower_cpu_paths(isa):
     """The CPU kernels have AVX2 and baseline bodies (8- and 4-lane vectors); this machine may run AVX-512, so force
-    each in a fresh process (the choice is made once per process) and compare with float64."""
+    each in a fresh process (the choice is made once per process) and compare with float64. With int8_inputs, those
+    ISAs round x and run the fp32 kernels (no vpdpbusd)."""
     script = f"""
 import torch
 from aquila import _C
-from tests.kernels.test_quantized_linear import KINDS, check_forward_and_gradients, in_features_of
+from tests.kernels.test_quantized_linear import (KINDS, check_forward_and_gradients, check_int8_inputs,
+                                                in_features_of, int8_input_width)
 assert _C.cpu_isa() == "{isa}", _C.cpu_isa()
 torch.manual_seed(0)
 for kind in KINDS:
@@ -243,6 +337,7 @@ for kind in KINDS:
         for dtype in (torch.float32, torch.bfloat16):
             check_forward_and_gradients(kind, (rows,), in_features_of(kind, units), out_features, True, dtype, "cpu",
                                         "cpu")
+            check_int8_inputs(kind, rows, int8_input_width(kind, units), out_features, dtype, "cpu")
 print("ok")
 """
     env = {**os.environ, "AQUILA_CPU_ISA": isa, "PYTHONPATH": REPO + os.pathsep + os.environ.get("PYTHONPATH", "")}
@@ -318,7 +413,7 @@ def test_bad_input_gets_a_clear_error(call_, error, words):
 def test_the_cpu_kernel_checks_its_own_arguments():
     """A direct caller of aquila._C gets an error where Python would have refused the call, not a crash."""
     fields = dict(x=0, x_row_stride=64, qweight=0, scales=0, zeros=0, bias=0, out=0, rows=1, in_features=64,
-                  out_features=4, bits=3, group_size=32, dtype=0)
+                  out_features=4, bits=3, group_size=32, dtype=0, int8_inputs=False)
     with pytest.raises(ValueError, match="aquila quantized_linear: bits must be 4 or 8, got 3"):
         _backend.cpu_extension.quantized_linear(fields, 1)
     fields.update(bits=4, group_size=24)

@@ -6,6 +6,7 @@ import pytest
 import torch
 import torch.nn.functional as F
 
+from aquila import kernels
 from aquila.model import native_decode
 from aquila.model.config import AquilaConfig
 from aquila.model.generate import Sampling, generate
@@ -379,3 +380,34 @@ def test_a_quantized_model_decodes_on_the_native_step(dtype):
             for _ in range(8):
                 sequence.append(int(model(torch.tensor([sequence]))[0, -1].argmax()))
         assert tokens == sequence[5:]
+
+
+@pytest.mark.parametrize("forced, dtype", [("1", torch.float32), ("0", torch.bfloat16), (None, torch.bfloat16),
+                                           (None, torch.float32)])
+def test_a_prefill_rounds_quantized_inputs_where_the_decoding_step_does(monkeypatch, forced, dtype):
+    """forward_with_cache's quantized linears take int8 inputs exactly where the decoding step made for the same model
+    does (AQUILA_DECODE_INT8_INPUTS, else bf16 on a CPU with VNNI); the training forward never does."""
+    if forced is None:
+        monkeypatch.delenv(native_decode.INT8_INPUTS_ENV, raising=False)
+    else:
+        monkeypatch.setenv(native_decode.INT8_INPUTS_ENV, forced)
+    model = quantize_model(tiny_model().to(dtype), 4, 16)
+    cache = KVCache(model.config, 1, 32, dtype=dtype)
+    step = native_decode.decoder(model, cache)
+    if step is None:
+        pytest.skip("the native decoding step does not run here (no CPU extension)")
+    calls = []
+    original = kernels.quantized_linear
+
+    def recording(*args, **kwargs):
+        calls.append(kwargs["int8_inputs"])
+        return original(*args, **kwargs)
+
+    monkeypatch.setattr(kernels, "quantized_linear", recording)
+    prompt = torch.randint(0, 97, (1, 20))
+    model.forward_with_cache(prompt, cache)
+    assert len(calls) == 2 * 7 + 1 and set(calls) == {step.int8_inputs}
+    calls.clear()
+    with torch.no_grad():
+        model(prompt)
+    assert len(calls) == 2 * 7 + 1 and set(calls) == {False}
