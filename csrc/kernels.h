@@ -299,8 +299,9 @@ struct DecodeLayer {
 // logits[b] of the token tokens[b] placed at position lengths[b] of sequence b (its filled cache length, which the
 // caller then advances). workspace: batch * (3 dim + 2 heads head_dim + 2 kv_heads head_dim + 2 hidden_dim +
 // heads * max_len + max(dim, heads head_dim, hidden_dim)) floats (the last: a projection's input copied into the form
-// its weights' kernel reads: a quantized one's in the order its dequantized planes come in, a bf16 one's rounded). prefetch_bytes: how far ahead of its reads a projection prefetches its
-// weights (0: not at all); the best distance depends on the host, so the caller chooses it.
+// its weights' kernel reads: a quantized one's in the order its dequantized planes come in, a bf16 one's rounded).
+// prefetch_bytes: how far ahead of its reads a projection prefetches its weights (0: not at all); the best distance
+// depends on the host, so the caller chooses it.
 struct DecodeStep {
   int64_t batch, dim, heads, kv_heads, head_dim, hidden_dim, vocab, max_len, n_layers;
   float eps;

@@ -407,9 +407,9 @@ AQUILA_DEQUANTIZE_ROWS(bf16)
 
 constexpr int64_t kLaneRows = 16;
 constexpr int64_t kQuadsPerBlock = kInputBlock / 4;
-// x's lanes a panel holds: a prompt of up to 736 tokens at 11008 columns (2048 at 4096) is one panel. Panels the size of an L2 (512
-// KiB) streamed W from memory once per 32 rows there, and ran 256 rows of Aquila-7B's w2 at 0.93x torch's bf16 matmul
-// of dense weights, against 1.6x-1.9x with one panel (benchmarks/quantized_prefill.py).
+// x's lanes a panel holds: a prompt of up to 736 tokens at 11008 columns (2048 at 4096) is one panel. Panels the
+// size of an L2 (512 KiB) streamed W from memory once per 32 rows there, and ran 256 rows of Aquila-7B's w2 at 0.93x
+// torch's bf16 matmul of dense weights, against 1.6x-1.9x with one panel (benchmarks/quantized_prefill.py).
 constexpr int64_t kLanePanelBytes = 8 << 20;
 constexpr int kGemmRows = 2, kGemmWeightRows = 4;  // R vectors of x, C rows of W
 
@@ -428,9 +428,9 @@ struct LaneInputs {
   float* terms;    // int4: [vector][group][lane], sum over the group's blocks of d S
   int64_t quads, blocks, groups;
 
-  const uint8_t* quad(int64_t v, int64_t quad) const { return q + (v * quads + quad) * 64; }
-  const float* scales(int64_t v, int64_t block) const { return d + (v * blocks + block) * kLaneRows; }
-  const float* group_terms(int64_t v, int64_t g) const { return terms + (v * groups + g) * kLaneRows; }
+  uint8_t* quad(int64_t v, int64_t quad) const { return q + (v * quads + quad) * 64; }
+  float* scales(int64_t v, int64_t block) const { return d + (v * blocks + block) * kLaneRows; }
+  float* group_terms(int64_t v, int64_t g) const { return terms + (v * groups + g) * kLaneRows; }
 };
 
 // The column of x that byte j (j < 4) of quad i (i < kQuadsPerBlock) of a block holds: int8 weights, in order; int4,
@@ -444,7 +444,8 @@ AQUILA_INLINE int64_t quad_column(int64_t i, int64_t j) {
 // Rows [16 v, 16 v + 16) of x, for the blocks of `unit` (an int4 group: a unit of terms; for int8, one block):
 // rounded, laid out, and their d and terms. Rows past x's are zeros (q = 0, d = 0).
 template <int Bits>
-AQUILA_INLINE void fill_lanes(const QuantizedLinear& a, const LaneInputs& x, int64_t v, int64_t first_block, int64_t blocks) {
+AQUILA_INLINE void fill_lanes(const QuantizedLinear& a, const LaneInputs& x, int64_t v, int64_t first_block,
+                              int64_t blocks) {
   float values[kInputBlock];
   int8_t q[kInputBlock];
   for (int64_t lane = 0; lane < kLaneRows; ++lane) {
@@ -464,13 +465,13 @@ AQUILA_INLINE void fill_lanes(const QuantizedLinear& a, const LaneInputs& x, int
         for (int64_t i = 0; i < kInputBlock; ++i) sum += q[i];
       }
       for (int64_t i = 0; i < kQuadsPerBlock; ++i) {
-        uint8_t* lane_bytes = const_cast<uint8_t*>(x.quad(v, b * kQuadsPerBlock + i)) + lane * 4;
+        uint8_t* lane_bytes = x.quad(v, b * kQuadsPerBlock + i) + lane * 4;
         for (int64_t j = 0; j < 4; ++j) lane_bytes[j] = static_cast<uint8_t>(q[quad_column<Bits>(i, j)] + 128);
       }
-      x.d[(v * x.blocks + b) * kLaneRows + lane] = d;
+      x.scales(v, b)[lane] = d;
       term += static_cast<double>(d) * sum;
     }
-    if constexpr (Bits == 4) x.terms[(v * x.groups + first_block / blocks) * kLaneRows + lane] = static_cast<float>(term);
+    if constexpr (Bits == 4) x.group_terms(v, first_block / blocks)[lane] = static_cast<float>(term);
   }
 }
 
@@ -560,8 +561,9 @@ AQUILA_INLINE void quad_rows(Words16 (&sums)[R][C], const Words16 (&lanes)[R], c
 // R vectors of x from v against the C prepared rows n of W: out rows 16 v.., columns n, in x's dtype.
 // Compiled on its own (not inlined into its caller, where GCC kept the int32 sums in memory).
 template <int R, int Bits>
-AQUILA_TARGET_AVX512 __attribute__((noinline)) void gemm_tile(const QuantizedLinear& a, const LaneInputs& x, int64_t v,
-                             const int64_t (&n)[kGemmWeightRows], int64_t valid, const WeightRows& w) {
+AQUILA_TARGET_AVX512 __attribute__((noinline)) void gemm_tile(const QuantizedLinear& a, const LaneInputs& x,
+                                                              int64_t v, const int64_t (&n)[kGemmWeightRows],
+                                                              int64_t valid, const WeightRows& w) {
   constexpr int C = kGemmWeightRows;
   using V = Lanes<16>::type;
   const Weights wt = weights_of(a);
@@ -703,15 +705,15 @@ void quantized_linear(const QuantizedLinear& args, int threads) {
     return;
   }
   Panels p{args.x, args.x_row_stride, args.dtype};
-  std::vector<float> x_buffer;
+  std::vector<float> rounded;
   if (args.int8_inputs) {  // x rounded to int8 and back, in fp32, for the fp32 kernels
-    const float* x = as_fp32(args.x, args.x_row_stride, args.rows, args.in_features, args.dtype, x_buffer, threads);
-    std::vector<float> rounded(args.rows * args.in_features);
+    std::vector<float> buffer;
+    const float* x = as_fp32(args.x, args.x_row_stride, args.rows, args.in_features, args.dtype, buffer, threads);
+    rounded.resize(args.rows * args.in_features);
 #pragma omp parallel for num_threads(threads) schedule(static)
     for (int64_t r = 0; r < args.rows; ++r)
       dequantize_int8_row(x + r * args.in_features, args.in_features, rounded.data() + r * args.in_features);
-    x_buffer.swap(rounded);
-    p.x = x_buffer.data(), p.x_row_stride = args.in_features, p.x_dtype = DType::f32;
+    p.x = rounded.data(), p.x_row_stride = args.in_features, p.x_dtype = DType::f32;
   }
   const int w = vector_width(args.bits, args.group_size);
   if (w == 0) {

@@ -256,8 +256,9 @@ AQUILA_INLINE void block_dots(const Weights& wt, int64_t rows, int64_t n_first, 
 // --- Inputs rounded to int8 ---------------------------------------------------------------------------------------
 // A quantized projection's input rounded to int8 (int8_inputs of DecodeStep and QuantizedLinear): in blocks of
 // kInputBlock columns from the first (the last may be shorter), d = max |x| / 127 and q = x / d rounded to nearest,
-// ties to even (within +-127), both in fp32; x is then taken as d q. A block of zeros (or so small that d is 0) has q = 0; one holding a NaN or an infinity has
-// d = NaN, which the products carry to the output as the fp32 inputs would.
+// ties to even (within +-127), both in fp32; x is then taken as d q. A block of zeros (or so small that d is 0) has
+// q = 0; one holding a NaN or an infinity has d = NaN, which the products carry to the output as the fp32 inputs
+// would.
 constexpr int64_t kInputBlock = 32;
 
 AQUILA_INLINE float quantize_block(const float* __restrict x, int64_t count, int8_t* __restrict q) {
