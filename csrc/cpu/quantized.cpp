@@ -558,6 +558,23 @@ AQUILA_INLINE void quad_rows(Words16 (&sums)[R][C], const Words16 (&lanes)[R], c
   }
 }
 
+// A tile's sums, with the bias, into out in T: for each row of x (a lane), its outputs at the `valid` columns from n0,
+// side by side (the type chosen once a tile, not per element).
+template <typename T, int R>
+AQUILA_INLINE void store_tile(const QuantizedLinear& a, const Lanes<16>::type (&acc)[R][kGemmWeightRows], int64_t v,
+                              int64_t n0, int64_t valid) {
+  float values[R][kGemmWeightRows][kLaneRows], bias[kGemmWeightRows] = {};
+  for (int r = 0; r < R; ++r)
+    for (int c = 0; c < kGemmWeightRows; ++c) store(values[r][c], acc[r][c]);
+  for (int64_t c = 0; c < valid && a.bias; ++c) bias[c] = a.bias[n0 + c];
+  for (int r = 0; r < R; ++r) {
+    for (int64_t lane = 0; lane < kLaneRows && (v + r) * kLaneRows + lane < a.rows; ++lane) {
+      T* out = static_cast<T*>(a.out) + ((v + r) * kLaneRows + lane) * a.out_features + n0;
+      for (int64_t c = 0; c < valid; ++c) out[c] = from_float<T>(values[r][c][lane] + bias[c]);
+    }
+  }
+}
+
 // R vectors of x from v against the C prepared rows n of W: out rows 16 v.., columns n, in x's dtype.
 // Compiled on its own (not inlined into its caller, where GCC kept the int32 sums in memory).
 template <int R, int Bits>
@@ -613,14 +630,10 @@ AQUILA_TARGET_AVX512 __attribute__((noinline)) void gemm_tile(const QuantizedLin
       }
     }
   }
-  for (int r = 0; r < R; ++r) {
-    float values[kLaneRows];
-    for (int c = 0; c < valid; ++c) {
-      store(values, acc[r][c]);
-      const float bias = a.bias ? a.bias[n[c]] : 0.0f;
-      for (int64_t lane = 0; lane < kLaneRows && (v + r) * kLaneRows + lane < a.rows; ++lane)
-        store_value(a.dtype, a.out, ((v + r) * kLaneRows + lane) * a.out_features + n[c], values[lane] + bias);
-    }
+  switch (a.dtype) {
+    case DType::f32: store_tile<float, R>(a, acc, v, n[0], valid); break;
+    case DType::f16: store_tile<f16, R>(a, acc, v, n[0], valid); break;
+    case DType::bf16: store_tile<bf16, R>(a, acc, v, n[0], valid); break;
   }
 }
 
