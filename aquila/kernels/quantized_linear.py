@@ -37,10 +37,11 @@ product is then that of the rounded x. On a CPU with AVX512-VNNI, for 16 rows or
 weights' groups, the CPU backend multiplies integers: a GEMM on vpdpbusd with 16 rows of x in the lanes of a vector
 and each 4 weights broadcast to them (csrc/cpu/quantized.cpp), 64 products an instruction where bf16's vdpbf16ps does
 32. Measured on the AMD EPYC above (AVX512-VNNI, no AMX, 2 threads), bf16 x at Aquila-7B's widths and 16 to 1024
-rows, alternating in one process (benchmarks/results/quantized-prefill-2026-12-07.md, medians of 7): int8 1.20x-1.58x
-and int4 g128 1.02x-1.64x torch's bf16 matmul of the dense weights, and 1.2x-3.2x the path above. Elsewhere (fewer
-rows, other CPUs, other widths) the rounded x feeds the fp32 kernels. The model's prefill takes int8 inputs where its
-decoding step does (aquila.model.quantize.int8_inputs, Aquila.forward_with_cache).
+rows, alternating in one process (benchmarks/results/quantized-prefill-2026-12-07.md, medians of 7): int8 1.32x-1.83x
+and int4 g128 1.32x-1.72x torch's bf16 matmul of the dense weights, and 1.5x-3.6x the path above (an earlier run:
+1.20x-1.58x, 1.02x-1.64x and 1.2x-3.2x). Elsewhere (fewer rows, other CPUs, other widths) the rounded x feeds the
+fp32 kernels. The model's prefill takes int8 inputs where its decoding step does (aquila.model.quantize.int8_inputs,
+Aquila.forward_with_cache).
 """
 
 from typing import Optional
