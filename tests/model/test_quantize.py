@@ -15,6 +15,7 @@ from aquila.model.quantize import (
     Quantization,
     QuantizedLinear,
     dequantize_tensor,
+    int8_inputs,
     linears_to_quantize,
     quantization_of,
     quantize_model,
@@ -393,9 +394,9 @@ def test_a_prefill_rounds_quantized_inputs_where_the_decoding_step_does(monkeypa
         monkeypatch.setenv(native_decode.INT8_INPUTS_ENV, forced)
     model = quantize_model(tiny_model().to(dtype), 4, 16)
     cache = KVCache(model.config, 1, 32, dtype=dtype)
+    rounds = native_decode.default_int8_inputs(dtype)
     step = native_decode.decoder(model, cache)
-    if step is None:
-        pytest.skip("the native decoding step does not run here (no CPU extension)")
+    assert step is None or step.int8_inputs == rounds  # None: no CPU extension, the modules decode (and round alike)
     calls = []
     original = kernels.quantized_linear
 
@@ -406,8 +407,13 @@ def test_a_prefill_rounds_quantized_inputs_where_the_decoding_step_does(monkeypa
     monkeypatch.setattr(kernels, "quantized_linear", recording)
     prompt = torch.randint(0, 97, (1, 20))
     model.forward_with_cache(prompt, cache)
-    assert len(calls) == 2 * 7 + 1 and set(calls) == {step.int8_inputs}
+    assert len(calls) == 2 * 7 + 1 and set(calls) == {rounds}
     calls.clear()
     with torch.no_grad():
         model(prompt)
     assert len(calls) == 2 * 7 + 1 and set(calls) == {False}
+
+
+def test_int8_inputs_takes_a_bool():
+    with pytest.raises(ValueError, match="int8_inputs: enabled must be a bool, got 1"), int8_inputs(1):
+        pass
