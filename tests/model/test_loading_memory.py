@@ -14,8 +14,17 @@ import sys
 import pytest
 import torch
 
-from aquila.model.checkpoint import CHUNK_ELEMENTS, REMAP_BYTES, random_tensors, save_random_hf
+from aquila.model.checkpoint import (
+    CHUNK_ELEMENTS,
+    REMAP_BYTES,
+    huge_page_span,
+    load,
+    random_tensors,
+    save_hf,
+    save_random_hf,
+)
 from aquila.model.config import AquilaConfig
+from aquila.model.quantize import Quantization
 
 pytestmark = pytest.mark.skipif(not os.path.exists("/proc/self/clear_refs"), reason="needs Linux's /proc")
 
@@ -96,3 +105,39 @@ def test_loading_a_flagai_bin_file_stays_within_the_model_size(tmp_path):
               "vocab_size": CONFIG.vocab_size, "multiple_of": CONFIG.multiple_of}
     (tmp_path / "config.json").write_text(json.dumps(values))
     within(measure("load", str(tmp_path), "none", "-"), MARGIN + REMAP_BYTES, "loading a bf16 .bin file")
+
+
+def vm_flags_at(address: int) -> list[str]:
+    """The VmFlags of the mapping of this process holding `address` (/proc/self/smaps)."""
+    with open("/proc/self/smaps") as f:
+        inside = False
+        for line in f:
+            fields = line.split()
+            if "-" in fields[0] and len(fields) >= 5 and ":" in fields[3]:  # a mapping's header: start-end perms ...
+                start, end = (int(bound, 16) for bound in fields[0].split("-"))
+                inside = start <= address < end
+            elif inside and fields[0] == "VmFlags:":
+                return fields[1:]
+    raise AssertionError(f"no mapping of this process holds {address:#x}")
+
+
+@pytest.mark.skipif(not os.path.exists("/sys/kernel/mm/transparent_hugepage"), reason="needs Linux's THP")
+@pytest.mark.parametrize("bits", ["none", "8"], ids=["bf16", "int8"])
+def test_loaded_weights_ask_for_huge_pages(hf_checkpoint, bits, tmp_path):
+    """Every weight spanning whole 2 MiB pages asked for them (madvise MADV_HUGEPAGE: VmFlags "hg") before it was
+    written, for a stored bf16 checkpoint, one quantized while loading and a quantized one as stored."""
+    quantize = Quantization(int(bits)) if bits != "none" else None
+    sources = [(hf_checkpoint, quantize)]
+    if quantize is not None:
+        save_hf(load(hf_checkpoint, dtype=torch.bfloat16, quantize=quantize), str(tmp_path / "quantized"))
+        sources.append((str(tmp_path / "quantized"), None))
+    for source, on_load in sources:
+        model = load(source, dtype=torch.bfloat16, quantize=on_load)
+        spans = {name: huge_page_span(tensor) for name, tensor in [*model.named_parameters(), *model.named_buffers()]}
+        spanning = {name: start for name, (start, end) in spans.items() if end > start}  # name: its first whole page
+        expected = {"tok_embeddings.weight", "output.weight" if bits == "none" else "output.qweight"}
+        if bits == "none":
+            expected |= {f"layers.{i}.feed_forward.w{j}.weight" for i in range(CONFIG.n_layers) for j in (1, 2, 3)}
+        assert expected <= set(spanning), sorted(expected - set(spanning))
+        for name, inside in spanning.items():
+            assert "hg" in vm_flags_at(inside), f"{source}: {name} was not placed on huge pages"
