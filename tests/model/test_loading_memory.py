@@ -124,8 +124,8 @@ def vm_flags_at(address: int) -> list[str]:
 @pytest.mark.skipif(not os.path.exists("/sys/kernel/mm/transparent_hugepage"), reason="needs Linux's THP")
 @pytest.mark.parametrize("bits", ["none", "8"], ids=["bf16", "int8"])
 def test_loaded_weights_ask_for_huge_pages(hf_checkpoint, bits, tmp_path):
-    """Every weight spanning whole 2 MiB pages asked for them (madvise MADV_HUGEPAGE: VmFlags "hg") before it was
-    written, for a stored bf16 checkpoint, one quantized while loading and a quantized one as stored."""
+    """Every weight spanning whole 2 MiB pages lies in memory advised MADV_HUGEPAGE (VmFlags "hg"), for a stored bf16
+    checkpoint, one quantized while loading and a quantized one as stored."""
     quantize = Quantization(int(bits)) if bits != "none" else None
     sources = [(hf_checkpoint, quantize)]
     if quantize is not None:
