@@ -17,7 +17,6 @@ Linux only (it reads /proc/self/smaps and needs madvise).
 
 import argparse
 import dataclasses
-import json
 import mmap
 import os
 import platform
@@ -25,10 +24,10 @@ import statistics
 import time
 
 import torch
+from report import write_results  # this script's folder is on the path when it runs
 from torch import nn
 
 from aquila import host
-from aquila.files import AtomicFile
 from aquila.kernels import backend
 from aquila.model.checkpoint import advise_pages, empty_weight
 from aquila.model.config import AquilaConfig
@@ -165,10 +164,7 @@ def main():
               "model": {"preset": "aquila-7b", "n_layers": args.layers}, "steps_per_block": STEPS_PER_BLOCK,
               "blocks": args.blocks, "records": records}
     if args.out:
-        with AtomicFile(args.out) as f:
-            json.dump(record, f, indent=1)
-        with AtomicFile(os.path.splitext(args.out)[0] + ".md") as f:
-            f.write(markdown(record))
+        write_results(args.out, record, markdown(record))
 
 
 def markdown(record):

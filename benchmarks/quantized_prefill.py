@@ -16,15 +16,14 @@ and the host's matmul rate in bf16 and its VNNI flag.
 """
 
 import argparse
-import json
 import os
 import statistics
 import time
 
 import torch
+from report import write_results  # this script's folder is on the path when it runs
 
 from aquila import host
-from aquila.files import AtomicFile
 from aquila.kernels import backend, quantized_linear
 from aquila.model.quantize import quantize_tensor
 
@@ -92,10 +91,7 @@ def main():
                        "avx512_vnni_flag": "avx512_vnni" in flags, "amx_flag": "amx_int8" in flags},
               "bf16_matmul_flop_per_s": bf16_matmul_rate(), "repeats": args.repeats, "records": records}
     if args.out:
-        with AtomicFile(args.out) as f:
-            json.dump(record, f, indent=1)
-        with AtomicFile(os.path.splitext(args.out)[0] + ".md") as f:
-            f.write(markdown(record))
+        write_results(args.out, record, markdown(record))
 
 
 def markdown(record):

@@ -377,6 +377,15 @@ def page():
     return template.format_map({"results": "\n\n".join(sections), **figures}), charts
 
 
+def write_results(path, record, markdown):
+    """Writes a benchmark script's record as JSON to path and its Markdown summary beside it (path's name with .md),
+    each atomically."""
+    from aquila.files import write_text_atomically
+
+    write_text_atomically(path, json.dumps(record, indent=1))
+    write_text_atomically(os.path.splitext(path)[0] + ".md", markdown)
+
+
 def main():
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     parser.add_argument("paths", nargs="*", help="results JSON files to print as tables (default: write the page)")
