@@ -22,6 +22,7 @@ namespace py = pybind11;
 class Fields {
  public:
   Fields(const py::dict& dict, const char* kernel) : dict_(dict), kernel_(kernel) {}
+  const char* kernel() const { return kernel_; }  // the kernel's name, for errors
 
   template <typename T = void>
   T* ptr(const char* name) {

@@ -6,11 +6,12 @@
 
 namespace {
 
-// A linear of the decoding step: {"format": WeightFormat's code, "weight", "scales", "zeros", "group_size"}.
+// A linear of the decoding step (or of its projection alone): {"format": WeightFormat's code, "weight", "scales", "zeros", "group_size"}.
 aquila::DecodeLinear read_decode_linear(aquila::Fields f) {
   const int64_t format = f.i64("format");
   if (format < 0 || format > static_cast<int64_t>(aquila::WeightFormat::int4))
-    throw std::invalid_argument("aquila decode_step: unknown weight format code " + std::to_string(format));
+    throw std::invalid_argument(std::string("aquila ") + f.kernel() + ": unknown weight format code " +
+                                std::to_string(format));
   aquila::DecodeLinear linear{static_cast<aquila::WeightFormat>(format), f.ptr("weight"), f.ptr<const float>("scales"),
                               f.ptr<const uint8_t>("zeros"), f.i64("group_size")};
   f.done();
@@ -54,6 +55,12 @@ inline LayerNormBackward read(Fields& f, LayerNormBackward*) {
           f.i64("rows"), f.i64("hidden"), f.dtype()};
 }
 
+inline DecodeProjection read(Fields& f, DecodeProjection*) {
+  return {read_decode_linear(f.nested("weight")), f.ptr<const float>("in"), f.ptr<float>("out"),
+          f.ptr<float>("workspace"), f.i64("batch"), f.i64("rows"), f.i64("cols"), f.i64("prefetch_bytes"),
+          f.dtype(), f.flag("bf16_inputs"), f.flag("int8_inputs")};
+}
+
 inline QuantizedLinear read(Fields& f, QuantizedLinear*) {
   return {f.ptr("x"), f.i64("x_row_stride"), f.ptr("qweight"), f.ptr<const float>("scales"),
           f.ptr<const uint8_t>("zeros"), f.ptr<const float>("bias"), f.ptr("out"), f.i64("rows"),
@@ -90,6 +97,7 @@ PYBIND11_MODULE(_C, m) {
   aquila::bind_kernel(m, "quantized_linear", "threads", cpu::quantized_linear);
   aquila::bind_kernel(m, "quantized_linear_backward", "threads", cpu::quantized_linear_backward);
   aquila::bind_kernel(m, "quantized_dequantize", "threads", cpu::quantized_dequantize);
+  aquila::bind_kernel(m, "decode_projection", "threads", cpu::decode_projection);
   m.def(
       "decode_step",
       [](const pybind11::dict& dict, int threads) {

@@ -331,8 +331,25 @@ struct DecodeStep {
   bool int8_inputs;
 };
 
+// One projection of the decoding step on its own: out[b * rows + r] = in[b] . weight[r] for the few rows of in (fp32,
+// batch x cols), written in fp32: a prompt's last position through the output projection, on the loops, prefetch and
+// input rounding (bf16_inputs, int8_inputs, as DecodeStep's) of the steps that follow it. dtype: that of a dense
+// weight (f32 or bf16; a quantized weight's buffers have theirs). workspace: batch * cols floats.
+struct DecodeProjection {
+  DecodeLinear weight;
+  const float* in;
+  float* out;
+  float* workspace;
+  int64_t batch, rows, cols;
+  int64_t prefetch_bytes;
+  DType dtype;
+  bool bf16_inputs;
+  bool int8_inputs;
+};
+
 namespace cpu {
 void decode_step(const DecodeStep& args, int threads);
+void decode_projection(const DecodeProjection& args, int threads);
 void rms_norm_forward(const RmsNormForward& args, int threads);
 void rms_norm_backward(const RmsNormBackward& args, int threads);  // partial_rows >= threads
 void layer_norm_forward(const LayerNormForward& args, int threads);

@@ -15,6 +15,19 @@ if not torch.cuda.is_available():
 from tests.helpers import bilingual_sample_texts
 
 
+@pytest.fixture(autouse=True, scope="session")
+def own_tuning_directory(tmp_path_factory):
+    """The decoding step's tuned prefetch distances (aquila.model.native_decode) go to the run's own directory, not
+    the user's cache."""
+    previous = os.environ.get("AQUILA_CACHE_DIR")
+    os.environ["AQUILA_CACHE_DIR"] = str(tmp_path_factory.mktemp("aquila-cache"))
+    yield
+    if previous is None:
+        del os.environ["AQUILA_CACHE_DIR"]
+    else:
+        os.environ["AQUILA_CACHE_DIR"] = previous
+
+
 @pytest.fixture(autouse=True)
 def poisoned_outputs():
     """Every torch.empty is filled with NaN, so an output element a kernel forgets to write fails the test."""

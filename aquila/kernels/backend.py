@@ -77,6 +77,9 @@ class Implementations(dict):
             raise ValueError(f"{op}: unknown backends {sorted(unknown)} in its table")
         super().__init__(by_backend)
         self.op = op
+        # resolve's choices for this table: a call's device, dtype, direction, sizes and environment -> backend. The
+        # choice depends on nothing else, and making it costs more than many small kernels' work.
+        self.choices = {}
 
 
 def triton_interpreting():
@@ -122,6 +125,17 @@ def resolve(table: Implementations, tensor: torch.Tensor, backend: Optional[str]
     """The backend that runs a call of `table`'s op (named `op` in errors, by default the table's) on `tensor` (its
     device and dtype), with a backward when `backward`, at `sizes` (the keywords the table's limits take)."""
     op = op or table.op
+    if torch.compiler.is_compiling():  # sizes may be symbolic there, and the table is no state to trace
+        return _resolve(table, tensor, backend, op, backward, sizes)
+    environment = (os.environ.get("AQUILA_BACKEND"), os.environ.get("TRITON_INTERPRET"))
+    key = (backend, tensor.device, tensor.dtype, backward, *sizes.items(), environment)
+    choice = table.choices.get(key)
+    if choice is None:
+        choice = table.choices[key] = _resolve(table, tensor, backend, op, backward, sizes)
+    return choice
+
+
+def _resolve(table, tensor, backend, op, backward, sizes):
     directions = DIRECTIONS if backward else DIRECTIONS[:1]
     if backward and all(implementation.backward is None for implementation in table.values()):
         raise UnsupportedBackend(f"{op} is not differentiable: call it under torch.no_grad(), or on tensors that do "

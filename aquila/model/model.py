@@ -204,8 +204,9 @@ class Aquila(nn.Module):
         """Logits [batch, new, vocab] of new tokens [batch, new] appended to each sequence in the cache (a prompt
         for the prefill, then one token at a time), which is updated in place. last_only: the last position's
         logits alone ([batch, 1, vocab]), all that sampling needs (a prefill's other logits would cost a full
-        vocabulary projection per prompt token). Quantized linears take their inputs rounded to int8 where the
-        decoding step does (native_decode.default_int8_inputs: bf16 on a CPU with VNNI, unless
+        vocabulary projection per prompt token); on the CPU these come from the decoding step's own projection
+        loops (native_decode.output_logits), in fp32 as a step's do. Quantized linears take their inputs rounded to
+        int8 where the decoding step does (native_decode.default_int8_inputs: bf16 on a CPU with VNNI, unless
         AQUILA_DECODE_INT8_INPUTS says otherwise), so that a prompt and the steps after it compute alike."""
         self._check_cache(cache)
         if tokens.shape[-1:] == (1,) and last_only:
@@ -228,7 +229,8 @@ class Aquila(nn.Module):
             if last_only:
                 x, residual = x[:, -1:], residual[:, -1:]
             hidden, _ = self.norm(x, residual)
-            return self.output(hidden)
+            logits = native_decode.output_logits(self, hidden, rounds) if last_only else None
+            return self.output(hidden) if logits is None else logits
 
     def decoder(self, cache: KVCache) -> Callable[[Tensor], Tensor]:
         """step(tokens [batch, 1]) -> logits [batch, 1, vocab]: forward_with_cache(tokens, cache, last_only=True),

@@ -705,36 +705,91 @@ AQUILA_INLINE void decode_in_team(const DecodeStep& a, const float* cos_sin) {
   linear(a.output, a.vocab, dim, normed, a.logits);
 }
 
+// What a team runs: a step, or one projection. in_team<W, A, T, Bf16Dots>() is run by every thread of the team.
+struct StepJob {
+  const DecodeStep& a;
+  const float* cos_sin;
+  bool bf16_inputs() const { return a.bf16_inputs; }
+  template <int W, int A, typename T, bool Bf16Dots>
+  AQUILA_INLINE void in_team() const {
+    decode_in_team<W, A, T, Bf16Dots>(a, cos_sin);
+  }
+};
+
+struct ProjectionJob {
+  const DecodeProjection& a;
+  bool bf16_inputs() const { return a.bf16_inputs; }
+  template <int W, int A, typename T, bool Bf16Dots>
+  AQUILA_INLINE void in_team() const {
+    ProjectionInput input{a.workspace};
+    project<W, A, T, Bf16Dots>(a.weight, a.rows, a.cols, a.in, a.out, a.batch, a.prefetch_bytes, a.bf16_inputs,
+                               a.int8_inputs, input);
+  }
+};
+
 // One body per ISA (the projections' vector width and accumulators, and whether bf16 products run on vdpbf16ps) and
 // weight dtype, chosen at run time.
-template <typename T>
-void decode_baseline(const DecodeStep& a, const float* cos_sin) {
-  decode_in_team<4, 4, T, false>(a, cos_sin);
+template <typename T, typename Job>
+void job_baseline(const Job& job) {
+  job.template in_team<4, 4, T, false>();
 }
-template <typename T>
-AQUILA_TARGET_AVX2 void decode_avx2(const DecodeStep& a, const float* cos_sin) {
-  decode_in_team<8, 4, T, false>(a, cos_sin);
+template <typename T, typename Job>
+AQUILA_TARGET_AVX2 void job_avx2(const Job& job) {
+  job.template in_team<8, 4, T, false>();
 }
-template <typename T>
-AQUILA_TARGET_AVX512 void decode_avx512(const DecodeStep& a, const float* cos_sin) {
-  decode_in_team<16, 4, T, false>(a, cos_sin);
+template <typename T, typename Job>
+AQUILA_TARGET_AVX512 void job_avx512(const Job& job) {
+  job.template in_team<16, 4, T, false>();
 }
-AQUILA_TARGET_AVX512 void decode_avx512_bf16(const DecodeStep& a, const float* cos_sin) {
-  decode_in_team<16, 4, bf16, true>(a, cos_sin);
+template <typename Job>
+AQUILA_TARGET_AVX512 void job_avx512_bf16(const Job& job) {
+  job.template in_team<16, 4, bf16, true>();
 }
 
-template <typename T>
-void run(const DecodeStep& a, int threads) {
+template <typename T, typename Job>
+void run(const Job& job, int threads) {
   const SimdLevel level = simd_level();
-  auto* step = level >= SimdLevel::avx512 ? decode_avx512<T>
-               : level == SimdLevel::avx2 ? decode_avx2<T>
-                                           : decode_baseline<T>;
+  auto* body = level >= SimdLevel::avx512 ? job_avx512<T, Job>
+               : level == SimdLevel::avx2 ? job_avx2<T, Job>
+                                           : job_baseline<T, Job>;
   if constexpr (std::is_same_v<T, bf16>) {
-    if (level == SimdLevel::avx512_bf16 && a.bf16_inputs) step = decode_avx512_bf16;
+    if (level == SimdLevel::avx512_bf16 && job.bf16_inputs()) body = job_avx512_bf16<Job>;
   }
-  const std::vector<float> cos_sin = rotations(a);
 #pragma omp parallel num_threads(threads)
-  step(a, cos_sin.data());
+  body(job);
+}
+
+// Runs the job in the body of dtype (fp32 or bf16: the step's, or a dense weight's, as `dtype_of` says in errors).
+template <typename Job>
+void run_in_dtype(const Job& job, DType dtype, const std::string& op, const std::string& dtype_of, int threads) {
+  if (job.bf16_inputs() && dtype != DType::bf16) {
+    throw std::invalid_argument("aquila " + op + ": bf16_inputs takes a bf16 step (bf16 dense weights)");
+  }
+  if (dtype == DType::f32) {
+    run<float>(job, threads);
+  } else if (dtype == DType::bf16) {
+    run<bf16>(job, threads);
+  } else {
+    throw std::invalid_argument("aquila " + op + ": takes an fp32 or bf16 dtype (" + dtype_of + ")");
+  }
+}
+
+void check_linear(const DecodeLinear& w, int64_t cols, const std::string& where) {
+  if (!w.weight) throw std::invalid_argument(where + "weight is null");
+  if (w.format == WeightFormat::dense) return;
+  if (!w.scales) throw std::invalid_argument(where + "a quantized linear needs scales");
+  if (w.format == WeightFormat::int8 && w.zeros) throw std::invalid_argument(where + "int8 takes no zeros");
+  if (w.format == WeightFormat::int4 && (w.group_size < 2 || w.group_size % 2 != 0 || cols % w.group_size != 0)) {
+    throw std::invalid_argument(where + "group_size must be even, >= 2 and divide in_features, got " +
+                                std::to_string(w.group_size) + " for in_features " + std::to_string(cols));
+  }
+}
+
+void check_prefetch(int64_t prefetch_bytes, const std::string& op) {
+  if (prefetch_bytes < 0) {
+    throw std::invalid_argument("aquila " + op + ": prefetch_bytes is " + std::to_string(prefetch_bytes) +
+                                ", must be >= 0");
+  }
 }
 
 }  // namespace
@@ -747,21 +802,7 @@ void decode_step(const DecodeStep& args, int threads) {
                                   std::to_string(args.vocab) + ")");
     }
   }
-  if (args.prefetch_bytes < 0) {
-    throw std::invalid_argument("aquila decode_step: prefetch_bytes is " + std::to_string(args.prefetch_bytes) +
-                                ", must be >= 0");
-  }
-  const auto check_linear = [&](const DecodeLinear& w, int64_t cols, const std::string& name) {
-    const std::string where = "aquila decode_step: " + name + ": ";
-    if (!w.weight) throw std::invalid_argument(where + "weight is null");
-    if (w.format == WeightFormat::dense) return;
-    if (!w.scales) throw std::invalid_argument(where + "a quantized linear needs scales");
-    if (w.format == WeightFormat::int8 && w.zeros) throw std::invalid_argument(where + "int8 takes no zeros");
-    if (w.format == WeightFormat::int4 && (w.group_size < 2 || w.group_size % 2 != 0 || cols % w.group_size != 0)) {
-      throw std::invalid_argument(where + "group_size must be even, >= 2 and divide in_features, got " +
-                                  std::to_string(w.group_size) + " for in_features " + std::to_string(cols));
-    }
-  };
+  check_prefetch(args.prefetch_bytes, "decode_step");
   const int64_t dim = args.dim, attended = args.heads * args.head_dim;
   for (int64_t l = 0; l < args.n_layers; ++l) {
     const DecodeLayer& w = args.layers[l];
@@ -769,19 +810,27 @@ void decode_step(const DecodeStep& args, int threads) {
     for (const auto& [linear, cols, name] : {std::tuple{&w.wq, dim, "wq"}, {&w.wk, dim, "wk"}, {&w.wv, dim, "wv"},
                                              {&w.wo, attended, "wo"}, {&w.w1, dim, "w1"},
                                              {&w.w2, args.hidden_dim, "w2"}, {&w.w3, dim, "w3"}})
-      check_linear(*linear, cols, layer + name);
+      check_linear(*linear, cols, "aquila decode_step: " + layer + name + ": ");
   }
-  check_linear(args.output, dim, "output");
-  if (args.bf16_inputs && args.dtype != DType::bf16) {
-    throw std::invalid_argument("aquila decode_step: bf16_inputs takes a bf16 step (bf16 dense weights)");
+  check_linear(args.output, dim, "aquila decode_step: output: ");
+  const std::vector<float> cos_sin = rotations(args);
+  run_in_dtype(StepJob{args, cos_sin.data()}, args.dtype, "decode_step", "embeddings, norms, cache", threads);
+}
+
+void decode_projection(const DecodeProjection& args, int threads) {
+  const std::string op = "decode_projection";
+  if (args.batch < 0 || args.rows < 1 || args.cols < 1) {
+    throw std::invalid_argument("aquila " + op + ": needs batch >= 0, rows >= 1 and cols >= 1, got batch " +
+                                std::to_string(args.batch) + ", rows " + std::to_string(args.rows) + ", cols " +
+                                std::to_string(args.cols));
   }
-  if (args.dtype == DType::f32) {
-    run<float>(args, threads);
-  } else if (args.dtype == DType::bf16) {
-    run<bf16>(args, threads);
-  } else {
-    throw std::invalid_argument("aquila decode_step: takes an fp32 or bf16 dtype (embeddings, norms, cache)");
+  check_prefetch(args.prefetch_bytes, op);
+  check_linear(args.weight, args.cols, "aquila " + op + ": weight: ");
+  if (args.batch == 0) return;
+  if (!args.in || !args.out || !args.workspace) {
+    throw std::invalid_argument("aquila " + op + ": in, out and workspace must not be null");
   }
+  run_in_dtype(ProjectionJob{args}, args.dtype, op, "of a dense weight", threads);
 }
 
 }  // namespace aquila::cpu

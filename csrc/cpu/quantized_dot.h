@@ -262,12 +262,19 @@ AQUILA_INLINE void block_dots(const Weights& wt, int64_t rows, int64_t n_first, 
 constexpr int64_t kInputBlock = 32;
 
 AQUILA_INLINE float quantize_block(const float* __restrict x, int64_t count, int8_t* __restrict q) {
-  float largest = 0.0f;
+  // max |x| on the bits: without the sign bit, a float's bits order as its magnitude does, an infinity's above every
+  // finite value and a NaN's above an infinity's. An integer maximum, unlike a float one that must carry a NaN,
+  // vectorises.
+  constexpr uint32_t kMagnitude = 0x7fffffffu, kInfinity = 0x7f800000u;
+  uint32_t largest_bits = 0;
   for (int64_t i = 0; i < count; ++i) {
-    const float magnitude = std::fabs(x[i]);
-    largest = magnitude > largest || magnitude != magnitude ? magnitude : largest;
+    uint32_t bits;
+    std::memcpy(&bits, x + i, sizeof(bits));
+    largest_bits = std::max(largest_bits, bits & kMagnitude);
   }
-  const float d = largest < __builtin_inff() ? largest / 127.0f : __builtin_nanf("");
+  float largest;
+  std::memcpy(&largest, &largest_bits, sizeof(largest));
+  const float d = largest_bits < kInfinity ? largest / 127.0f : __builtin_nanf("");
   // Clamped: where d is subnormal it may round far below max |x| / 127, and x / d past 127.
   for (int64_t i = 0; i < count; ++i)
     q[i] = d > 0.0f ? static_cast<int8_t>(std::clamp(std::nearbyint(x[i] / d), -127.0f, 127.0f)) : 0;

@@ -186,7 +186,7 @@ def tuning(monkeypatch, tmp_path):
     monkeypatch.setenv("AQUILA_CACHE_DIR", str(tmp_path))
     monkeypatch.delenv(native_decode.PREFETCH_ENV, raising=False)
     monkeypatch.setattr(native_decode, "_choices", {})
-    monkeypatch.setattr(native_decode, "last_level_cache_bytes", lambda: 0)
+    monkeypatch.setattr(native_decode, "private_cache_bytes", lambda: 0)
     distances = []
     run = native_decode._backend.cpu_extension.decode_step
 
@@ -325,9 +325,24 @@ def test_weights_that_fit_in_the_cpu_cache_are_not_tuned(tuning, monkeypatch):
 
     path, distances = tuning
     model = Aquila(TINY).eval()
-    monkeypatch.setattr(native_decode, "last_level_cache_bytes", lambda: native_decode.weight_bytes_per_step(model))
+    monkeypatch.setattr(native_decode, "private_cache_bytes", lambda: native_decode.weight_bytes_per_step(model))
     step = model.decoder(KVCache(TINY, batch=1, max_len=8))
     assert step.prefetch == (0, "fits in cache") and distances == [] and not path.exists()
+
+
+def test_the_private_cache_is_the_level_below_the_last(tmp_path):
+    """The prefetch choice counts the cores' own caches, not the shared last level (a VM may report a socket's)."""
+    def caches(*levels):
+        folder = tmp_path / "-".join(str(level) for level, _ in levels)
+        for index, (level, size) in enumerate(levels):
+            (folder / f"index{index}").mkdir(parents=True)
+            (folder / f"index{index}" / "level").write_text(f"{level}\n")
+            (folder / f"index{index}" / "size").write_text(f"{size}\n")
+        return str(folder)
+    assert native_decode.private_cache_bytes(caches((1, "48K"), (1, "32K"), (2, "2048K"), (3, "491520K"))) == 2**21
+    assert native_decode.private_cache_bytes(caches((1, "48K"), (1, "32K"), (2, "4M"))) == 48 * 2**10
+    assert native_decode.private_cache_bytes(caches((1, "64K"))) is None
+    assert native_decode.private_cache_bytes(str(tmp_path / "missing")) is None
 
 
 def test_native_decoding_step_rejects_token_ids_outside_the_vocabulary():
