@@ -18,17 +18,15 @@ Linux only (it reads /proc/self/smaps and needs madvise).
 import argparse
 import dataclasses
 import mmap
-import os
 import platform
 import statistics
 import time
 
 import torch
-from report import write_results  # this script's folder is on the path when it runs
+from report import host_record, write_results  # this script's folder is on the path when it runs
 from torch import nn
 
 from aquila import host
-from aquila.kernels import backend
 from aquila.model.checkpoint import advise_pages, empty_weight
 from aquila.model.config import AquilaConfig
 from aquila.model.model import Aquila, KVCache
@@ -157,10 +155,8 @@ def main():
         parser.error(f"--precisions: unknown {unknown}; choose from {list(PRECISIONS)}")
     records = [compare(config, name, PRECISIONS[name], args.blocks) for name in names]
     flags = host.cpu_flags() or set()
-    record = {"host": {"cpu_model": host.cpu_model(), "cores": os.cpu_count(), "threads": torch.get_num_threads(),
-                       "aquila_cpu_isa": backend.cpu_extension.cpu_isa(), "kernel": platform.release(),
-                       "virtual_machine": "hypervisor" in flags, "thp_enabled": thp_setting("enabled"),
-                       "thp_defrag": thp_setting("defrag")},
+    record = {"host": host_record(kernel=platform.release(), virtual_machine="hypervisor" in flags,
+                                  thp_enabled=thp_setting("enabled"), thp_defrag=thp_setting("defrag")),
               "model": {"preset": "aquila-7b", "n_layers": args.layers}, "steps_per_block": STEPS_PER_BLOCK,
               "blocks": args.blocks, "records": records}
     if args.out:

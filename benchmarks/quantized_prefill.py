@@ -16,12 +16,11 @@ and the host's matmul rate in bf16 and its VNNI flag.
 """
 
 import argparse
-import os
 import statistics
 import time
 
 import torch
-from report import write_results  # this script's folder is on the path when it runs
+from report import host_record, write_results  # this script's folder is on the path when it runs
 
 from aquila import host
 from aquila.kernels import backend, quantized_linear
@@ -86,9 +85,8 @@ def main():
                           f"{1e3 * max(values):7.2f} ms  median {1e3 * median:7.2f}  {baseline / median:5.2f}x dense",
                           flush=True)
     flags = host.cpu_flags() or set()
-    record = {"host": {"cpu_model": host.cpu_model(), "cores": os.cpu_count(), "threads": torch.get_num_threads(),
-                       "aquila_cpu_isa": backend.cpu_extension.cpu_isa(), "vnni": backend.cpu_int8_products(),
-                       "avx512_vnni_flag": "avx512_vnni" in flags, "amx_flag": "amx_int8" in flags},
+    record = {"host": host_record(vnni=backend.cpu_int8_products(), avx512_vnni_flag="avx512_vnni" in flags,
+                                  amx_flag="amx_int8" in flags),
               "bf16_matmul_flop_per_s": bf16_matmul_rate(), "repeats": args.repeats, "records": records}
     if args.out:
         write_results(args.out, record, markdown(record))

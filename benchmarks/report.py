@@ -377,6 +377,18 @@ def page():
     return template.format_map({"results": "\n\n".join(sections), **figures}), charts
 
 
+def host_record(**more):
+    """What a CPU benchmark's record says of its host: the CPU, its cores, torch's threads and the kernels' ISA path
+    (aquila._C.cpu_isa()), and `more`."""
+    import torch
+
+    from aquila import host
+    from aquila.kernels import backend
+
+    return {"cpu_model": host.cpu_model(), "cores": os.cpu_count(), "threads": torch.get_num_threads(),
+            "aquila_cpu_isa": backend.cpu_extension.cpu_isa(), **more}
+
+
 def write_results(path, record, markdown):
     """Writes a benchmark script's record as JSON to path and its Markdown summary beside it (path's name with .md),
     each atomically."""

@@ -6,7 +6,8 @@
 
 namespace {
 
-// A linear of the decoding step (or of its projection alone): {"format": WeightFormat's code, "weight", "scales", "zeros", "group_size"}.
+// A linear of the decoding step (or of its projection alone): {"format": WeightFormat's code, "weight", "scales",
+// "zeros", "group_size"}.
 aquila::DecodeLinear read_decode_linear(aquila::Fields f) {
   const int64_t format = f.i64("format");
   if (format < 0 || format > static_cast<int64_t>(aquila::WeightFormat::int4))

@@ -364,6 +364,12 @@ def _addresses(model, cache) -> Callable[[], list]:
     return addresses
 
 
+def _prefetch_for(model, bf16_inputs: bool, int8_inputs: bool) -> tuple:
+    """prefetch_choice for `model`'s steps with these roundings of their inputs (tuned on its own steps if need be)."""
+    return prefetch_choice(weight_bytes_per_step(model), lambda: _scratch_runner(model, bf16_inputs, int8_inputs),
+                           tuning_key(model, bf16_inputs, int8_inputs))
+
+
 # Per model: (what its output projection's fields were made for, the fields, or None where the step cannot run).
 _projections: "weakref.WeakKeyDictionary" = weakref.WeakKeyDictionary()
 
@@ -383,9 +389,7 @@ def _projection_fields(model, int8_inputs: bool) -> Optional[dict]:
         dtype = step_dtype(model)
         bf16_inputs = _backend.cpu_bf16_products() and dtype == torch.bfloat16
         int8_inputs = int8_inputs and any(isinstance(linear, QuantizedLinear) for linear in _linears(model))
-        prefetch, _ = prefetch_choice(weight_bytes_per_step(model),
-                                      lambda: _scratch_runner(model, bf16_inputs, int8_inputs),
-                                      tuning_key(model, bf16_inputs, int8_inputs))
+        prefetch, _ = _prefetch_for(model, bf16_inputs, int8_inputs)
         fields = {"weight": _linear_fields(output), "rows": model.config.vocab_size, "cols": model.config.dim,
                   "prefetch_bytes": prefetch, "dtype": _backend.DTYPE_CODES[dtype], "bf16_inputs": bf16_inputs,
                   "int8_inputs": int8_inputs}
@@ -400,7 +404,7 @@ def output_logits(model, hidden: Tensor, int8_inputs: bool) -> Optional[Tensor]:
     its quantized linears' inputs), in one C++ call (DecodeProjection in csrc/kernels.h). A prompt's prefill ends with
     it: torch's matmul of one row by a bf16 vocabulary projection streams the weights at a fraction of the step's
     rate. None where the step cannot run: the model then projects through its module."""
-    if hidden.device.type != "cpu" or model.backend not in (None, "cpu") or _backend.cpu_extension is None:
+    if hidden.device.type != "cpu":
         return None
     fields = _projection_fields(model, int8_inputs)
     if fields is None:
@@ -438,8 +442,7 @@ def decoder(model, cache, prefetch_bytes: Optional[int] = None, bf16_inputs: Opt
     bf16_inputs = bool(_backend.cpu_bf16_products() if bf16_inputs is None else bf16_inputs) and dtype == torch.bfloat16
     int8_inputs = bool(default_int8_inputs(dtype) if int8_inputs is None else int8_inputs) and quantized
     prefetch = ((prefetch_bytes, "argument") if prefetch_bytes is not None else
-                prefetch_choice(weight_bytes_per_step(model), lambda: _scratch_runner(model, bf16_inputs, int8_inputs),
-                                tuning_key(model, bf16_inputs, int8_inputs)))
+                _prefetch_for(model, bf16_inputs, int8_inputs))
     c, (batch, max_len) = model.config, cache.k.shape[1:3]
     workspace = torch.empty(workspace_floats(c, batch, max_len))
     arguments = {**_arguments(model, caches, cache.lengths, batch, max_len, workspace, bf16_inputs, int8_inputs),
