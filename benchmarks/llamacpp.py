@@ -228,16 +228,20 @@ def quantize_q4_0(source_gguf, path, threads):
     os.replace(partial, path)
 
 
-def gguf_files(source, checkpoint, work, threads):
-    """{file type: path}, made unless already in work (files made by an earlier run of this script)."""
-    files = {kind: os.path.join(work, f"model-{kind}.gguf") for kind in ("BF16", "Q8_0", "Q4_0")}
+def gguf_files(source, checkpoint, work, threads, kinds):
+    """{file type: path} for the file types in kinds, each made unless already in work (made by an earlier run of this
+    script). A missing Q4_0 is quantized from the BF16 file, which is made for it if need be; a Q4_0 file already there
+    needs no BF16 one (a 7B model's BF16 file is 14.5 GB of disk)."""
+    files = {kind: os.path.join(work, f"model-{kind}.gguf") for kind in kinds}
+    wanted = set(kinds) | ({"BF16"} if "Q4_0" in kinds and not os.path.exists(files["Q4_0"]) else set())
     staging = None
     for kind, outtype in (("BF16", "bf16"), ("Q8_0", "q8_0")):
-        if not os.path.exists(files[kind]):
+        path = os.path.join(work, f"model-{kind}.gguf")
+        if kind in wanted and not os.path.exists(path):
             staging = staging or convertible_directory(checkpoint, work)
-            convert(source, staging, outtype, files[kind])
-    if not os.path.exists(files["Q4_0"]):
-        quantize_q4_0(files["BF16"], files["Q4_0"], threads)
+            convert(source, staging, outtype, path)
+    if "Q4_0" in kinds and not os.path.exists(files["Q4_0"]):
+        quantize_q4_0(os.path.join(work, "model-BF16.gguf"), files["Q4_0"], threads)
     return files
 
 
@@ -325,7 +329,8 @@ def main():
             checkpoint = os.path.join(work, f"{args.preset}-bf16")
             if not os.path.exists(os.path.join(checkpoint, "config.json")):
                 save_random_hf(AquilaConfig.preset(args.preset), checkpoint)
-        files = gguf_files(args.llama_cpp_source, checkpoint, work, args.threads)
+        files = gguf_files(args.llama_cpp_source, checkpoint, work, args.threads,
+                           [PAIRS[precision][1] for precision in precisions])
         torch.manual_seed(0)
         vocab = read_json(os.path.join(checkpoint, "config.json"))["vocab_size"]
         prompt = torch.randint(0, vocab, (args.prompt_tokens,)).tolist()

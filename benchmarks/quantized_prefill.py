@@ -1,5 +1,5 @@
-"""A quantized linear layer's prefill on CPU, at Aquila-7B's widths: the int8-input GEMM on vpdpbusd against the other
-ways to multiply a prompt by quantized weights, and against torch's bf16 matmul of the dense weights.
+"""A quantized linear layer's prefill on CPU, at Aquila-7B's widths: the int8-input GEMM (on AMX tiles or vpdpbusd)
+against the other ways to multiply a prompt by quantized weights, and against torch's bf16 matmul of the dense weights.
 
 For each layer shape (out x in) and prompt length (rows), each in bf16 and alternating within one process (so that
 a load that comes and goes hits each alike), it times:
@@ -7,10 +7,11 @@ a load that comes and goes hits each alike), it times:
   - bf16 inputs: aquila.kernels.quantized_linear of int8 / int4 g128 weights without int8_inputs (on CPUs with
     AVX512-BF16, from 32 rows: the weights dequantized to bf16 a chunk at a time, then torch's matmul; below, the
     fp32 kernels);
-  - int8 inputs: aquila.kernels.quantized_linear(..., int8_inputs=True) (the GEMM on vpdpbusd where the CPU has
-    AVX512-VNNI; the rounded x through the fp32 kernels elsewhere).
+  - int8 inputs: aquila.kernels.quantized_linear(..., int8_inputs=True) (the GEMM on AMX tiles where the CPU has
+    AMX-INT8, on vpdpbusd where it has AVX512-VNNI; the rounded x through the fp32 kernels elsewhere). On an AMX CPU,
+    AQUILA_CPU_ISA=avx512 runs the vpdpbusd GEMM instead (and torch's matmul as before), for a second record.
 It reports, per row, the time's spread (min-max over the repeats), the median, and the median's ratio to dense bf16;
-and the host's matmul rate in bf16 and its VNNI flag.
+and the host's matmul rate in bf16, its VNNI and AMX flags, and which GEMM ran.
 
     python benchmarks/quantized_prefill.py [--repeats 7] [--out benchmarks/results/NAME.json]
 """
@@ -85,18 +86,26 @@ def main():
                           f"{1e3 * max(values):7.2f} ms  median {1e3 * median:7.2f}  {baseline / median:5.2f}x dense",
                           flush=True)
     flags = host.cpu_flags() or set()
-    record = {"host": host_record(vnni=backend.cpu_int8_products(), avx512_vnni_flag="avx512_vnni" in flags,
-                                  amx_flag="amx_int8" in flags),
+    record = {"host": host_record(vnni=backend.cpu_int8_products(), amx=backend.cpu_extension.cpu_amx(),
+                                  avx512_vnni_flag="avx512_vnni" in flags, amx_flag="amx_int8" in flags),
               "bf16_matmul_flop_per_s": bf16_matmul_rate(), "repeats": args.repeats, "records": records}
     if args.out:
         write_results(args.out, record, markdown(record))
+
+
+def gemm_of(host_record):
+    """Which GEMM the int8-input rows ran on (records before the AMX one have no "amx")."""
+    if host_record.get("amx"):
+        return "AMX tiles"
+    return "vpdpbusd" if host_record["vnni"] else "the fp32 kernels"
 
 
 def markdown(record):
     h = record["host"]
     lines = ["# A quantized layer's prefill, CPU, bf16", "",
              f"{h['cpu_model']}, ISA path {h['aquila_cpu_isa']}, VNNI {'yes' if h['vnni'] else 'no'}, AMX "
-             f"{'yes' if h['amx_flag'] else 'no'}, {h['threads']} threads; torch's bf16 matmul "
+             f"{'yes' if h['amx_flag'] else 'no'}; int8 inputs on {gemm_of(h)}; {h['threads']} threads; torch's bf16 "
+             f"matmul "
              f"{record['bf16_matmul_flop_per_s'] / 1e9:.0f} GFLOP/s (2048^3). {record['repeats']} repeats, "
              "contenders alternating; spread = min-max, ratio = dense bf16's median / the median.", "",
              "| layer (out x in) | rows | contender | ms (spread) | median ms | vs dense bf16 | GOP/s |",

@@ -110,6 +110,10 @@ PYBIND11_MODULE(_C, m) {
         cpu::decode_step(args, threads);
       },
       pybind11::arg("args"), pybind11::arg("threads"));
+  m.def("cpu_amx", &cpu::has_amx_int8,
+        "Whether the quantized linear layer's GEMM of int8 inputs (16 rows or more) multiplies on AMX tiles in this "
+        "process (the CPU has AMX-INT8, Linux grants the tiles, and AQUILA_CPU_ISA leaves the widest path on); "
+        "else on vpdpbusd where cpu_vnni().");
   m.def("cpu_vnni", &cpu::has_vnni,
         "Whether the decoding step's quantized projections with int8 inputs multiply on AVX512-VNNI's vpdpbusd in "
         "this process (the CPU has it and AQUILA_CPU_ISA leaves the AVX-512 path on).");

@@ -240,9 +240,10 @@ struct QuantizedLinear {
   int64_t rows, in_features, out_features, bits, group_size;
   DType dtype;
   // x rounded to int8 first, as DecodeStep's int8_inputs rounds a projection's input (below): in blocks of 32 columns,
-  // d = max |x| / 127, x taken as d q. Where the CPU has AVX512-VNNI and the blocks fit the weights (in_features a
-  // multiple of 32; int4: group_size too) the products run on vpdpbusd, 16 rows of x at a time; elsewhere d q feeds
-  // the fp32 kernels. For inference: the backward never rounds.
+  // d = max |x| / 127, x taken as d q. Where the CPU has AVX512-VNNI, from 16 rows, and the blocks fit the weights
+  // (in_features a multiple of 32; int4: group_size too) the products run on integers, 16 rows of x at a time: on AMX
+  // tiles where the CPU has AMX-INT8 (aquila._C.cpu_amx()), else on vpdpbusd; elsewhere d q feeds the fp32 kernels.
+  // For inference: the backward never rounds.
   bool int8_inputs;
 };
 

@@ -36,12 +36,16 @@ int8_inputs (inference only): x is first rounded to int8 as the decoding step ro
 product is then that of the rounded x. On a CPU with AVX512-VNNI, for 16 rows or more whose blocks lie within the
 weights' groups, the CPU backend multiplies integers: a GEMM on vpdpbusd with 16 rows of x in the lanes of a vector
 and each 4 weights broadcast to them (csrc/cpu/quantized.cpp), 64 products an instruction where bf16's vdpbf16ps does
-32. Measured on the AMD EPYC above (AVX512-VNNI, no AMX, 2 threads), bf16 x at Aquila-7B's widths and 16 to 1024
-rows, alternating in one process (benchmarks/results/quantized-prefill-2026-12-07.md, medians of 7): int8 1.32x-1.83x
-and int4 g128 1.32x-1.72x torch's bf16 matmul of the dense weights, and 1.5x-3.6x the path above (an earlier run:
-1.20x-1.58x, 1.02x-1.64x and 1.2x-3.2x). Elsewhere (fewer rows, other CPUs, other widths) the rounded x feeds the
-fp32 kernels. The model's prefill takes int8 inputs where its decoding step does (aquila.model.quantize.int8_inputs,
-Aquila.forward_with_cache).
+32; where the CPU also has AMX-INT8 (aquila._C.cpu_amx()), the same GEMM on AMX tiles, 16 rows of W by 16 rows of x
+over a block of 32 columns an instruction. Measured on the AMD EPYC above (AVX512-VNNI, no AMX, 2 threads), bf16 x at
+Aquila-7B's widths and 16 to 1024 rows, alternating in one process (benchmarks/results/quantized-prefill-2026-12-07.md,
+medians of 7): int8 1.32x-1.83x and int4 g128 1.32x-1.72x torch's bf16 matmul of the dense weights, and 1.5x-3.6x the
+path above (an earlier run: 1.20x-1.58x, 1.02x-1.64x and 1.2x-3.2x). On a 2-core Xeon with AMX, where torch's bf16
+matmul runs on AMX too (quantized-prefill-amx-2026-12-08 and -08b): the tiles ran int8 at 2.0x-2.8x that matmul at
+16 rows, 1.1x-1.4x at 64 and 0.54x-0.74x from 256 rows, int4 g128 at 1.3x-1.5x, 0.83x-1.05x and 0.39x-0.58x, where
+the vpdpbusd GEMM on that CPU (AQUILA_CPU_ISA=avx512, quantized-prefill-vnni-on-amx-2026-12-08) ran 0.19x-0.98x and
+0.19x-1.28x. Elsewhere (fewer rows, other CPUs, other widths) the rounded x feeds the fp32 kernels. The model's
+prefill takes int8 inputs where its decoding step does (aquila.model.quantize.int8_inputs, Aquila.forward_with_cache).
 """
 
 from typing import Optional

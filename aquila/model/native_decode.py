@@ -23,7 +23,8 @@ measured by scripts/quantization_quality.py (docs/model.md). An fp32 step (whose
 other CPUs keep fp32 inputs; either can be asked for on any CPU and dtype, by decoder()'s argument or, for every step
 and prefill the process makes (`aquila generate`, `generate()`), by AQUILA_DECODE_INT8_INPUTS=1 or =0. A prompt's
 prefill (Aquila.forward_with_cache) rounds where its steps do (default_int8_inputs), so that both compute alike; on
-VNNI it then multiplies integers too (aquila.kernels.quantized_linear's int8_inputs: a GEMM on vpdpbusd).
+VNNI it then multiplies integers too (aquila.kernels.quantized_linear's int8_inputs: a GEMM on vpdpbusd, or on AMX
+tiles where the CPU has AMX-INT8).
 
 The step's projections prefetch their weights some distance ahead of their reads. The distance that pays depends on
 the CPU (a distance tuned on one host ran a step at a fraction of its speed on another), so it is chosen per host:

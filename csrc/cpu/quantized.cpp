@@ -23,8 +23,8 @@
 // terms).
 // Group sizes that are not a multiple of 32 (int4 steps are 8W columns, W >= 4) take a scalar path.
 // Weights stream from memory in order, C rows at a time: the hardware prefetchers follow such streams.
-// int8_inputs: x rounded to int8 first; on AVX512-VNNI, from 16 rows, a GEMM of integers (the last section), else the
-// rounded x in fp32 through the kernels above.
+// int8_inputs: x rounded to int8 first; on AVX512-VNNI, from 16 rows, a GEMM of integers (the last sections: on
+// vpdpbusd, or on AMX tiles where the CPU has AMX-INT8), else the rounded x in fp32 through the kernels above.
 #include <algorithm>
 #include <string>
 #include <type_traits>
@@ -433,19 +433,27 @@ struct LaneInputs {
   float* group_terms(int64_t v, int64_t g) const { return terms + (v * groups + g) * kLaneRows; }
 };
 
-// The column of x that byte j (j < 4) of quad i (i < kQuadsPerBlock) of a block holds: int8 weights, in order; int4,
-// the block's even columns (low nibbles), then its odd ones.
+// A block of x's q in the order of the weights' bytes, each q + offset: int8 weights, the columns in order; int4, the
+// block's even columns (low nibbles), then its odd ones. Byte 4 i + j is byte j of the block's quad i.
 template <int Bits>
-AQUILA_INLINE int64_t quad_column(int64_t i, int64_t j) {
-  if constexpr (Bits == 8) return 4 * i + j;
-  return i < kQuadsPerBlock / 2 ? 8 * i + 2 * j : 8 * (i - kQuadsPerBlock / 2) + 2 * j + 1;
+AQUILA_INLINE void block_bytes(const int8_t (&q)[kInputBlock], int offset, uint8_t (&out)[kInputBlock]) {
+  using Bytes32 = uint8_t __attribute__((vector_size(kInputBlock)));
+  Bytes32 bytes;
+  std::memcpy(&bytes, q, kInputBlock);
+  bytes += static_cast<uint8_t>(offset);
+  if constexpr (Bits == 4) {
+    bytes = __builtin_shuffle(bytes, Bytes32{0, 2, 4, 6, 8, 10, 12, 14, 16, 18, 20, 22, 24, 26, 28, 30,
+                                             1, 3, 5, 7, 9, 11, 13, 15, 17, 19, 21, 23, 25, 27, 29, 31});
+  }
+  std::memcpy(out, &bytes, kInputBlock);
 }
 
 // Rows [16 v, 16 v + 16) of x, for the blocks of `unit` (an int4 group: a unit of terms; for int8, one block):
-// rounded, laid out, and their d and terms. Rows past x's are zeros (q = 0, d = 0).
+// rounded, laid out (each byte q + offset: 128 for vpdpbusd's unsigned bytes, 0 for AMX's signed ones), and their d
+// and terms. Rows past x's are zeros (q = 0, d = 0).
 template <int Bits>
 AQUILA_INLINE void fill_lanes(const QuantizedLinear& a, const LaneInputs& x, int64_t v, int64_t first_block,
-                              int64_t blocks) {
+                              int64_t blocks, int offset) {
   float values[kInputBlock];
   int8_t q[kInputBlock];
   for (int64_t lane = 0; lane < kLaneRows; ++lane) {
@@ -464,10 +472,10 @@ AQUILA_INLINE void fill_lanes(const QuantizedLinear& a, const LaneInputs& x, int
         d = quantize_block(values, kInputBlock, q);
         for (int64_t i = 0; i < kInputBlock; ++i) sum += q[i];
       }
-      for (int64_t i = 0; i < kQuadsPerBlock; ++i) {
-        uint8_t* lane_bytes = x.quad(v, b * kQuadsPerBlock + i) + lane * 4;
-        for (int64_t j = 0; j < 4; ++j) lane_bytes[j] = static_cast<uint8_t>(q[quad_column<Bits>(i, j)] + 128);
-      }
+      uint8_t bytes[kInputBlock];
+      block_bytes<Bits>(q, offset, bytes);
+      for (int64_t i = 0; i < kQuadsPerBlock; ++i)
+        std::memcpy(x.quad(v, b * kQuadsPerBlock + i) + lane * 4, bytes + 4 * i, 4);
       x.scales(v, b)[lane] = d;
       term += static_cast<double>(d) * sum;
     }
@@ -507,6 +515,16 @@ AQUILA_INLINE void load_bytes(Bytes64& v, const uint8_t* p, int64_t count) {
   }
 }
 
+// 64 packed bytes of an int4 row (4 blocks, 128-bit lane L holding block b + L) as bytes 0..15 in the order x's
+// quads take: each block's low nibbles (columns 2j), then its high ones; blocks b, b + 1 in `first`, b + 2, b + 3 in
+// `second`.
+AQUILA_INLINE void unpack_four_blocks(const Bytes64& packed, Quads64& first, Quads64& second) {
+  const Bytes64 low = Bytes64{} + 15;
+  const Quads64 even = (Quads64)(packed & low), odd = (Quads64)((packed >> 4) & low);
+  first = __builtin_shuffle(even, odd, Quads64{0, 1, 8, 9, 2, 3, 10, 11});
+  second = __builtin_shuffle(even, odd, Quads64{4, 5, 12, 13, 6, 7, 14, 15});
+}
+
 template <int Bits>
 AQUILA_INLINE void prepare_rows(const QuantizedLinear& a, const int64_t (&n)[kGemmWeightRows], WeightRows& w) {
   const int64_t blocks = a.in_features / kInputBlock;
@@ -524,16 +542,14 @@ AQUILA_INLINE void prepare_rows(const QuantizedLinear& a, const int64_t (&n)[kGe
         starts[b + 1] = -128 * (sums[1] - 128 * kInputBlock);
       }
     } else {
-      const Bytes64 low = Bytes64{} + 15;
       const uint8_t* row = static_cast<const uint8_t*>(a.qweight) + n[c] * a.in_features / 2;
       uint8_t* out = w.scratch + c * w.padded_blocks * kInputBlock;
       w.rows[c] = out;
-      for (int64_t b = 0; b < blocks; b += 4) {  // 64 packed bytes: 4 blocks, 128-bit lane L holding block b + L
+      for (int64_t b = 0; b < blocks; b += 4) {
         Bytes64 v;
         load_bytes(v, row + b * kInputBlock / 2, (blocks - b) * kInputBlock / 2);
-        const Quads64 even = (Quads64)(v & low), odd = (Quads64)((v >> 4) & low);
-        const Quads64 first = __builtin_shuffle(even, odd, Quads64{0, 1, 8, 9, 2, 3, 10, 11});
-        const Quads64 second = __builtin_shuffle(even, odd, Quads64{4, 5, 12, 13, 6, 7, 14, 15});
+        Quads64 first, second;
+        unpack_four_blocks(v, first, second);
         int32_t sums[2];
         half_sums((Bytes64)first, sums);
         starts[b] = -128 * sums[0], starts[b + 1] = -128 * sums[1];
@@ -647,7 +663,7 @@ AQUILA_TARGET_AVX512 __attribute__((noinline)) void int8_gemm_in_team(const Quan
   const int64_t units = x.blocks / unit;
 #pragma omp for schedule(static)
   for (int64_t item = 0; item < vectors * units; ++item)
-    fill_lanes<Bits>(a, x, item / units, item % units * unit, unit);
+    fill_lanes<Bits>(a, x, item / units, item % units * unit, unit, 128);
   // Every thread's rows of W against every vector of x, a panel of vectors at a time.
   const int64_t tiles = (a.out_features + C - 1) / C;
   const int64_t first = tiles * thread / team, end = tiles * (thread + 1) / team;
@@ -667,6 +683,223 @@ AQUILA_TARGET_AVX512 __attribute__((noinline)) void int8_gemm_in_team(const Quan
   }
 }
 
+// ------------------------------------------------------------------------------------------------------------------
+// The same GEMM on AMX tiles (AMX-INT8), where has_amx_int8(). x is rounded and laid out as above but without the
+// + 128: AMX multiplies signed bytes by signed ones (tdpbssd: int8 weights) or unsigned by signed (tdpbusd: int4
+// nibbles), so the blocks need no starts. One instruction multiplies a tile of 16 rows of W over one block (A: 16 rows
+// of 32 bytes, int8 rows where they lie, int4 ones unpacked into a scratch as above) by one vector of x's lanes over
+// the block (B: the block's 8 quads of 64 bytes, the layout the lanes already have) into 16 x 16 int32 sums (C, row r:
+// row r of W against the vector's 16 rows of x): 8192 products, where vpdpbusd makes 64. Each block has its own d per
+// row of x (the decoding step's rounding), so each block's sums go through memory into fp32: 16 conversions and 16
+// multiply-adds by the lanes' d, into a group's sums that stay in registers (16 vectors), which at the group's end
+// (int8: the row's end) are scaled by their rows' scales, less the zeros' terms (int4), into the tile's totals in
+// memory. The tile is half as deep as it could be (64 bytes), the price of the 32-column blocks; each block's product
+// is issued before the previous block's sums are read back, so that the tile unit and the vector units overlap. Each
+// thread owns a range of W's 16-row tiles and runs each against every vector of a panel of x.
+//   On the AMX Xeon this was tuned on (a 2-core virtual machine), timing the tile instructions alone: a 16-row tile
+// load costs about 3 tile products (42 cycles against 14), whatever the rows' width, and a store about one; so each
+// block costs its loads first. Loading a tile of W once for two vectors of x would save a third of them, and leave
+// the group's sums (32 vectors) no registers.
+//   The tile instructions are inline assembly, as vpdpbusd is (no target attribute beyond AVX-512's). The tiles'
+// loads read memory written before the function that issues them is called (the lanes, the scratch) and are no
+// compiler barrier; a store tells the compiler which sums it writes.
+
+constexpr int64_t kAmxRows = 16;  // rows of W in a tile
+// x's lanes an AMX panel holds (W streams from memory once per panel): 1 MiB, half the L2 of each core of the AMX
+// CPUs so far (2 MiB from Sapphire Rapids on), 256 rows at 4096 columns. Tile loads are the GEMM's bottleneck and pay
+// for a miss: with the vpdpbusd GEMM's 8 MiB panels, 1024 rows x 4096 x 11008 took 5.2x what 256 rows took.
+constexpr int64_t kAmxPanelBytes = 1 << 20;
+enum : int { kSumsTile0 = 0, kSumsTile1 = 1, kWeightTile0 = 2, kWeightTile1 = 3, kLaneTile0 = 4, kLaneTile1 = 5 };
+using TileSums = int32_t[kAmxRows * kLaneRows];
+
+// ldtilecfg's operand (palette 1): C tiles 16 rows x 64 bytes, A tiles 16 x 32 (a block of 16 rows of W), B tiles
+// 8 x 64 (a block's quads).
+struct alignas(64) TileConfig {
+  uint8_t palette = 1, start_row = 0, reserved[14] = {};
+  uint16_t bytes_per_row[16] = {};
+  uint8_t rows[16] = {};
+
+  TileConfig() {
+    for (int t : {kSumsTile0, kSumsTile1}) bytes_per_row[t] = 64, rows[t] = kAmxRows;
+    for (int t : {kWeightTile0, kWeightTile1}) bytes_per_row[t] = kInputBlock, rows[t] = kAmxRows;
+    for (int t : {kLaneTile0, kLaneTile1}) bytes_per_row[t] = 64, rows[t] = kQuadsPerBlock;
+  }
+};
+
+// Tile Sums = tile Weights (16 rows of W from `weights`, `stride` bytes apart) times tile Lanes (a block of a vector
+// of x), over one block, from zero.
+template <int Bits, int Sums, int Weights, int Lanes>
+AQUILA_INLINE void tile_block_product(const uint8_t* weights, int64_t stride, const uint8_t* lanes) {
+  asm volatile("tileloadd (%0,%1,1), %%tmm%c2" ::"r"(weights), "r"(stride), "i"(Weights));
+  asm volatile("tileloadd (%0,%1,1), %%tmm%c2" ::"r"(lanes), "r"(int64_t{64}), "i"(Lanes));
+  asm volatile("tilezero %%tmm%c0" ::"i"(Sums));
+  if constexpr (Bits == 8) {  // AT&T order: B, A, C
+    asm volatile("tdpbssd %%tmm%c2, %%tmm%c1, %%tmm%c0" ::"i"(Sums), "i"(Weights), "i"(Lanes));
+  } else {
+    asm volatile("tdpbusd %%tmm%c2, %%tmm%c1, %%tmm%c0" ::"i"(Sums), "i"(Weights), "i"(Lanes));
+  }
+}
+
+template <int Sums>
+AQUILA_INLINE void tile_store(TileSums& sums) {
+  asm volatile("tilestored %%tmm%c2, (%1,%3,1)" : "=m"(sums) : "r"(&sums[0]), "i"(Sums), "r"(int64_t{64}));
+}
+
+// A group's sums of a tile of W against a vector of x (row r of W, a lane per row of x): rows 0-7 and rows 8-15, two
+// arrays indexed only by constants (GCC keeps an aggregate of 16 vectors, 1 KiB, in memory, one of 8 in registers).
+using HalfTile = Lanes<16>::type[kAmxRows / 2];
+using TileTotals = float[kAmxRows][kLaneRows];
+
+// Row r of the group's sums += the block's sums of row r (from memory) times the lanes' d.
+AQUILA_INLINE void add_block_sums(HalfTile& low_rows, HalfTile& high_rows, const TileSums& sums, const float* d) {
+  using V = Lanes<16>::type;
+  using Ints16 = int32_t __attribute__((vector_size(64)));
+  V lanes_d;
+  load(lanes_d, d);
+#pragma GCC unroll 8
+  for (int r = 0; r < kAmxRows / 2; ++r) {
+    Ints16 low, high;
+    std::memcpy(&low, sums + r * kLaneRows, 64);
+    std::memcpy(&high, sums + (r + kAmxRows / 2) * kLaneRows, 64);
+    low_rows[r] += __builtin_convertvector(low, V) * lanes_d;
+    high_rows[r] += __builtin_convertvector(high, V) * lanes_d;
+  }
+}
+
+// totals row r += the group's sums of row r times scales[r], less zeros[r] (zero times scale, int4) times the lanes'
+// terms; the group's sums back to zero.
+AQUILA_INLINE void add_group_sums(TileTotals& totals, HalfTile& low_rows, HalfTile& high_rows, const float* scales,
+                                  const float* zeros, const Lanes<16>::type& terms) {
+  using V = Lanes<16>::type;
+#pragma GCC unroll 8
+  for (int r = 0; r < kAmxRows / 2; ++r) {
+    const int high = r + kAmxRows / 2;
+    V low_total, high_total;
+    load(low_total, totals[r]);
+    load(high_total, totals[high]);
+    store(totals[r], low_total + low_rows[r] * scales[r] - zeros[r] * terms);
+    store(totals[high], high_total + high_rows[r] * scales[high] - zeros[high] * terms);
+    low_rows[r] = V{}, high_rows[r] = V{};
+  }
+}
+
+// A tile of W ready for the tile products: its 16 rows from n0 (`valid` of them real), and per group of the weights
+// (int8: one) the rows' scales and zeros (zero times scale; int8: 0).
+struct AmxWeightTile {
+  const uint8_t* rows;  // block b's rows from rows + b * 32, stride bytes apart
+  int64_t stride, n0, valid;
+  const float* scales;  // [group][16]
+  const float* zeros;   // [group][16]
+};
+
+// The tile of W against vector v of x: out rows 16 v.., columns n0.., in x's dtype.
+template <int Bits>
+AQUILA_TARGET_AVX512 __attribute__((noinline)) void amx_tile_vector(const QuantizedLinear& a, const LaneInputs& x,
+                                                                    int64_t v, const AmxWeightTile& w) {
+  using V = Lanes<16>::type;
+  const int64_t blocks = x.blocks, blocks_per_group = Bits == 4 ? a.group_size / kInputBlock : blocks;
+  TileSums sums;
+  alignas(64) TileTotals totals = {};
+  HalfTile low_rows = {}, high_rows = {};
+  tile_block_product<Bits, kSumsTile0, kWeightTile0, kLaneTile0>(w.rows, w.stride, x.quad(v, 0));
+  for (int64_t b = 0, g = 0, group_end = blocks_per_group; b < blocks; ++b) {
+    // The block's sums out of their tile, the next block's product into the other.
+    const uint8_t* next_weights = w.rows + (b + 1) * kInputBlock;
+    const uint8_t* next_lanes = x.quad(v, (b + 1) * kQuadsPerBlock);
+    if (b % 2 == 0) {
+      tile_store<kSumsTile0>(sums);
+      if (b + 1 < blocks)
+        tile_block_product<Bits, kSumsTile1, kWeightTile1, kLaneTile1>(next_weights, w.stride, next_lanes);
+    } else {
+      tile_store<kSumsTile1>(sums);
+      if (b + 1 < blocks)
+        tile_block_product<Bits, kSumsTile0, kWeightTile0, kLaneTile0>(next_weights, w.stride, next_lanes);
+    }
+    add_block_sums(low_rows, high_rows, sums, x.scales(v, b));
+    if (b + 1 == group_end) {
+      V terms = {};
+      if constexpr (Bits == 4) load(terms, x.group_terms(v, g));
+      add_group_sums(totals, low_rows, high_rows, w.scales + g * kAmxRows, w.zeros + g * kAmxRows, terms);
+      ++g, group_end += blocks_per_group;
+    }
+  }
+  dispatch_dtype(a.dtype, [&](auto* tag) {
+    using T = std::remove_pointer_t<decltype(tag)>;
+    for (int64_t lane = 0; lane < kLaneRows && v * kLaneRows + lane < a.rows; ++lane) {
+      T* out = static_cast<T*>(a.out) + (v * kLaneRows + lane) * a.out_features + w.n0;
+      for (int64_t r = 0; r < w.valid; ++r)
+        out[r] = from_float<T>(totals[r][lane] + (a.bias ? a.bias[w.n0 + r] : 0.0f));
+    }
+  });
+}
+
+// A tile of W's rows for the tile loads, in_features bytes apart: int8 rows where they lie, but for a last tile of
+// fewer than 16 rows, copied into `scratch`; int4 ones unpacked into it as for vpdpbusd. Rows past the end repeat
+// the last (not stored). Returns where block 0's rows start.
+template <int Bits>
+AQUILA_INLINE const uint8_t* prepare_amx_tile(const QuantizedLinear& a, int64_t n0, uint8_t* scratch) {
+  const uint8_t* weights = static_cast<const uint8_t*>(a.qweight);
+  if (Bits == 8 && n0 + kAmxRows <= a.out_features) return weights + n0 * a.in_features;
+  const int64_t blocks = a.in_features / kInputBlock;
+  for (int64_t r = 0; r < kAmxRows; ++r) {
+    const int64_t n = std::min(n0 + r, a.out_features - 1);
+    uint8_t* out = scratch + r * a.in_features;
+    if constexpr (Bits == 8) {
+      std::memcpy(out, weights + n * a.in_features, a.in_features);
+    } else {
+      const uint8_t* row = weights + n * a.in_features / 2;
+      for (int64_t b = 0; b < blocks; b += 4) {
+        Bytes64 packed;
+        load_bytes(packed, row + b * kInputBlock / 2, (blocks - b) * kInputBlock / 2);
+        Quads64 unpacked[2];
+        unpack_four_blocks(packed, unpacked[0], unpacked[1]);
+        if (b + 4 <= blocks) {  // a copy of constant size in the loop's body, as load_bytes
+          std::memcpy(out + b * kInputBlock, unpacked, 4 * kInputBlock);
+        } else {
+          std::memcpy(out + b * kInputBlock, unpacked, (blocks - b) * kInputBlock);
+        }
+      }
+    }
+  }
+  return scratch;
+}
+
+// A thread's part of the AMX GEMM: the lanes (shared, in x's blocks), then its range of W's tiles against every
+// vector of each panel of x. tile_rows: the thread's 16 rows of in_features bytes; group_values: its 2 [group][16]
+// floats.
+template <int Bits>
+AQUILA_TARGET_AVX512 __attribute__((noinline)) void amx_gemm_in_team(const QuantizedLinear& a, const LaneInputs& x,
+                                                                     int64_t vectors, uint8_t* tile_rows,
+                                                                     float* group_values, int thread, int team) {
+  const int64_t unit = Bits == 4 ? a.group_size / kInputBlock : 1;
+  const int64_t units = x.blocks / unit;
+#pragma omp for schedule(static)
+  for (int64_t item = 0; item < vectors * units; ++item)
+    fill_lanes<Bits>(a, x, item / units, item % units * unit, unit, 0);
+  const TileConfig config;
+  asm volatile("ldtilecfg %0" ::"m"(config));
+  const Weights wt = weights_of(a);
+  float *scales = group_values, *zeros = group_values + x.groups * kAmxRows;
+  const int64_t tiles = (a.out_features + kAmxRows - 1) / kAmxRows;
+  const int64_t panel = std::max<int64_t>(1, kAmxPanelBytes / (kLaneRows * a.in_features));
+  for (int64_t v0 = 0; v0 < vectors; v0 += panel) {
+    for (int64_t tile = tiles * thread / team; tile < tiles * (thread + 1) / team; ++tile) {
+      const int64_t n0 = tile * kAmxRows;
+      const uint8_t* rows = prepare_amx_tile<Bits>(a, n0, tile_rows);
+      for (int64_t g = 0; g < x.groups; ++g) {
+        for (int64_t r = 0; r < kAmxRows; ++r) {
+          const int64_t n = std::min(n0 + r, a.out_features - 1);
+          scales[g * kAmxRows + r] = Bits == 8 ? a.scales[n] : wt.scale(n, g);
+          zeros[g * kAmxRows + r] = Bits == 8 ? 0.0f : wt.zero(n, g) * scales[g * kAmxRows + r];
+        }
+      }
+      const AmxWeightTile w{rows, a.in_features, n0, std::min(kAmxRows, a.out_features - n0), scales, zeros};
+      for (int64_t v = v0; v < std::min(vectors, v0 + panel); ++v) amx_tile_vector<Bits>(a, x, v, w);
+    }
+  }
+  asm volatile("tilerelease" ::);
+}
+
 void int8_inputs_forward(const QuantizedLinear& a, int threads) {
   const int64_t vectors = (a.rows + kLaneRows - 1) / kLaneRows;
   const int64_t blocks = a.in_features / kInputBlock;
@@ -676,19 +909,35 @@ void int8_inputs_forward(const QuantizedLinear& a, int threads) {
   std::vector<uint8_t> q(vectors * kLaneRows * a.in_features);
   std::vector<float> d(vectors * blocks * kLaneRows), terms(vectors * x.groups * kLaneRows);
   x.q = q.data(), x.d = d.data(), x.terms = terms.data();
+  // Per thread, the vpdpbusd GEMM's prepared rows of W (their starts; int4, the unpacked rows), or the AMX GEMM's tile
+  // of W and its rows' scales and zeros.
+  const bool amx = has_amx_int8();
   const int64_t padded_blocks = (blocks + 3) / 4 * 4, rows = kGemmWeightRows * padded_blocks;
-  std::vector<int32_t> starts(threads * rows);
-  std::vector<uint8_t> scratch(a.bits == 4 ? threads * rows * kInputBlock : 0);
+  std::vector<int32_t> starts(amx ? 0 : threads * rows);
+  std::vector<uint8_t> scratch(amx ? threads * kAmxRows * a.in_features
+                                   : a.bits == 4 ? threads * rows * kInputBlock : 0);
+  std::vector<float> group_values(amx ? threads * 2 * x.groups * kAmxRows : 0);
 #pragma omp parallel num_threads(threads)
   {
-    WeightRows w{};
-    w.padded_blocks = padded_blocks;
-    w.starts = starts.data() + thread_id() * rows;
-    w.scratch = scratch.data() + (a.bits == 4 ? thread_id() * rows * kInputBlock : 0);
-    if (a.bits == 4) {
-      int8_gemm_in_team<4>(a, x, vectors, w, thread_id(), team_size());
+    const int thread = thread_id();
+    if (amx) {
+      uint8_t* tile_rows = scratch.data() + thread * kAmxRows * a.in_features;
+      float* values = group_values.data() + thread * 2 * x.groups * kAmxRows;
+      if (a.bits == 4) {
+        amx_gemm_in_team<4>(a, x, vectors, tile_rows, values, thread, team_size());
+      } else {
+        amx_gemm_in_team<8>(a, x, vectors, tile_rows, values, thread, team_size());
+      }
     } else {
-      int8_gemm_in_team<8>(a, x, vectors, w, thread_id(), team_size());
+      WeightRows w{};
+      w.padded_blocks = padded_blocks;
+      w.starts = starts.data() + thread * rows;
+      w.scratch = a.bits == 4 ? scratch.data() + thread * rows * kInputBlock : nullptr;
+      if (a.bits == 4) {
+        int8_gemm_in_team<4>(a, x, vectors, w, thread, team_size());
+      } else {
+        int8_gemm_in_team<8>(a, x, vectors, w, thread, team_size());
+      }
     }
   }
 }

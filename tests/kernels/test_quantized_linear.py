@@ -233,11 +233,13 @@ def test_compiles_in_one_graph():
 # --- int8_inputs: x rounded to int8 first ---------------------------------------------------------------------------
 # The reference rounds x with round_inputs_to_int8 (blocks of 32 columns, from x's fp32 values), then multiplies in
 # float64. On a CPU with VNNI, 16 rows or more whose blocks lie within the weights' groups (in_features a multiple of
-# 32; int4: the group size too) run on the vpdpbusd GEMM: 16 rows (one vector of lanes), 17 and 40 (a part-filled
-# vector), 130 (panels of vectors); fewer rows, and the other widths (int8 at 33 columns a unit, int4 g6), take the
-# fp32 kernels on the rounded x.
+# 32; int4: the group size too) run on a GEMM of integers, on AMX tiles where the CPU has AMX-INT8 (aquila._C.cpu_amx())
+# and on vpdpbusd elsewhere (test_narrower_cpu_paths runs the latter on AMX CPUs too): 16 rows (one vector of lanes),
+# 17, 33 and 40 (a part-filled vector), 130 (many vectors); 1 block a row (int8 at 1 unit), an odd number of blocks
+# (int8 at 3 units); W's rows in one tile of 16 and in part-filled tiles (33, 18, 37). Fewer rows, and the other
+# widths (int8 at 33 columns a unit, int4 g6), take the fp32 kernels on the rounded x.
 INT8_INPUT_BACKENDS = [p for p in BACKENDS if p.values in (("cpu", "cpu"), ("torch", "cpu"))]
-INT8_INPUT_SHAPES = [(1, 4, 37), (5, 3, 9), (16, 1, 5), (17, 2, 33), (40, 4, 7), (130, 2, 1)]  # rows, units, out
+INT8_INPUT_SHAPES = [(1, 4, 37), (5, 3, 9), (16, 1, 5), (17, 2, 33), (33, 3, 18), (40, 4, 7), (130, 2, 1)]
 
 
 def int8_input_width(kind, units, whole_blocks=True):
@@ -268,9 +270,11 @@ def test_int8_inputs_match_float64_reference(backend, device, dtype, kind, whole
     check_int8_inputs(kind, rows, int8_input_width(kind, units, whole_blocks), out_features, dtype, backend)
 
 
-# Aquila-7B's widths: panels of vectors for the long rows (11008 columns), many blocks a row.
+# Aquila-7B's widths: many blocks a row, and a prompt longer than one panel of x (the lanes of 752 rows at 11008
+# columns fill the GEMM's 8 MiB panel).
 @pytest.mark.parametrize("kind", ["int8", "int4-g128-sym", "int4-g128-asym", "int4-g32-sym"])
-@pytest.mark.parametrize("rows, in_features, out_features", [(64, 4096, 19), (70, 11008, 6)], ids=str)
+@pytest.mark.parametrize("rows, in_features, out_features", [(64, 4096, 19), (70, 11008, 6), (770, 11008, 17)],
+                         ids=str)
 @pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
 def test_int8_inputs_at_aquila_7b_widths(kind, rows, in_features, out_features, dtype):
     check_int8_inputs(kind, rows, in_features, out_features, dtype, "cpu")
@@ -320,20 +324,36 @@ def test_int8_inputs_are_for_inference_on_the_cpu():
         quantized_linear(x.detach(), *weights, bits=8, int8_inputs=True, backend="triton")
 
 
-@pytest.mark.parametrize("isa", ["avx2", "baseline"])
+def test_amx_follows_the_cpu_and_the_isa_cap():
+    """The GEMM of int8 inputs runs on AMX tiles exactly where the CPU has AMX-INT8 and the kernels take their widest
+    path (any AQUILA_CPU_ISA cap turns the tiles off); only on Linux x86-64 does the CPU say."""
+    extension = _backend.cpu_extension
+    if extension is None or not os.path.exists("/proc/cpuinfo"):
+        pytest.skip("needs the CPU extension and /proc/cpuinfo")
+    with open("/proc/cpuinfo") as cpuinfo:
+        flags = next((line.split(":", 1)[1].split() for line in cpuinfo if line.startswith("flags")), [])
+    widest = extension.cpu_isa() == "avx512_bf16"
+    assert extension.cpu_amx() == (widest and "amx_tile" in flags and "amx_int8" in flags)
+    assert not extension.cpu_amx() or extension.cpu_vnni()
+
+
+@pytest.mark.parametrize("isa", ["avx512", "avx2", "baseline"])
 def test_narrower_cpu_paths(isa):
-    """The CPU kernels have AVX2 and baseline bodies (8- and 4-lane vectors); this machine may run AVX-512, so force
-    each in a fresh process (the choice is made once per process) and compare with float64. With int8_inputs, those
-    ISAs round x and run the fp32 kernels (no vpdpbusd)."""
+    """The CPU kernels have AVX-512 bodies without AVX512-BF16 and AMX, AVX2 and baseline ones (8- and 4-lane
+    vectors); this machine may run a wider path, so force each in a fresh process (the choice is made once per process)
+    and compare with float64. With int8_inputs, avx512 multiplies integers on vpdpbusd where the CPU has VNNI (the
+    AMX tiles off), and the narrower ISAs round x and run the fp32 kernels."""
     script = f"""
 import torch
 from aquila import _C
 from tests.kernels.test_quantized_linear import (KINDS, check_forward_and_gradients, check_int8_inputs,
                                                 in_features_of, int8_input_width)
-assert _C.cpu_isa() == "{isa}", _C.cpu_isa()
+levels = ["baseline", "avx2", "avx512", "avx512_bf16"]
+assert levels.index(_C.cpu_isa()) <= levels.index("{isa}"), _C.cpu_isa()  # a CPU without {isa} takes its own widest
+assert not _C.cpu_amx()
 torch.manual_seed(0)
 for kind in KINDS:
-    for rows, units, out_features in ((1, 3, 37), (7, 2, 9), (70, 12, 5)):
+    for rows, units, out_features in ((1, 3, 37), (7, 2, 9), (70, 12, 5), (33, 3, 18)):
         for dtype in (torch.float32, torch.bfloat16):
             check_forward_and_gradients(kind, (rows,), in_features_of(kind, units), out_features, True, dtype, "cpu",
                                         "cpu")
