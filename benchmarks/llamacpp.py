@@ -4,7 +4,9 @@ count, one sequence, a fixed prompt and greedy generation. For each precision pa
     Aquila bf16  vs llama.cpp BF16,   Aquila int8 (per channel)  vs Q8_0,   Aquila int4 (symmetric, g128)  vs Q4_0
 
 (the quantized ones with the output projection in int8, Aquila's default, where a Q8_0 file holds it in Q8_0 and a
-Q4_0 file in Q6_K), and transformers in bf16, it reports prompt processing tokens/s (the prompt's forward pass),
+Q4_0 file in Q6_K; asked for by --precisions, int4-out4 is Aquila int4 with the output projection in int4 too, the
+form whose decoding step reads closest to a quarter of bf16's bytes, against the same Q4_0 file), and transformers in
+bf16, it reports prompt processing tokens/s (the prompt's forward pass),
 generation tokens/s (the decoding steps that follow, each with its greedy pick), load seconds and peak resident
 memory. Every measurement runs in a fresh process (so peak memory is that engine's alone and nothing is left cached
 in the process), in turns: one run is every engine once, so that a load on the shared host that comes and goes hits
@@ -40,7 +42,8 @@ import time
 REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 DEMO_TOKENIZER = os.path.join(REPO, "aquila", "data", "demo", "tokenizer")
 # (Aquila's weights, llama.cpp's file type) per precision.
-PAIRS = {"bf16": ("bf16", "BF16"), "int8": ("int8", "Q8_0"), "int4": ("int4", "Q4_0")}
+PAIRS = {"bf16": ("bf16", "BF16"), "int8": ("int8", "Q8_0"), "int4": ("int4", "Q4_0"),
+         "int4-out4": ("int4, output int4", "Q4_0")}
 INT4_GROUP = 128  # the default; --group-size for models whose widths it does not divide
 
 
@@ -70,7 +73,8 @@ def measure_aquila(checkpoint, precision, group_size, prompt, new_tokens, thread
 
     torch.set_num_threads(threads)
     quantize = {"bf16": None, "int8": Quantization(bits=8),
-                "int4": Quantization(bits=4, group_size=group_size)}[precision]
+                "int4": Quantization(bits=4, group_size=group_size),
+                "int4-out4": Quantization(bits=4, group_size=group_size, output_bits=4)}[precision]
     load_seconds, model = seconds(lambda: checkpoints.load(checkpoint, dtype=torch.bfloat16, quantize=quantize))
     model.eval()
 
@@ -330,7 +334,7 @@ def main():
             if not os.path.exists(os.path.join(checkpoint, "config.json")):
                 save_random_hf(AquilaConfig.preset(args.preset), checkpoint)
         files = gguf_files(args.llama_cpp_source, checkpoint, work, args.threads,
-                           [PAIRS[precision][1] for precision in precisions])
+                           sorted({PAIRS[precision][1] for precision in precisions}))
         torch.manual_seed(0)
         vocab = read_json(os.path.join(checkpoint, "config.json"))["vocab_size"]
         prompt = torch.randint(0, vocab, (args.prompt_tokens,)).tolist()
@@ -340,7 +344,8 @@ def main():
             ours, theirs = PAIRS[precision]
             engines.append(("aquila", ours, {"engine": "aquila", "checkpoint": checkpoint, "precision": precision,
                                                 "group_size": args.group_size}))
-            engines.append(("llama.cpp", theirs, {"engine": "llama.cpp", "gguf": files[theirs]}))
+            if ("llama.cpp", theirs) not in [(engine, weights) for engine, weights, _ in engines]:  # once each file
+                engines.append(("llama.cpp", theirs, {"engine": "llama.cpp", "gguf": files[theirs]}))
         if not args.no_transformers:
             engines.append(("transformers", "bf16", {"engine": "transformers", "checkpoint": checkpoint}))
         results = {(engine, weights): [] for engine, weights, _ in engines}

@@ -281,6 +281,16 @@ def test_int8_inputs_at_aquila_7b_widths(kind, rows, in_features, out_features, 
 
 
 @pytest.mark.parametrize("kind", ["int8", "int4-g64-asym"])
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
+def test_int8_inputs_read_rows_a_stride_apart(kind, dtype):
+    """x as the first columns of a wider tensor (rows further apart than in_features), as the GEMM reads them."""
+    in_features = int8_input_width(kind, 3)
+    x = torch.randn(40, in_features + 24).to(dtype)[:, :in_features]
+    assert x.stride(0) == in_features + 24
+    check_int8_inputs(kind, 40, in_features, 21, dtype, "cpu", x=x)
+
+
+@pytest.mark.parametrize("kind", ["int8", "int4-g64-asym"])
 def test_int8_inputs_carry_a_non_finite_input_to_its_row_only(kind):
     """A NaN or an infinity makes its block's scale NaN: its row's outputs are NaN, every other row's exact."""
     in_features = int8_input_width(kind, 2)
