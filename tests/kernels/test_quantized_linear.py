@@ -2,7 +2,9 @@
 int4 weights (symmetric and asymmetric, several group sizes), at awkward shapes, in each dtype; the gradient of x and
 of the bias; the argument checks; the CPU's narrower ISA paths; torch.compile."""
 
+import ctypes
 import os
+import platform
 import subprocess
 import sys
 
@@ -335,15 +337,18 @@ def test_int8_inputs_are_for_inference_on_the_cpu():
 
 
 def test_amx_follows_the_cpu_and_the_isa_cap():
-    """The GEMM of int8 inputs runs on AMX tiles exactly where the CPU has AMX-INT8 and the kernels take their widest
-    path (any AQUILA_CPU_ISA cap turns the tiles off); only on Linux x86-64 does the CPU say."""
+    """The GEMM of int8 inputs runs on AMX tiles exactly where the CPU has AMX-INT8, Linux grants the process the
+    tiles (asked here again through libc: the same request, which is idempotent) and the kernels take their widest
+    path (any AQUILA_CPU_ISA cap turns the tiles off)."""
     extension = _backend.cpu_extension
-    if extension is None or not os.path.exists("/proc/cpuinfo"):
-        pytest.skip("needs the CPU extension and /proc/cpuinfo")
+    if extension is None or not os.path.exists("/proc/cpuinfo") or platform.machine() != "x86_64":
+        pytest.skip("needs the CPU extension on Linux x86-64")
     with open("/proc/cpuinfo") as cpuinfo:
         flags = next((line.split(":", 1)[1].split() for line in cpuinfo if line.startswith("flags")), [])
-    widest = extension.cpu_isa() == "avx512_bf16"
-    assert extension.cpu_amx() == (widest and "amx_tile" in flags and "amx_int8" in flags)
+    has_amx = "amx_tile" in flags and "amx_int8" in flags
+    arch_prctl, request_permission, tile_data = 158, 0x1023, 18  # SYS_arch_prctl, ARCH_REQ_XCOMP_PERM, XTILEDATA
+    granted = has_amx and ctypes.CDLL(None, use_errno=True).syscall(arch_prctl, request_permission, tile_data) == 0
+    assert extension.cpu_amx() == (extension.cpu_isa() == "avx512_bf16" and has_amx and granted)
     assert not extension.cpu_amx() or extension.cpu_vnni()
 
 
