@@ -5,13 +5,13 @@ count, one sequence, a fixed prompt and greedy generation. For each precision pa
 
 (the quantized ones with the output projection in int8, Aquila's default, where a Q8_0 file holds it in Q8_0 and a
 Q4_0 file in Q6_K; asked for by --precisions, int4-out4 is Aquila int4 with the output projection in int4 too, the
-form whose decoding step reads closest to a quarter of bf16's bytes, against the same Q4_0 file), and transformers in
-bf16, it reports prompt processing tokens/s (the prompt's forward pass),
-generation tokens/s (the decoding steps that follow, each with its greedy pick), load seconds and peak resident
-memory. Every measurement runs in a fresh process (so peak memory is that engine's alone and nothing is left cached
-in the process), in turns: one run is every engine once, so that a load on the shared host that comes and goes hits
-each alike; the ratios are taken within a run. Each process warms up first (a short prompt and a few steps:
-first-touch allocations, Aquila's one-off decoding-step tuning) before the timed prompt and steps.
+form whose decoding step reads closest to a quarter of bf16's bytes, against the same Q4_0 file), and transformers
+in bf16, it reports prompt processing tokens/s (the prompt's forward pass), generation tokens/s (the decoding steps
+that follow, each with its greedy pick), load seconds and peak resident memory. Every measurement runs in a fresh
+process (so peak memory is that engine's alone and nothing is left cached in the process), in turns: one run is
+every engine once, so that a load on the shared host that comes and goes hits each alike; the ratios are taken
+within a run. Each process warms up first (a short prompt and a few steps: first-touch allocations, Aquila's
+one-off decoding-step tuning) before the timed prompt and steps.
 
 The GGUF files come from the checkpoint by llama.cpp's own converter, `convert_hf_to_gguf.py` with its bundled
 gguf-py (from the llama-cpp-python 0.3.36 source distribution: the PyPI `gguf` package is too old for it), to BF16
@@ -236,17 +236,16 @@ def gguf_files(source, checkpoint, work, threads, kinds):
     """{file type: path} for the file types in kinds, each made unless already in work (made by an earlier run of this
     script). A missing Q4_0 is quantized from the BF16 file, which is made for it if need be; a Q4_0 file already there
     needs no BF16 one (a 7B model's BF16 file is 14.5 GB of disk)."""
-    files = {kind: os.path.join(work, f"model-{kind}.gguf") for kind in kinds}
-    wanted = set(kinds) | ({"BF16"} if "Q4_0" in kinds and not os.path.exists(files["Q4_0"]) else set())
+    paths = {kind: os.path.join(work, f"model-{kind}.gguf") for kind in ("BF16", "Q8_0", "Q4_0")}
+    wanted = set(kinds) | ({"BF16"} if "Q4_0" in kinds and not os.path.exists(paths["Q4_0"]) else set())
     staging = None
     for kind, outtype in (("BF16", "bf16"), ("Q8_0", "q8_0")):
-        path = os.path.join(work, f"model-{kind}.gguf")
-        if kind in wanted and not os.path.exists(path):
+        if kind in wanted and not os.path.exists(paths[kind]):
             staging = staging or convertible_directory(checkpoint, work)
-            convert(source, staging, outtype, path)
-    if "Q4_0" in kinds and not os.path.exists(files["Q4_0"]):
-        quantize_q4_0(os.path.join(work, "model-BF16.gguf"), files["Q4_0"], threads)
-    return files
+            convert(source, staging, outtype, paths[kind])
+    if "Q4_0" in wanted and not os.path.exists(paths["Q4_0"]):
+        quantize_q4_0(paths["BF16"], paths["Q4_0"], threads)
+    return {kind: paths[kind] for kind in kinds}
 
 
 # --- The parent ------------------------------------------------------------------------------------------------------

@@ -105,8 +105,7 @@ def markdown(record):
     lines = ["# A quantized layer's prefill, CPU, bf16", "",
              f"{h['cpu_model']}, ISA path {h['aquila_cpu_isa']}, VNNI {'yes' if h['vnni'] else 'no'}, AMX "
              f"{'yes' if h['amx_flag'] else 'no'}; int8 inputs on {gemm_of(h)}; {h['threads']} threads; torch's bf16 "
-             f"matmul "
-             f"{record['bf16_matmul_flop_per_s'] / 1e9:.0f} GFLOP/s (2048^3). {record['repeats']} repeats, "
+             f"matmul {record['bf16_matmul_flop_per_s'] / 1e9:.0f} GFLOP/s (2048^3). {record['repeats']} repeats, "
              "contenders alternating; spread = min-max, ratio = dense bf16's median / the median.", "",
              "| layer (out x in) | rows | contender | ms (spread) | median ms | vs dense bf16 | GOP/s |",
              "|---|---|---|---|---|---|---|"]

@@ -164,8 +164,8 @@ AQUILA_INLINE void tanh_and_slope(float y, float& t, float& slope) {
 // The widest of the kernels' ISA levels that this CPU runs: x86-64 baseline, AVX2 (AQUILA_TARGET_AVX2, x86-64-v3),
 // AVX-512 (AQUILA_TARGET_AVX512, x86-64-v4), and AVX-512 with AVX512-BF16, where the attention takes bf16 operands in
 // its products (vdpbf16ps: see csrc/cpu/attention.cpp); AMX hosts have AVX512-BF16 and take that path (one kernel
-// adds AMX tiles on top: has_amx_int8). The environment variable AQUILA_CPU_ISA=avx512, =avx2 or =baseline caps the level, to test
-// the narrower paths on a wider CPU; another value is an error at the first kernel call.
+// adds AMX tiles on top: has_amx_int8). The environment variable AQUILA_CPU_ISA=avx512, =avx2 or =baseline caps the
+// level, to test the narrower paths on a wider CPU; another value is an error at the first kernel call.
 enum class SimdLevel : int { baseline = 0, avx2 = 1, avx512 = 2, avx512_bf16 = 3 };
 
 constexpr const char* simd_level_name(SimdLevel level) {
@@ -261,18 +261,10 @@ AQUILA_INLINE void dot_bytes_broadcast(Words16& acc, const Words16& a, const voi
 // weights, csrc/cpu/quantized.cpp): the CPU has AMX-TILE and AMX-INT8 (CPUID leaf 7, EDX bits 24 and 25), Linux grants
 // the process the tiles' state (arch_prctl ARCH_REQ_XCOMP_PERM for XTILEDATA, asked once here), and AQUILA_CPU_ISA
 // leaves the widest path on (any cap, avx512 included, turns AMX off, which is how the vpdpbusd GEMM is tested on an
-// AMX CPU). Compilers without the AMX intrinsics (AQUILA_HAVE_AMX) build without it.
-#if AQUILA_HAVE_SIMD_TARGETS && __GNUC__ >= 11
-#define AQUILA_HAVE_AMX 1
-#define AQUILA_TARGET_AMX __attribute__((target("arch=x86-64-v4,amx-tile,amx-int8")))
-#else
-#define AQUILA_HAVE_AMX 0
-#define AQUILA_TARGET_AMX
-#endif
-
+// AMX CPU). The tile instructions are inline assembly, as vpdpbusd is: no compiler flag or intrinsic is needed.
 inline bool has_amx_int8() {
   static const bool amx = [] {
-#if AQUILA_HAVE_AMX
+#if AQUILA_HAVE_SIMD_TARGETS
     if (simd_level() != SimdLevel::avx512_bf16) return false;
     unsigned eax = 0, ebx = 0, ecx = 0, edx = 0;
     if (!__get_cpuid_count(7, 0, &eax, &ebx, &ecx, &edx)) return false;

@@ -484,6 +484,17 @@ AQUILA_INLINE void fill_lanes(const QuantizedLinear& a, const LaneInputs& x, int
   }
 }
 
+// Every lane of x's `vectors`, shared by a team (inside its parallel region): per (vector, unit of blocks), a group for
+// int4 (its terms), a block for int8.
+template <int Bits>
+AQUILA_INLINE void fill_lanes_in_team(const QuantizedLinear& a, const LaneInputs& x, int64_t vectors, int offset) {
+  const int64_t unit = Bits == 4 ? a.group_size / kInputBlock : 1;
+  const int64_t units = x.blocks / unit;
+#pragma omp for schedule(static)
+  for (int64_t item = 0; item < vectors * units; ++item)
+    fill_lanes<Bits>(a, x, item / units, item % units * unit, unit, offset);
+}
+
 // Per thread: C rows of W ready for the tiles. int8: their rows as they lie; int4: unpacked into the scratch. And each
 // block's -128 sum of weights (int4: of nibbles), the start of its int32 sums.
 struct WeightRows {
@@ -659,12 +670,7 @@ AQUILA_TARGET_AVX512 __attribute__((noinline)) void int8_gemm_in_team(const Quan
                                                                      int64_t vectors, WeightRows w, int thread,
                                                                      int team) {
   constexpr int C = kGemmWeightRows;
-  // Fill the lanes: per (vector, unit of blocks), a group for int4 (its terms), a block for int8.
-  const int64_t unit = Bits == 4 ? a.group_size / kInputBlock : 1;
-  const int64_t units = x.blocks / unit;
-#pragma omp for schedule(static)
-  for (int64_t item = 0; item < vectors * units; ++item)
-    fill_lanes<Bits>(a, x, item / units, item % units * unit, unit, 128);
+  fill_lanes_in_team<Bits>(a, x, vectors, 128);
   // Every thread's rows of W against every vector of x, a panel of vectors at a time.
   const int64_t tiles = (a.out_features + C - 1) / C;
   const int64_t first = tiles * thread / team, end = tiles * (thread + 1) / team;
@@ -915,11 +921,7 @@ template <int Bits>
 AQUILA_TARGET_AVX512 __attribute__((noinline)) void amx_gemm_in_team(const QuantizedLinear& a, const LaneInputs& x,
                                                                      int64_t vectors, uint8_t* tile_rows,
                                                                      float* group_values, int thread, int team) {
-  const int64_t unit = Bits == 4 ? a.group_size / kInputBlock : 1;
-  const int64_t units = x.blocks / unit;
-#pragma omp for schedule(static)
-  for (int64_t item = 0; item < vectors * units; ++item)
-    fill_lanes<Bits>(a, x, item / units, item % units * unit, unit, 0);
+  fill_lanes_in_team<Bits>(a, x, vectors, 0);
   const TileConfig config;
   asm volatile("ldtilecfg %0" ::"m"(config));
   const Weights wt = weights_of(a);
